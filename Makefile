@@ -1,0 +1,58 @@
+# infergrid — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+CACHE ?= $(HOME)/.cache/infergrid
+TORCH_VERSION ?= 2.11.0
+PYTEST_ARGS ?=
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help install lint test test-unit e2e bench demo testbed-build testbed-up testbed-down clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
+	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: worker/pyproject.toml operator/pyproject.toml testbed/pyproject.toml requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "torch==$(TORCH_VERSION)"
+	$(PIP) install -q -e worker -e operator -e testbed -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed ## create .venv with both packages (editable) and the test tools
+
+lint: install ## ruff over the whole repo
+	$(VENV)/bin/ruff check .
+
+testbed-build: install ## build the pinned control-plane binaries into ~/.cache/infergrid (skips what is built)
+	$(PY) -m infergrid.testbed.cli build
+
+testbed-up: testbed-build ## start the local control plane in the background; kubeconfig in .testbed/kubeconfig
+	$(PY) -m infergrid.testbed.cli up
+
+testbed-down: ## stop the local control plane started by testbed-up
+	$(PY) -m infergrid.testbed.cli down
+
+test: install testbed-build ## the whole suite (what .ci/run calls)
+	$(VENV)/bin/ruff check .
+	$(PY) -m infergrid.testbed.cli exec -- $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-unit: install ## fast CPU unit tests only (no control plane)
+	$(PY) -m pytest -m "not gpu and not controlplane" tests $(PYTEST_ARGS)
+
+e2e: install testbed-build ## end-to-end scenarios on the local control plane
+	$(PY) -m infergrid.testbed.cli exec -- $(PY) -m pytest e2e $(PYTEST_ARGS)
+
+bench: install ## benchmarks (GPU ones need a CUDA device)
+	$(PY) -m pytest bench $(PYTEST_ARGS)
+
+demo: install testbed-build ## local control plane + operator + tiny model + one completion (DEMO_ONCE=1 tears down)
+	$(PY) -m infergrid.testbed.demo
+
+clean: ## remove .venv and .testbed (the binary cache in ~/.cache/infergrid stays)
+	rm -rf $(VENV) .testbed

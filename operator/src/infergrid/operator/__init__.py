@@ -1,0 +1,1 @@
+"""infergrid operator."""

@@ -1,0 +1,1 @@
+"""infergrid testbed."""
