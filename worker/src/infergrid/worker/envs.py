@@ -1,0 +1,26 @@
+"""Environment knobs of the worker, all under the INFERGRID_ prefix, read in one place."""
+
+from __future__ import annotations
+
+import os
+
+
+def _get(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def attention_backend() -> str | None:
+    """INFERGRID_ATTENTION_BACKEND: force `torch` or `triton` (default: triton on CUDA, else torch)."""
+    return _get("INFERGRID_ATTENTION_BACKEND")
+
+
+def cpu_kv_cache_space_bytes() -> int:
+    """INFERGRID_CPU_KV_CACHE_SPACE_GB: KV pool size on CPU (default 1 GiB; fractions allowed)."""
+    return int(float(_get("INFERGRID_CPU_KV_CACHE_SPACE_GB", "1")) * (1 << 30))
+
+
+def cuda_graph_max_batch_size() -> int | None:
+    """INFERGRID_CUDA_GRAPH_MAX_BS: largest decode batch captured in a CUDA graph (default max_num_seqs, capped at 512)."""
+    value = _get("INFERGRID_CUDA_GRAPH_MAX_BS")
+    return int(value) if value is not None else None
