@@ -60,7 +60,7 @@ def go_env() -> dict[str, str]:
 def _go_version(env: dict[str, str]) -> tuple[int, int]:
     go = shutil.which("go", path=env.get("PATH"))
     if go is None:
-        raise BuildError("`go` is not on PATH; install Go >= %d.%d" % versions.MIN_GO)
+        raise BuildError("`go` is not on PATH; install Go >= {}.{}".format(*versions.MIN_GO))
     out = subprocess.run([go, "env", "GOVERSION"], env=env, capture_output=True, text=True).stdout
     m = re.match(r"go(\d+)\.(\d+)", out.strip())
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)

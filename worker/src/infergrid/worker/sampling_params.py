@@ -110,7 +110,9 @@ class SamplingParams:
         if ids is not None:
             ids = list(ids)
             if not all(_is_int(t) and t >= 0 for t in ids):
-                raise ValueError(f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
+                raise ValueError(
+                    f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}"
+                )
         object.__setattr__(self, "stop_token_ids", ids)
 
     @property

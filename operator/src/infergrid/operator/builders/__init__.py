@@ -1,0 +1,34 @@
+"""Pure builders: InferenceService spec -> the child objects as plain dicts (no API calls here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from infergrid.operator.builders.common import endpoint_url, selector_string, stable_hash
+from infergrid.operator.builders.monitoring import build_pod_monitor
+from infergrid.operator.builders.policies import build_network_policy, build_pod_disruption_budget
+from infergrid.operator.builders.services import build_client_service, build_worker_headless_service
+from infergrid.operator.builders.worker import build_worker_deployment, build_worker_pod_template
+from infergrid.operator.config import OperatorConfig
+from infergrid.operator.spec import ServiceSpec
+
+__all__ = [
+    "build_children", "build_client_service", "build_network_policy", "build_pod_disruption_budget",
+    "build_pod_monitor", "build_worker_deployment", "build_worker_headless_service",
+    "build_worker_pod_template", "endpoint_url", "selector_string", "stable_hash",
+]
+
+
+def build_children(spec: ServiceSpec, config: OperatorConfig, *, current_replicas: int | None = None,
+                   has_pod_monitor: bool = False) -> list[dict[str, Any]]:
+    """Every child of one InferenceService, in apply order (the workers' Service before the workers)."""
+    children = [
+        build_worker_headless_service(spec),
+        build_client_service(spec, config.has_router),
+        build_pod_disruption_budget(spec),
+        build_network_policy(spec, config),
+        build_worker_deployment(spec, config, current_replicas),
+    ]
+    if has_pod_monitor:
+        children.append(build_pod_monitor(spec))
+    return children

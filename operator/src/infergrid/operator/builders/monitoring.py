@@ -1,0 +1,24 @@
+"""Prometheus Operator PodMonitor for the workers (built only when the CRD is installed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from infergrid.operator import constants as c
+from infergrid.operator.builders.common import child_metadata, selector_labels, worker_deployment_name
+from infergrid.operator.spec import ServiceSpec
+
+MONITORING_GROUP_VERSION = "monitoring.coreos.com/v1"
+
+
+def build_pod_monitor(spec: ServiceSpec) -> dict[str, Any]:
+    """Scrape every worker's `/metrics` (vLLM metric names) every 15 s."""
+    return {
+        "apiVersion": MONITORING_GROUP_VERSION,
+        "kind": "PodMonitor",
+        "metadata": child_metadata(spec, worker_deployment_name(spec)),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(spec)},
+            "podMetricsEndpoints": [{"port": c.WORKER_PORT_NAME, "path": "/metrics", "interval": "15s"}],
+        },
+    }

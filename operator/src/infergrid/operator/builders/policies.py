@@ -1,0 +1,49 @@
+"""PodDisruptionBudget and NetworkPolicy for the worker pods."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from infergrid.operator import constants as c
+from infergrid.operator.builders.common import child_metadata, selector_labels, worker_deployment_name
+from infergrid.operator.config import OperatorConfig
+from infergrid.operator.spec import ServiceSpec
+
+
+def build_pod_disruption_budget(spec: ServiceSpec) -> dict[str, Any]:
+    """Voluntary evictions (node drains) take at most one worker at a time."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": child_metadata(spec, worker_deployment_name(spec)),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector_labels(spec)},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def build_network_policy(spec: ServiceSpec, config: OperatorConfig) -> dict[str, Any]:
+    """Workers accept traffic on their port only from this service's router pods and from Prometheus.
+
+    NOTE: while no router exists (`config.has_router` is False) the client Service points straight at
+    the workers, so pods of the service's own namespace are admitted too.
+    """
+    port = [{"protocol": "TCP", "port": c.WORKER_PORT}]
+    prometheus = {"podSelector": {"matchLabels": dict(config.prometheus_pod_labels)},
+                  "namespaceSelector": {"matchLabels": dict(config.prometheus_namespace_labels)}}
+    if config.has_router:
+        clients = {"podSelector": {"matchLabels": selector_labels(spec, c.COMPONENT_ROUTER)}}
+    else:
+        clients = {"podSelector": {}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": child_metadata(spec, worker_deployment_name(spec)),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(spec)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [clients, prometheus], "ports": port}],
+        },
+    }

@@ -1,0 +1,65 @@
+"""In-memory view of InferenceServices, their worker Deployments and worker pods, fed by watch events."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from infergrid.operator import constants as c
+from infergrid.operator.status import DeploymentSummary, PodSummary
+
+Key = tuple[str, str]  # (namespace, InferenceService name)
+
+
+def owner_key(body: Mapping[str, Any]) -> Key | None:
+    """The InferenceService a worker Deployment or pod belongs to, from its labels."""
+    meta = body.get("metadata", {})
+    name = (meta.get("labels") or {}).get(c.LABEL_ISVC)
+    return (meta.get("namespace", ""), name) if name else None
+
+
+class ServiceCache:
+    """Latest seen InferenceService bodies and worker summaries, keyed by (namespace, name)."""
+
+    def __init__(self) -> None:
+        self.services: dict[Key, dict[str, Any]] = {}
+        self.deployments: dict[Key, DeploymentSummary] = {}
+        self.pods: dict[Key, dict[str, PodSummary]] = {}
+
+    def update_service(self, event_type: str | None, body: Mapping[str, Any]) -> Key:
+        meta = body["metadata"]
+        key = (meta.get("namespace", ""), meta["name"])
+        if event_type == "DELETED":
+            self.services.pop(key, None)
+        else:
+            self.services[key] = copy.deepcopy(dict(body))
+        return key
+
+    def update_deployment(self, event_type: str | None, body: Mapping[str, Any]) -> Key | None:
+        key = owner_key(body)
+        if key is None:
+            return None
+        if event_type == "DELETED":
+            self.deployments.pop(key, None)
+        else:
+            self.deployments[key] = DeploymentSummary.from_body(body)
+        return key
+
+    def update_pod(self, event_type: str | None, body: Mapping[str, Any]) -> Key | None:
+        key = owner_key(body)
+        if key is None:
+            return None
+        name = body["metadata"]["name"]
+        if event_type == "DELETED":
+            pods = self.pods.get(key, {})
+            pods.pop(name, None)
+            if not pods:
+                self.pods.pop(key, None)
+        else:
+            self.pods.setdefault(key, {})[name] = PodSummary.from_body(body)
+        return key
+
+    def current_replicas(self, key: Key) -> int | None:
+        deploy = self.deployments.get(key)
+        return deploy.spec_replicas if deploy else None

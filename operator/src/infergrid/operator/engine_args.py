@@ -1,0 +1,36 @@
+"""spec.engine -> `infergrid-worker serve` arguments, with vLLM's CLI names."""
+
+from __future__ import annotations
+
+from infergrid.operator.spec import EngineSpec
+
+
+def build_engine_args(engine: EngineSpec, draft_model_path: str | None = None) -> list[str]:
+    """Engine flags in a fixed order (the order feeds the spec hash, so it must be stable)."""
+    args = ["--dtype", engine.dtype]
+    optional = (
+        ("--max-model-len", engine.max_model_len),
+        ("--max-num-seqs", engine.max_num_seqs),
+        ("--max-num-batched-tokens", engine.max_num_batched_tokens),
+        ("--gpu-memory-utilization", engine.gpu_memory_utilization),
+        ("--block-size", engine.block_size),
+        ("--tensor-parallel-size", engine.tensor_parallel_size),
+    )
+    for flag, value in optional:
+        if value is not None:
+            args += [flag, _format(value)]
+    args.append("--enable-prefix-caching" if engine.enable_prefix_caching else "--no-enable-prefix-caching")
+    if engine.enforce_eager:
+        args.append("--enforce-eager")
+    spec = engine.speculative
+    if spec.method != "none":
+        args += ["--speculative-method", spec.method]
+        if spec.num_tokens is not None:
+            args += ["--num-speculative-tokens", str(spec.num_tokens)]
+        if spec.method == "draft" and draft_model_path:
+            args += ["--draft-model", draft_model_path]
+    return args
+
+
+def _format(value: int | float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(int(value))

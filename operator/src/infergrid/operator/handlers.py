@@ -1,0 +1,86 @@
+"""kopf handlers: a few lines each; the work lives in `Runtime`, the builders and `status`.
+
+NOTE: every handler is async: sync handlers would run in kopf's thread pool, away from the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+from infergrid.operator import constants as c
+from infergrid.operator.apply import ChildOwnedElsewhere
+from infergrid.operator.config import OperatorConfig
+from infergrid.operator.kube import KubeClient
+from infergrid.operator.runtime import Runtime
+
+ISVC = (c.GROUP, c.VERSION, c.PLURAL)
+DEPLOYMENTS = ("apps", "v1", "deployments")
+PODS = ("", "v1", "pods")
+WORKER_LABELS = {c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_COMPONENT: c.COMPONENT_WORKER}
+WORKER_SELECTOR = ",".join(f"{k}={v}" for k, v in WORKER_LABELS.items())
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Tune kopf for many objects and API outages, and create the shared runtime."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=c.GROUP, key="last-handled-configuration")
+    settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = c.MANAGED_BY
+    settings.peering.stealth = True
+    settings.watching.server_timeout = 120
+    settings.watching.client_timeout = 150
+    settings.watching.connect_timeout = 5
+    settings.watching.reconnect_backoff = 1.0
+    settings.networking.connect_timeout = 5
+    settings.networking.request_timeout = 60
+    settings.networking.error_backoffs = (1, 1, 2, 3, 5, 8, 13, 21, 30, 30, 30)
+    settings.watching.label_selectors[DEPLOYMENTS] = WORKER_SELECTOR
+    settings.watching.label_selectors[PODS] = WORKER_SELECTOR
+    if "runtime" not in memo:
+        memo.runtime = Runtime(api=KubeClient.from_environment(), config=OperatorConfig.from_env())
+
+
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    await memo.runtime.close()
+
+
+@kopf.on.resume(*ISVC, backoff=3)
+@kopf.on.create(*ISVC, backoff=3)
+@kopf.on.update(*ISVC, field="spec", backoff=3)
+async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Create or patch every child of an InferenceService."""
+    try:
+        await memo.runtime.reconcile(body)
+    except ChildOwnedElsewhere as exc:
+        raise kopf.TemporaryError(str(exc), delay=5) from exc
+    except (KeyError, ValueError) as exc:
+        raise kopf.PermanentError(f"invalid InferenceService spec: {exc}") from exc
+
+
+@kopf.on.event(*ISVC)
+async def track_service(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.runtime.on_service_event(type, body)
+
+
+@kopf.on.event(*DEPLOYMENTS, labels=WORKER_LABELS)
+async def track_deployment(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Worker Deployment changes feed status; a Deployment deleted under a live service is recreated."""
+    owner = memo.runtime.needs_recreate(type, body)
+    memo.runtime.on_deployment_event(type, body)
+    if owner is not None:
+        await memo.runtime.reconcile(owner)
+
+
+@kopf.on.event(*PODS, labels=WORKER_LABELS)
+async def track_pod(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.runtime.on_pod_event(type, body)
+
+
+@kopf.on.probe(id="services")
+async def services_seen(memo: kopf.Memo, **_: Any) -> int:
+    return len(memo.runtime.cache.services)

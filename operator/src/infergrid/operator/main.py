@@ -1,0 +1,74 @@
+"""`infergrid-operator`: runs the kopf operator with peering, a /metrics port and a liveness endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+
+import kopf
+from infergrid.operator.config import OperatorConfig
+from infergrid.operator.kube import KubeClient
+from infergrid.operator.runtime import Runtime
+from prometheus_client import start_http_server
+
+DEFAULT_PEERING = "infergrid"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="infergrid-operator",
+                                     description="Reconcile InferenceServices into GPU worker pods and Services.")
+    parser.add_argument("-n", "--namespace", action="append", default=[],
+                        help="watch only this namespace (repeatable; glob patterns allowed); default: all")
+    parser.add_argument("--peering", default=os.environ.get("INFERGRID_PEERING", DEFAULT_PEERING),
+                        help="ClusterKopfPeering object for high availability (default: %(default)s)")
+    parser.add_argument("--standalone", action="store_true", help="run without peering (one replica only)")
+    parser.add_argument("--priority", type=int, default=int(os.environ.get("INFERGRID_PRIORITY", "0")),
+                        help="peering priority; the highest-priority live replica is the active one")
+    parser.add_argument("--bind", default=os.environ.get("INFERGRID_BIND", "0.0.0.0"),
+                        help="address of the metrics and health servers")
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("INFERGRID_METRICS_PORT", "8080")),
+                        help="Prometheus /metrics port (0 disables)")
+    parser.add_argument("--health-port", type=int, default=int(os.environ.get("INFERGRID_HEALTH_PORT", "8081")),
+                        help="liveness endpoint port, path /healthz (0 disables)")
+    parser.add_argument("--worker-image", help="default worker image (or INFERGRID_WORKER_IMAGE)")
+    parser.add_argument("--kubeconfig", help="kubeconfig path (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
+    parser.add_argument("--log-format", choices=["plain", "full", "json"], default="full")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `infergrid-operator` command."""
+    args = parse_args(argv)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it too
+    config = OperatorConfig.from_env()
+    if args.worker_image:
+        config = dataclasses.replace(config, worker_image=args.worker_image)
+
+    import infergrid.operator.handlers  # noqa: F401  (registers the handlers)
+
+    kopf.configure(verbose=args.verbose, quiet=args.quiet, log_format=kopf.LogFormat[args.log_format.upper()])
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.bind)
+    runtime = Runtime(api=KubeClient.from_environment(args.kubeconfig), config=config)
+    liveness = f"http://{args.bind}:{args.health_port}/healthz" if args.health_port else None
+    kopf.run(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        standalone=args.standalone,
+        peering_name=None if args.standalone else args.peering,
+        priority=args.priority,
+        liveness_endpoint=liveness,
+        memo=kopf.Memo(runtime=runtime),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

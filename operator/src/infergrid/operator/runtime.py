@@ -1,0 +1,157 @@
+"""The operator's live state and its two jobs: reconcile children, and keep status in step with them."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from infergrid.operator import constants as c
+from infergrid.operator import metrics
+from infergrid.operator.apply import apply_children
+from infergrid.operator.builders import (
+    build_children,
+    build_worker_pod_template,
+    endpoint_url,
+    selector_string,
+)
+from infergrid.operator.builders.monitoring import MONITORING_GROUP_VERSION
+from infergrid.operator.cache import Key, ServiceCache, owner_key
+from infergrid.operator.config import OperatorConfig
+from infergrid.operator.kube import ApiError, KubeClient
+from infergrid.operator.refresher import Debouncer
+from infergrid.operator.spec import ServiceSpec, desired_replicas
+from infergrid.operator.status import OWNED_KEYS, Observed, compute_status, transition_events
+
+logger = logging.getLogger(__name__)
+
+MONITOR_CHECK_SECONDS = 60.0
+
+
+@dataclasses.dataclass
+class Runtime:
+    """Everything the handlers share: API client, config, caches, the status debouncer."""
+
+    api: KubeClient
+    config: OperatorConfig
+    cache: ServiceCache = dataclasses.field(default_factory=ServiceCache)
+    refresher: Debouncer = dataclasses.field(init=False)
+    _hashes: dict[tuple[str, int], str] = dataclasses.field(default_factory=dict)
+    _last_written: dict[Key, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    _pod_monitor: tuple[float, bool] = (-1e9, False)
+
+    def __post_init__(self) -> None:
+        self.refresher = Debouncer(self._refresh)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        await self.refresher.close()
+        await self.api.close()
+
+    async def has_pod_monitor(self) -> bool:
+        """Whether the PodMonitor CRD is installed (checked at most once a minute)."""
+        checked_at, present = self._pod_monitor
+        if time.monotonic() - checked_at > MONITOR_CHECK_SECONDS:
+            try:
+                present = await self.api.has_kind(MONITORING_GROUP_VERSION, "PodMonitor")
+            except ApiError as exc:
+                logger.warning("cannot discover %s: %s", MONITORING_GROUP_VERSION, exc)
+                present = False
+            self._pod_monitor = (time.monotonic(), present)
+        return present
+
+    async def reconcile(self, body: Mapping[str, Any]) -> None:
+        """Apply every child of one InferenceService, then schedule a status refresh."""
+        key = self.cache.update_service("MODIFIED", body)
+        spec = ServiceSpec.from_body(body)
+        started = time.perf_counter()
+        children = build_children(spec, self.config, current_replicas=self.cache.current_replicas(key),
+                                  has_pod_monitor=await self.has_pod_monitor())
+        try:
+            await apply_children(self.api, children)
+        except Exception:
+            metrics.RECONCILES.labels("error").inc()
+            raise
+        metrics.RECONCILES.labels("ok").inc()
+        metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+        self.refresher.request(key)
+
+    def on_service_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        key = self.cache.update_service(event_type, body)
+        if event_type == "DELETED":
+            self._last_written.pop(key, None)
+        metrics.SERVICES.set(len(self.cache.services))
+
+    def on_deployment_event(self, event_type: str | None, body: Mapping[str, Any]) -> Key | None:
+        key = self.cache.update_deployment(event_type, body)
+        if key is not None and key in self.cache.services:
+            self.refresher.request(key)
+        return key
+
+    def on_pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        key = self.cache.update_pod(event_type, body)
+        if key is not None and key in self.cache.services:
+            self.refresher.request(key)
+
+    def needs_recreate(self, event_type: str | None, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """The owning InferenceService body when a worker Deployment was deleted under a live service."""
+        key = owner_key(body) if event_type == "DELETED" else None
+        owner = self.cache.services.get(key) if key else None
+        if owner is None or owner["metadata"].get("deletionTimestamp"):
+            return None
+        owner_uids = {ref.get("uid") for ref in body["metadata"].get("ownerReferences") or []}
+        return owner if owner["metadata"].get("uid") in owner_uids else None
+
+    def _desired_hash(self, spec: ServiceSpec) -> str:
+        cache_key = (spec.uid, spec.generation)
+        if cache_key not in self._hashes:
+            if len(self._hashes) > 10_000:
+                self._hashes.clear()
+            template = build_worker_pod_template(spec, self.config)
+            self._hashes[cache_key] = template["metadata"]["annotations"][c.ANNOTATION_SPEC_HASH]
+        return self._hashes[cache_key]
+
+    async def _refresh(self, key: Key) -> None:
+        body = self.cache.services.get(key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        try:
+            spec = ServiceSpec.from_body(body)
+        except (KeyError, ValueError):
+            return  # the reconcile handler reports unparseable specs
+        deploy = self.cache.deployments.get(key)
+        observed = Observed(
+            generation=spec.generation,
+            desired_replicas=desired_replicas(spec, deploy.spec_replicas if deploy else None),
+            desired_hash=self._desired_hash(spec),
+            gpus_per_pod=spec.engine.tensor_parallel_size,
+            gpu_resource_name=spec.resources.gpu_resource_name,
+            selector=selector_string(spec),
+            endpoint=endpoint_url(spec),
+            deployment=deploy,
+            pods=tuple(self.cache.pods.get(key, {}).values()),
+        )
+        # NOTE: what this process wrote last is fresher than the watched body until the echo arrives.
+        old = {**(body.get("status") or {}), **self._last_written.get(key, {})}
+        new = compute_status(observed, old)
+        if new == old:
+            return
+        owned = {k: v for k, v in new.items() if k in OWNED_KEYS}
+        try:
+            await self.api.merge_patch(c.API_VERSION, c.KIND, spec.namespace, spec.name, {"status": owned},
+                                       subresource="status")
+        except ApiError as exc:
+            if exc.status == 404:
+                return
+            metrics.STATUS_WRITES.labels("error").inc()
+            raise
+        metrics.STATUS_WRITES.labels("ok").inc()
+        self._last_written[key] = owned
+        for event in transition_events(old, new):
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+            metrics.EVENTS_POSTED.labels(event.type, event.reason).inc()
+        metrics.READY_SERVICES.set(sum(
+            1 for status in self._last_written.values()
+            for cond in status.get("conditions", []) if cond["type"] == "Ready" and cond["status"] == "True"))

@@ -1,0 +1,167 @@
+"""Fixtures for the HTTP server tests: a tiny random checkpoint made with `infergrid-worker
+make-tiny-model`, and real `infergrid-worker serve` subprocesses on free 127.0.0.1 ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+API_KEY = "sk-infergrid-test"
+MODEL_NAME = "tiny-llama"
+MAX_MODEL_LEN = 256
+READY_TIMEOUT_S = 180.0
+
+
+def worker_command() -> list[str]:
+    """The installed `infergrid-worker` console script (next to this Python, else on PATH)."""
+    if os.environ.get("DEV_WORKER_CMD"):  # DEV-ONLY, remove
+        return [os.environ["DEV_WORKER_CMD"]]
+    exe = Path(sys.executable).with_name("infergrid-worker")
+    found = str(exe) if exe.exists() else shutil.which("infergrid-worker")
+    if found is None:
+        raise RuntimeError("infergrid-worker is not installed (make install)")
+    return [found]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerServer:
+    """One `infergrid-worker serve` subprocess."""
+
+    def __init__(self, model_dir: Path, log_dir: Path, *, api_key: str | None = API_KEY,
+                 extra_args: tuple[str, ...] = (), name: str = "worker") -> None:
+        self.model_dir = model_dir
+        self.api_key = api_key
+        self.port = free_port()
+        self.log_path = log_dir / f"{name}-{self.port}.log"
+        args = ["serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
+                "--served-model-name", MODEL_NAME, "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
+                "--disable-uvicorn-access-log", *extra_args]
+        if api_key is not None:
+            args += ["--api-key", api_key]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env.pop("INFERGRID_API_KEY", None)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([*worker_command(), *args], stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=kwargs.pop("timeout", 60.0), **kwargs)
+
+    def async_client(self, **kwargs: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=kwargs.pop("timeout", 60.0),
+                                 **kwargs)
+
+    def log_tail(self, num_bytes: int = 6000) -> str:
+        self._log.flush()
+        data = self.log_path.read_bytes()
+        return data[-num_bytes:].decode(errors="replace")
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"worker not ready after {timeout}s:\n{self.log_tail()}")
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Scrape /metrics: {(sample name, sorted labels without model_name): value}."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10.0).text
+        out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
+                out[(s.name, labels)] = s.value
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        values = self.metrics()
+        if key not in values:
+            raise KeyError(f"{name}{labels} not exported")
+        return values[key]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama checkpoint with tokenizer and chat template."""
+    out = tmp_path_factory.mktemp("server-model") / "tiny-llama"
+    subprocess.run([*worker_command(), "make-tiny-model", str(out), "--arch", "llama"], check=True,
+                   capture_output=True, timeout=300)
+    assert (out / "config.json").is_file()
+    return out
+
+
+@pytest.fixture(scope="session")
+def start_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+        Callable[..., WorkerServer]]:
+    """Factory: start a worker with extra CLI args and wait for /ready; all are stopped at the end."""
+    log_dir = tmp_path_factory.mktemp("server-logs")
+    started: list[WorkerServer] = []
+
+    def start(*extra_args: str, api_key: str | None = API_KEY, name: str = "worker",
+              wait: bool = True) -> WorkerServer:
+        server = WorkerServer(tiny_model_dir, log_dir, api_key=api_key, extra_args=extra_args, name=name)
+        started.append(server)
+        if wait:
+            server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server(start_worker: Callable[..., WorkerServer]) -> WorkerServer:
+    """The shared worker: API key on, queue of 64, a KV pool with room for every test's requests."""
+    return start_worker("--max-queue-size", "64", "--num-gpu-blocks-override", "600", "--max-num-seqs", "32",
+                        name="main")
+
+
+@pytest.fixture(scope="session")
+def small_server(start_worker: Callable[..., WorkerServer]) -> WorkerServer:
+    """A worker with a queue of 4 and a 24-block KV pool (admission and preemption tests)."""
+    return start_worker("--max-queue-size", "4", "--num-gpu-blocks-override", "24", "--max-num-seqs", "8",
+                        name="small")

@@ -1,0 +1,1 @@
+"""The engine: Scheduler -> KVCacheManager -> BlockPool (pure Python), ModelRunner, LLMEngine, AsyncLLM."""

@@ -1,0 +1,117 @@
+"""KV pool sizing: how many blocks fit, from a fixed budget (CPU) or from profiled GPU memory.
+
+On CUDA (the seed's GPUMemoryManager): after the weights are loaded, one profiling forward pass at
+the largest batch the scheduler can form measures the peak activation memory; the KV pool gets
+
+    total_gpu_memory * gpu_memory_utilization - (memory in use after loading + peak activations)
+
+On CPU the pool is INFERGRID_CPU_KV_CACHE_SPACE_GB (default 1 GiB). Either way it is capped at what
+max_num_seqs full-length sequences could ever use, and `num_gpu_blocks_override` wins outright.
+Blocks include the reserved null block 0.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from infergrid.worker import envs
+from infergrid.worker.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_GIB = float(1 << 30)
+
+
+def kv_block_bytes(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block across all layers, k and v."""
+    per_token = 2 * model_config.num_hidden_layers * model_config.num_key_value_heads * model_config.head_dim
+    return per_token * block_size * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """What the profiling pass saw on the GPU (bytes)."""
+
+    total: int
+    weights_and_runtime: int  # in use after loading the model, before profiling
+    peak_activations: int
+    available_for_kv: int
+
+
+class GPUMemoryManager:
+    """Measures GPU memory around a profiling forward pass and derives the KV-cache budget."""
+
+    def __init__(self, device: torch.device, gpu_memory_utilization: float) -> None:
+        self.device = device
+        self.gpu_memory_utilization = gpu_memory_utilization
+
+    def profile(self, run: Callable[[], None]) -> MemoryProfile:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize(self.device)
+        free_before, total = torch.cuda.mem_get_info(self.device)
+        in_use = total - free_before
+        torch.cuda.reset_peak_memory_stats(self.device)
+        allocated_before = torch.cuda.memory_allocated(self.device)
+        run()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - allocated_before
+        gc.collect()
+        torch.cuda.empty_cache()
+        budget = int(total * self.gpu_memory_utilization) - in_use - peak
+        return MemoryProfile(total, in_use, peak, max(0, budget))
+
+
+def max_useful_blocks(max_num_seqs: int, max_model_len: int, block_size: int) -> int:
+    """Blocks that max_num_seqs sequences of max_model_len tokens could hold, plus the null block."""
+    return max_num_seqs * -(-max_model_len // block_size) + 1
+
+
+def determine_num_blocks(
+    *,
+    device: torch.device,
+    model_config: ModelConfig,
+    dtype: torch.dtype,
+    block_size: int,
+    max_num_seqs: int,
+    max_model_len: int,
+    gpu_memory_utilization: float,
+    num_blocks_override: int | None,
+    profile_run: Callable[[], None] | None,
+) -> int:
+    """The number of KV blocks (null block included) for this device and model; logs the result."""
+    block_bytes = kv_block_bytes(model_config, block_size, dtype)
+    if num_blocks_override is not None:
+        num_blocks, source = num_blocks_override, "num_gpu_blocks_override"
+    elif device.type == "cuda":
+        assert profile_run is not None
+        prof = GPUMemoryManager(device, gpu_memory_utilization).profile(profile_run)
+        logger.info(
+            "GPU memory: total %.2f GiB, in use after load %.2f GiB, peak activations %.2f GiB, "
+            "KV budget %.2f GiB (gpu_memory_utilization %.2f)",
+            prof.total / _GIB, prof.weights_and_runtime / _GIB, prof.peak_activations / _GIB,
+            prof.available_for_kv / _GIB, gpu_memory_utilization,
+        )
+        num_blocks = prof.available_for_kv // block_bytes
+        num_blocks = min(num_blocks, max_useful_blocks(max_num_seqs, max_model_len, block_size))
+        source = "profiled GPU memory"
+    else:
+        budget = envs.cpu_kv_cache_space_bytes()
+        num_blocks = min(budget // block_bytes, max_useful_blocks(max_num_seqs, max_model_len, block_size))
+        source = "INFERGRID_CPU_KV_CACHE_SPACE_GB"
+    if num_blocks < 2:
+        raise ValueError(
+            f"not enough memory for the KV cache: {num_blocks} blocks of {block_bytes} bytes "
+            f"(raise gpu_memory_utilization or lower max_model_len / max_num_seqs)"
+        )
+    logger.info(
+        "KV cache: %d blocks x %d tokens = %d token slots, %.3f GiB (%d bytes per block; from %s)",
+        num_blocks, block_size, (num_blocks - 1) * block_size, num_blocks * block_bytes / _GIB,
+        block_bytes, source,
+    )
+    return num_blocks

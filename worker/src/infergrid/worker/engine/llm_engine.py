@@ -1,0 +1,168 @@
+"""LLMEngine: the synchronous engine. `step()` = schedule, run the model, update, make outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+from infergrid.worker.config import EngineConfig
+from infergrid.worker.engine.model_runner import ModelRunner
+from infergrid.worker.engine.output_processor import OutputProcessor
+from infergrid.worker.engine.request import Request, RequestStatus
+from infergrid.worker.engine.scheduler import Scheduler
+from infergrid.worker.engine.stats import EngineStats
+from infergrid.worker.loader import resolve_model_path
+from infergrid.worker.model_config import ModelConfig
+from infergrid.worker.outputs import RequestOutput
+from infergrid.worker.sampling_params import SamplingParams
+from infergrid.worker.tokenizer import eos_token_ids, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+
+
+def resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
+    """config.max_model_len, else the model's max_position_embeddings; never beyond the model's
+    limit, and (no sliding-window attention yet) never beyond its sliding window."""
+    limit = model_config.max_position_embeddings
+    max_len = config.max_model_len or limit
+    if max_len > limit:
+        raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings {limit}")
+    window = model_config.sliding_window
+    if window is not None and max_len > window:
+        logger.warning("capping max_model_len %d to the model's sliding window %d", max_len, window)
+        max_len = window
+    return max_len
+
+
+def child_request_ids(request_id: str, n: int) -> list[str]:
+    """Engine ids of the n sequences of one user request (the id itself when n == 1)."""
+    return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+
+
+def child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Sample `index` of an n > 1 request: n=1 and, when seeded, seed + index."""
+    seed = None if params.seed is None else params.seed + index
+    return dataclasses.replace(params, n=1, seed=seed)
+
+
+class LLMEngine:
+    """Loads the model and runs requests step by step (not thread-safe; AsyncLLM wraps it)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_path = resolve_model_path(config.model)
+        self.model_config = ModelConfig.from_pretrained(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.max_model_len = resolve_max_model_len(config, self.model_config)
+        self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer) or list(self.model_config.eos_token_ids)
+        self.model_runner = ModelRunner(
+            config, self.model_path, self.model_config, self.max_model_len, self.eos_token_ids
+        )
+        self.num_blocks = self.model_runner.initialize_kv_cache()
+        self.scheduler = Scheduler(config, self.num_blocks, self.max_model_len, self.eos_token_ids)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.num_steps_total = 0
+        self.last_step_time = time.monotonic()
+
+    # -- requests ----------------------------------------------------------------------------------
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """Text -> token ids (with the tokenizer's BOS); token ids pass through after a range check."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt)["input_ids"])
+        ids = list(prompt)
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]!r}")
+        return ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        priority: int = 0,
+        deadline: float | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request (n > 1 fans out into n sequences). `deadline` is absolute time.monotonic()
+        seconds. Raises ValueError when the request can never run (too long for the model or pool)."""
+        if request_id in self.output_processor.parents:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        prompt_ids = self.tokenize(prompt)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        children = [
+            (cid, child_params(params, i) if params.n > 1 else params)
+            for i, cid in enumerate(child_request_ids(request_id, params.n))
+        ]
+        added: list[str] = []
+        try:
+            for cid, cparams in children:
+                self.scheduler.add_request(
+                    Request(cid, prompt_ids, cparams, priority=priority, arrival_time=arrival, deadline=deadline)
+                )
+                added.append(cid)
+        except ValueError:
+            self.scheduler.abort_requests(added)
+            raise
+        self.output_processor.add_request(
+            request_id, prompt if isinstance(prompt, str) else None, prompt_ids, children, arrival
+        )
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Abort user requests (unknown ids are ignored); their KV blocks are freed at once."""
+        for request_id in [request_ids] if isinstance(request_ids, str) else list(request_ids):
+            self.scheduler.abort_requests(self.output_processor.child_ids(request_id))
+            self.output_processor.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or self.output_processor.has_unfinished()
+
+    # -- one step ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule a batch, run it, apply the results; returns outputs of requests that changed."""
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.model_runner.execute_model(scheduler_output)
+        finished = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
+        scheduled = [s.request for s in scheduler_output.scheduled]
+        outputs, stopped = self.output_processor.process(
+            scheduled, runner_output, [*scheduler_output.expired_requests, *finished]
+        )
+        self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        self._record_step(scheduler_output.scheduled, runner_output.sampled_token_ids)
+        return outputs
+
+    def _record_step(self, scheduled: list, sampled: dict[str, list[int]]) -> None:
+        self.num_steps_total += 1
+        self.last_step_time = time.monotonic()
+        for s in scheduled:
+            new = len(sampled.get(s.request_id, ()))
+            self.generation_tokens_total += new
+            if new and s.request.num_output_tokens == new:  # the request's first token
+                self.prompt_tokens_total += s.request.num_prompt_tokens
+
+    def get_stats(self) -> EngineStats:
+        s = self.scheduler.make_stats()
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_cache_usage=s.kv_cache_usage,
+            num_total_blocks=s.num_total_blocks,
+            num_used_blocks=s.num_used_blocks,
+            num_preemptions_total=s.num_preemptions_total,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            prefix_cache_queries_total=s.prefix_cache_queries_total,
+            prefix_cache_hits_total=s.prefix_cache_hits_total,
+            spec_decode_num_drafts_total=s.spec_decode_num_drafts_total,
+            spec_decode_num_draft_tokens_total=s.spec_decode_num_draft_tokens_total,
+            spec_decode_num_accepted_tokens_total=s.spec_decode_num_accepted_tokens_total,
+            last_step_time=self.last_step_time,
+            num_steps_total=self.num_steps_total,
+        )

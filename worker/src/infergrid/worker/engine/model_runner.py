@@ -1,0 +1,301 @@
+"""ModelRunner: SchedulerOutput -> input tensors -> model -> logits at sampling positions -> tokens.
+
+Owns the model, the paged KV cache, the sampler, per-request seeded generators and (on CUDA) the
+decode CUDA graphs. Inputs are flattened over the batch (see layers/attention.py for the layout).
+Requests with draft tokens sample at every draft position plus one; a draft is accepted while it
+equals the token sampled at its position (exact-match verification keeps the target distribution).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from infergrid.worker.config import EngineConfig
+from infergrid.worker.engine.kv_cache import determine_num_blocks
+from infergrid.worker.engine.scheduler import ScheduledRequest, SchedulerOutput
+from infergrid.worker.layers.attention import AttentionMetadata, get_attention_backend
+from infergrid.worker.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
+from infergrid.worker.loader import load_model, resolve_dtype
+from infergrid.worker.model_config import ModelConfig
+from infergrid.worker.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprobs of one sampled token: `token_ids[0]` is the sampled token, then the top-k."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    sampled_rank: int
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Per request that sampled: its new token ids (accepted drafts + one) and their logprobs."""
+
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+
+
+@dataclass
+class _BatchInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor
+    is_uniform_decode: bool
+
+
+@dataclass
+class _SampleRow:
+    sched: ScheduledRequest
+    draft_index: int  # 0 .. len(spec_token_ids): which of the request's sampling positions
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """None -> cuda when available, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class ModelRunner:
+    """Runs one model on one device for the engine."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_dir: str,
+        model_config: ModelConfig,
+        max_model_len: int,
+        eos_token_ids: list[int],
+    ) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.max_model_len = max_model_len
+        self.block_size = config.block_size
+        self.eos_token_ids = list(eos_token_ids)
+        self.device = resolve_device(config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dtype = resolve_dtype(config.dtype, model_config)
+        torch.manual_seed(config.seed)
+        self.backend = get_attention_backend(self.device)
+        self.model = load_model(model_dir, model_config, self.dtype, self.device, max_model_len, self.backend)
+        self.sampler = Sampler()
+        self.vocab_size = model_config.vocab_size
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.generators: dict[str, torch.Generator] = {}
+        self.kv_cache: torch.Tensor | None = None
+        self.num_blocks = 0
+        self.cuda_graphs = None  # CUDAGraphRunner when captured
+
+    # -- KV cache ----------------------------------------------------------------------------------
+    def initialize_kv_cache(self) -> int:
+        """Size (profiling on CUDA), allocate and bind the KV cache; capture CUDA graphs unless
+        enforce_eager. Returns the number of blocks (null block included)."""
+        self.num_blocks = determine_num_blocks(
+            device=self.device,
+            model_config=self.model_config,
+            dtype=self.dtype,
+            block_size=self.block_size,
+            max_num_seqs=self.config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            gpu_memory_utilization=self.config.gpu_memory_utilization,
+            num_blocks_override=self.config.num_gpu_blocks_override,
+            profile_run=self.profile_run,
+        )
+        cfg = self.model_config
+        shape = (2, cfg.num_hidden_layers, self.num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        if self.device.type == "cuda" and not self.config.enforce_eager and self.backend.name == "triton":
+            from infergrid.worker.engine.cuda_graph import CUDAGraphRunner
+
+            self.cuda_graphs = CUDAGraphRunner(self)
+            self.cuda_graphs.capture()
+        return self.num_blocks
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        """A forward pass at the largest batch the scheduler can form (no KV cache yet) plus sampling."""
+        budget = min(self.config.get_max_num_batched_tokens(), self.config.max_num_seqs * self.max_model_len)
+        seq_len = min(self.max_model_len, budget)
+        lens = [seq_len] * (budget // seq_len) + ([budget % seq_len] if budget % seq_len else [])
+        qsl = torch.tensor(np.cumsum([0, *lens]), dtype=torch.int32, device=self.device)
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.zeros(budget, dtype=torch.int64, device=self.device),
+            query_start_loc=qsl,
+            seq_lens=seq_lens,
+            block_tables=torch.zeros((len(lens), 0), dtype=torch.int32, device=self.device),
+            max_query_len=seq_len,
+            max_seq_len=seq_len,
+            block_size=self.block_size,
+            has_kv_cache=False,
+        )
+        self.backend.prepare(meta)
+        input_ids = torch.zeros(budget, dtype=torch.int64, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        hidden = self.model(input_ids, positions, meta)
+        num_rows = min(self.config.max_num_seqs, budget)
+        logits = self.model.compute_logits(hidden[:num_rows])
+        temperature = torch.ones(num_rows, device=self.device)
+        self.sampler(logits, SamplingMetadata(temperature=temperature, all_greedy=False, max_num_logprobs=20))
+
+    # -- one step ----------------------------------------------------------------------------------
+    def remove_requests(self, request_ids: set[str]) -> None:
+        """Forget per-request state (seeded generators) of finished requests."""
+        for req_id in request_ids:
+            self.generators.pop(req_id, None)
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one scheduled batch and sample; returns tokens for the requests that sample."""
+        self.remove_requests(scheduler_output.finished_req_ids)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput()
+        batch = self._prepare_inputs(scheduler_output.scheduled)
+        hidden = self._forward(batch)
+        rows = self._sample_rows(scheduler_output.scheduled)
+        if not rows:
+            return ModelRunnerOutput()
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        sampler_output = self.sampler(logits, self._sampling_metadata(rows))
+        return self._make_output(rows, sampler_output)
+
+    def _forward(self, batch: _BatchInputs) -> torch.Tensor:
+        if self.cuda_graphs is not None and batch.is_uniform_decode and self.cuda_graphs.can_run(batch):
+            return self.cuda_graphs.run(batch)
+        self.backend.prepare(batch.meta)
+        return self.model(batch.input_ids, batch.positions, batch.meta)
+
+    def _prepare_inputs(self, scheduled: list[ScheduledRequest]) -> _BatchInputs:
+        bs = self.block_size
+        num_seqs = len(scheduled)
+        q_lens = np.fromiter((s.num_new_tokens for s in scheduled), dtype=np.int64, count=num_seqs)
+        starts = np.fromiter((s.num_computed_tokens for s in scheduled), dtype=np.int64, count=num_seqs)
+        qsl = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=qsl[1:])
+        total = int(qsl[-1])
+        input_ids = np.empty(total, dtype=np.int64)
+        positions = np.empty(total, dtype=np.int64)
+        slot_mapping = np.empty(total, dtype=np.int64)
+        max_blocks = max(len(s.block_ids) for s in scheduled)
+        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+        logits_indices: list[int] = []
+        for i, s in enumerate(scheduled):
+            lo, hi = qsl[i], qsl[i + 1]
+            input_ids[lo:hi] = s.token_ids
+            pos = np.arange(starts[i], starts[i] + q_lens[i])
+            positions[lo:hi] = pos
+            table = np.asarray(s.block_ids, dtype=np.int64)
+            block_tables[i, : len(table)] = table
+            slot_mapping[lo:hi] = table[pos // bs] * bs + pos % bs
+            if s.needs_sample:
+                logits_indices.extend(range(int(hi) - 1 - len(s.spec_token_ids), int(hi)))
+        seq_lens = starts + q_lens
+        max_query_len = int(q_lens.max())
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(slot_mapping),
+            query_start_loc=self._to_device(qsl.astype(np.int32)),
+            seq_lens=self._to_device(seq_lens.astype(np.int32)),
+            block_tables=self._to_device(block_tables),
+            max_query_len=max_query_len,
+            max_seq_len=int(seq_lens.max()),
+            block_size=bs,
+        )
+        return _BatchInputs(
+            input_ids=self._to_device(input_ids),
+            positions=self._to_device(positions),
+            meta=meta,
+            logits_indices=self._to_device(np.asarray(logits_indices, dtype=np.int64)),
+            is_uniform_decode=max_query_len == 1,
+        )
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    # -- sampling ----------------------------------------------------------------------------------
+    @staticmethod
+    def _sample_rows(scheduled: list[ScheduledRequest]) -> list[_SampleRow]:
+        return [
+            _SampleRow(s, j) for s in scheduled if s.needs_sample for j in range(len(s.spec_token_ids) + 1)
+        ]
+
+    def _sampling_metadata(self, rows: list[_SampleRow]) -> SamplingMetadata:
+        params: list[SamplingParams] = [r.sched.request.sampling_params for r in rows]
+        dev = self.device
+        greedy = [p.is_greedy for p in params]
+        temperature = torch.tensor([0.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)],
+                                   dtype=torch.float32, device=dev)
+        meta = SamplingMetadata(temperature=temperature, all_greedy=all(greedy))
+        if not meta.all_greedy:
+            if any(p.top_p < 1.0 for p in params):
+                meta.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+            if any(p.top_k > 0 for p in params):
+                meta.top_k = torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=dev)
+            if any(p.min_p > 0 for p in params):
+                meta.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+        outputs = [r.sched.request.output_token_ids + r.sched.spec_token_ids[: r.draft_index] for r in rows]
+        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
+            meta.output_token_ids = outputs
+            if any(p.presence_penalty for p in params):
+                meta.presence_penalty = torch.tensor([p.presence_penalty for p in params], device=dev)
+            if any(p.frequency_penalty for p in params):
+                meta.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], device=dev)
+            if any(p.repetition_penalty != 1.0 for p in params):
+                meta.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)
+                meta.prompt_token_ids = [r.sched.request.prompt_token_ids for r in rows]
+        for i, (row, p) in enumerate(zip(rows, params, strict=True)):
+            if p.seed is not None and not greedy[i]:
+                meta.generators[i] = self._generator(row.sched.request_id, p.seed)
+            if len(outputs[i]) < p.min_tokens:
+                banned = list(p.stop_token_ids or ()) + ([] if p.ignore_eos else self.eos_token_ids)
+                banned = [t for t in banned if t < self.vocab_size]
+                if banned:
+                    meta.banned_token_ids[i] = banned
+        if any(p.logprobs is not None for p in params):
+            meta.max_num_logprobs = max(p.logprobs or 0 for p in params)
+        return meta
+
+    def _generator(self, request_id: str, seed: int) -> torch.Generator:
+        gen = self.generators.get(request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
+            self.generators[request_id] = gen
+        return gen
+
+    @staticmethod
+    def _make_output(rows: list[_SampleRow], out: SamplerOutput) -> ModelRunnerOutput:
+        sampled = out.sampled.tolist()
+        lp_ids = out.logprob_token_ids.tolist() if out.logprob_token_ids is not None else None
+        lp_vals = out.logprobs.tolist() if out.logprobs is not None else None
+        ranks = out.sampled_ranks.tolist() if out.sampled_ranks is not None else None
+        result = ModelRunnerOutput()
+        rejected: set[str] = set()
+        for i, row in enumerate(rows):
+            req_id = row.sched.request_id
+            if req_id in rejected:
+                continue
+            tokens = result.sampled_token_ids.setdefault(req_id, [])
+            tokens.append(sampled[i])
+            if lp_ids is not None and row.sched.request.sampling_params.logprobs is not None:
+                k = row.sched.request.sampling_params.logprobs
+                entry = TokenLogprobs(lp_ids[i][: 1 + k], lp_vals[i][: 1 + k], ranks[i])  # type: ignore[index]
+                result.logprobs.setdefault(req_id, []).append(entry)
+            drafts = row.sched.spec_token_ids
+            if row.draft_index < len(drafts) and sampled[i] != drafts[row.draft_index]:
+                rejected.add(req_id)
+        return result

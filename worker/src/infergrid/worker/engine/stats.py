@@ -1,0 +1,26 @@
+"""EngineStats: a snapshot of queues, KV cache and counters (the source of the /metrics gauges)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters are totals since start; `last_step_time` is time.monotonic() of the last step."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_total_blocks: int
+    num_used_blocks: int
+    num_preemptions_total: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    prefix_cache_queries_total: int
+    prefix_cache_hits_total: int
+    spec_decode_num_drafts_total: int
+    spec_decode_num_draft_tokens_total: int
+    spec_decode_num_accepted_tokens_total: int
+    last_step_time: float
+    num_steps_total: int

@@ -1,0 +1,118 @@
+"""Pure ASGI middleware in front of the routes: API key, then body guard (size, content type, UTF-8).
+
+Both answer with OpenAI error JSON before any route code runs.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import error_body
+
+# Routes that answer without an API key (probes and the Prometheus scrape).
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+async def send_error(send: Send, status: int, message: str, *, param: str | None = None,
+                     code: str | None = None, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """Send a complete OpenAI error response."""
+    body = json.dumps(error_body(status, message, param=param, code=code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value
+    return None
+
+
+class ApiKeyMiddleware:
+    """401 unless `Authorization: Bearer <key>` (or `x-api-key: <key>`) matches; probes are exempt."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._key = api_key.encode()
+
+    def _is_authorized(self, scope: Scope) -> bool:
+        auth = _header(scope, b"authorization")
+        if auth is not None and auth[:7].lower() == b"bearer ":
+            return hmac.compare_digest(auth[7:].strip(), self._key)
+        other = _header(scope, b"x-api-key")
+        return other is not None and hmac.compare_digest(other.strip(), self._key)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or self._is_authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        await send_error(send, 401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
+                         code="invalid_api_key", headers=[(b"www-authenticate", b"Bearer")])
+
+
+def is_json_content_type(value: bytes) -> bool:
+    """application/json or application/*+json (parameters such as charset=utf-8 allowed)."""
+    media = value.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+class BodyGuardMiddleware:
+    """Reads request bodies up front: 413 over `max_body_bytes`, 400 for a non-JSON content type or
+    bytes that are not UTF-8, then replays the body to the app."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        content_type = _header(scope, b"content-type")
+        if content_type is not None and not is_json_content_type(content_type):
+            await send_error(send, 400, f"Unsupported Content-Type {content_type.decode('latin-1')!r}; "
+                                        "send 'application/json'", code="invalid_content_type")
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await send_error(send, 413, f"Request body is larger than {self.max_body_bytes} bytes",
+                             code="request_too_large", headers=[(b"connection", b"close")])
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await send_error(send, 413, f"Request body is larger than {self.max_body_bytes} bytes",
+                                 code="request_too_large", headers=[(b"connection", b"close")])
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            await send_error(send, 400, f"Request body is not valid UTF-8 (byte {exc.start})", code="invalid_utf8")
+            return
+        is_replayed = False
+
+        async def replay() -> Message:
+            nonlocal is_replayed
+            if not is_replayed:
+                is_replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

@@ -1,0 +1,299 @@
+"""Request and response bodies of the worker's HTTP API (OpenAI-shaped, plus the seed API).
+
+Requests are strict: ints must be JSON integers (no 1.5, no "1", no true), floats must be finite,
+unknown fields are refused. Limits that depend on the loaded model (max_model_len, vocabulary size)
+are checked by the serving code, not here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Largest seed accepted (a signed 64-bit integer, what torch generators take).
+MAX_SEED = 2**63 - 1
+# Most top logprobs a request may ask for (the engine's MAX_LOGPROBS).
+MAX_TOP_LOGPROBS = 20
+# Most choices per prompt.
+MAX_N = 64
+
+TokenId = Annotated[int, Field(ge=0)]
+StopString = Annotated[str, Field(min_length=1)]
+Prompt = str | list[str] | list[TokenId] | list[list[TokenId]]
+
+
+class StrictModel(BaseModel):
+    """Strict JSON parsing, finite floats, unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class ResponseModel(BaseModel):
+    """Response bodies (documented in the OpenAPI schema, serialised as-is)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# ---------------------------------------------------------------------------------------- sampling
+class SamplingFields(StrictModel):
+    """Sampling knobs shared by /v1/completions, /v1/chat/completions and /v1/generate."""
+
+    temperature: float | None = Field(None, ge=0.0, description="0 = greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="-1 or 0 = off")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    seed: int | None = Field(None, ge=-MAX_SEED - 1, le=MAX_SEED)
+    stop: StopString | list[StopString] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="lower runs first")
+
+
+class StreamOptions(StrictModel):
+    """`stream_options` of the OpenAI API."""
+
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+# ------------------------------------------------------------------------------------- completions
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    model: str | None = None
+    prompt: Prompt
+    max_tokens: int | None = Field(16, ge=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="must equal n if given")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = Field(None, description="not supported; must be null or empty")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported; must be null or empty")
+    user: str | None = None
+
+
+class CompletionLogprobs(ResponseModel):
+    """Legacy completions logprobs."""
+
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(ResponseModel):
+    """One choice of a completion."""
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class PromptTokensDetails(ResponseModel):
+    """Prompt token breakdown."""
+
+    cached_tokens: int = 0
+
+
+class Usage(ResponseModel):
+    """Token counts of a request."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class CompletionResponse(ResponseModel):
+    """Non-streaming /v1/completions answer (streaming chunks share the shape)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+# -------------------------------------------------------------------------------------------- chat
+class ContentPart(StrictModel):
+    """A text part of a message (images and audio are not supported)."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictModel):
+    """One message of the conversation."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class ResponseFormat(StrictModel):
+    """Only plain text output is supported."""
+
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="default: up to max_model_len")
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tool_choice: Literal["none"] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=0, description="not supported")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported; must be null or empty")
+    user: str | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+class TopLogprob(ResponseModel):
+    """An alternative token and its logprob."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    """The sampled token, its logprob and the top alternatives."""
+
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatChoiceLogprobs(ResponseModel):
+    """Chat logprobs."""
+
+    content: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(ResponseModel):
+    """The generated message."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(ResponseModel):
+    """One choice of a chat completion."""
+
+    index: int
+    message: AssistantMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(ResponseModel):
+    """Non-streaming /v1/chat/completions answer."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+# ------------------------------------------------------------------------------------------ models
+class ModelCard(ResponseModel):
+    """One served model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "infergrid"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(ResponseModel):
+    """GET /v1/models."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# -------------------------------------------------------------------------------------------- seed
+class GenerateRequest(SamplingFields):
+    """POST /v1/generate: one prompt (text or token ids) with a priority and an optional deadline."""
+
+    model: str | None = None
+    prompt: str | None = None
+    prompt_token_ids: list[TokenId] | None = None
+    max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    deadline_ms: int | None = Field(None, ge=1, le=86_400_000,
+                                    description="finish within this many ms from arrival (SLA)")
+
+
+class GenerateResponse(ResponseModel):
+    """The answer to one /v1/generate request."""
+
+    id: str
+    model: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    logprobs: list[float] | None = None
+    ttft_ms: float | None = None
+    latency_ms: float
+
+
+class BatchRequest(StrictModel):
+    """POST /v1/batch: several /v1/generate requests run together (all validated first)."""
+
+    requests: list[GenerateRequest] = Field(min_length=1, max_length=256)
+
+
+class BatchResponse(ResponseModel):
+    """Answers in request order plus batch totals."""
+
+    responses: list[GenerateResponse]
+    total_latency_ms: float
+    total_completion_tokens: int
+    throughput_tokens_per_s: float
+
+
+# ---------------------------------------------------------------------------------------- errors
+class ErrorDetail(ResponseModel):
+    """OpenAI error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(ResponseModel):
+    """`{"error": {...}}`."""
+
+    error: ErrorDetail
