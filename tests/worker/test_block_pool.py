@@ -1,6 +1,7 @@
 """BlockPool: exact block ids, ref counts, free-queue (LRU) order, hash eviction and revival."""
 
 import pytest
+
 from infergrid.worker.engine.block_pool import BlockPool, FreeBlockQueue, KVCacheBlock
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+
 from infergrid.worker.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
 
 

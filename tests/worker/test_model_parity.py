@@ -128,7 +128,7 @@ def test_logits_match_transformers(tiny_model, name):
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, query_start_loc=torch.tensor(qsl, dtype=torch.int32),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=tables[rows],
-            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])), max_seq_len=max(seq_lens), block_size=bs)
+            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:], strict=False)), max_seq_len=max(seq_lens), block_size=bs)
         backend.prepare(meta)
         with torch.no_grad():
             return model.compute_logits(model(input_ids, positions, meta))

@@ -1,6 +1,7 @@
 """Chained block hashes: full blocks only, chaining, stability, and the text-chunk variant."""
 
 import pytest
+
 from infergrid.worker.engine.prefix_hash import (
     extend_block_hashes,
     hash_block_tokens,

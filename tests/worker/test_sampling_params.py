@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+
 from infergrid.worker.sampling_params import MAX_LOGPROBS, SamplingParams
 
 

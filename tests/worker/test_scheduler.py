@@ -3,6 +3,7 @@
 import itertools
 
 import pytest
+
 from infergrid.worker.config import EngineConfig
 from infergrid.worker.engine.request import Request, RequestStatus
 from infergrid.worker.engine.scheduler import Scheduler, SchedulerOutput

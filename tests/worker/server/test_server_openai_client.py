@@ -32,7 +32,7 @@ def test_completion_token_id_prompts_and_several_prompts(client: openai.OpenAI) 
     out = client.completions.create(model=MODEL_NAME, prompt=[[5, 6, 7], [8, 9]], max_tokens=3, temperature=0,
                                     n=2, extra_body={"ignore_eos": True})
     assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
-    assert out.usage.prompt_tokens == 2 * 3 + 2 * 2  # each prompt counted once per request, n shares it
+    assert out.usage.prompt_tokens == 3 + 2  # each prompt counted once; its n samples share it
     assert out.usage.completion_tokens == 4 * 3
 
 

@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 import kopf
+
 from infergrid.operator import constants as c
 from infergrid.operator.apply import ChildOwnedElsewhere
 from infergrid.operator.config import OperatorConfig

@@ -9,10 +9,11 @@ import sys
 from collections.abc import Sequence
 
 import kopf
+from prometheus_client import start_http_server
+
 from infergrid.operator.config import OperatorConfig
 from infergrid.operator.kube import KubeClient
 from infergrid.operator.runtime import Runtime
-from prometheus_client import start_http_server
 
 DEFAULT_PEERING = "infergrid"
 

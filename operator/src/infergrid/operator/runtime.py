@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+
 from infergrid.operator import constants as c
 from infergrid.operator import metrics
 from infergrid.operator.apply import apply_children

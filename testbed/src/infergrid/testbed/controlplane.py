@@ -28,12 +28,15 @@ from typing import Any
 
 import httpx
 import yaml
+
 from infergrid.testbed import kwokstages, paths
 from infergrid.testbed.kubeapi import KubeClient
 from infergrid.testbed.procs import ManagedProcess, free_port, spawn
 
 POD_CIDR = "10.244.0.0/16"
 SERVICE_CIDR = "10.96.0.0/16"
+#: Fake nodes' InternalIPs (pods' hostIP); nothing listens there and nothing should connect to them.
+NODE_IP_BASE = "10.243.0.0"
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -42,7 +45,7 @@ class ControlPlaneError(RuntimeError):
     """The control plane failed to start; the message carries the failing component's log tail."""
 
 
-def node_manifest(name: str, pod_cidr: str, gpus: int = 8) -> dict[str, Any]:
+def node_manifest(name: str, pod_cidr: str, gpus: int = 8, node_ip: str | None = None) -> dict[str, Any]:
     """A fake GPU Node that KWOK manages (annotation + kwok:// providerID)."""
     resources = {"cpu": "64", "memory": "512Gi", "pods": "110", "ephemeral-storage": "1Ti", GPU_RESOURCE: str(gpus)}
     return {
@@ -62,7 +65,12 @@ def node_manifest(name: str, pod_cidr: str, gpus: int = 8) -> dict[str, Any]:
             },
         },
         "spec": {"providerID": f"kwok://{name}", "podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
-        "status": {"capacity": resources, "allocatable": dict(resources)},
+        "status": {
+            "capacity": resources,
+            "allocatable": dict(resources),
+            "addresses": [{"type": "Hostname", "address": name}]
+            + ([{"type": "InternalIP", "address": node_ip}] if node_ip else []),
+        },
     }
 
 
@@ -327,7 +335,11 @@ class ControlPlane:
     def _create_node(self, name: str) -> None:
         index = self.node_names.index(name)
         net = list(ipaddress.ip_network(POD_CIDR).subnets(new_prefix=24))[index]
-        self.client.create("/api/v1/nodes", node_manifest(name, str(net), self.gpus_per_node))
+        # KWOK hands out pod IPs starting at the podCIDR's address, so "10.244.N.1/24" (same subnet,
+        # the API server accepts it) makes the first pod 10.244.N.1 rather than the network address.
+        cidr = f"{net.network_address + 1}/{net.prefixlen}"
+        node_ip = str(ipaddress.ip_address(NODE_IP_BASE) + index + 1)
+        self.client.create("/api/v1/nodes", node_manifest(name, cidr, self.gpus_per_node, node_ip))
 
     # readiness checks ------------------------------------------------
 

@@ -115,11 +115,16 @@ class LLMEngine:
             request_id, prompt if isinstance(prompt, str) else None, prompt_ids, children, arrival
         )
 
-    def abort_request(self, request_ids: str | Iterable[str]) -> None:
-        """Abort user requests (unknown ids are ignored); their KV blocks are freed at once."""
+    def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
+        """Abort user requests (unknown ids are ignored); their KV blocks are freed at once.
+        Returns their final outputs (unfinished samples with finish_reason "abort")."""
+        finals = []
         for request_id in [request_ids] if isinstance(request_ids, str) else list(request_ids):
             self.scheduler.abort_requests(self.output_processor.child_ids(request_id))
-            self.output_processor.abort(request_id)
+            final = self.output_processor.abort(request_id)
+            if final is not None:
+                finals.append(final)
+        return finals
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self.output_processor.has_unfinished()

@@ -91,11 +91,16 @@ class OutputProcessor:
         parent = self.parents.get(request_id)
         return [c.request_id for c in parent.children] if parent else []
 
-    def abort(self, request_id: str) -> None:
-        """Drop a user request's state (no output is produced for it)."""
-        parent = self.parents.pop(request_id, None)
-        for child in parent.children if parent else ():
-            self.sequences.pop(child.request_id, None)
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a user request: unfinished samples get finish_reason "abort"; its state is dropped.
+        Returns the final output (None for an unknown or already finished id)."""
+        parent = self.parents.get(request_id)
+        if parent is None:
+            return None
+        for state in parent.children:
+            if not state.finished:
+                state.finish_reason = "abort"
+        return self._make_output(parent, time.monotonic())
 
     def has_unfinished(self) -> bool:
         return bool(self.parents)
@@ -185,3 +190,4 @@ class OutputProcessor:
             num_cached_tokens=parent.num_cached_tokens,
             metrics=parent.metrics,
         )
+

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+
 from infergrid.worker.sampling_params import SamplingParams
 
 from .admission import AdmissionController

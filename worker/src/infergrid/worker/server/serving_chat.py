@@ -7,9 +7,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from starlette.responses import Response
+
 from infergrid.worker.sampling_params import SamplingParams
 from infergrid.worker.tokenizer import apply_chat_template
-from starlette.responses import Response
 
 from .errors import bad_request
 from .logprobs import LogprobFormatter

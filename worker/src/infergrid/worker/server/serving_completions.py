@@ -7,8 +7,9 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from infergrid.worker.sampling_params import SamplingParams
 from starlette.responses import Response
+
+from infergrid.worker.sampling_params import SamplingParams
 
 from .errors import bad_request
 from .logprobs import LogprobFormatter
