@@ -50,6 +50,12 @@ def service_body(index: int, namespace: str, replicas: int) -> dict[str, Any]:
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (and its reaped children), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mib(pid: int) -> float:
     """Peak resident set size (VmHWM) of a live process, MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -98,6 +104,8 @@ async def run_bench(cp: ControlPlane, args: argparse.Namespace) -> dict[str, Any
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         await asyncio.sleep(3)  # let the operator list and start its watches
+        pids = {"operator": operator.pid, **cp.pids()}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         bodies = [service_body(i, namespace, args.replicas) for i in range(args.services)]
         t0 = time.perf_counter()
         await create_all(api, bodies, args.concurrency)
@@ -111,6 +119,7 @@ async def run_bench(cp: ControlPlane, args: argparse.Namespace) -> dict[str, Any
             await asyncio.sleep(1.0)
         total_s = time.perf_counter() - t0
         rss = peak_rss_mib(operator.pid)
+        cpu = {name: round(cpu_seconds(pid) - cpu_before[name], 1) for name, pid in pids.items()}
         ok = is_complete(counts, args.services)
     finally:
         operator.send_signal(signal.SIGTERM)
@@ -128,6 +137,7 @@ async def run_bench(cp: ControlPlane, args: argparse.Namespace) -> dict[str, Any
         "complete": ok,
         "final_counts": counts,
         "operator_peak_rss_mib": round(rss, 1),
+        "cpu_seconds_during_run": cpu,
         "target_seconds": 60,
         "machine": f"{os.cpu_count()} CPUs",
     }
@@ -159,6 +169,7 @@ def main() -> int:
          f"{result['reconciled_seconds']:.1f} s" if result["complete"] else f"incomplete {result['final_counts']}"),
         ("target", f"<= {result['target_seconds']} s"),
         ("operator peak RSS", f"{result['operator_peak_rss_mib']:.0f} MiB"),
+        *[(f"CPU seconds: {name}", f"{sec:.1f}") for name, sec in result["cpu_seconds_during_run"].items()],
     ]
     width = max(len(r[0]) for r in rows)
     print(f"\noperator scale: {result['services']} InferenceServices x {result['replicas_per_service']} "

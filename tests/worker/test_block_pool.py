@@ -136,3 +136,14 @@ def test_free_queue_is_a_doubly_linked_list():
     assert [q.popleft().block_id for _ in range(3)] == [1, 3, 0]
     with pytest.raises(ValueError, match="no free blocks"):
         q.popleft()
+
+
+def test_evictions_count_only_cached_blocks_reused():
+    pool = BlockPool(4)
+    a, b = pool.get_new_blocks(2)
+    pool.cache_block(a, h(1))
+    pool.free_blocks([b, a])  # queue: b (no hash) at the head, then 3, then a
+    pool.get_new_blocks(2)  # b and 3: nothing evicted
+    assert pool.num_evicted_blocks == 0
+    pool.get_new_blocks(1)  # a: its hash goes
+    assert pool.num_evicted_blocks == 1 and pool.cached_blocks == {}

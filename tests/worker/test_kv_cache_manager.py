@@ -82,6 +82,28 @@ def test_divergent_block_is_a_miss_and_stops_the_match():
     assert [blk.block_id for blk in blocks] == [1] and num_hit == 4  # block 3 equal but after a miss
 
 
+def test_partially_matching_last_block_is_a_miss():
+    kv = KVCacheManager(11, BS)
+    a = make_request("a", list(range(12)) + [0])
+    admit(kv, a)  # blocks 1, 2, 3 cached; 4 partial
+    b = make_request("b", list(range(10)) + [77, 78, 0])  # block 3 differs in its last 2 tokens
+    hit, num_hit = kv.get_computed_blocks(b)
+    assert [blk.block_id for blk in hit] == [1, 2] and num_hit == 8
+    assert [blk.block_id for blk in kv.allocate_slots(b, b.num_tokens - num_hit, hit)] == [5, 6]
+    assert [blk.ref_cnt for blk in kv.req_to_blocks["a"]] == [2, 2, 1, 1]
+    # A prompt ending inside block 3 has no hash for that partial block: only full blocks hit.
+    _, num_hit = kv.get_computed_blocks(make_request("c", list(range(10))))
+    assert num_hit == 8
+
+
+def test_same_block_content_after_a_different_prefix_is_a_miss():
+    kv = KVCacheManager(11, BS)
+    admit(kv, make_request("a", [1, 1, 1, 1, 9, 9, 9, 9, 0]))
+    assert kv.get_computed_blocks(make_request("b", [2, 2, 2, 2, 9, 9, 9, 9, 0])) == ([], 0)
+    hit, num_hit = kv.get_computed_blocks(make_request("c", [1, 1, 1, 1, 9, 9, 9, 9, 5]))
+    assert [blk.block_id for blk in hit] == [1, 2] and num_hit == 8
+
+
 def test_free_returns_blocks_last_first_and_hits_revive_them():
     kv = KVCacheManager(11, BS)
     a = make_request("a", list(range(10)))
@@ -108,6 +130,7 @@ def test_lru_eviction_order_of_cached_blocks():
     assert free_ids(kv) == [6, 3, 2, 1, 5, 4]
     d = make_request("d", list(range(200, 216)))  # 4 new blocks: 6, 3, then evicts 2 and 1
     assert [blk.block_id for blk in kv.allocate_slots(d, 16)] == [6, 3, 2, 1]
+    assert kv.pool.num_evicted_blocks == 2
     assert kv.get_computed_blocks(make_request("x", list(range(8)) + [0])) == ([], 0)
     hit, num_hit = kv.get_computed_blocks(make_request("y", list(range(100, 108)) + [0]))
     assert [blk.block_id for blk in hit] == [4, 5] and num_hit == 8

@@ -26,8 +26,6 @@ READY_TIMEOUT_S = 180.0
 
 def worker_command() -> list[str]:
     """The installed `infergrid-worker` console script (next to this Python, else on PATH)."""
-    if os.environ.get("DEV_WORKER_CMD"):  # DEV-ONLY, remove
-        return [os.environ["DEV_WORKER_CMD"]]
     exe = Path(sys.executable).with_name("infergrid-worker")
     found = str(exe) if exe.exists() else shutil.which("infergrid-worker")
     if found is None:
@@ -77,7 +75,8 @@ class WorkerServer:
                                  **kwargs)
 
     def log_tail(self, num_bytes: int = 6000) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         data = self.log_path.read_bytes()
         return data[-num_bytes:].decode(errors="replace")
 

@@ -112,8 +112,10 @@ def compute_status(observed: Observed, old_status: Mapping[str, Any] | None,
     old_status = old_status or {}
     deploy = observed.deployment
     desired = observed.desired_replicas
-    is_current = deploy is not None and deploy.template_hash == observed.desired_hash \
-        and deploy.spec_replicas == desired and deploy.observed_generation >= deploy.generation
+    # NOTE: the spec is "observed" once the worker Deployment carries it; its pods may still be rolling.
+    is_applied = deploy is not None and deploy.template_hash == observed.desired_hash \
+        and deploy.spec_replicas == desired
+    is_current = is_applied and deploy is not None and deploy.observed_generation >= deploy.generation
     ready = deploy.ready_replicas if deploy else 0
     updated = deploy.updated_replicas if (deploy and is_current) else 0
 
@@ -140,7 +142,7 @@ def compute_status(observed: Observed, old_status: Mapping[str, Any] | None,
 
     status = {key: value for key, value in old_status.items() if key not in OWNED_KEYS}
     status.update({
-        "observedGeneration": observed.generation if is_current else old_status.get("observedGeneration", 0),
+        "observedGeneration": observed.generation if is_applied else old_status.get("observedGeneration", 0),
         "replicas": desired,
         "readyReplicas": ready,
         "updatedReplicas": updated,

@@ -48,8 +48,9 @@ def go_env() -> dict[str, str]:
     env["GOCACHE"] = str(paths.cache_root() / "go-build")
     env["CGO_ENABLED"] = "0"
     flags = env.get("GOFLAGS", "").split()
-    if "-modcacherw" not in flags:
-        flags.append("-modcacherw")  # lets `rm -rf` clean the module cache
+    for flag in ("-modcacherw", "-buildvcs=false"):  # rm -rf-able module cache; no git stamping
+        if flag not in flags:
+            flags.append(flag)
     env["GOFLAGS"] = " ".join(flags)
     env.setdefault("GOPROXY", "https://proxy.golang.org,direct")
     if _go_version(env) < versions.MIN_GO:

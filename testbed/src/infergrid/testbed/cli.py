@@ -95,6 +95,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def start_in_netns(name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+    """Start a detached process inside the background test bed's netns; `down` stops it. Returns its pid."""
+    bed = st.current()
+    sup = bed.supervisor_pid()
+    if not sup:
+        raise RuntimeError("the test bed is not up")
+    full_env = dict(os.environ if env is None else env, KUBECONFIG=str(bed.kubeconfig), **{netns.ENV_MARK: "1"})
+    full_env["PATH"] = os.pathsep.join([str(paths.bin_dir()), os.path.dirname(sys.executable),
+                                        full_env.get("PATH", "")])
+    proc = spawn(name, netns.nsenter_argv(sup, argv), bed.log_dir / f"{name}.log", env=full_env)
+    launch = bed.read("launch")
+    launch.setdefault("extras", {})[name] = {"pid": proc.pid, "argv0": argv[0]}
+    bed.write("launch", launch)
+    return proc.pid
+
+
 def _ours(pid: int, needle: str) -> bool:
     return pid_alive(pid) and any(needle in a for a in pid_cmdline(pid))
 
@@ -103,6 +119,10 @@ def down() -> None:
     """Stop the background test bed: supervisor (which stops its children), then leftovers, forwarder."""
     bed = st.current()
     launch, state = bed.read("launch"), bed.read("state")
+    for name, extra in (launch.get("extras") or {}).items():
+        if _ours(extra["pid"], extra["argv0"]):
+            _say(f"stopping {name} (pid {extra['pid']})")
+            terminate_pid(extra["pid"], timeout=20, group=True)
     sup = launch.get("supervisor")
     if sup and _ours(sup, st.SUPERVISOR_MODULE):
         terminate_pid(sup, timeout=60, group=False)

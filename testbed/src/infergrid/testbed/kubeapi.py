@@ -10,7 +10,7 @@ import base64
 import json
 import ssl
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +50,13 @@ class KubeClient:
         if cluster.get("insecure-skip-tls-verify"):
             verify = False
         else:
-            ca = cluster.get("certificate-authority")
             if cluster.get("certificate-authority-data"):
-                ca = _materialize(cluster["certificate-authority-data"], ".crt", self._tmp)
-            verify = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
+                pem = base64.b64decode(cluster["certificate-authority-data"]).decode()
+                verify = ssl.create_default_context(cadata=pem)
+            elif cluster.get("certificate-authority"):
+                verify = ssl.create_default_context(cafile=cluster["certificate-authority"])
+            else:
+                verify = ssl.create_default_context()
         headers = {}
         if user.get("token"):
             headers["Authorization"] = f"Bearer {user['token']}"
@@ -127,14 +130,24 @@ class KubeClient:
         return self.request("DELETE", path, body, ok_missing=True)
 
     def watch(
-        self, path: str, resource_version: str, timeout_seconds: int = 60, **params: Any
+        self,
+        path: str,
+        resource_version: str,
+        timeout_seconds: int = 60,
+        on_open: Callable[[httpx.Response], None] | None = None,
+        **params: Any,
     ) -> Iterator[dict[str, Any]]:
-        """Yield watch events ({"type", "object"}) until the server ends the stream."""
+        """Yield watch events ({"type", "object"}) until the server ends the stream.
+
+        `on_open` receives the streaming response; closing it from another thread ends the watch.
+        """
         q = dict(params, watch="1", resourceVersion=resource_version, timeoutSeconds=str(timeout_seconds),
                  allowWatchBookmarks="true")
         with httpx.Client(base_url=self.server, verify=self._verify, headers=self._headers,
                           timeout=httpx.Timeout(10.0, read=timeout_seconds + 30)) as http:
             with http.stream("GET", path, params=q) as r:
+                if on_open is not None:
+                    on_open(r)
                 if r.status_code >= 300:
                     raise ApiError(r.status_code, r.read().decode(errors="replace"), "WATCH", path)
                 for line in r.iter_lines():

@@ -9,6 +9,7 @@ never leaves the namespace.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import socket
 from collections.abc import Sequence
@@ -53,7 +54,7 @@ def netns_argv(cmd: Sequence[str], cidr: str = POD_CIDR) -> list[str]:
 
 def nsenter_argv(pid: int, cmd: Sequence[str]) -> list[str]:
     """argv that runs `cmd` inside the user+network namespace of process `pid`."""
-    return [_tool("nsenter"), "-t", str(pid), "-U", "-n", "--preserve-credentials", "--", *cmd]
+    return [_tool("nsenter"), "-t", str(pid), "-U", "-n", "--preserve-credentials", "-F", "--", *cmd]
 
 
 def exec_in_netns(cmd: Sequence[str]) -> None:
@@ -61,6 +62,13 @@ def exec_in_netns(cmd: Sequence[str]) -> None:
     if not cmd:
         raise ValueError("no command given")
     env = dict(os.environ)
+    # inside the namespace our uid reads as 0; keep tools that key on the user name (pytest's
+    # /tmp/pytest-of-USER) on the real user's files
+    try:
+        env.setdefault("USER", pwd.getpwuid(os.getuid()).pw_name)
+        env.setdefault("LOGNAME", env["USER"])
+    except KeyError:
+        pass
     if in_pod_netns():
         argv = list(cmd)
     else:

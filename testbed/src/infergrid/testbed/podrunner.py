@@ -186,14 +186,17 @@ class PodProcess:
     def _run_once(self, argv: list[str], full_env: dict[str, str], env: Mapping[str, str]) -> int:
         """Start the process once, probe it until it exits or we stop; return its exit code."""
         self._write_log(f"[pod-runner {podstatus.now()}] start #{self.restarts}: {' '.join(argv)}\n")
-        self.proc = spawn(self.name, argv, self.log_path, env=full_env, cwd=self.dir)
+        # this thread outlives the process (it stops it), so PDEATHSIG only fires if the runner dies
+        self.proc = spawn(self.name, argv, self.log_path, env=full_env, cwd=self.dir, die_with_parent=True)
         self.pids.append(self.proc.pid)
         self.started.set()
         t0 = time.monotonic()
         c = self.container
-        readiness = ProbeState(c["readinessProbe"], t0) if c.get("readinessProbe") else None
-        liveness = ProbeState(c["livenessProbe"], t0, default_success=True) if c.get("livenessProbe") else None
-        startup = ProbeState(c["startupProbe"], t0) if c.get("startupProbe") else None
+        cap = self.runner.probe_period_cap
+        readiness = ProbeState(c["readinessProbe"], t0, period_cap=cap) if c.get("readinessProbe") else None
+        liveness = (ProbeState(c["livenessProbe"], t0, default_success=True, period_cap=cap)
+                    if c.get("livenessProbe") else None)
+        startup = ProbeState(c["startupProbe"], t0, period_cap=cap) if c.get("startupProbe") else None
         self.ready = readiness is None and startup is None
         self._patch(ready=self.ready, container={
             "state": {"running": {"startedAt": podstatus.now()}}, "restartCount": self.restarts,
@@ -216,7 +219,7 @@ class PodProcess:
                             self._set_ready(True)
                         if liveness is not None:
                             liveness.next_at = t + float(liveness.probe.get("initialDelaySeconds", 0))
-                    elif startup.failures >= int(startup.probe.get("failureThreshold", 3)):
+                    elif startup.failures >= startup.failure_threshold:
                         self._write_log("[pod-runner] startup probe failed; killing\n")
                         self._kill()
                         continue
@@ -294,7 +297,20 @@ class PodRunner:
         backoff: Backoff = Backoff(),
         max_grace: float = 60.0,
         stop_grace: float = 10.0,
+        probe_period_cap: float | None = None,
     ):
+        """Args:
+        kubeconfig: admin kubeconfig of the test bed.
+        workdir: where each pod gets a directory (cwd + ``<container>.log``); default a temp dir.
+        namespace / label_selector: which pods to run (default: all namespaces, all pods).
+        env: base environment of every process (default os.environ); container env goes on top.
+        path_prefix: directories searched for executables before PATH (default: this venv's bin).
+        entrypoints: image base name -> argv for containers without ``command``.
+        backoff: CrashLoopBackOff delays.
+        max_grace: cap on a deleted pod's termination grace period (seconds).
+        stop_grace: grace given to processes when the runner itself stops.
+        probe_period_cap: probe at least this often (see ProbeState.period_cap).
+        """
         self.kubeconfig = Path(kubeconfig)
         self.client = KubeClient(self.kubeconfig)
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="infergrid-pods-"))
@@ -309,6 +325,7 @@ class PodRunner:
         self.backoff = backoff
         self.max_grace = max_grace
         self.stop_grace = stop_grace
+        self.probe_period_cap = probe_period_cap
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.pods: dict[str, PodProcess] = {}  # by pod uid
         self.stopping = False
@@ -317,6 +334,7 @@ class PodRunner:
         self._synced = threading.Event()
         self._thread = threading.Thread(target=self._watch_loop, name="pod-runner-watch", daemon=True)
         self._watch_error: str | None = None
+        self._stream: Any = None
 
     # -------------------------------------------------------------- public API
 
@@ -336,7 +354,8 @@ class PodRunner:
             p.stop()
         for p in pods:
             p.join(self.stop_grace + 15)
-        self._thread.join(2)
+        self._interrupt_watch()
+        self._thread.join(5)
         self.client.close()
 
     def __enter__(self) -> PodRunner:
@@ -388,6 +407,21 @@ class PodRunner:
             if (n["metadata"].get("annotations") or {}).get(FAKE_NODE_ANNOTATION) == "fake"
         }
 
+    def _set_stream(self, response: Any) -> None:
+        stream = response.extensions.get("network_stream")
+        self._stream = stream.get_extra_info("socket") if stream is not None else None
+        if self.stopping:
+            self._interrupt_watch()
+
+    def _interrupt_watch(self) -> None:
+        """Shut the watch socket down so the blocked read in the watch thread returns at once."""
+        sock = self._stream
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def _watch_loop(self) -> None:
         while not self.stopping:
             try:
@@ -404,7 +438,9 @@ class PodRunner:
                     p.stop()
                 self._synced.set()
                 while not self.stopping:
-                    for ev in self.client.watch(self._pods_path(), rv, timeout_seconds=10, **self._params()):
+                    events = self.client.watch(self._pods_path(), rv, timeout_seconds=30,
+                                               on_open=self._set_stream, **self._params())
+                    for ev in events:
                         if self.stopping:
                             return
                         if ev["type"] == "ERROR":
@@ -455,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--namespace")
     ap.add_argument("--selector")
     ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--probe-period-cap", type=float, default=None,
+                    help="probe at most this many seconds apart (failure budgets keep their length)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -463,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     if not in_pod_netns():
         print("pod runner: not inside a pod network namespace (use `cli exec` or `cli nsexec`)", file=sys.stderr)
         return 2
-    runner = PodRunner(args.kubeconfig, workdir=args.workdir, namespace=args.namespace, label_selector=args.selector)
+    runner = PodRunner(args.kubeconfig, workdir=args.workdir, namespace=args.namespace,
+                       label_selector=args.selector, probe_period_cap=args.probe_period_cap)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import subprocess
 import time
@@ -58,6 +59,9 @@ class ProbeState:
     probe: dict[str, Any]
     started: float
     default_success: bool = False
+    #: Probe at most this many seconds apart; failureThreshold is scaled up so that the time a
+    #: container may keep failing stays what the pod asked for (only reactions get faster).
+    period_cap: float | None = None
     ok: bool = field(init=False)
     next_at: float = field(init=False)
     successes: int = 0
@@ -69,7 +73,15 @@ class ProbeState:
 
     @property
     def period(self) -> float:
-        return float(self.probe.get("periodSeconds", 10))
+        """Seconds between probes (the pod's periodSeconds, capped by period_cap)."""
+        asked = float(self.probe.get("periodSeconds", 10))
+        return min(asked, self.period_cap) if self.period_cap else asked
+
+    @property
+    def failure_threshold(self) -> int:
+        """Consecutive failures that flip the status (scaled when the period is capped)."""
+        asked = int(self.probe.get("failureThreshold", 3))
+        return math.ceil(asked * float(self.probe.get("periodSeconds", 10)) / self.period)
 
     def due(self, now: float | None = None) -> bool:
         """True when the next probe should run."""
@@ -84,6 +96,6 @@ class ProbeState:
                 self.ok = True
         else:
             self.failures, self.successes = self.failures + 1, 0
-            if self.failures >= int(self.probe.get("failureThreshold", 3)):
+            if self.failures >= self.failure_threshold:
                 self.ok = False
         return self.ok

@@ -11,8 +11,10 @@ e2e/conftest.py do). Fixtures:
 * ``pod_runner`` (function) — a started :class:`~infergrid.testbed.podrunner.PodRunner` for
   ``k8s_namespace``; stopped (all processes killed) after the test. Needs the pod netns: run pytest
   through ``python -m infergrid.testbed.cli exec -- pytest ...`` (``make test`` does).
-* ``make_pod_runner`` (function) — ``make_pod_runner(namespace=None, label_selector=None)`` for
-  runners over other namespaces (None: all namespaces); each is stopped after the test.
+* ``make_pod_runner`` (function) — ``make_pod_runner(namespace=None, label_selector=None, **kw)`` for
+  runners over other namespaces (None: all namespaces); each is stopped after the test. Test
+  runners restart crashed containers after 0.5 s (doubling to 5 s) and probe at least every 1 s
+  (failure budgets keep their length in seconds); pass ``backoff=``/``probe_period_cap=`` to change.
 
 Every test using one of these fixtures gets the ``controlplane`` marker automatically.
 """
@@ -34,6 +36,7 @@ from infergrid.testbed.podrunner import Backoff, PodRunner
 FIXTURES = {"control_plane", "k8s_namespace", "pod_runner", "make_pod_runner"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every test that uses a test-bed fixture as `controlplane` (so -m selects it)."""
     for item in items:
@@ -94,6 +97,7 @@ def make_pod_runner(control_plane: ControlPlane, tmp_path: Path) -> Iterator[Cal
 
     def make(namespace: str | None = None, label_selector: str | None = None, **kw: object) -> PodRunner:
         kw.setdefault("backoff", Backoff(first=0.5, cap=5.0))
+        kw.setdefault("probe_period_cap", 1.0)
         runner = PodRunner(control_plane.kubeconfig, workdir=tmp_path / f"pods-{len(runners)}",
                            namespace=namespace, label_selector=label_selector, **kw)  # type: ignore[arg-type]
         runners.append(runner)
@@ -107,6 +111,6 @@ def make_pod_runner(control_plane: ControlPlane, tmp_path: Path) -> Iterator[Cal
 
 
 @pytest.fixture
-def pod_runner(make_pod_runner: Callable[..., PodRunner], k8s_namespace: str) -> PodRunner:
+def pod_runner(k8s_namespace: str, make_pod_runner: Callable[..., PodRunner]) -> PodRunner:
     """A pod runner for the test's namespace."""
     return make_pod_runner(namespace=k8s_namespace)

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     shutil.rmtree(bed.run_dir, ignore_errors=True)
+    shutil.rmtree(bed.root / "pods", ignore_errors=True)
     bed.run_dir.mkdir(parents=True)
     cp = ControlPlane(workdir=bed.run_dir, api_port=args.api_port, nodes=args.nodes, keep_workdir=True)
     extras: dict[str, ManagedProcess] = {}
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             extras["pod-runner"] = spawn(
                 "pod-runner",
                 [sys.executable, "-m", "infergrid.testbed.podrunner", f"--kubeconfig={bed.kubeconfig}",
-                 f"--workdir={bed.root / 'pods'}"],
+                 f"--workdir={bed.root / 'pods'}", "--probe-period-cap=2"],
                 bed.log_dir / "pod-runner.log", env=env, die_with_parent=True)
         for item in args.run:
             name, _, cmd = item.partition("=")

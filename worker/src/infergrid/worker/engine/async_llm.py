@@ -186,9 +186,13 @@ class AsyncLLM:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(fn())
+                result = fn()
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 future.set_exception(exc)
+                continue
+            self._stats = self.engine.get_stats()  # callers see e.g. an abort's freed blocks at once
+            self._num_unfinished = len(self.engine.output_processor.parents)
+            future.set_result(result)
 
     def _drain_commands(self, error: BaseException) -> None:
         while self._commands:

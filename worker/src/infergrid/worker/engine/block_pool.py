@@ -103,6 +103,7 @@ class BlockPool:
         self.null_block.ref_cnt = 1  # never freed, never in the queue
         self.free_queue = FreeBlockQueue(self.blocks[1:])
         self.cached_blocks: dict[BlockHash, KVCacheBlock] = {}
+        self.num_evicted_blocks = 0  # cached blocks whose hash was dropped to reuse the block
 
     @property
     def num_usable_blocks(self) -> int:
@@ -176,3 +177,4 @@ class BlockPool:
         if block.block_hash is not None:
             del self.cached_blocks[block.block_hash]
             block.block_hash = None
+            self.num_evicted_blocks += 1

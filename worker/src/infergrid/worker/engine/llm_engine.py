@@ -165,6 +165,7 @@ class LLMEngine:
             generation_tokens_total=self.generation_tokens_total,
             prefix_cache_queries_total=s.prefix_cache_queries_total,
             prefix_cache_hits_total=s.prefix_cache_hits_total,
+            prefix_cache_evicted_blocks_total=s.prefix_cache_evicted_blocks_total,
             spec_decode_num_drafts_total=s.spec_decode_num_drafts_total,
             spec_decode_num_draft_tokens_total=s.spec_decode_num_draft_tokens_total,
             spec_decode_num_accepted_tokens_total=s.spec_decode_num_accepted_tokens_total,

@@ -61,8 +61,11 @@ class _SampleRow:
 def resolve_device(device: str | None) -> torch.device:
     """None -> cuda when available, else cpu."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 class ModelRunner:

@@ -11,6 +11,23 @@ So the same block content after a different prefix gets a different hash, and lo
 left to right finds the longest cached prefix. H is sha256 over a canonical byte layout
 (32-byte parent digest, token count, tokens as little-endian int64, repr of the extra keys), so
 hashes are stable across processes and machines (a router and a worker compute the same values).
+
+For a router (prefix-aware policy) -- this module is pure stdlib, importing it does not load torch:
+
+    from infergrid.worker.engine.prefix_hash import hash_prompt_blocks
+    token_ids = tokenizer(prompt)["input_ids"]            # exactly the ids the worker will see
+    keys = hash_prompt_blocks(token_ids, block_size=16)   # the workers' --block-size
+    route_key = keys[min(len(keys), 4) - 1] if keys else None   # e.g. hash of the first <= 4 blocks
+
+`keys[i]` equals the worker's prefix-cache key for the first (i + 1) * block_size tokens, so two
+prompts with equal `keys[i]` share that much cached KV on one worker. The ids must be the worker's:
+same tokenizer, BOS included as the tokenizer adds it; chat requests rendered and tokenized as
+`infergrid.worker.tokenizer.apply_chat_template` does (what the server uses); no extra keys (the
+worker passes none today). A router without the tokenizer can use `hash_text_prefix` on the raw
+prompt text: its keys are not the worker's, but equal leading text still gives equal keys (good
+enough for affinity).
+NOTE: the byte layout is versioned by the root tags (`...:v1`); change a tag whenever it changes,
+and update the golden value in tests/worker/test_prefix_hash.py.
 """
 
 from __future__ import annotations

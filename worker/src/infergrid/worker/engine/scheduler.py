@@ -81,6 +81,7 @@ class SchedulerStats:
     num_preemptions_total: int
     prefix_cache_queries_total: int
     prefix_cache_hits_total: int
+    prefix_cache_evicted_blocks_total: int
     spec_decode_num_drafts_total: int
     spec_decode_num_draft_tokens_total: int
     spec_decode_num_accepted_tokens_total: int
@@ -362,6 +363,7 @@ class Scheduler:
             num_preemptions_total=self.num_preemptions_total,
             prefix_cache_queries_total=kv.prefix_cache_queries,
             prefix_cache_hits_total=kv.prefix_cache_hits,
+            prefix_cache_evicted_blocks_total=kv.pool.num_evicted_blocks,
             spec_decode_num_drafts_total=self.spec_decode_num_drafts_total,
             spec_decode_num_draft_tokens_total=self.spec_decode_num_draft_tokens_total,
             spec_decode_num_accepted_tokens_total=self.spec_decode_num_accepted_tokens_total,

@@ -24,3 +24,5 @@ class EngineStats:
     spec_decode_num_accepted_tokens_total: int
     last_step_time: float
     num_steps_total: int
+    # Cached (hashed) KV blocks dropped from the prefix cache so the block could be reused, in blocks.
+    prefix_cache_evicted_blocks_total: int = 0

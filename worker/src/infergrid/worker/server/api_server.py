@@ -70,8 +70,12 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 _GEN_ERRORS = _errors(400, 401, 404, 413, 429, 500, 503)
+# One server-sent event (OpenAPI 3.2 style: the schema describes each event of the stream).
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a JSON chunk, or [DONE] as the last event"},
+    "event": {"type": "string"}, "id": {"type": "string"}}}
 _SSE_200: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+    200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}},
           "description": "JSON, or server-sent events when stream is true"}}
 
 

@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     from .api_server import build_app
     from .lifecycle import DrainingServer
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
     try:
         engine_config = engine_config_from_args(args)
         settings = settings_from_args(args)
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
     app = build_app(settings, make_engine)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=5,
+                            access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=2,
                             timeout_keep_alive=5)
     server = DrainingServer(config, app.state.lifecycle, settings.drain_timeout_s)
     server.run()

@@ -6,6 +6,7 @@ bare 422); only genuine server faults are 5xx.
 
 from __future__ import annotations
 
+import json
 import logging
 from http import HTTPStatus
 from typing import Any
@@ -67,10 +68,17 @@ def error_body(status: int, message: str, type: str | None = None, param: str | 
                       "code": code}}
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: error messages may quote client input (even lone surrogates)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(err: APIError) -> JSONResponse:
     """An APIError as a JSON response."""
-    return JSONResponse(error_body(err.status, err.message, err.type, err.param, err.code),
-                        status_code=err.status, headers=err.headers)
+    return AsciiJSONResponse(error_body(err.status, err.message, err.type, err.param, err.code),
+                             status_code=err.status, headers=err.headers)
 
 
 def param_from_loc(loc: tuple[Any, ...] | list[Any]) -> str | None:

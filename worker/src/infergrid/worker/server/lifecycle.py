@@ -28,6 +28,8 @@ from .admission import AdmissionController
 logger = logging.getLogger(__name__)
 
 WARMUP_PROMPT = "Hello"
+# After the drain timeout aborts what is left, how long the aborted responses get to go out.
+ABORT_GRACE_S = 2.0
 
 
 @dataclass
@@ -167,8 +169,13 @@ class Lifecycle:
         self.begin_drain()
         is_clean = await self.admission.wait_idle(timeout_s)
         if not is_clean:
-            logger.warning("drain timeout (%.1fs) hit with %d requests in flight", timeout_s,
+            logger.warning("drain timeout (%.1fs) hit with %d requests in flight; aborting them", timeout_s,
                            self.admission.num_in_flight)
+            if self.engine is not None:
+                # Ends every remaining request with finish_reason "abort": streams get a last chunk
+                # and [DONE], plain requests a 503; then give the responses a moment to go out.
+                await self.engine.shutdown(0.0)
+                await self.admission.wait_idle(ABORT_GRACE_S)
         return is_clean
 
     async def stop(self) -> None:

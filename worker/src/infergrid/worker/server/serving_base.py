@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 
+from infergrid.worker.engine.async_llm import EngineDeadError, EngineShuttingDownError
 from infergrid.worker.sampling_params import SamplingParams
 
 from .admission import AdmissionController
@@ -70,7 +71,7 @@ class ServingBase:
     def check_model(self, model: str | None) -> None:
         """404 unless `model` is one of the served names (None means the default model)."""
         if model is not None and model not in self.served_model_names:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves "
+            raise APIError(404, f"The model {model!r} does not exist; this server serves "
                                 f"{', '.join(repr(m) for m in self.served_model_names)}",
                            param="model", code="model_not_found")
 
@@ -82,7 +83,10 @@ class ServingBase:
     def prompt_from_text(self, text: str, param: str) -> PromptInput:
         if not text:
             raise bad_request(f"'{param}' must not be empty", param)
-        ids = self.encode(text)
+        try:
+            ids = self.encode(text)
+        except Exception as exc:  # noqa: BLE001 - e.g. lone surrogates the tokenizer cannot take
+            raise bad_request(f"'{param}' could not be tokenized: {type(exc).__name__}", param) from exc
         if not ids:
             raise bad_request(f"'{param}' encodes to no tokens", param)
         return PromptInput(ids, text)
@@ -150,18 +154,26 @@ class ServingBase:
         kwargs: dict[str, Any] = {"priority": priority}
         if deadline_s is not None:
             kwargs["deadline"] = deadline_s
-        is_finished = is_refused = False
+        is_finished = False
+        failure: str | None = None  # "refused" (never added) or "engine" (the engine failed)
         try:
             async for out in engine.generate(prompt.token_ids, params, request_id, **kwargs):
                 timer.on_output(out)
                 is_finished = out.finished
                 yield out
         except ValueError as exc:  # refused at add time (e.g. larger than the whole KV pool)
-            is_refused = True
+            failure = "refused"
             raise bad_request(str(exc), param_of_value_error(str(exc), "prompt")) from exc
+        except EngineShuttingDownError as exc:
+            failure = "refused"
+            raise APIError(503, "Server is shutting down", code="draining", headers={"Retry-After": "1"}) from exc
+        except EngineDeadError as exc:
+            failure = "engine"
+            raise APIError(503, f"The engine is not running: {exc}", code="engine_dead") from exc
         finally:
-            if not is_finished and not is_refused:
-                timer.on_abort(by_client=not self.lifecycle.is_draining)
+            if not is_finished and failure != "refused":
+                timer.on_abort(by_client=failure is None and not self.lifecycle.is_draining)
+            if not is_finished and failure is None:
                 with anyio.CancelScope(shield=True):
                     try:
                         await engine.abort(request_id)
@@ -179,6 +191,10 @@ class ServingBase:
             final = out
         if final is None:
             raise APIError(500, "engine returned no output", code="internal_error")
+        if self.lifecycle.is_draining and any(c.finish_reason == "abort" and c.stop_reason != "deadline"
+                                              for c in final.outputs):
+            raise APIError(503, "Server shut down before the request finished (drain timeout)",
+                           code="drain_timeout", headers={"Retry-After": "1"})
         return final, ttft
 
     async def run_all(self, prompts: Sequence[PromptInput], params: Sequence[SamplingParams],

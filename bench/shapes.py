@@ -1,0 +1,222 @@
+"""Random-weight Llama checkpoints of named shapes, for benchmarks (nothing is downloaded).
+
+    from shapes import make_random_checkpoint      # run benches as `python bench/<name>.py`
+    path = make_random_checkpoint("1b")            # a normal HF directory the engine's loader reads
+
+Shapes: "tiny" (CPU smoke tests), "1b" (Llama-3.2-1B: hidden 2048, 16 layers, 32 heads, 8 KV heads,
+intermediate 8192, vocab 128256, tied embeddings), "8b" (Llama-3.1-8B: hidden 4096, 32 layers, 32 heads,
+8 KV heads, intermediate 14336, vocab 128256). The directory holds config.json, safetensors shards
+(with an index), generation_config.json and a word-level tokenizer with one token per id ("t<id>"),
+so any id the model can emit decodes. Weights are N(0, 0.02) from a fixed seed (norms are 1), made on
+the GPU when there is one. A finished directory is reused (keyed by shape, dtype and seed), so several
+benches in one run pay for it once; INFERGRID_BENCH_CACHE picks its parent (default: the temp dir).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+PAD, BOS, EOS = 0, 1, 2
+_SHARD_BYTES = 2 << 30
+_INIT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The architecture numbers of one Llama-family checkpoint."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = False
+    rope_theta: float = 500000.0
+    rope_scaling: dict[str, Any] | None = field(default=None, hash=False)
+    rms_norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def num_params(self) -> int:
+        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
+        per_layer = 2 * h * h + 2 * h * kv + 3 * h * self.intermediate_size + 2 * h
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + embed + h
+
+
+def _llama3_scaling(factor: float) -> dict[str, Any]:
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+
+
+SHAPES: dict[str, Shape] = {
+    "tiny": Shape(64, 2, 4, 2, 128, 1024, max_position_embeddings=8192, tie_word_embeddings=True,
+                  rope_theta=10000.0),
+    "1b": Shape(2048, 16, 32, 8, 8192, 128256, tie_word_embeddings=True, rope_scaling=_llama3_scaling(32.0)),
+    "8b": Shape(4096, 32, 32, 8, 14336, 128256, rope_scaling=_llama3_scaling(8.0)),
+}
+
+
+def get_shape(name: str) -> Shape:
+    if name not in SHAPES:
+        raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {name!r}")
+    return SHAPES[name]
+
+
+def hf_config(shape: Shape, dtype: str) -> dict[str, Any]:
+    """config.json contents for `shape` (LlamaForCausalLM)."""
+    cfg: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "num_hidden_layers": shape.num_hidden_layers,
+        "num_attention_heads": shape.num_attention_heads,
+        "num_key_value_heads": shape.num_key_value_heads,
+        "head_dim": shape.head_dim,
+        "vocab_size": shape.vocab_size,
+        "max_position_embeddings": shape.max_position_embeddings,
+        "rms_norm_eps": shape.rms_norm_eps,
+        "rope_theta": shape.rope_theta,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": shape.tie_word_embeddings,
+        "bos_token_id": BOS,
+        "eos_token_id": EOS,
+        "pad_token_id": PAD,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+        # Old-style config (rope_theta + rope_scaling); a 4.x version also keeps transformers from
+        # applying its Mistral tokenizer-regex check (and warning) to our word-level tokenizer.
+        "transformers_version": "4.57.1",
+    }
+    if shape.rope_scaling is not None:
+        cfg["rope_scaling"] = dict(shape.rope_scaling)
+    return cfg
+
+
+def tensor_shapes(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF tensor name, size) of every weight, in checkpoint order."""
+    h, kv, inter = shape.hidden_size, shape.num_key_value_heads * shape.head_dim, shape.intermediate_size
+    names: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (shape.vocab_size, h))]
+    for i in range(shape.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate_proj.weight", (inter, h)),
+            (p + "mlp.up_proj.weight", (inter, h)),
+            (p + "mlp.down_proj.weight", (h, inter)),
+        ]
+    names.append(("model.norm.weight", (h,)))
+    if not shape.tie_word_embeddings:
+        names.append(("lm_head.weight", (shape.vocab_size, h)))
+    return names
+
+
+def _write_weights(out: str, shape: Shape, dtype: torch.dtype, seed: int, device: torch.device) -> None:
+    from safetensors.torch import save_file
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    weight_map: dict[str, str] = {}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal size
+        name = f"model-{len(shards):05d}.safetensors"
+        save_file(shards[-1], os.path.join(out, name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shards[-1], name))
+        shards.append({})
+        size = 0
+
+    for name, dims in tensor_shapes(shape):
+        if len(dims) == 1:
+            tensor = torch.ones(dims, dtype=dtype)
+        else:
+            tensor = torch.empty(dims, dtype=torch.float32, device=device).normal_(0.0, _INIT_STD, generator=gen)
+            tensor = tensor.to(dtype).cpu()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > _SHARD_BYTES:
+            flush()
+        shards[-1][name] = tensor
+        size += nbytes
+        total += nbytes
+    flush()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    with open(os.path.join(out, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1)
+
+
+def _write_tokenizer(out: str, vocab_size: int) -> None:
+    """A word-level tokenizer: id i <-> "t<i>" (specials <pad>, <s>, </s> at 0, 1, 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    specials = {PAD: "<pad>", BOS: "<s>", EOS: "</s>"}
+    vocab = {specials.get(i, f"t{i}"): i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    tok.add_special_tokens(list(specials.values()))
+    tok.save(os.path.join(out, "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<pad>",
+        "add_bos_token": True, "clean_up_tokenization_spaces": False, "model_max_length": 1 << 20,
+    }
+    with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=1)
+
+
+def default_dir(name: str, dtype: str, seed: int) -> str:
+    root = os.environ.get("INFERGRID_BENCH_CACHE") or tempfile.gettempdir()
+    return os.path.join(root, f"infergrid-random-{name}-{dtype}-seed{seed}")
+
+
+def make_random_checkpoint(
+    name: str, out: str | None = None, *, dtype: str = "bfloat16", seed: int = 0, device: str | None = None
+) -> str:
+    """Write (or reuse) a random checkpoint of shape `name` at `out` (default: `default_dir`); returns it."""
+    shape = get_shape(name)
+    out = out or default_dir(name, dtype, seed)
+    stamp = {"shape": asdict(shape), "dtype": dtype, "seed": seed}
+    marker = os.path.join(out, ".complete.json")
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as f:
+            if json.load(f) == stamp:
+                return out
+    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", dir=os.path.dirname(os.path.abspath(out)))
+    try:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_config(shape, dtype), f, indent=1)
+        with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}, f)
+        _write_tokenizer(tmp, shape.vocab_size)
+        _write_weights(tmp, shape, torch_dtype, seed, dev)
+        with open(os.path.join(tmp, ".complete.json"), "w", encoding="utf-8") as f:
+            json.dump(stamp, f)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,184 @@
+"""`make demo`: the whole product on a laptop, no Docker, no GPU, no root.
+
+1. build (or verify) the control-plane binaries;
+2. write a tiny random Llama checkpoint (`infergrid-worker make-tiny-model`) under .testbed/models;
+3. start the test bed in the background (`cli up`: control plane + pod runner in a pod netns);
+4. install the CRD, start `infergrid-operator` inside the netns;
+5. apply examples/tiny.yaml with its model source pointed at the tiny checkpoint (file://);
+6. wait for the InferenceService to be Ready, send one /v1/completions to a worker pod IP (from
+   inside the netns) and print the answer.
+
+With DEMO_ONCE=1 everything is torn down afterwards and the exit code says whether it worked;
+otherwise the test bed keeps running (`make testbed-down` stops it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from infergrid.testbed import build, cli, paths
+from infergrid.testbed import state as st
+
+PROMPT = "Hello, my name is"
+
+
+def say(msg: str) -> None:
+    """One progress line."""
+    print(f"[demo] {msg}", flush=True)
+
+
+def venv_bin(name: str) -> str:
+    """An executable next to this interpreter (the .venv's console scripts)."""
+    return str(Path(sys.executable).parent / name)
+
+
+def kubectl(*args: str, input: str | None = None, check: bool = True, timeout: float = 60) -> str:
+    """Run the test bed's kubectl with .testbed/kubeconfig (from the host, through the forwarder)."""
+    bed = st.current()
+    argv = [str(paths.bin_dir() / "kubectl"), f"--kubeconfig={bed.kubeconfig}", *args]
+    res = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)}: {res.stderr.strip()}")
+    return res.stdout
+
+
+def tiny_model(root: Path) -> Path:
+    """Create (once) the tiny checkpoint the demo serves."""
+    out = root / "models" / "tiny-llama"
+    if not (out / "config.json").exists():
+        say(f"writing a tiny random checkpoint to {out}")
+        subprocess.run([venv_bin("infergrid-worker"), "make-tiny-model", str(out), "--arch", "llama"], check=True)
+    return out
+
+
+def manifest(model: Path) -> dict[str, Any]:
+    """examples/tiny.yaml with spec.model.source pointing at the tiny checkpoint."""
+    example = paths.repo_root() / "examples" / "tiny.yaml"
+    if example.exists():
+        doc = next(d for d in yaml.safe_load_all(example.read_text()) if d and d.get("kind") == "InferenceService")
+    else:  # the example is the lead's; keep the demo usable without it
+        doc = {"apiVersion": "infergrid.dev/v1alpha1", "kind": "InferenceService",
+               "metadata": {"name": "tiny"},
+               "spec": {"model": {"source": "file:///models/tiny", "servedName": "tiny"},
+                        "engine": {"dtype": "float32", "maxModelLen": 256}, "replicas": 1}}
+    doc.setdefault("spec", {}).setdefault("model", {})["source"] = f"file://{model}"
+    doc["metadata"].setdefault("namespace", "default")
+    return doc
+
+
+def wait_ready(name: str, namespace: str, timeout: float) -> dict[str, Any]:
+    """Wait for the InferenceService's Ready condition; return the object."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        obj = json.loads(kubectl("-n", namespace, "get", "inferenceservice", name, "-o", "json"))
+        conds = {c["type"]: c for c in obj.get("status", {}).get("conditions", [])}
+        ready = conds.get("Ready", {})
+        line = f"Ready={ready.get('status', '?')} {ready.get('reason', '')} {ready.get('message', '')}".strip()
+        if line != last:
+            say(f"  {name}: {line}")
+            last = line
+        if ready.get("status") == "True":
+            return obj
+        time.sleep(1)
+    raise RuntimeError(f"InferenceService {namespace}/{name} not Ready after {timeout:.0f}s ({last})")
+
+
+def worker_ip(obj: dict[str, Any]) -> str:
+    """The pod IP of a Ready worker pod of the InferenceService."""
+    ns = obj["metadata"]["namespace"]
+    selector = obj.get("status", {}).get("selector")
+    args = ["-n", ns, "get", "pods", "-o", "json"] + (["-l", selector] if selector else [])
+    for pod in json.loads(kubectl(*args))["items"]:
+        conds = {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}
+        if conds.get("Ready") == "True" and pod["status"].get("podIP"):
+            return pod["status"]["podIP"]
+    raise RuntimeError("no Ready worker pod found")
+
+
+def complete(ip: str, model: str) -> dict[str, Any]:
+    """POST /v1/completions to the worker at `ip`, from inside the test bed's netns."""
+    code = (
+        "import json, sys, httpx\n"
+        f"r = httpx.post('http://{ip}:8000/v1/completions', timeout=120, json={{'model': {model!r}, "
+        f"'prompt': {PROMPT!r}, 'max_tokens': 16, 'temperature': 0}})\n"
+        "print(r.status_code); print(r.text)\n"
+    )
+    bed = st.current()
+    sup = bed.supervisor_pid()
+    assert sup is not None
+    from infergrid.testbed.netns import nsenter_argv
+
+    res = subprocess.run(nsenter_argv(sup, [sys.executable, "-c", code]), capture_output=True, text=True,
+                         timeout=180)
+    if res.returncode != 0:
+        raise RuntimeError(f"request failed: {res.stderr.strip()}")
+    status, _, body = res.stdout.partition("\n")
+    if status.strip() != "200":
+        raise RuntimeError(f"worker answered HTTP {status.strip()}: {body.strip()}")
+    return json.loads(body)
+
+
+def show_logs(bed: st.UpState) -> None:
+    """Print the tails of the logs most likely to explain a failure."""
+    for f in [bed.log_dir / "operator.log", bed.log_dir / "pod-runner.log", *sorted((bed.root / "pods").rglob("*.log"))]:
+        if f.exists():
+            tail = "\n".join(f.read_text(errors="replace").splitlines()[-25:])
+            print(f"----- {f}\n{tail}", file=sys.stderr)
+
+
+def main() -> int:
+    """Run the demo; 0 when a completion came back."""
+    once = os.environ.get("DEMO_ONCE") == "1"
+    t0 = time.monotonic()
+    build.build()
+    bed = st.current()
+    bed.root.mkdir(parents=True, exist_ok=True)
+    ok = False
+    try:
+        model = tiny_model(bed.root)
+        say("starting the test bed (control plane + pod runner in a pod network namespace)")
+        cli.up()
+        for crd in sorted((paths.repo_root() / "crds").glob("*.yaml")):
+            kubectl("apply", "--server-side", "-f", str(crd))
+        kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        op = venv_bin("infergrid-operator")
+        cli.start_in_netns("operator", [op, "--standalone", "--bind=127.0.0.1", "--metrics-port=0",
+                                        "--health-port=0", "--log-format=plain"])
+        say(f"operator started (log {bed.log_dir / 'operator.log'})")
+        doc = manifest(model)
+        name, ns = doc["metadata"]["name"], doc["metadata"]["namespace"]
+        kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
+        say(f"applied InferenceService {ns}/{name} (model {doc['spec']['model']['source']})")
+        obj = wait_ready(name, ns, timeout=float(os.environ.get("DEMO_TIMEOUT", "300")))
+        ip = worker_ip(obj)
+        served = doc["spec"]["model"].get("servedName") or name
+        say(f"POST http://{ip}:8000/v1/completions (model {served!r}, prompt {PROMPT!r})")
+        answer = complete(ip, served)
+        print(json.dumps(answer, indent=2))
+        text = answer["choices"][0]["text"]
+        say(f"completion: {PROMPT!r} -> {text!r}  ({time.monotonic() - t0:.0f}s in all)")
+        ok = True
+    except Exception as e:  # noqa: BLE001 - explain, clean up, exit non-zero
+        say(f"FAILED: {e}")
+        show_logs(bed)
+    finally:
+        if once or not ok:
+            cli.down()
+            say("torn down")
+    if ok and not once:
+        say(f"still running. Try: kubectl --kubeconfig {bed.kubeconfig} get inferenceservices,pods -A")
+        say("  python -m infergrid.testbed.cli nsexec -- curl http://POD_IP:8000/v1/models ; make testbed-down")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

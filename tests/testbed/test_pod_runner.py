@@ -1,0 +1,133 @@
+"""The pod runner: pods on fake nodes become local processes answering on their pod IPs."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from infergrid.testbed.controlplane import ControlPlane
+from infergrid.testbed.podrunner import PodRunner
+from infergrid.testbed.procs import pid_alive
+
+pytestmark = pytest.mark.controlplane
+
+
+def wait_for(check, timeout: float = 30.0, what: str = "condition"):
+    """Poll `check` until it returns a truthy value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def http_pod(name: str, probe: bool = True, **extra: object) -> str:
+    container = {
+        "name": "web",
+        "image": "python:3.11",
+        "command": ["python", "-m", "http.server"],
+        "args": ["--bind", "$(POD_IP)", "$(PORT)"],
+        "env": [
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "PORT", "value": "8000"},
+        ],
+        "ports": [{"name": "http", "containerPort": 8000}],
+    }
+    if probe:
+        container["readinessProbe"] = {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1}
+    container.update(extra)
+    return json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                       "spec": {"terminationGracePeriodSeconds": 5, "containers": [container]}})
+
+
+def get_pod(cp: ControlPlane, ns: str, name: str) -> dict | None:
+    return cp.client.get(f"/api/v1/namespaces/{ns}/pods/{name}", ok_missing=True)
+
+
+def condition(pod: dict, ctype: str) -> str | None:
+    return next((c["status"] for c in pod["status"].get("conditions", []) if c["type"] == ctype), None)
+
+
+def test_pod_process_serves_on_pod_ip_and_stops_on_delete(
+    control_plane: ControlPlane, k8s_namespace: str, pod_runner: PodRunner
+) -> None:
+    ns = k8s_namespace
+    control_plane.kubectl("-n", ns, "apply", "-f", "-", input=http_pod("web"))
+    proc = pod_runner.wait_started(ns, "web")
+    # readiness is the runner's job: False until the httpGet probe passes, then True
+    pod = wait_for(lambda: (p := get_pod(control_plane, ns, "web")) and condition(p, "Ready") == "True" and p,
+                   what="pod Ready")
+    ip = pod["status"]["podIP"]
+    assert ip.startswith("10.244.")
+    assert pod["status"]["containerStatuses"][0]["ready"] is True
+    r = httpx.get(f"http://{ip}:8000/", timeout=5)
+    assert r.status_code == 200
+    assert pod["metadata"]["annotations"]["testbed.infergrid.dev/pod-runner"] == pod_runner.id
+
+    pid = proc.pid
+    assert pid is not None and pid_alive(pid)
+    control_plane.kubectl("-n", ns, "delete", "pod", "web", "--wait=true", "--timeout=30s")
+    assert not pid_alive(pid)
+    assert get_pod(control_plane, ns, "web") is None
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://{ip}:8000/", timeout=2)
+    assert "GET / HTTP/1.1" in proc.log_path.read_text()
+
+
+def test_readiness_follows_the_probe(control_plane: ControlPlane, k8s_namespace: str, pod_runner: PodRunner) -> None:
+    ns = k8s_namespace
+    # the probe asks for a file the server only has once the test creates it
+    control_plane.kubectl("-n", ns, "apply", "-f", "-", input=http_pod(
+        "gate", readinessProbe={"httpGet": {"path": "/ready.txt", "port": 8000}, "periodSeconds": 1,
+                                "failureThreshold": 1}))
+    proc = pod_runner.wait_started(ns, "gate")
+    time.sleep(2.5)
+    assert condition(get_pod(control_plane, ns, "gate"), "Ready") == "False"
+    (proc.dir / "ready.txt").write_text("ok")
+    wait_for(lambda: condition(get_pod(control_plane, ns, "gate"), "Ready") == "True", what="Ready after the file")
+    (proc.dir / "ready.txt").unlink()
+    wait_for(lambda: condition(get_pod(control_plane, ns, "gate"), "Ready") == "False", what="unready again")
+
+
+def test_crashing_container_is_restarted_with_backoff(
+    control_plane: ControlPlane, k8s_namespace: str, pod_runner: PodRunner
+) -> None:
+    ns = k8s_namespace
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "crash"},
+           "spec": {"containers": [{"name": "c", "image": "python",
+                                    "command": ["python", "-c", "import sys; print('boom'); sys.exit(3)"]}]}}
+    control_plane.kubectl("-n", ns, "apply", "-f", "-", input=json.dumps(pod))
+    status = wait_for(
+        lambda: (p := get_pod(control_plane, ns, "crash")) and (s := p["status"].get("containerStatuses", [{}])[0])
+        and s.get("restartCount", 0) >= 2 and s,
+        what="two restarts")
+    assert status["lastState"]["terminated"]["exitCode"] == 3
+    assert len(pod_runner.find(ns, "crash").pids) >= 2
+    assert pod_runner.find(ns, "crash").log_path.read_text().count("boom") >= 2
+
+
+def test_all_processes_are_gone_after_the_runner_stops(
+    control_plane: ControlPlane, k8s_namespace: str, make_pod_runner
+) -> None:
+    ns = k8s_namespace
+    runner = make_pod_runner(namespace=ns)
+    control_plane.kubectl("-n", ns, "apply", "-f", "-", input=json.dumps({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": json.loads(http_pod("x"))["spec"]}}}))
+    wait_for(lambda: len([p for p in runner.pods.values() if p.ready]) == 3, what="3 ready processes")
+    pods = json.loads(control_plane.kubectl("-n", ns, "get", "pods", "-o", "json").stdout)["items"]
+    ips = sorted(p["status"]["podIP"] for p in pods)
+    assert len(set(ips)) == 3
+    for ip in ips:
+        assert httpx.get(f"http://{ip}:8000/", timeout=5).status_code == 200
+    pids = runner.all_pids()
+    assert len(pids) == 3 and all(pid_alive(p) for p in pids)
+    runner.stop()
+    assert not [p for p in pids if pid_alive(p)]

@@ -1,0 +1,67 @@
+"""`infergrid-worker`: `serve` (the HTTP server) and `make-tiny-model` (a tiny random checkpoint)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from infergrid.worker.tiny_model import ARCHS
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from infergrid.worker.tiny_model import make_tiny_model
+
+    out = make_tiny_model(
+        args.out,
+        args.arch,
+        seed=args.seed,
+        tie_word_embeddings=not args.untied,
+        rope_scaling=args.rope_scaling,
+    )
+    print(f"wrote a tiny {args.arch} checkpoint to {out}")
+    return 0
+
+
+def _serve(argv: Sequence[str]) -> int:
+    """Hand the arguments to infergrid.worker.server.cli.main (imported only when serving)."""
+    try:
+        server_cli = importlib.import_module("infergrid.worker.server.cli")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("infergrid.worker.server"):
+            print("error: the HTTP server (infergrid.worker.server.cli) is not installed in this build",
+                  file=sys.stderr)
+            return 2
+        raise
+    result = server_cli.main(list(argv))
+    return int(result or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infergrid-worker", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the OpenAI-compatible HTTP server (see `serve --help`)", add_help=False)
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random checkpoint with tokenizer and chat template")
+    tiny.add_argument("out", help="output directory")
+    tiny.add_argument("--arch", choices=ARCHS, default="llama")
+    tiny.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    tiny.add_argument("--untied", action="store_true", help="separate lm_head instead of tied embeddings")
+    tiny.add_argument("--rope-scaling", choices=["llama3"], default=None, help="Llama 3 style RoPE scaling")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] == "serve":
+        return _serve(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "make-tiny-model":
+        return _make_tiny_model(args)
+    raise AssertionError(f"unhandled command {args.command!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

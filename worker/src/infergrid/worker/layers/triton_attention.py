@@ -1,0 +1,158 @@
+"""Triton paged attention for CUDA: one kernel for prefill, chunked prefill and decode.
+
+Grid: (query tiles, sequences, kv heads). A program takes BLOCK_M query tokens of one sequence and
+all GROUP query heads that share one kv head (GQA), i.e. a [BLOCK_M * GROUP, head_dim] tile of q,
+and streams that sequence's context out of the paged cache in chunks of BLOCK_N keys with an online
+softmax (flash-attention style). Keys after a query's own position are masked (causal), so the loop
+stops at the tile's last position. Reads only the metadata tensors, so it is CUDA-graph safe; a
+sequence with 0 query tokens does nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from infergrid.worker.layers.attention import AttentionMetadata
+from infergrid.worker.layers.torch_attention import TorchAttentionBackend
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    scale,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ot, stride_oh,
+    stride_bt,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_Q)
+    tok = tile * BLOCK_M + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_valid = (rows < BLOCK_M * GROUP) & (tok < q_len)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = d < HEAD_DIM
+    q_offs = (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    q_pos = ctx_len + tok
+    kv_end = tl.minimum(seq_len, ctx_len + (tile + 1) * BLOCK_M)
+
+    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, HEAD_DIM_PAD], tl.float32)
+    for start in range(0, kv_end, BLOCK_N):
+        kpos = start + tl.arange(0, BLOCK_N)
+        k_valid = kpos < kv_end
+        page = tl.load(block_tables_ptr + seq * stride_bt + kpos // PAGE_SIZE, mask=k_valid, other=0)
+        k_offs = page.to(tl.int64) * stride_kb + (kpos % PAGE_SIZE) * stride_ks + kv_head * stride_kh
+        v_offs = page.to(tl.int64) * stride_vb + (kpos % PAGE_SIZE) * stride_vs + kv_head * stride_vh
+        k = tl.load(k_cache_ptr + k_offs[None, :] + d[:, None], mask=k_valid[None, :] & d_valid[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = s * scale
+        visible = k_valid[None, :] & (kpos[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + v_offs[:, None] + d[None, :], mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    o_offs = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """q [T, Hq, D]; caches [num_blocks, page, Hkv, D] -> out [T, Hq, D] (see the module docstring)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    num_seqs = seq_lens.shape[0]
+    block_m = 1 if max_query_len == 1 else max(1, 64 // group)
+    block_q = max(16, triton.next_power_of_2(block_m * group))
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    block_n = 64 if head_dim_pad <= 128 else 32
+    grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_kv_heads)
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out,
+        block_tables, seq_lens, query_start_loc,
+        scale,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
+        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=2,
+    )
+    return out
+
+
+class TritonAttentionBackend:
+    """Paged attention with the Triton kernel; the cache-less profiling pass uses the torch path."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        self._fallback = TorchAttentionBackend()
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        if not meta.has_kv_cache:
+            self._fallback.prepare(meta)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if not meta.has_kv_cache:
+            return self._fallback.forward(q, k, v, k_cache, v_cache, meta, scale)
+        return paged_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, scale
+        )
