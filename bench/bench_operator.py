@@ -114,6 +114,8 @@ async def run_bench(cp: ControlPlane, args: argparse.Namespace) -> dict[str, Any
         deadline = t0 + args.timeout
         while time.perf_counter() < deadline:
             counts = await count_done(api, namespace, args.services)
+            if args.verbose:
+                print(f"  t={time.perf_counter() - t0:5.1f}s {counts}", flush=True)
             if is_complete(counts, args.services):
                 break
             await asyncio.sleep(1.0)
@@ -150,6 +152,7 @@ def main() -> int:
                         help="worker replicas per service (pods add controller-manager/KWOK load, not operator work)")
     parser.add_argument("--concurrency", type=int, default=32, help="parallel create requests")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--verbose", action="store_true", help="print progress every second")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "operator.json")
     args = parser.parse_args()
 

@@ -19,5 +19,9 @@ class GatedActivation(nn.Module):
         self.act = _ACTS[hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.act is F.silu and x.dim() == 2:
+            from infergrid.worker.layers.triton_ops import silu_and_mul
+
+            return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up

@@ -73,6 +73,10 @@ def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Scatter this step's k/v [T, Hkv, D] into the paged caches at `slot_mapping`."""
+    if k.is_cuda:
+        from infergrid.worker.layers.triton_ops import write_kv_cache as fused_write
+
+        return fused_write(k, v, k_cache, v_cache, slot_mapping)
     num_kv_heads, head_dim = k_cache.shape[-2:]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)

@@ -63,6 +63,12 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated (q, k). On CUDA, q and k (views into the qkv projection) are rotated in place."""
+        if q.is_cuda:
+            from infergrid.worker.layers.triton_ops import rotary_inplace
+
+            rotary_inplace(positions, q, k, self.cos_cache, self.sin_cache)
+            return q, k
         cos = self.cos_cache[positions].to(q.dtype).unsqueeze(-2)
         sin = self.sin_cache[positions].to(q.dtype).unsqueeze(-2)
         q = q * cos + rotate_half(q) * sin
