@@ -73,6 +73,48 @@ def test_triton_kernel_matches_torch_reference(specs, group, head_dim, dtype):
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_ops_match_torch(dtype):
+    from infergrid.worker.layers import triton_ops
+    from infergrid.worker.layers.layernorm import RMSNorm
+    from infergrid.worker.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(0)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    x, res = torch.randn(2, 37, 2048, dtype=dtype).unbind(0)
+    norm = RMSNorm(2048, 1e-5).to(dtype)
+    norm.weight.data.normal_()
+    ref_out, ref_sum = norm(x, res)  # CPU torch path
+    out, summed = triton_ops.rms_norm(x.cuda(), norm.weight.cuda(), 1e-5, res.cuda())
+    torch.testing.assert_close(summed.cpu(), ref_sum, **tol)
+    torch.testing.assert_close(out.cpu(), ref_out, **tol)
+    torch.testing.assert_close(triton_ops.rms_norm(x.cuda(), norm.weight.cuda(), 1e-5).cpu(), norm(x), **tol)
+
+    rope = RotaryEmbedding(128, 4096, 500000.0, {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    qkv = torch.randn(37, (32 + 2 * 8) * 128, dtype=dtype)
+    positions = torch.randint(0, 4096, (37,))
+    q, k = qkv[:, : 32 * 128].view(37, 32, 128), qkv[:, 32 * 128 : 40 * 128].view(37, 8, 128)
+    ref_q, ref_k = rope(positions, q, k)
+    qkv_gpu = qkv.cuda()
+    gq, gk = qkv_gpu[:, : 32 * 128].view(37, 32, 128), qkv_gpu[:, 32 * 128 : 40 * 128].view(37, 8, 128)
+    rope.cuda()(positions.cuda(), gq, gk)  # in place
+    torch.testing.assert_close(gq.cpu(), ref_q, **tol)
+    torch.testing.assert_close(gk.cpu(), ref_k, **tol)
+    torch.testing.assert_close(qkv_gpu[:, 40 * 128 :].cpu(), qkv[:, 40 * 128 :])  # v untouched
+
+    k_cache = torch.zeros(16, 16, 8, 128, dtype=dtype, device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.randperm(256)[:37].cuda()
+    v = qkv_gpu[:, 40 * 128 :].view(37, 8, 128)
+    triton_ops.write_kv_cache(gk, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache.view(-1, 8, 128)[slots], gk) and torch.equal(v_cache.view(-1, 8, 128)[slots], v)
+
+    gate_up = torch.randn(37, 2 * 8192, dtype=dtype)
+    ref = torch.nn.functional.silu(gate_up[:, :8192]) * gate_up[:, 8192:]
+    torch.testing.assert_close(triton_ops.silu_and_mul(gate_up.cuda()).cpu(), ref, **tol)
+
+
 def _prompts(vocab_size: int) -> list[list[int]]:
     rng = random.Random(0)
     return [[0] + [rng.randrange(3, vocab_size) for _ in range(n)] for n in

@@ -63,7 +63,8 @@ def test_health_and_metrics_json(server: WorkerServer) -> None:
 @pytest.fixture(scope="module")
 def one_seq_server(start_worker: Callable[..., WorkerServer]) -> WorkerServer:
     """One sequence at a time, so the waiting queue's order (priority, deadline) is visible."""
-    return start_worker("--max-num-seqs", "1", "--num-gpu-blocks-override", "200", name="one-seq")
+    return start_worker("--max-num-seqs", "1", "--num-gpu-blocks-override", "200", "--max-model-len", "1024",
+                        name="one-seq")
 
 
 def test_priority_orders_the_waiting_queue(one_seq_server: WorkerServer) -> None:
@@ -78,7 +79,7 @@ def test_priority_orders_the_waiting_queue(one_seq_server: WorkerServer) -> None
                 assert r.status_code == 200, r.text
                 done[name] = time.monotonic()
 
-            blocker = asyncio.create_task(run("blocker", 0, 200))
+            blocker = asyncio.create_task(run("blocker", 0, 800))
             while srv.metric("vllm:num_requests_running") < 1:
                 await asyncio.sleep(0.01)
             low = asyncio.create_task(run("low", 10, 5))
@@ -98,7 +99,7 @@ def test_deadline_expires_a_waiting_request(one_seq_server: WorkerServer) -> Non
     async def main() -> dict:
         async with srv.async_client(timeout=60.0) as client:
             blocker = asyncio.create_task(client.post("/v1/generate", json={
-                "prompt": "blocker", "max_tokens": 200, "ignore_eos": True}))
+                "prompt": "blocker", "max_tokens": 800, "ignore_eos": True}))
             while srv.metric("vllm:num_requests_running") < 1:
                 await asyncio.sleep(0.01)
             late = await client.post("/v1/generate", json={"prompt": "in a hurry", "max_tokens": 5,

@@ -12,11 +12,12 @@ import httpx
 from conftest import MODEL_NAME, WorkerServer
 
 NUM_IN_FLIGHT = 10
-MAX_TOKENS = 220
+MAX_TOKENS = 300
 
 
 def test_sigterm_drains_in_flight_requests(start_worker: Callable[..., WorkerServer]) -> None:
-    server = start_worker("--drain-timeout", "60", "--num-gpu-blocks-override", "400", name="drain")
+    server = start_worker("--drain-timeout", "60", "--num-gpu-blocks-override", "400", "--max-model-len", "1024",
+                          name="drain")
     during: dict[str, object] = {}
 
     async def plain(client: httpx.AsyncClient, i: int) -> tuple[int, int]:

@@ -166,13 +166,14 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return ModelRunnerOutput()
         batch = self._prepare_inputs(scheduler_output.scheduled)
-        hidden = self._forward(batch)
         rows = self._sample_rows(scheduler_output.scheduled)
-        if not rows:
+        # Built before the forward pass: its small host-to-device copies then do not wait for it.
+        sampling_metadata = self._sampling_metadata(rows) if rows else None
+        hidden = self._forward(batch)
+        if sampling_metadata is None:
             return ModelRunnerOutput()
         logits = self.model.compute_logits(hidden[batch.logits_indices])
-        sampler_output = self.sampler(logits, self._sampling_metadata(rows))
-        return self._make_output(rows, sampler_output)
+        return self._make_output(rows, self.sampler(logits, sampling_metadata))
 
     def _forward(self, batch: _BatchInputs) -> torch.Tensor:
         if self.cuda_graphs is not None and batch.is_uniform_decode and self.cuda_graphs.can_run(batch):
@@ -206,28 +207,38 @@ class ModelRunner:
                 logits_indices.extend(range(int(hi) - 1 - len(s.spec_token_ids), int(hi)))
         seq_lens = starts + q_lens
         max_query_len = int(q_lens.max())
+        (t_input_ids, t_positions, t_slots, t_qsl, t_seq_lens, t_tables, t_logits_indices) = self._upload(
+            [input_ids, positions, slot_mapping, qsl, seq_lens, block_tables,
+             np.asarray(logits_indices, dtype=np.int64)]
+        )
         meta = AttentionMetadata(
-            slot_mapping=self._to_device(slot_mapping),
-            query_start_loc=self._to_device(qsl.astype(np.int32)),
-            seq_lens=self._to_device(seq_lens.astype(np.int32)),
-            block_tables=self._to_device(block_tables),
+            slot_mapping=t_slots,
+            query_start_loc=t_qsl.to(torch.int32),
+            seq_lens=t_seq_lens.to(torch.int32),
+            block_tables=t_tables.to(torch.int32),
             max_query_len=max_query_len,
             max_seq_len=int(seq_lens.max()),
             block_size=bs,
         )
         return _BatchInputs(
-            input_ids=self._to_device(input_ids),
-            positions=self._to_device(positions),
+            input_ids=t_input_ids,
+            positions=t_positions,
             meta=meta,
-            logits_indices=self._to_device(np.asarray(logits_indices, dtype=np.int64)),
+            logits_indices=t_logits_indices,
             is_uniform_decode=max_query_len == 1,
         )
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
+    def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Integer arrays -> int64 tensors on the device, in one (pinned, async) host-to-device copy."""
+        flat = np.concatenate([a.reshape(-1).astype(np.int64, copy=False) for a in arrays])
+        tensor = torch.from_numpy(flat)
         if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        out, offset = [], 0
+        for a in arrays:
+            out.append(tensor[offset : offset + a.size].view(a.shape))
+            offset += a.size
+        return out
 
     # -- sampling ----------------------------------------------------------------------------------
     @staticmethod

@@ -94,11 +94,7 @@ class Lifecycle:
 
     def max_model_len(self) -> int:
         """The engine's effective context length (prompt + output)."""
-        engine = self.engine
-        value = getattr(engine, "max_model_len", None)
-        if value is None:
-            value = engine.config.max_model_len or engine.model_config.max_position_embeddings
-        return int(value)
+        return int(self.engine.max_model_len)
 
     def vocab_size(self) -> int:
         """Number of token ids the model accepts."""
