@@ -7,7 +7,7 @@ import asyncio
 import time
 
 import httpx
-from conftest import MODEL_NAME, WorkerServer
+from server_harness import MODEL_NAME, WorkerServer
 
 QUEUE_LIMIT = 4  # small_server's --max-queue-size
 REFUSAL_LIMIT_S = 0.100

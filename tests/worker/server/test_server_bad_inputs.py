@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import MODEL_NAME, WorkerServer
+from server_harness import MODEL_NAME, WorkerServer
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 GENERATE, BATCH = "/v1/generate", "/v1/batch"
@@ -194,3 +194,17 @@ def test_server_healthy_after_bad_inputs(server: WorkerServer) -> None:
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
     assert server.metric("vllm:num_requests_running") == 0
     assert server.metric("infergrid:num_requests_in_flight") == 0
+
+
+def test_chunked_oversized_body_is_413(server: WorkerServer) -> None:
+    def body():  # no Content-Length: sent with chunked transfer encoding
+        yield b'{"prompt": "'
+        for _ in range(80):
+            yield b"a" * 65536
+        yield b'"}'
+
+    with server.client(timeout=30.0) as http:
+        resp = http.post(COMPLETIONS, content=body(), headers=JSON_CT)
+    assert resp.status_code == 413, resp.text
+    assert resp.json()["error"]["code"] == "request_too_large"
+    canary(server)

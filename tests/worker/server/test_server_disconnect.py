@@ -8,7 +8,7 @@ import socket
 import time
 
 import httpx
-from conftest import MODEL_NAME, WorkerServer
+from server_harness import MODEL_NAME, WorkerServer
 
 NUM_STREAMS = 20
 RECOVERY_LIMIT_S = 2.0

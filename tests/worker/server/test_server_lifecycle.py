@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import WorkerServer
+from server_harness import WorkerServer
 
 
 def test_ready_means_loaded_and_warmed_up(server: WorkerServer) -> None:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import MODEL_NAME, WorkerServer
+from server_harness import MODEL_NAME, WorkerServer
 
 SPEC = Path(__file__).resolve().parents[3] / "shared" / "SPEC.md"
 SPEC_METRICS = [
@@ -36,7 +36,8 @@ def test_every_spec_metric_is_exported_with_model_name(server: WorkerServer) -> 
         sample = f"{name}_count" if name in HISTOGRAMS else name
         assert re.search(rf'^{re.escape(sample)}\{{[^}}]*model_name="{MODEL_NAME}"', text, re.M), name
     for extra in ("infergrid:kv_cache_used_blocks", "infergrid:kv_cache_total_blocks",
-                  "infergrid:admission_rejected_total", "infergrid:num_requests_in_flight", "infergrid:ready"):
+                  "infergrid:admission_rejected_total", "infergrid:num_requests_in_flight", "infergrid:ready",
+                  "infergrid:prefix_cache_evicted_blocks_total", "infergrid:client_disconnects_total"):
         assert re.search(rf'^{re.escape(extra)}\{{', text, re.M), extra
 
 
@@ -125,6 +126,7 @@ def test_load_gauges_rise_and_fall_and_preemptions_count(small_server: WorkerSer
     assert peak["running"] >= 2 and peak["waiting"] >= 1 and peak["in_flight"] == 4, peak
     assert peak["kv"] > 0.5 and peak["used"] > 0.5 * total_blocks, peak
     assert delta(before, after, "vllm:num_preemptions_total") >= 1
+    assert delta(before, after, "infergrid:prefix_cache_evicted_blocks_total") >= 1  # the pool had to reuse
     assert after[("vllm:num_requests_running", ())] == 0 and after[("vllm:num_requests_waiting", ())] == 0
     assert after[("vllm:kv_cache_usage_perc", ())] == 0 and after[("infergrid:kv_cache_used_blocks", ())] == 0
     assert delta(before, after, "vllm:generation_tokens_total") >= 4 * 180

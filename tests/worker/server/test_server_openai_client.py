@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from conftest import API_KEY, MODEL_NAME, WorkerServer
+from server_harness import API_KEY, MODEL_NAME, WorkerServer
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,25 @@ def test_streaming_completion_ends_with_done(server: WorkerServer) -> None:
         events = [line for line in resp.iter_lines() if line]
     assert events[-1] == "data: [DONE]"
     assert all(e.startswith("data: ") for e in events)
+
+
+def test_streaming_several_prompts_with_n(client: openai.OpenAI) -> None:
+    stream = client.completions.create(model=MODEL_NAME, prompt=["First prompt", "Second one"], n=2,
+                                       max_tokens=5, temperature=0.8, seed=3, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    texts: dict[int, str] = {}
+    finished: dict[int, str] = {}
+    usage = None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                assert choice.index not in finished  # one finish per choice
+                finished[choice.index] = choice.finish_reason
+    assert finished == {0: "length", 1: "length", 2: "length", 3: "length"}
+    assert usage is not None and usage.completion_tokens == 4 * 5
 
 
 def test_n_greater_than_one(client: openai.OpenAI) -> None:

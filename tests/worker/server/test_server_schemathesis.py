@@ -8,7 +8,6 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from conftest import WorkerServer
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -18,6 +17,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from server_harness import WorkerServer
 
 EXAMPLES_PER_MODE = {GenerationMode.POSITIVE: 150, GenerationMode.NEGATIVE: 100}  # 250 per operation
 # Generated requests are real generations: keep them short so the run stays fast on 2 CPU cores.

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from conftest import MODEL_NAME, WorkerServer
+from server_harness import MODEL_NAME, WorkerServer
 
 
 def test_generate_from_text_and_from_token_ids(server: WorkerServer) -> None:

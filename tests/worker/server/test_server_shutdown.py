@@ -9,20 +9,22 @@ import time
 from collections.abc import Callable
 
 import httpx
-from conftest import MODEL_NAME, WorkerServer
+from server_harness import MODEL_NAME, WorkerServer
 
 NUM_IN_FLIGHT = 10
-MAX_TOKENS = 300
+MAX_TOKENS = 500
 
 
 def test_sigterm_drains_in_flight_requests(start_worker: Callable[..., WorkerServer]) -> None:
     server = start_worker("--drain-timeout", "60", "--num-gpu-blocks-override", "400", "--max-model-len", "1024",
                           name="drain")
     during: dict[str, object] = {}
+    finished_at: list[float] = []
 
     async def plain(client: httpx.AsyncClient, i: int) -> tuple[int, int]:
         resp = await client.post("/v1/completions", json={
             "model": MODEL_NAME, "prompt": f"Drain test {i}", "max_tokens": MAX_TOKENS, "ignore_eos": True})
+        finished_at.append(time.monotonic())
         return resp.status_code, resp.json()["usage"]["completion_tokens"] if resp.status_code == 200 else -1
 
     async def streamed(client: httpx.AsyncClient, i: int) -> tuple[int, int]:
@@ -38,6 +40,7 @@ def test_sigterm_drains_in_flight_requests(start_worker: Callable[..., WorkerSer
                     usage = json.loads(line[6:]).get("usage")
                     if usage:
                         tokens = usage["completion_tokens"]
+        finished_at.append(time.monotonic())
         return (resp.status_code if done else -1), tokens
 
     async def probe_after_sigterm(client: httpx.AsyncClient) -> None:
@@ -46,7 +49,8 @@ def test_sigterm_drains_in_flight_requests(start_worker: Callable[..., WorkerSer
             assert time.monotonic() < deadline, "requests never got in flight"
             await asyncio.sleep(0.02)
         server.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.2)
+        during["sigterm_at"] = time.monotonic()
+        await asyncio.sleep(0.05)
         during["in_flight"] = server.metric("infergrid:num_requests_in_flight")
         during["draining"] = server.metric("infergrid:draining")
         during["ready"] = (await client.get("/ready")).status_code
@@ -64,6 +68,7 @@ def test_sigterm_drains_in_flight_requests(start_worker: Callable[..., WorkerSer
 
     results = asyncio.run(main())
     assert results == [(200, MAX_TOKENS)] * NUM_IN_FLIGHT, results
+    assert min(finished_at) > during["sigterm_at"]  # all 10 were in flight when SIGTERM came
     assert during["ready"] == 503
     assert during["health"] == 200  # still alive while draining
     assert during["new"] == (503, "1", "draining"), during
@@ -73,9 +78,9 @@ def test_sigterm_drains_in_flight_requests(start_worker: Callable[..., WorkerSer
 
 
 def test_drain_timeout_aborts_what_is_left(start_worker: Callable[..., WorkerServer]) -> None:
-    """--drain-timeout 1 with requests needing longer: streams end with finish_reason "abort" and
-    [DONE], plain requests get 503 drain_timeout, and the process still exits 0 promptly."""
-    server = start_worker("--drain-timeout", "1", "--max-model-len", "1024", name="drain-timeout")
+    """--drain-timeout 0.3 with requests needing far longer: streams end with finish_reason "abort"
+    and [DONE], plain requests get 503 drain_timeout, and the process still exits 0 promptly."""
+    server = start_worker("--drain-timeout", "0.3", "--max-model-len", "1024", name="drain-timeout")
     body = {"model": MODEL_NAME, "prompt": "endless", "max_tokens": 1000, "ignore_eos": True}
 
     async def streamed(client: httpx.AsyncClient) -> tuple[str | None, bool]:
@@ -93,18 +98,20 @@ def test_drain_timeout_aborts_what_is_left(start_worker: Callable[..., WorkerSer
         resp = await client.post("/v1/completions", json=body)
         return resp.status_code, resp.json().get("error", {}).get("code", "")
 
-    async def main() -> tuple[tuple[str | None, bool], tuple[int, str], float]:
+    async def main() -> tuple[list, list, float]:
         async with server.async_client(timeout=60.0) as client:
-            tasks = [asyncio.create_task(streamed(client)), asyncio.create_task(plain(client))]
-            while server.metric("vllm:num_requests_running") < 2:
-                await asyncio.sleep(0.02)
+            streams = [asyncio.create_task(streamed(client)) for _ in range(3)]
+            plains = [asyncio.create_task(plain(client)) for _ in range(3)]
+            while server.metric("vllm:num_requests_running") < 6:
+                await asyncio.sleep(0.01)
             start = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
-            stream_result, plain_result = await asyncio.gather(*tasks)
-            return stream_result, plain_result, time.monotonic() - start
+            stream_results = await asyncio.gather(*streams)
+            plain_results = await asyncio.gather(*plains)
+            return stream_results, plain_results, time.monotonic() - start
 
-    stream_result, plain_result, cut_after = asyncio.run(main())
-    assert stream_result == ("abort", True)
-    assert plain_result == (503, "drain_timeout")
-    assert 0.9 <= cut_after < 4.0
+    stream_results, plain_results, cut_after = asyncio.run(main())
+    assert stream_results == [("abort", True)] * 3
+    assert plain_results == [(503, "drain_timeout")] * 3
+    assert 0.25 <= cut_after < 4.0
     assert server.proc.wait(30) == 0, server.log_tail()

@@ -32,6 +32,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = c.MANAGED_BY
     settings.peering.stealth = True
+    if "runtime" in memo:
+        settings.peering.lifetime = memo.runtime.peering_lifetime
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
     settings.watching.connect_timeout = 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import random
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +19,13 @@ from infergrid.operator.runtime import Runtime
 DEFAULT_PEERING = "infergrid"
 
 
+def _default_priority() -> int:
+    # NOTE: kopf pauses *every* operator that sees a live peer of equal priority, so replicas of one
+    # Deployment must not share a priority; a random one makes the highest live replica the active one.
+    value = os.environ.get("INFERGRID_PRIORITY")
+    return int(value) if value else random.randint(1, 2**31 - 1)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="infergrid-operator",
                                      description="Reconcile InferenceServices into GPU worker pods and Services.")
@@ -26,8 +34,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peering", default=os.environ.get("INFERGRID_PEERING", DEFAULT_PEERING),
                         help="ClusterKopfPeering object for high availability (default: %(default)s)")
     parser.add_argument("--standalone", action="store_true", help="run without peering (one replica only)")
-    parser.add_argument("--priority", type=int, default=int(os.environ.get("INFERGRID_PRIORITY", "0")),
-                        help="peering priority; the highest-priority live replica is the active one")
+    parser.add_argument("--priority", type=int, default=_default_priority(),
+                        help="peering priority; the highest-priority live replica is the active one "
+                             "(default: $INFERGRID_PRIORITY, else random so that replicas never tie)")
+    parser.add_argument("--peering-lifetime", type=int, default=30,
+                        help="seconds before a silent peer counts as dead (the fail-over time)")
     parser.add_argument("--bind", default=os.environ.get("INFERGRID_BIND", "0.0.0.0"),
                         help="address of the metrics and health servers")
     parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("INFERGRID_METRICS_PORT", "8080")),
@@ -57,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     kopf.configure(verbose=args.verbose, quiet=args.quiet, log_format=kopf.LogFormat[args.log_format.upper()])
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.bind)
-    runtime = Runtime(api=KubeClient.from_environment(args.kubeconfig), config=config)
+    runtime = Runtime(api=KubeClient.from_environment(args.kubeconfig), config=config,
+                      peering_lifetime=args.peering_lifetime)
     liveness = f"http://{args.bind}:{args.health_port}/healthz" if args.health_port else None
     kopf.run(
         clusterwide=not args.namespace,

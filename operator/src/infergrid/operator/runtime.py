@@ -38,6 +38,7 @@ class Runtime:
 
     api: KubeClient
     config: OperatorConfig
+    peering_lifetime: int = 30
     cache: ServiceCache = dataclasses.field(default_factory=ServiceCache)
     refresher: Debouncer = dataclasses.field(init=False)
     _hashes: dict[tuple[str, int], str] = dataclasses.field(default_factory=dict)

@@ -93,6 +93,9 @@ class IncrementalDetokenizer:
         min_tokens: int = 0,
     ) -> None:
         self.tokenizer = tokenizer
+        # The Rust tokenizer directly: transformers' decode() wrapper costs more than the decoding.
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._clean_up_spaces = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
         self.skip_special_tokens = skip_special_tokens
         self.stop = list(stop or ())
         self.include_stop_str_in_output = include_stop_str_in_output
@@ -106,7 +109,10 @@ class IncrementalDetokenizer:
         self.stop_string: str | None = None
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        if self._backend is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        text = self._backend.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self.tokenizer.clean_up_tokenization(text) if self._clean_up_spaces else text
 
     def _decode_pending(self, flush: bool) -> str:
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])

@@ -74,9 +74,10 @@ def build_worker_pod_template(spec: ServiceSpec, config: OperatorConfig) -> dict
             "--host", "$(POD_IP)",
             "--port", str(c.WORKER_PORT),
             "--served-model-name", spec.served_name,
+            "--drain-timeout", str(spec.drain_seconds),
             *build_engine_args(spec.engine, mounts[1].path if len(mounts) > 1 else None),
         ],
-        "env": _worker_env(spec, uses_cache),
+        "env": _worker_env(uses_cache),
         "ports": [{"name": c.WORKER_PORT_NAME, "containerPort": c.WORKER_PORT, "protocol": "TCP"}],
         "resources": _resources(spec),
         "startupProbe": _probe("/ready", period=STARTUP_PERIOD_SECONDS, timeout=5,
@@ -155,11 +156,10 @@ def _token_env(spec: ServiceSpec) -> list[dict[str, Any]]:
     return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}}]
 
 
-def _worker_env(spec: ServiceSpec, uses_cache: bool) -> list[dict[str, Any]]:
+def _worker_env(uses_cache: bool) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "INFERGRID_DRAIN_TIMEOUT_SECONDS", "value": str(spec.drain_seconds)},
     ]
     if uses_cache:
         env += [{"name": "HF_HOME", "value": f"{MODEL_CACHE_PATH}/.hf"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]

@@ -8,6 +8,7 @@ equals the token sampled at its position (exact-match verification keeps the tar
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -189,22 +190,17 @@ class ModelRunner:
         qsl = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(q_lens, out=qsl[1:])
         total = int(qsl[-1])
-        input_ids = np.empty(total, dtype=np.int64)
-        positions = np.empty(total, dtype=np.int64)
-        slot_mapping = np.empty(total, dtype=np.int64)
-        max_blocks = max(len(s.block_ids) for s in scheduled)
-        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
-        logits_indices: list[int] = []
+        input_ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in scheduled), np.int64, total)
+        block_tables = np.zeros((num_seqs, max(len(s.block_ids) for s in scheduled)), dtype=np.int64)
         for i, s in enumerate(scheduled):
-            lo, hi = qsl[i], qsl[i + 1]
-            input_ids[lo:hi] = s.token_ids
-            pos = np.arange(starts[i], starts[i] + q_lens[i])
-            positions[lo:hi] = pos
-            table = np.asarray(s.block_ids, dtype=np.int64)
-            block_tables[i, : len(table)] = table
-            slot_mapping[lo:hi] = table[pos // bs] * bs + pos % bs
-            if s.needs_sample:
-                logits_indices.extend(range(int(hi) - 1 - len(s.spec_token_ids), int(hi)))
+            block_tables[i, : len(s.block_ids)] = s.block_ids
+        seq_of_token = np.repeat(np.arange(num_seqs), q_lens)
+        positions = starts[seq_of_token] + np.arange(total) - qsl[:-1][seq_of_token]
+        slot_mapping = block_tables[seq_of_token, positions // bs] * bs + positions % bs
+        logits_indices = [
+            j for s, end in zip(scheduled, qsl[1:].tolist(), strict=True) if s.needs_sample
+            for j in range(end - 1 - len(s.spec_token_ids), end)
+        ]
         seq_lens = starts + q_lens
         max_query_len = int(q_lens.max())
         (t_input_ids, t_positions, t_slots, t_qsl, t_seq_lens, t_tables, t_logits_indices) = self._upload(

@@ -22,12 +22,15 @@ from infergrid.worker.layers.torch_attention import TorchAttentionBackend
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    part_acc_ptr, part_ml_ptr,
     scale,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ot, stride_oh,
     stride_bt,
+    NUM_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -37,7 +40,9 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    # axis 0: query tile, or (NUM_SPLITS > 1, decode only) the split of the context
+    tile = tl.program_id(0) if NUM_SPLITS == 1 else 0
+    split = tl.program_id(0) if NUM_SPLITS > 1 else 0
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -58,10 +63,16 @@ def _paged_attention_kernel(
     q_pos = ctx_len + tok
     kv_end = tl.minimum(seq_len, ctx_len + (tile + 1) * BLOCK_M)
 
+    kv_start = 0
+    if NUM_SPLITS > 1:
+        chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        kv_start = split * chunk
+        kv_end = tl.minimum(kv_end, kv_start + chunk)
+
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, HEAD_DIM_PAD], tl.float32)
-    for start in range(0, kv_end, BLOCK_N):
+    for start in range(kv_start, kv_end, BLOCK_N):
         kpos = start + tl.arange(0, BLOCK_N)
         k_valid = kpos < kv_end
         page = tl.load(block_tables_ptr + seq * stride_bt + kpos // PAGE_SIZE, mask=k_valid, other=0)
@@ -87,9 +98,36 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    out = acc / l_i[:, None]
-    o_offs = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-    tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+    if NUM_SPLITS == 1:
+        out = acc / l_i[:, None]
+        o_offs = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+    else:
+        # partial results of this split, combined by _combine_splits_kernel: acc [T, H, S, D], (m, l) [T, H, S, 2]
+        part = ((q_start + tok).to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :], acc, mask=row_valid[:, None])
+        tl.store(part_ml_ptr + part * 2, m_i, mask=row_valid)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_valid)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_acc_ptr, part_ml_ptr, out_ptr, stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    sp = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    base = (t * NUM_HEADS + h) * NUM_SPLITS + sp
+    m = tl.load(part_ml_ptr + base * 2)
+    l_part = tl.load(part_ml_ptr + base * 2 + 1)
+    m_max = tl.max(m, 0)
+    w = tl.exp(m - m_max)  # empty splits have m = -inf: weight 0
+    total = tl.sum(l_part * w, 0)
+    acc = tl.load(part_acc_ptr + base[:, None] * HEAD_DIM_PAD + d[None, :])
+    out = tl.sum(acc * w[:, None], 0) / total
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 def paged_attention(
@@ -112,21 +150,45 @@ def paged_attention(
     block_q = max(16, triton.next_power_of_2(block_m * group))
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     block_n = 64 if head_dim_pad <= 128 else 32
-    grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_kv_heads)
+    num_splits = num_decode_splits(num_seqs, num_kv_heads, q.device) if max_query_len == 1 else 1
+    if num_splits > 1:
+        part_acc = torch.empty((num_tokens, num_heads, num_splits, head_dim_pad), dtype=torch.float32, device=q.device)
+        part_ml = torch.empty((num_tokens, num_heads, num_splits, 2), dtype=torch.float32, device=q.device)
+        grid = (num_splits, num_seqs, num_kv_heads)
+    else:
+        part_acc = part_ml = out  # unused
+        grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_kv_heads)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out,
         block_tables, seq_lens, query_start_loc,
+        part_acc, part_ml,
         scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
+        NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
         num_warps=4, num_stages=2,
     )
+    if num_splits > 1:
+        _combine_splits_kernel[(num_tokens, num_heads)](
+            part_acc, part_ml, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        )
     return out
+
+
+def num_decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Split each decode sequence's context over several programs (flash-decoding) when the batch
+    alone has too few (sequence, kv head) pairs to fill the GPU. Depends on the batch shape only,
+    so a CUDA graph captured for a batch size keeps using the same grid."""
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    work = num_seqs * num_kv_heads
+    if work >= num_sms:
+        return 1
+    return min(16, triton.next_power_of_2(triton.cdiv(2 * num_sms, work)))
 
 
 class TritonAttentionBackend:

@@ -1,4 +1,5 @@
-"""Bounded admission: at most `max_queue_size` engine requests (waiting + running) in flight.
+"""Bounded admission: at most `max_queue_size` engine sequences (waiting + running) in flight; a
+request weighs prompts x n.
 
 Anything beyond is refused at once with 429 + Retry-After, so an overloaded worker answers fast
 instead of piling up connections. While the server is loading or draining every new request gets 503.

@@ -26,7 +26,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", nargs="+", default=None,
                      help="name(s) clients send as 'model' (default: the --model path); the first is reported")
     srv.add_argument("--max-queue-size", type=int, default=256,
-                     help="most engine requests in flight (waiting + running); beyond it 429 + Retry-After")
+                     help="most engine sequences in flight (waiting + running; a request weighs prompts x n); "
+                          "beyond it 429 + Retry-After")
     srv.add_argument("--drain-timeout", type=float, default=30.0,
                      help="seconds SIGTERM waits for in-flight requests before exiting")
     srv.add_argument("--max-request-body-bytes", type=int, default=4 * 1024 * 1024,

@@ -37,6 +37,8 @@ ENGINE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("vllm:spec_decode_num_accepted_tokens", "spec_decode_num_accepted_tokens_total",
      "Number of accepted draft tokens."),
     ("infergrid:engine_steps", "num_steps_total", "Engine steps run."),
+    ("infergrid:prefix_cache_evicted_blocks", "prefix_cache_evicted_blocks_total",
+     "Cached KV blocks evicted from the prefix cache for reuse."),
 )
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,

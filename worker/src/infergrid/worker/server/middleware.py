@@ -16,6 +16,8 @@ from .errors import error_body
 # Routes that answer without an API key (probes and the Prometheus scrape).
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Oversized bodies up to this multiple of the limit are read and dropped before the 413.
+DISCARD_FACTOR = 8
 
 
 async def send_error(send: Send, status: int, message: str, *, param: str | None = None,
@@ -82,8 +84,7 @@ class BodyGuardMiddleware:
             return
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await send_error(send, 413, f"Request body is larger than {self.max_body_bytes} bytes",
-                             code="request_too_large", headers=[(b"connection", b"close")])
+            await self._refuse_too_large(receive, send, int(declared))
             return
         chunks: list[bytes] = []
         size = 0
@@ -94,8 +95,8 @@ class BodyGuardMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                await send_error(send, 413, f"Request body is larger than {self.max_body_bytes} bytes",
-                                 code="request_too_large", headers=[(b"connection", b"close")])
+                more = message.get("more_body", False)
+                await self._refuse_too_large(receive, send, size if not more else None, already_read=size)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -116,3 +117,23 @@ class BodyGuardMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _refuse_too_large(self, receive: Receive, send: Send, declared: int | None,
+                                already_read: int = 0) -> None:
+        """413. A body up to DISCARD_FACTOR x the limit is read and dropped first, so the client sees
+        the answer instead of a reset connection; beyond that the connection is closed."""
+        budget = DISCARD_FACTOR * self.max_body_bytes
+        is_drained = declared is not None and declared == already_read
+        if not is_drained and (declared is None or declared <= budget):
+            size = already_read
+            while size <= budget:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                size += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    is_drained = True
+                    break
+        headers = [] if is_drained else [(b"connection", b"close")]
+        await send_error(send, 413, f"Request body is larger than {self.max_body_bytes} bytes",
+                         code="request_too_large", headers=headers)

@@ -80,13 +80,13 @@ class OpenAIServingChat(ServingBase):
         """Answer one chat completions request."""
         prompt, params = self.prepare(req)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.admission.acquire(1)
+        self.admission.acquire(req.n)  # the engine runs n sequences
         if req.stream:
             return await self._stream(req, prompt, params, request_id)
         try:
             (final,) = await self.run_all([prompt], [params], [request_id], priority=req.priority)
         finally:
-            self.admission.release(1)
+            self.admission.release(req.n)
         fmt = LogprobFormatter(self.tokenizer)
         choices = []
         for c in final.outputs:
@@ -104,13 +104,13 @@ class OpenAIServingChat(ServingBase):
         try:
             (stream,) = await prime([raw])
         except BaseException:
-            self.admission.release(1)
+            self.admission.release(req.n)
             raise
 
         async def on_close() -> None:
             await aclose_quietly(stream)
             await aclose_quietly(raw)
-            self.admission.release(1)
+            self.admission.release(req.n)
 
         return EventStreamResponse(self._events(req, stream, request_id), on_close)
 

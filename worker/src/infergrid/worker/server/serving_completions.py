@@ -85,13 +85,14 @@ class OpenAIServingCompletion(ServingBase):
         prompts, params = self.prepare(req)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
-        self.admission.acquire(len(prompts))
+        weight = len(prompts) * req.n  # the engine runs n sequences per prompt
+        self.admission.acquire(weight)
         if req.stream:
-            return await self._stream(req, prompts, params, request_id, ids)
+            return await self._stream(req, prompts, params, request_id, ids, weight)
         try:
             finals = await self.run_all(prompts, [params] * len(prompts), ids, priority=req.priority)
         finally:
-            self.admission.release(len(prompts))
+            self.admission.release(weight)
         fmt = LogprobFormatter(self.tokenizer)
         choices = []
         for i, (prompt, out) in enumerate(zip(prompts, finals, strict=True)):
@@ -110,18 +111,18 @@ class OpenAIServingCompletion(ServingBase):
         return self.tokenizer.decode(prompt.token_ids, skip_special_tokens=True)
 
     async def _stream(self, req: CompletionRequest, prompts: list[PromptInput], params: SamplingParams,
-                      request_id: str, ids: list[str]) -> Response:
+                      request_id: str, ids: list[str], weight: int) -> Response:
         raw = [self.generate(p, params, rid, priority=req.priority) for p, rid in zip(prompts, ids, strict=True)]
         try:
             streams = await prime(raw)
         except BaseException:
-            self.admission.release(len(prompts))
+            self.admission.release(weight)
             raise
 
         async def on_close() -> None:
             for s in [*streams, *raw]:
                 await aclose_quietly(s)
-            self.admission.release(len(prompts))
+            self.admission.release(weight)
 
         return EventStreamResponse(self._events(req, prompts, streams, request_id), on_close)
 

@@ -105,13 +105,15 @@ async def merge_streams(streams: Sequence[AsyncIterator[Any]]) -> AsyncIterator[
         async for item in streams[0]:
             yield 0, item
         return
-    queue: asyncio.Queue[tuple[int, Any, BaseException | None, bool]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, Any, Exception | None, bool]] = asyncio.Queue()
 
     async def pump(i: int, stream: AsyncIterator[Any]) -> None:
         try:
             async for item in stream:
                 await queue.put((i, item, None, False))
-        except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - forwarded to the consumer
             await queue.put((i, None, exc, True))
             return
         await queue.put((i, None, None, True))
@@ -123,7 +125,7 @@ async def merge_streams(streams: Sequence[AsyncIterator[Any]]) -> AsyncIterator[
             i, item, exc, is_end = await queue.get()
             if is_end:
                 remaining -= 1
-                if exc is not None and not isinstance(exc, asyncio.CancelledError):
+                if exc is not None:
                     raise exc
                 continue
             yield i, item

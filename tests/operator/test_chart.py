@@ -1,0 +1,92 @@
+"""The Helm chart: documented values, schema, and a least-privilege ClusterRole."""
+
+import json
+import os
+import subprocess
+
+import jsonschema_rs
+import pytest
+import yaml
+from operator_helpers import CHART
+
+from infergrid.testbed import paths
+
+VALUES = CHART / "values.yaml"
+
+
+def helm(*args: str) -> str:
+    binary = paths.bin_dir() / "helm"
+    if not os.access(binary, os.X_OK):
+        pytest.fail(f"helm is missing from {binary.parent}: run `make testbed-build`", pytrace=False)
+    return subprocess.run([str(binary), *args], capture_output=True, text=True, check=True).stdout
+
+
+def rendered(*sets: str) -> list[dict]:
+    flags = [arg for s in sets for arg in ("--set", s)]
+    text = helm("template", "rel", str(CHART), "--namespace", "infergrid-system", *flags)
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def test_every_values_key_has_a_comment_above_it():
+    lines = VALUES.read_text().splitlines()
+    for number, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or ":" not in stripped or stripped.startswith("-"):
+            continue
+        previous = lines[number - 1].strip()
+        assert previous.startswith("#"), f"values.yaml line {number + 1} ({stripped!r}) has no comment"
+
+
+def test_values_match_their_schema():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load(VALUES.read_text())
+    jsonschema_rs.validate(schema, values)
+    with pytest.raises(jsonschema_rs.ValidationError):
+        jsonschema_rs.validate(schema, {**values, "operator": {**values["operator"], "replicas": -1}})
+    with pytest.raises(jsonschema_rs.ValidationError):
+        jsonschema_rs.validate(schema, {**values, "typo": 1})
+
+
+@pytest.mark.controlplane  # needs the test bed's helm binary
+def test_helm_lint_and_render():
+    helm("lint", str(CHART), "--strict")
+    kinds = sorted(doc["kind"] for doc in rendered())
+    assert kinds == ["ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service",
+                     "ServiceAccount"]
+
+
+@pytest.mark.controlplane
+def test_cluster_role_is_least_privilege():
+    role = next(doc for doc in rendered() if doc["kind"] == "ClusterRole")
+    for rule in role["rules"]:
+        for key in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[key], rule
+        assert "secrets" not in rule["resources"]
+        assert not set(rule["verbs"]) & {"delete", "deletecollection", "escalate", "bind", "impersonate"}, rule
+    granted = {(group, res): set(rule["verbs"]) for rule in role["rules"]
+               for group in rule["apiGroups"] for res in rule["resources"]}
+    assert granted[("", "pods")] == {"get", "list", "watch"}
+    assert ("", "namespaces") not in granted  # only when watchNamespaces is set
+    scoped = next(doc for doc in rendered("operator.watchNamespaces={team-a}") if doc["kind"] == "ClusterRole")
+    assert any("namespaces" in rule["resources"] for rule in scoped["rules"])
+
+
+@pytest.mark.controlplane
+def test_operator_deployment_wiring():
+    docs = rendered("operator.watchNamespaces={team-a}", "worker.image.tag=9.9")
+    deployment = next(doc for doc in docs if doc["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (ctr,) = pod["containers"]
+    assert ctr["command"] == ["infergrid-operator"]
+    assert "--peering=infergrid" in ctr["args"] and "--namespace=team-a" in ctr["args"]
+    assert not any(arg.startswith("--priority") for arg in ctr["args"])  # replicas must not tie
+    env = {e["name"]: e for e in ctr["env"]}
+    assert env["INFERGRID_WORKER_IMAGE"]["value"] == "ghcr.io/infergrid/worker:9.9"
+    assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert json.loads(env["INFERGRID_PROMETHEUS_POD_LABELS"]["value"]) == {"app.kubernetes.io/name": "prometheus"}
+    assert ctr["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert ctr["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["serviceAccountName"] == "rel-infergrid"
+    binding = next(doc for doc in docs if doc["kind"] == "ClusterRoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rel-infergrid",
+                                    "namespace": "infergrid-system"}]

@@ -1,0 +1,72 @@
+"""Invalid InferenceServices are refused by the real API server at apply time, naming the field."""
+
+import json
+
+import pytest
+
+VALID = {"model": {"source": "hf://meta-llama/Llama-3.2-1B"}}
+
+INVALID = [
+    # (id, spec or full-doc patch, text the error must contain)
+    ("missing-model-source", {"model": {"revision": "main"}}, "spec.model.source"),
+    ("missing-model", {"replicas": 1}, "spec.model"),
+    ("negative-replicas", {**VALID, "replicas": -1}, "spec.replicas"),
+    ("tp-not-power-of-two", {**VALID, "engine": {"tensorParallelSize": 3}}, "spec.engine.tensorParallelSize"),
+    ("tp-zero", {**VALID, "engine": {"tensorParallelSize": 0}}, "spec.engine.tensorParallelSize"),
+    ("unknown-scheme", {"model": {"source": "s3://bucket/llama"}}, "spec.model.source"),
+    ("hf-without-repo", {"model": {"source": "hf://"}}, "spec.model.source"),
+    ("pvc-bad-claim", {"model": {"source": "pvc://Bad_Claim/llama"}}, "spec.model.source"),
+    ("file-relative", {"model": {"source": "file://models/llama"}}, "spec.model.source"),
+    ("replicas-and-autoscaling", {**VALID, "replicas": 2, "autoscaling": {"maxReplicas": 4}}, "spec.replicas"),
+    ("min-above-max", {**VALID, "autoscaling": {"minReplicas": 5, "maxReplicas": 2}},
+     "spec.autoscaling.minReplicas"),
+    ("max-zero", {**VALID, "autoscaling": {"maxReplicas": 0}}, "spec.autoscaling.maxReplicas"),
+    ("gpu-mem-above-one", {**VALID, "engine": {"gpuMemoryUtilization": 1.5}}, "spec.engine.gpuMemoryUtilization"),
+    ("unknown-dtype", {**VALID, "engine": {"dtype": "int3"}}, "spec.engine.dtype"),
+    ("draft-without-model", {**VALID, "engine": {"speculative": {"method": "draft"}}},
+     "spec.engine.speculative"),
+    ("num-tokens-without-method", {**VALID, "engine": {"speculative": {"numTokens": 4}}},
+     "spec.engine.speculative.numTokens"),
+    ("unknown-router-policy", {**VALID, "router": {"policy": "random"}}, "spec.router.policy"),
+    ("kv-target-above-one", {**VALID, "autoscaling": {"maxReplicas": 2, "targetKVCacheUsage": 2}},
+     "spec.autoscaling.targetKVCacheUsage"),
+    ("bad-gpu-resource-name", {**VALID, "resources": {"gpuResourceName": "gpu"}}, "spec.resources.gpuResourceName"),
+    ("tiny-max-model-len", {**VALID, "engine": {"maxModelLen": 0}}, "spec.engine.maxModelLen"),
+    ("revision-on-file-source", {"model": {"source": "file:///models/x", "revision": "main"}},
+     "spec.model.revision"),
+    ("draft-unknown-scheme", {**VALID, "engine": {"speculative": {
+        "method": "draft", "draft": {"model": {"source": "ftp://x/y"}}}}},
+     "spec.engine.speculative.draft.model.source"),
+    ("typo-field", {**VALID, "replcas": 2}, "spec.replcas"),
+    ("bad-cpu-quantity", {**VALID, "resources": {"cpu": "lots"}}, "spec.resources.cpu"),
+]
+
+
+def apply(control_plane, namespace, name, spec):
+    doc = {"apiVersion": "infergrid.dev/v1alpha1", "kind": "InferenceService",
+           "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+    return control_plane.kubectl("apply", "-f", "-", input=json.dumps(doc), check=False)
+
+
+@pytest.mark.parametrize(("spec", "field"), [case[1:] for case in INVALID], ids=[case[0] for case in INVALID])
+def test_invalid_spec_is_refused_naming_the_field(infergrid_crds, k8s_namespace, spec, field):
+    result = apply(infergrid_crds, k8s_namespace, "bad", spec)
+    assert result.returncode != 0, f"accepted: {spec}"
+    assert field in result.stderr, result.stderr
+    assert infergrid_crds.kubectl("get", "inferenceservices", "-n", k8s_namespace, "-o", "name").stdout == ""
+
+
+@pytest.mark.parametrize("name", ["9starts-with-digit", "x" * 51])
+def test_invalid_name_is_refused(infergrid_crds, k8s_namespace, name):
+    result = apply(infergrid_crds, k8s_namespace, name, VALID)
+    assert result.returncode != 0 and "metadata.name" in result.stderr, result.stderr
+
+
+def test_valid_spec_is_defaulted_by_the_server(infergrid_crds, k8s_namespace):
+    assert apply(infergrid_crds, k8s_namespace, "ok", {**VALID, "autoscaling": {"maxReplicas": 3}}).returncode == 0
+    stored = json.loads(infergrid_crds.kubectl("get", "inferenceservice/ok", "-n", k8s_namespace, "-o", "json").stdout)
+    spec = stored["spec"]
+    assert spec["engine"]["tensorParallelSize"] == 1
+    assert spec["engine"]["prefixCaching"] == {"enabled": True}
+    assert spec["autoscaling"]["minReplicas"] == 1
+    assert spec["resources"]["gpuResourceName"] == "nvidia.com/gpu"

@@ -1,0 +1,67 @@
+"""The status debouncer: coalescing, no overlapping runs per key, retries."""
+
+import asyncio
+
+import pytest
+
+from infergrid.operator.refresher import Debouncer
+
+
+@pytest.mark.asyncio
+async def test_a_burst_of_requests_runs_the_action_once():
+    calls = []
+
+    async def action(key):
+        calls.append(key)
+
+    debouncer = Debouncer(action, delay=0.05)
+    for _ in range(50):
+        debouncer.request("a")
+    debouncer.request("b")
+    await asyncio.sleep(0.2)
+    assert sorted(calls) == ["a", "b"]
+    await debouncer.close()
+
+
+@pytest.mark.asyncio
+async def test_runs_for_one_key_never_overlap_and_the_last_request_is_honoured():
+    running, max_running, calls = 0, 0, 0
+    release = asyncio.Event()
+
+    async def action(key):
+        nonlocal running, max_running, calls
+        running += 1
+        max_running = max(max_running, running)
+        calls += 1
+        if calls == 1:
+            await release.wait()
+        running -= 1
+
+    debouncer = Debouncer(action, delay=0.01)
+    debouncer.request("k")
+    await asyncio.sleep(0.05)  # first run is now blocked inside the action
+    debouncer.request("k")
+    debouncer.request("k")
+    await asyncio.sleep(0.05)
+    assert calls == 1  # the new request waits for the running one
+    release.set()
+    await asyncio.sleep(0.1)
+    assert calls == 2 and max_running == 1
+    await debouncer.close()
+
+
+@pytest.mark.asyncio
+async def test_failures_are_retried():
+    attempts = []
+
+    async def action(key):
+        attempts.append(key)
+        if len(attempts) < 3:
+            raise RuntimeError("API down")
+
+    debouncer = Debouncer(action, delay=0.01, retry_delay=0.02)
+    debouncer.request("k")
+    await asyncio.sleep(0.3)
+    assert len(attempts) == 3
+    assert debouncer.num_pending == 0
+    await debouncer.close()

@@ -1,0 +1,8 @@
+"""Tensor parallelism across the GPUs of one pod (Megatron column/row sharding over torch.distributed).
+
+    parallel_state.py   this process's rank, world size and process group; size checks against a model
+    communication.py    the collectives the model and the runner use (all-reduce, gather, broadcast)
+    messages.py         the fixed-size control messages rank 0 sends its followers
+    executor.py         UniProcExecutor / MultiProcExecutor: what LLMEngine runs the model through
+    worker_proc.py      the main loop of ranks 1..N-1 (spawned processes)
+"""

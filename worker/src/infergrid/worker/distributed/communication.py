@@ -1,0 +1,42 @@
+"""The collectives of tensor parallelism; each is a no-op (or identity) on a single rank."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from infergrid.worker.distributed.parallel_state import get_tp_rank, get_tp_size
+
+
+def tensor_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over the ranks, in place; returns it."""
+    if get_tp_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def tensor_parallel_gather(x: torch.Tensor, dim: int = -1, dst: int = 0) -> torch.Tensor | None:
+    """Concatenate every rank's `x` along `dim` on rank `dst` (in rank order); None on the other ranks."""
+    size = get_tp_size()
+    if size == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(size)] if get_tp_rank() == dst else None
+    dist.gather(x, parts, dst=dst)
+    return None if parts is None else torch.cat(parts, dim=dim)
+
+
+def tensor_parallel_broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Copy rank `src`'s `x` into every rank's `x` (same shape and dtype everywhere)."""
+    if get_tp_size() > 1:
+        dist.broadcast(x, src=src)
+    return x
+
+
+def tensor_parallel_min(value: int, device: torch.device) -> int:
+    """The smallest `value` over the ranks (e.g. the KV blocks that fit on every GPU)."""
+    if get_tp_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
