@@ -5,7 +5,7 @@ GPU nodes), installs the CRD, starts `infergrid-operator` as a subprocess, creat
 concurrently and waits until every one has its five children and a status whose observedGeneration
 matches (the operator sets it only once the worker Deployment carries the current spec hash).
 
-    .venv/bin/python bench/bench_operator.py --services 1000 [--replicas 1] [--json out.json]
+    .venv/bin/python bench/bench_operator.py --services 1000 [--replicas 1] [--out out.json]
 
 Prints a table and writes JSON. The baseline row is the same run's time to merely create the N
 InferenceServices (the API server's own floor for this machine).
@@ -153,7 +153,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32, help="parallel create requests")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--verbose", action="store_true", help="print progress every second")
-    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "operator.json")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "operator.json")
     args = parser.parse_args()
 
     gpus = max(8, args.replicas * args.services // 10 + 8)
@@ -179,9 +179,9 @@ def main() -> int:
           f"replicas, {result['machine']}")
     for label, value in rows:
         print(f"  {label:<{width}}  {value}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
     return 0 if result["complete"] and result["reconciled_seconds"] <= result["target_seconds"] else 2
 
 

@@ -1,3 +1,60 @@
-"""Shared pytest setup: the test-bed fixtures (control_plane, k8s_namespace, pod_runner, make_pod_runner)."""
+"""Shared pytest setup for the end-to-end scenarios.
+
+The test-bed fixtures (control_plane, k8s_namespace, pod_runner, make_pod_runner) come from the plugin;
+the ones here add what every scenario needs: the CRDs, a tiny checkpoint, an operator subprocess.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from isvc_support import OperatorProcess, install_crds
+
+from infergrid.testbed.controlplane import ControlPlane
 
 pytest_plugins = ["infergrid.testbed.pytest_plugin"]
+
+
+@pytest.fixture(scope="session")
+def isvc_crds(control_plane: ControlPlane) -> ControlPlane:
+    """The control plane with crds/ installed and established."""
+    install_crds(control_plane)
+    return control_plane
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama checkpoint made by `infergrid-worker make-tiny-model`."""
+    out = tmp_path_factory.mktemp("models") / "tiny-llama"
+    worker = Path(sys.executable).parent / "infergrid-worker"
+    subprocess.run([str(worker), "make-tiny-model", str(out), "--arch", "llama"], check=True,
+                   capture_output=True, timeout=300)
+    assert (out / "config.json").exists(), f"make-tiny-model wrote no config.json into {out}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def start_operator(isvc_crds: ControlPlane,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[list[str]], OperatorProcess]]:
+    """Factory: `start_operator([namespace, ...])` runs a standalone operator watching those namespaces.
+
+    Every operator started is stopped (by process group) when the module ends; its log tail is printed.
+    """
+    started: list[OperatorProcess] = []
+    workdir = tmp_path_factory.mktemp("operator")
+
+    def start(namespaces: list[str]) -> OperatorProcess:
+        proc = OperatorProcess(isvc_crds, workdir / f"operator-{len(started)}.log", namespaces)
+        started.append(proc)
+        return proc.start()
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.stop()
+            print(f"--- operator log tail ({proc.log_path})\n{proc.log_tail(30)}")

@@ -18,6 +18,7 @@ TINY_MODELS: dict[str, dict] = {
     "qwen3": dict(arch="qwen3"),
     "llama_untied": dict(arch="llama", tie_word_embeddings=False, seed=1),
     "llama3_rope": dict(arch="llama", rope_scaling="llama3", seed=2),
+    "llama_draft": dict(arch="llama", seed=3),  # same tokenizer as "llama": a random speculative draft
 }
 
 

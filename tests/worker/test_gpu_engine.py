@@ -198,9 +198,9 @@ def test_decode_throughput_smoke(tmp_path):
     _write_tokenizer(str(tmp_path), train_tokenizer())
     llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=2048, max_num_seqs=64, device="cuda")
     params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)
-    llm.generate([[0, 5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # warm-up
     for batch in (1, 64):
         prompts = [[0] + [10 + i] * 127 for i in range(batch)]
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # JIT warm-up
         torch.cuda.synchronize()
         start = time.perf_counter()
         outs = llm.generate(prompts, params)

@@ -128,6 +128,8 @@ def test_requests_that_cannot_fit_are_refused(llm):
         llm.generate([[1] * 200], greedy(100))
     with pytest.raises(ValueError, match="token ids"):
         llm.generate([[0, 10_000]], greedy(4))
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        llm.generate(["hi"], greedy(4, prompt_logprobs=2))
     assert not llm.llm_engine.has_unfinished_requests()
 
 

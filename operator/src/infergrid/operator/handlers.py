@@ -1,5 +1,7 @@
 """kopf handlers: a few lines each; the work lives in `Runtime`, the builders and `status`.
 
+The operator is level-triggered: watch events feed a cache and two keyed work queues (reconcile,
+status). No handler patches the InferenceService, so nothing is stored in its annotations.
 NOTE: every handler is async: sync handlers would run in kopf's thread pool, away from the event loop.
 """
 
@@ -11,7 +13,6 @@ from typing import Any
 import kopf
 
 from infergrid.operator import constants as c
-from infergrid.operator.apply import ChildOwnedElsewhere
 from infergrid.operator.config import OperatorConfig
 from infergrid.operator.kube import KubeClient
 from infergrid.operator.runtime import Runtime
@@ -26,14 +27,9 @@ WORKER_SELECTOR = ",".join(f"{k}={v}" for k, v in WORKER_LABELS.items())
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Tune kopf for many objects and API outages, and create the shared runtime."""
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=c.GROUP, key="last-handled-configuration")
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = c.MANAGED_BY
     settings.peering.stealth = True
-    if "runtime" in memo:
-        settings.peering.lifetime = memo.runtime.peering_lifetime
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
     settings.watching.connect_timeout = 5
@@ -45,6 +41,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.label_selectors[PODS] = WORKER_SELECTOR
     if "runtime" not in memo:
         memo.runtime = Runtime(api=KubeClient.from_environment(), config=OperatorConfig.from_env())
+    settings.peering.lifetime = memo.runtime.peering_lifetime
 
 
 @kopf.on.cleanup()
@@ -52,38 +49,29 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     await memo.runtime.close()
 
 
-@kopf.on.resume(*ISVC, backoff=3)
-@kopf.on.create(*ISVC, backoff=3)
-@kopf.on.update(*ISVC, field="spec", backoff=3)
-async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Create or patch every child of an InferenceService."""
-    try:
-        await memo.runtime.reconcile(body)
-    except ChildOwnedElsewhere as exc:
-        raise kopf.TemporaryError(str(exc), delay=5) from exc
-    except (KeyError, ValueError) as exc:
-        raise kopf.PermanentError(f"invalid InferenceService spec: {exc}") from exc
-
-
 @kopf.on.event(*ISVC)
 async def track_service(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Every InferenceService not yet reconciled at its current generation is queued for a reconcile."""
     memo.runtime.on_service_event(type, body)
 
 
 @kopf.on.event(*DEPLOYMENTS, labels=WORKER_LABELS)
 async def track_deployment(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Worker Deployment changes feed status; a Deployment deleted under a live service is recreated."""
-    owner = memo.runtime.needs_recreate(type, body)
     memo.runtime.on_deployment_event(type, body)
-    if owner is not None:
-        await memo.runtime.reconcile(owner)
 
 
 @kopf.on.event(*PODS, labels=WORKER_LABELS)
 async def track_pod(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Worker pod readiness and scheduling failures feed status."""
     memo.runtime.on_pod_event(type, body)
 
 
 @kopf.on.probe(id="services")
 async def services_seen(memo: kopf.Memo, **_: Any) -> int:
     return len(memo.runtime.cache.services)
+
+
+@kopf.on.probe(id="queued")
+async def work_queued(memo: kopf.Memo, **_: Any) -> int:
+    return memo.runtime.reconciler.num_busy + memo.runtime.refresher.num_busy

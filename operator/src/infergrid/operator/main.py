@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import random
 import sys
@@ -66,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import infergrid.operator.handlers  # noqa: F401  (registers the handlers)
 
     kopf.configure(verbose=args.verbose, quiet=args.quiet, log_format=kopf.LogFormat[args.log_format.upper()])
+    if not args.verbose:
+        # kopf logs every handled watch event at INFO ("Handler 'track_pod' succeeded."): too much per pod.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.bind)
     runtime = Runtime(api=KubeClient.from_environment(args.kubeconfig), config=config,

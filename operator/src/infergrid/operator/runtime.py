@@ -12,7 +12,7 @@ import kopf
 
 from infergrid.operator import constants as c
 from infergrid.operator import metrics
-from infergrid.operator.apply import apply_children
+from infergrid.operator.apply import ChildOwnedElsewhere, apply_children
 from infergrid.operator.builders import (
     build_children,
     build_worker_pod_template,
@@ -20,12 +20,12 @@ from infergrid.operator.builders import (
     selector_string,
 )
 from infergrid.operator.builders.monitoring import MONITORING_GROUP_VERSION
-from infergrid.operator.cache import Key, ServiceCache, owner_key
+from infergrid.operator.cache import Key, ServiceCache
 from infergrid.operator.config import OperatorConfig
 from infergrid.operator.kube import ApiError, KubeClient
-from infergrid.operator.refresher import Debouncer
 from infergrid.operator.spec import ServiceSpec, desired_replicas
 from infergrid.operator.status import OWNED_KEYS, Observed, compute_status, transition_events
+from infergrid.operator.workqueue import WorkQueue
 
 logger = logging.getLogger(__name__)
 
@@ -34,21 +34,30 @@ MONITOR_CHECK_SECONDS = 60.0
 
 @dataclasses.dataclass
 class Runtime:
-    """Everything the handlers share: API client, config, caches, the status debouncer."""
+    """Everything the handlers share: API client, config, the watch cache and two work queues.
+
+    Level-triggered: every InferenceService whose (uid, generation) has not been reconciled by this
+    process is queued, so a restart reconciles everything once and nothing is tracked in annotations.
+    """
 
     api: KubeClient
     config: OperatorConfig
     peering_lifetime: int = 30
     cache: ServiceCache = dataclasses.field(default_factory=ServiceCache)
-    refresher: Debouncer = dataclasses.field(init=False)
+    reconciler: WorkQueue = dataclasses.field(init=False)
+    refresher: WorkQueue = dataclasses.field(init=False)
+    _reconciled: dict[Key, tuple[str, int]] = dataclasses.field(default_factory=dict)
     _hashes: dict[tuple[str, int], str] = dataclasses.field(default_factory=dict)
     _last_written: dict[Key, dict[str, Any]] = dataclasses.field(default_factory=dict)
     _pod_monitor: tuple[float, bool] = (-1e9, False)
 
     def __post_init__(self) -> None:
-        self.refresher = Debouncer(self._refresh)  # type: ignore[arg-type]
+        self.reconciler = WorkQueue(self._reconcile, name="reconcile", delay=0.0,  # type: ignore[arg-type]
+                                    on_error=self._report_failure)
+        self.refresher = WorkQueue(self._refresh, name="status refresh", delay=0.2)  # type: ignore[arg-type]
 
     async def close(self) -> None:
+        await self.reconciler.close()
         await self.refresher.close()
         await self.api.close()
 
@@ -64,10 +73,56 @@ class Runtime:
             self._pod_monitor = (time.monotonic(), present)
         return present
 
-    async def reconcile(self, body: Mapping[str, Any]) -> None:
+    # ------------------------------------------------------------------ watch events
+
+    def on_service_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        key = self.cache.update_service(event_type, body)
+        metrics.SERVICES.set(len(self.cache.services))
+        if event_type == "DELETED":
+            self._reconciled.pop(key, None)
+            self._last_written.pop(key, None)
+            self.reconciler.forget(key)
+            return
+        meta = body["metadata"]
+        if self._reconciled.get(key) != (meta.get("uid"), meta.get("generation")):
+            self.reconciler.request(key)
+        else:
+            self.refresher.request(key)  # e.g. someone edited the status by hand
+
+    def on_deployment_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        key = self.cache.update_deployment(event_type, body)
+        if key is None or key not in self.cache.services:
+            return
+        owner = self.cache.services[key]
+        owner_uids = {ref.get("uid") for ref in body["metadata"].get("ownerReferences") or []}
+        if event_type == "DELETED" and owner["metadata"].get("uid") in owner_uids \
+                and not owner["metadata"].get("deletionTimestamp"):
+            self._reconciled.pop(key, None)  # deleted under a live service: recreate it
+            self.reconciler.request(key)
+        self.refresher.request(key)
+
+    def on_pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        key = self.cache.update_pod(event_type, body)
+        if key is not None and key in self.cache.services:
+            self.refresher.request(key)
+
+    # ------------------------------------------------------------------ reconcile
+
+    async def _reconcile(self, key: Key) -> None:
         """Apply every child of one InferenceService, then schedule a status refresh."""
-        key = self.cache.update_service("MODIFIED", body)
-        spec = ServiceSpec.from_body(body)
+        body = self.cache.services.get(key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        meta = body["metadata"]
+        version = (meta.get("uid"), meta.get("generation"))
+        if self._reconciled.get(key) == version:
+            return
+        try:
+            spec = ServiceSpec.from_body(body)
+        except (KeyError, ValueError) as exc:  # the CRD's validation should have refused it
+            kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc))
+            self._reconciled[key] = version
+            return
         started = time.perf_counter()
         children = build_children(spec, self.config, current_replicas=self.cache.current_replicas(key),
                                   has_pod_monitor=await self.has_pod_monitor())
@@ -78,33 +133,16 @@ class Runtime:
             raise
         metrics.RECONCILES.labels("ok").inc()
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+        self._reconciled[key] = version
         self.refresher.request(key)
 
-    def on_service_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        key = self.cache.update_service(event_type, body)
-        if event_type == "DELETED":
-            self._last_written.pop(key, None)
-        metrics.SERVICES.set(len(self.cache.services))
-
-    def on_deployment_event(self, event_type: str | None, body: Mapping[str, Any]) -> Key | None:
-        key = self.cache.update_deployment(event_type, body)
-        if key is not None and key in self.cache.services:
-            self.refresher.request(key)
-        return key
-
-    def on_pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        key = self.cache.update_pod(event_type, body)
-        if key is not None and key in self.cache.services:
-            self.refresher.request(key)
-
-    def needs_recreate(self, event_type: str | None, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
-        """The owning InferenceService body when a worker Deployment was deleted under a live service."""
-        key = owner_key(body) if event_type == "DELETED" else None
-        owner = self.cache.services.get(key) if key else None
-        if owner is None or owner["metadata"].get("deletionTimestamp"):
-            return None
-        owner_uids = {ref.get("uid") for ref in body["metadata"].get("ownerReferences") or []}
-        return owner if owner["metadata"].get("uid") in owner_uids else None
+    def _report_failure(self, key: Key, exc: Exception, failures: int) -> None:
+        """An Event on the service for the first failure and then every fifth (the queue retries)."""
+        body = self.cache.services.get(key)
+        if body is not None and (failures == 1 or failures % 5 == 0):
+            reason = "ChildOwnedElsewhere" if isinstance(exc, ChildOwnedElsewhere) else "ReconcileFailed"
+            kopf.event(body, type="Warning", reason=reason, message=f"{exc} (attempt {failures}, retrying)")
+            metrics.EVENTS_POSTED.labels("Warning", reason).inc()
 
     def _desired_hash(self, spec: ServiceSpec) -> str:
         cache_key = (spec.uid, spec.generation)
@@ -141,6 +179,10 @@ class Runtime:
         if new == old:
             return
         owned = {k: v for k, v in new.items() if k in OWNED_KEYS}
+        ready = next(cond for cond in new["conditions"] if cond["type"] == "Ready")
+        logger.info("status of %s/%s: Ready=%s (%s), %d/%d workers ready, changed %s", spec.namespace, spec.name,
+                    ready["status"], ready["reason"], new["readyReplicas"], new["replicas"],
+                    sorted(k for k, v in owned.items() if old.get(k) != v))
         try:
             await self.api.merge_patch(c.API_VERSION, c.KIND, spec.namespace, spec.name, {"status": owned},
                                        subresource="status")

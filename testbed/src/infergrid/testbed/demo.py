@@ -59,17 +59,17 @@ def tiny_model(root: Path) -> Path:
     return out
 
 
-def manifest(model: Path) -> dict[str, Any]:
-    """examples/tiny.yaml with spec.model.source pointing at the tiny checkpoint."""
-    example = paths.repo_root() / "examples" / "tiny.yaml"
-    if example.exists():
-        doc = next(d for d in yaml.safe_load_all(example.read_text()) if d and d.get("kind") == "InferenceService")
-    else:  # the example is the lead's; keep the demo usable without it
-        doc = {"apiVersion": "infergrid.dev/v1alpha1", "kind": "InferenceService",
-               "metadata": {"name": "tiny"},
-               "spec": {"model": {"source": "file:///models/tiny", "servedName": "tiny"},
-                        "engine": {"dtype": "float32", "maxModelLen": 256}, "replicas": 1}}
-    doc.setdefault("spec", {}).setdefault("model", {})["source"] = f"file://{model}"
+EXAMPLE = Path("examples") / "tiny.yaml"
+
+
+def manifest(model: Path, example: Path | None = None) -> dict[str, Any]:
+    """The InferenceService of examples/tiny.yaml with spec.model.source pointing at the tiny checkpoint."""
+    example = example or paths.repo_root() / EXAMPLE
+    docs = [d for d in yaml.safe_load_all(example.read_text()) if d and d.get("kind") == "InferenceService"]
+    if len(docs) != 1:
+        raise RuntimeError(f"{example} must hold exactly one InferenceService, found {len(docs)}")
+    doc = docs[0]
+    doc["spec"]["model"]["source"] = f"file://{model}"
     doc["metadata"].setdefault("namespace", "default")
     return doc
 

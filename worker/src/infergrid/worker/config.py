@@ -70,6 +70,10 @@ class EngineConfig:
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         _require_int("tensor_parallel_size", self.tensor_parallel_size, 1)
+        if self.tensor_parallel_size > 1:  # a local checkpoint is checked now, a remote one after download
+            from infergrid.worker.distributed.parallel_state import verify_tensor_parallel_for_model_dir
+
+            verify_tensor_parallel_for_model_dir(self.tensor_parallel_size, self.model)
         self._validate_speculative()
         if self.device is not None and (not isinstance(self.device, str) or not self.device):
             raise ValueError(f"device must be None or a device string like 'cuda:0', got {self.device!r}")

@@ -24,3 +24,9 @@ def cuda_graph_max_batch_size() -> int | None:
     """INFERGRID_CUDA_GRAPH_MAX_BS: largest decode batch captured in a CUDA graph (default max_num_seqs, capped at 512)."""
     value = _get("INFERGRID_CUDA_GRAPH_MAX_BS")
     return int(value) if value is not None else None
+
+
+def spec_decode_adaptive() -> bool:
+    """INFERGRID_SPEC_DECODE_ADAPTIVE: 0 = always propose num_speculative_tokens drafts (benchmarks of
+    the acceptance upper bound); default 1 = per-request adaptive number of drafts (spec_decode/adaptive.py)."""
+    return _get("INFERGRID_SPEC_DECODE_ADAPTIVE", "1") not in ("0", "false", "no", "off")

@@ -2,7 +2,8 @@
 
 Sources: a local directory, `file:///path`, or `hf://org/name[@revision]` (downloaded with
 `huggingface_hub.snapshot_download`; needs network, never used by tests). Weights come from
-`*.safetensors` (sharded via `model.safetensors.index.json` or not).
+`*.safetensors` (sharded via `model.safetensors.index.json` or not), read lazily: a tensor-parallel
+rank reads only its shard of each tensor (`safe_open(...).get_slice`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from infergrid.worker.layers.attention import AttentionBackend
+from infergrid.worker.lazy_weight import LazyWeight
 from infergrid.worker.model_config import ModelConfig, parse_dtype
 from infergrid.worker.models.llama import LlamaForCausalLM
 
@@ -63,6 +65,15 @@ def iterate_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def iterate_lazy_weights(model_dir: str) -> Iterator[tuple[str, LazyWeight]]:
+    """(name, LazyWeight) for every tensor of every shard; each is valid until the next is yielded."""
+    for path in safetensors_files(model_dir):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                piece = f.get_slice(name)
+                yield name, LazyWeight(piece, tuple(piece.get_shape()))
+
+
 def resolve_dtype(dtype: str | torch.dtype, model_config: ModelConfig) -> torch.dtype:
     """`auto` -> the checkpoint's dtype; otherwise the named dtype."""
     if dtype == "auto":
@@ -77,16 +88,19 @@ def load_model(
     device: torch.device,
     max_position: int,
     backend: AttentionBackend,
+    tp_rank: int = 0,
+    tp_size: int = 1,
 ) -> LlamaForCausalLM:
-    """Build the model directly on `device` in `dtype` and fill it from the checkpoint."""
+    """Build the model (rank `tp_rank`'s shard of it) directly on `device` in `dtype` and fill it
+    from the checkpoint."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(model_config, max_position, backend)
+            model = LlamaForCausalLM(model_config, max_position, backend, tp_rank, tp_size)
     finally:
         torch.set_default_dtype(previous)
-    loaded = model.load_weights(iterate_weights(model_dir))
+    loaded = model.load_weights(iterate_lazy_weights(model_dir))
     missing = {n for n, _ in model.named_parameters()} - loaded
     if missing:
         raise ValueError(f"checkpoint {model_dir!r} lacks weights for: {', '.join(sorted(missing))}")

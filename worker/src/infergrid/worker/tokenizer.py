@@ -149,4 +149,6 @@ class IncrementalDetokenizer:
 
     def decode_token(self, token_id: int) -> str:
         """One token's own text (for logprobs)."""
+        if self._backend is not None:
+            return self._backend.decode([token_id], skip_special_tokens=False)
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -31,6 +31,9 @@ from infergrid.worker.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.5
+# How long shutdown() waits for an engine that is already dead (e.g. stuck in a collective with a
+# tensor-parallel rank that died) before giving up on it.
+_DEAD_ENGINE_WAIT_S = 5.0
 
 
 class EngineDeadError(RuntimeError):
@@ -90,20 +93,26 @@ class AsyncLLM:
         no limit), end the rest with finish_reason "abort", then stop the engine thread."""
         self._accepting = False
         if self._thread is None:
+            await asyncio.to_thread(self.engine.shutdown)
             return
         deadline = None if drain_timeout is None else time.monotonic() + drain_timeout
         while self._num_unfinished > 0 and self._error is None and self._thread.is_alive():
             if deadline is not None and time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.02)
+        wait_s = _DEAD_ENGINE_WAIT_S if self.errored else None
         if self._thread.is_alive():
             try:
-                await self._call(self._abort_all)
-            except EngineDeadError:
+                await asyncio.wait_for(self._call(self._abort_all), wait_s)
+            except (EngineDeadError, TimeoutError):
                 pass
         self._stop.set()
         self._wakeup.set()
-        await asyncio.to_thread(self._thread.join)
+        await asyncio.to_thread(self._thread.join, wait_s)
+        if self._thread.is_alive():
+            logger.error("engine loop did not stop within %.1fs; abandoning it", wait_s)
+            self._fail_everything(EngineDeadError("the engine is dead"))
+        await asyncio.to_thread(self.engine.shutdown)
 
     # -- requests ----------------------------------------------------------------------------------
     async def generate(
@@ -153,9 +162,31 @@ class AsyncLLM:
         """The snapshot taken after the engine's latest step."""
         return self._stats
 
+    @property
+    def dead_error(self) -> BaseException | None:
+        """Why the engine can never make progress again (its loop died, or a tensor-parallel rank
+        died), else None."""
+        if self._error is not None:
+            return self._error
+        try:
+            self.engine.check_health()
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            return exc
+        return None
+
+    @property
+    def errored(self) -> bool:
+        """True once the engine is dead for good (see `dead_error`); a stall is not an error."""
+        return self.dead_error is not None
+
+    @property
+    def rank_pids(self) -> list[int]:
+        """Process id of every tensor-parallel rank, rank 0 (this process) first."""
+        return self.engine.model_executor.rank_pids
+
     def is_healthy(self) -> bool:
         """Loop thread alive (once started), no engine error, and progress while requests wait."""
-        if self._error is not None:
+        if self.errored:
             return False
         if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
             return False

@@ -83,9 +83,13 @@ def determine_num_blocks(
     gpu_memory_utilization: float,
     num_blocks_override: int | None,
     profile_run: Callable[[], None] | None,
+    extra_block_bytes: int = 0,
 ) -> int:
-    """The number of KV blocks (null block included) for this device and model; logs the result."""
-    block_bytes = kv_block_bytes(model_config, block_size, dtype)
+    """The number of KV blocks (null block included) for this device and model; logs the result.
+
+    `extra_block_bytes`: memory that each block id costs elsewhere (a speculative draft model's
+    KV pool mirrors the target's block ids), so both pools fit the budget."""
+    block_bytes = kv_block_bytes(model_config, block_size, dtype) + extra_block_bytes
     if num_blocks_override is not None:
         num_blocks, source = num_blocks_override, "num_gpu_blocks_override"
     elif device.type == "cuda":

@@ -8,7 +8,8 @@ import time
 from collections.abc import Iterable, Sequence
 
 from infergrid.worker.config import EngineConfig
-from infergrid.worker.engine.model_runner import ModelRunner
+from infergrid.worker.distributed.executor import make_executor
+from infergrid.worker.distributed.parallel_state import verify_tensor_parallel_size
 from infergrid.worker.engine.output_processor import OutputProcessor
 from infergrid.worker.engine.request import Request, RequestStatus
 from infergrid.worker.engine.scheduler import Scheduler
@@ -59,10 +60,20 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.model_path)
         self.max_model_len = resolve_max_model_len(config, self.model_config)
         self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer) or list(self.model_config.eos_token_ids)
-        self.model_runner = ModelRunner(
+        mc = self.model_config
+        verify_tensor_parallel_size(
+            config.tensor_parallel_size, mc.num_attention_heads, mc.num_key_value_heads, mc.intermediate_size
+        )
+        # One process or tensor_parallel_size ranks; model_runner is rank 0's (the one that samples).
+        self.model_executor = make_executor(
             config, self.model_path, self.model_config, self.max_model_len, self.eos_token_ids
         )
-        self.num_blocks = self.model_runner.initialize_kv_cache()
+        self.model_runner = self.model_executor.driver_runner
+        try:
+            self.num_blocks = self.model_executor.initialize_kv_cache()
+        except BaseException:
+            self.model_executor.shutdown()
+            raise
         self.scheduler = Scheduler(config, self.num_blocks, self.max_model_len, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.prompt_tokens_total = 0
@@ -95,6 +106,8 @@ class LLMEngine:
         seconds. Raises ValueError when the request can never run (too long for the model or pool)."""
         if request_id in self.output_processor.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported yet")
         prompt_ids = self.tokenize(prompt)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         children = [
@@ -133,24 +146,37 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule a batch, run it, apply the results; returns outputs of requests that changed."""
         scheduler_output = self.scheduler.schedule()
-        runner_output = self.model_runner.execute_model(scheduler_output)
+        runner_output = self.model_executor.execute_model(scheduler_output)
+        num_outputs_before = [s.request.num_output_tokens for s in scheduler_output.scheduled]
         finished = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
         scheduled = [s.request for s in scheduler_output.scheduled]
         outputs, stopped = self.output_processor.process(
             scheduled, runner_output, [*scheduler_output.expired_requests, *finished]
         )
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        self._record_step(scheduler_output.scheduled, runner_output.sampled_token_ids)
+        if self.config.speculative_method is not None:
+            drafts = self.model_runner.propose_draft_token_ids(scheduler_output, runner_output.sampled_token_ids)
+            self.scheduler.update_draft_token_ids(drafts)
+        self._record_step(scheduled, num_outputs_before)
         return outputs
 
-    def _record_step(self, scheduled: list, sampled: dict[str, list[int]]) -> None:
+    def _record_step(self, scheduled: list[Request], num_outputs_before: list[int]) -> None:
         self.num_steps_total += 1
         self.last_step_time = time.monotonic()
-        for s in scheduled:
-            new = len(sampled.get(s.request_id, ()))
+        for request, before in zip(scheduled, num_outputs_before, strict=True):
+            # Tokens appended this step (with drafts: accepted ones + 1, cut at a stop token).
+            new = request.num_output_tokens - before
             self.generation_tokens_total += new
-            if new and s.request.num_output_tokens == new:  # the request's first token
-                self.prompt_tokens_total += s.request.num_prompt_tokens
+            if new and before == 0:  # the request's first token
+                self.prompt_tokens_total += request.num_prompt_tokens
+
+    def check_health(self) -> None:
+        """Raise when the engine can no longer run (a tensor-parallel rank died)."""
+        self.model_executor.check_health()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks, if any (idempotent; the engine cannot step afterwards)."""
+        self.model_executor.shutdown()
 
     def get_stats(self) -> EngineStats:
         s = self.scheduler.make_stats()
@@ -169,6 +195,7 @@ class LLMEngine:
             spec_decode_num_drafts_total=s.spec_decode_num_drafts_total,
             spec_decode_num_draft_tokens_total=s.spec_decode_num_draft_tokens_total,
             spec_decode_num_accepted_tokens_total=s.spec_decode_num_accepted_tokens_total,
+            spec_decode_num_accepted_tokens_per_pos=s.spec_decode_num_accepted_tokens_per_pos,
             last_step_time=self.last_step_time,
             num_steps_total=self.num_steps_total,
         )

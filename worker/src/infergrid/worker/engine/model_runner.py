@@ -2,20 +2,30 @@
 
 Owns the model, the paged KV cache, the sampler, per-request seeded generators and (on CUDA) the
 decode CUDA graphs. Inputs are flattened over the batch (see layers/attention.py for the layout).
-Requests with draft tokens sample at every draft position plus one; a draft is accepted while it
-equals the token sampled at its position (exact-match verification keeps the target distribution).
+Requests with draft tokens sample at every draft position plus one and are verified by rejection
+sampling (spec_decode/), which keeps the target distribution exactly; a request keeps its tokens up
+to and including the first rejected position.
+
+Tensor parallel: every rank has a ModelRunner over its shard. Rank 0's `execute_model` hands the
+step's flat inputs to `step_broadcaster` (set by the MultiProcExecutor) before its forward pass; the
+other ranks run the same forward in `follow_step` and join the logits gather, and only rank 0 samples.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from infergrid.worker.config import EngineConfig
+from infergrid.worker.distributed.communication import tensor_parallel_min
+from infergrid.worker.distributed.messages import StepHeader
+from infergrid.worker.distributed.parallel_state import kv_head_layout
 from infergrid.worker.engine.kv_cache import determine_num_blocks
 from infergrid.worker.engine.scheduler import ScheduledRequest, SchedulerOutput
 from infergrid.worker.layers.attention import AttentionMetadata, get_attention_backend
@@ -23,6 +33,7 @@ from infergrid.worker.layers.sampler import Sampler, SamplerOutput, SamplingMeta
 from infergrid.worker.loader import load_model, resolve_dtype
 from infergrid.worker.model_config import ModelConfig
 from infergrid.worker.sampling_params import SamplingParams
+from infergrid.worker.spec_decode.speculative_decoder import SpeculativeDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +70,13 @@ class _SampleRow:
     draft_index: int  # 0 .. len(spec_token_ids): which of the request's sampling positions
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """None -> cuda when available, else cpu."""
+def resolve_device(device: str | None, rank: int = 0) -> torch.device:
+    """None -> cuda when available, else cpu; tensor-parallel rank r gets the r-th GPU from there."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.type == "cuda":
+        dev = torch.device("cuda", (torch.cuda.current_device() if dev.index is None else dev.index) + rank)
     return dev
 
 
@@ -79,19 +90,25 @@ class ModelRunner:
         model_config: ModelConfig,
         max_model_len: int,
         eos_token_ids: list[int],
+        rank: int = 0,
     ) -> None:
         self.config = config
+        self.rank, self.tp_size = rank, config.tensor_parallel_size
         self.model_config = model_config
         self.max_model_len = max_model_len
         self.block_size = config.block_size
         self.eos_token_ids = list(eos_token_ids)
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config.dtype, model_config)
         torch.manual_seed(config.seed)
         self.backend = get_attention_backend(self.device)
-        self.model = load_model(model_dir, model_config, self.dtype, self.device, max_model_len, self.backend)
+        self.model = load_model(model_dir, model_config, self.dtype, self.device, max_model_len, self.backend,
+                                tp_rank=rank, tp_size=self.tp_size)
+        self.num_kv_heads = kv_head_layout(model_config.num_key_value_heads, self.tp_size)[0]  # on this rank
+        # Rank 0 of several: called with each step's header and flat inputs before the forward pass.
+        self.step_broadcaster: Callable[[StepHeader, torch.Tensor], None] | None = None
         self.sampler = Sampler()
         self.vocab_size = model_config.vocab_size
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
@@ -99,14 +116,19 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.num_blocks = 0
         self.cuda_graphs = None  # CUDAGraphRunner when captured
+        self.multi_token_graphs = None  # spec_decode MultiTokenCUDAGraphRunner (verification batches)
+        # Speculative decoding (proposers, verifier) lives on the rank that samples.
+        self.spec_decoder: SpeculativeDecoder | None = None
+        if config.speculative_method is not None and rank == 0:
+            self.spec_decoder = SpeculativeDecoder(self)
 
     # -- KV cache ----------------------------------------------------------------------------------
     def initialize_kv_cache(self) -> int:
         """Size (profiling on CUDA), allocate and bind the KV cache; capture CUDA graphs unless
         enforce_eager. Returns the number of blocks (null block included)."""
-        self.num_blocks = determine_num_blocks(
+        num_blocks = determine_num_blocks(
             device=self.device,
-            model_config=self.model_config,
+            model_config=dataclasses.replace(self.model_config, num_key_value_heads=self.num_kv_heads),
             dtype=self.dtype,
             block_size=self.block_size,
             max_num_seqs=self.config.max_num_seqs,
@@ -114,9 +136,11 @@ class ModelRunner:
             gpu_memory_utilization=self.config.gpu_memory_utilization,
             num_blocks_override=self.config.num_gpu_blocks_override,
             profile_run=self.profile_run,
+            extra_block_bytes=self.spec_decoder.extra_kv_block_bytes() if self.spec_decoder else 0,
         )
+        self.num_blocks = tensor_parallel_min(num_blocks, self.device)  # every rank holds every block
         cfg = self.model_config
-        shape = (2, cfg.num_hidden_layers, self.num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (2, cfg.num_hidden_layers, self.num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
@@ -125,6 +149,13 @@ class ModelRunner:
 
             self.cuda_graphs = CUDAGraphRunner(self)
             self.cuda_graphs.capture()
+            if self.config.num_speculative_tokens > 0:  # every rank, so that all replay the same graphs
+                from infergrid.worker.spec_decode.verify_graph import MultiTokenCUDAGraphRunner
+
+                self.multi_token_graphs = MultiTokenCUDAGraphRunner(self, 1 + self.config.num_speculative_tokens)
+                self.multi_token_graphs.capture()
+        if self.spec_decoder is not None:
+            self.spec_decoder.initialize_kv_cache(self.num_blocks)
         return self.num_blocks
 
     @torch.inference_mode()
@@ -151,14 +182,17 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, meta)
         num_rows = min(self.config.max_num_seqs, budget)
         logits = self.model.compute_logits(hidden[:num_rows])
-        temperature = torch.ones(num_rows, device=self.device)
-        self.sampler(logits, SamplingMetadata(temperature=temperature, all_greedy=False, max_num_logprobs=20))
+        if logits is not None:  # None on tensor-parallel ranks other than 0 (they never sample)
+            temperature = torch.ones(num_rows, device=self.device)
+            self.sampler(logits, SamplingMetadata(temperature=temperature, all_greedy=False, max_num_logprobs=20))
 
     # -- one step ----------------------------------------------------------------------------------
     def remove_requests(self, request_ids: set[str]) -> None:
         """Forget per-request state (seeded generators) of finished requests."""
         for req_id in request_ids:
             self.generators.pop(req_id, None)
+        if self.spec_decoder is not None:
+            self.spec_decoder.remove_requests(request_ids)
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -174,11 +208,23 @@ class ModelRunner:
         if sampling_metadata is None:
             return ModelRunnerOutput()
         logits = self.model.compute_logits(hidden[batch.logits_indices])
+        if self.spec_decoder is not None and any(r.draft_index for r in rows):  # drafts to verify
+            return self._make_output(rows, self.spec_decoder.verify(logits, sampling_metadata, rows))
         return self._make_output(rows, self.sampler(logits, sampling_metadata))
+
+    def propose_draft_token_ids(
+        self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, list[int]]
+    ) -> dict[str, list[int]]:
+        """Speculative decoding, after the scheduler applied this step: next step's drafts per request."""
+        if self.spec_decoder is None:
+            return {}
+        return self.spec_decoder.propose(scheduler_output, sampled_token_ids)
 
     def _forward(self, batch: _BatchInputs) -> torch.Tensor:
         if self.cuda_graphs is not None and batch.is_uniform_decode and self.cuda_graphs.can_run(batch):
             return self.cuda_graphs.run(batch)
+        if self.multi_token_graphs is not None and self.multi_token_graphs.can_run(batch):
+            return self.multi_token_graphs.run(batch)
         self.backend.prepare(batch.meta)
         return self.model(batch.input_ids, batch.positions, batch.meta)
 
@@ -202,39 +248,51 @@ class ModelRunner:
             for j in range(end - 1 - len(s.spec_token_ids), end)
         ]
         seq_lens = starts + q_lens
-        max_query_len = int(q_lens.max())
-        (t_input_ids, t_positions, t_slots, t_qsl, t_seq_lens, t_tables, t_logits_indices) = self._upload(
-            [input_ids, positions, slot_mapping, qsl, seq_lens, block_tables,
-             np.asarray(logits_indices, dtype=np.int64)]
+        header = StepHeader(
+            num_tokens=total, num_seqs=num_seqs, num_block_columns=block_tables.shape[1],
+            num_logits=len(logits_indices), max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()),
         )
+        # NOTE: the order is the flat layout of distributed/messages.py.
+        flat = self._upload_flat([input_ids, positions, slot_mapping, qsl, seq_lens, block_tables,
+                                  np.asarray(logits_indices, dtype=np.int64)])
+        if self.step_broadcaster is not None:
+            self.step_broadcaster(header, flat)
+        return self._batch_from_flat(header, flat)
+
+    def _batch_from_flat(self, header: StepHeader, flat: torch.Tensor) -> _BatchInputs:
+        """Device tensors of one step from its flat int64 inputs (views, plus int32 casts)."""
+        input_ids, positions, slots, qsl, seq_lens, tables, logits_indices = flat.split(header.split_sizes())
         meta = AttentionMetadata(
-            slot_mapping=t_slots,
-            query_start_loc=t_qsl.to(torch.int32),
-            seq_lens=t_seq_lens.to(torch.int32),
-            block_tables=t_tables.to(torch.int32),
-            max_query_len=max_query_len,
-            max_seq_len=int(seq_lens.max()),
-            block_size=bs,
+            slot_mapping=slots,
+            query_start_loc=qsl.to(torch.int32),
+            seq_lens=seq_lens.to(torch.int32),
+            block_tables=tables.view(header.num_seqs, header.num_block_columns).to(torch.int32),
+            max_query_len=header.max_query_len,
+            max_seq_len=header.max_seq_len,
+            block_size=self.block_size,
         )
         return _BatchInputs(
-            input_ids=t_input_ids,
-            positions=t_positions,
+            input_ids=input_ids,
+            positions=positions,
             meta=meta,
-            logits_indices=t_logits_indices,
-            is_uniform_decode=max_query_len == 1,
+            logits_indices=logits_indices,
+            is_uniform_decode=header.max_query_len == 1,
         )
 
-    def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        """Integer arrays -> int64 tensors on the device, in one (pinned, async) host-to-device copy."""
-        flat = np.concatenate([a.reshape(-1).astype(np.int64, copy=False) for a in arrays])
-        tensor = torch.from_numpy(flat)
+    @torch.inference_mode()
+    def follow_step(self, header: StepHeader, flat: torch.Tensor) -> None:
+        """Tensor-parallel ranks 1..N-1: rank 0's step on this rank's shard (joins its collectives)."""
+        batch = self._batch_from_flat(header, flat)
+        hidden = self._forward(batch)
+        if header.num_logits:
+            self.model.compute_logits(hidden[batch.logits_indices])
+
+    def _upload_flat(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """Integer arrays -> one flat int64 tensor on the device, in one (pinned, async) copy."""
+        flat = torch.from_numpy(np.concatenate([a.reshape(-1).astype(np.int64, copy=False) for a in arrays]))
         if self.device.type == "cuda":
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        out, offset = [], 0
-        for a in arrays:
-            out.append(tensor[offset : offset + a.size].view(a.shape))
-            offset += a.size
-        return out
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        return flat
 
     # -- sampling ----------------------------------------------------------------------------------
     @staticmethod

@@ -85,6 +85,8 @@ class SchedulerStats:
     spec_decode_num_drafts_total: int
     spec_decode_num_draft_tokens_total: int
     spec_decode_num_accepted_tokens_total: int
+    # [i] = drafts accepted at draft position i (0-based), over all verifications.
+    spec_decode_num_accepted_tokens_per_pos: tuple[int, ...] = ()
 
 
 class Scheduler:
@@ -126,6 +128,7 @@ class Scheduler:
         self.spec_decode_num_drafts_total = 0
         self.spec_decode_num_draft_tokens_total = 0
         self.spec_decode_num_accepted_tokens_total = 0
+        self.spec_decode_num_accepted_tokens_per_pos = [0] * config.num_speculative_tokens
 
     # -- admission ---------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -293,6 +296,11 @@ class Scheduler:
         self.spec_decode_num_drafts_total += 1
         self.spec_decode_num_draft_tokens_total += num_drafts
         self.spec_decode_num_accepted_tokens_total += num_accepted
+        per_pos = self.spec_decode_num_accepted_tokens_per_pos
+        if len(per_pos) < num_accepted:
+            per_pos.extend([0] * (num_accepted - len(per_pos)))
+        for i in range(num_accepted):
+            per_pos[i] += 1
 
     def _check_stop(self, request: Request, token_id: int) -> bool:
         params = request.sampling_params
@@ -367,6 +375,7 @@ class Scheduler:
             spec_decode_num_drafts_total=self.spec_decode_num_drafts_total,
             spec_decode_num_draft_tokens_total=self.spec_decode_num_draft_tokens_total,
             spec_decode_num_accepted_tokens_total=self.spec_decode_num_accepted_tokens_total,
+            spec_decode_num_accepted_tokens_per_pos=tuple(self.spec_decode_num_accepted_tokens_per_pos),
         )
 
 

@@ -26,3 +26,6 @@ class EngineStats:
     num_steps_total: int
     # Cached (hashed) KV blocks dropped from the prefix cache so the block could be reused, in blocks.
     prefix_cache_evicted_blocks_total: int = 0
+    # Speculative decoding: [i] = drafts accepted at draft position i (vLLM's
+    # spec_decode_num_accepted_tokens_per_pos); its sum is spec_decode_num_accepted_tokens_total.
+    spec_decode_num_accepted_tokens_per_pos: tuple[int, ...] = ()

@@ -1,7 +1,8 @@
 """Linear layers with a `weight_loader` per parameter (nano-vllm style).
 
 Each parameter knows how to take its slice of a checkpoint tensor, so fused projections (q/k/v into
-`qkv_proj`, gate/up into `gate_up_proj`) and, later, tensor-parallel shards load through one path.
+`qkv_proj`, gate/up into `gate_up_proj`) and tensor-parallel shards load through one path; given a
+LazyWeight (see lazy_weight.py) a rank reads only its shard from the checkpoint.
 `tp_rank`/`tp_size` default to a single rank; column layers split the output dim, row layers the
 input dim (and all-reduce their output when `tp_size > 1`).
 """
@@ -9,20 +10,23 @@ input dim (and all-reduce their output when `tp_size > 1`).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from infergrid.worker.distributed.communication import tensor_parallel_all_reduce
+from infergrid.worker.distributed.parallel_state import kv_head_layout
+from infergrid.worker.lazy_weight import LazyWeight, materialize
 
 
 def _attach_loader(param: nn.Parameter, loader: object) -> None:
     param.weight_loader = loader  # type: ignore[attr-defined]
 
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
-    """Copy a whole checkpoint tensor into `param` (shapes must match)."""
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor | LazyWeight) -> None:
+    """Copy a whole checkpoint tensor (or a LazyWeight, read now) into `param` (shapes must match)."""
     if param.shape != loaded.shape:
         raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
-    param.data.copy_(loaded)
+    param.data.copy_(materialize(loaded))
 
 
 class LinearBase(nn.Module):
@@ -41,7 +45,7 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor | LazyWeight) -> None:
         default_weight_loader(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +64,7 @@ class ColumnParallelLinear(LinearBase):
             raise ValueError(f"out_features {out_features} is not divisible by tp_size {tp_size}")
         super().__init__(in_features, out_features // tp_size, bias, tp_rank, tp_size)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor | LazyWeight) -> None:
         size = param.shape[0]
         default_weight_loader(param, loaded.narrow(0, self.tp_rank * size, size))
 
@@ -72,7 +76,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.out_sizes = list(out_sizes)
         super().__init__(in_features, sum(out_sizes), bias, tp_rank, tp_size)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor | LazyWeight, shard_id: int | None = None
+    ) -> None:
         if shard_id is None:
             return super().weight_loader(param, loaded)
         size = self.out_sizes[shard_id] // self.tp_size
@@ -82,7 +88,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """q, k and v projections fused: output [q heads | k heads | v heads] of this rank."""
+    """q, k and v projections fused: output [q heads | k heads | v heads] of this rank.
+
+    With fewer KV heads than ranks, each KV head is replicated: rank r holds KV head
+    r // (tp_size // num_kv_heads)."""
 
     def __init__(
         self,
@@ -94,21 +103,26 @@ class QKVParallelLinear(ColumnParallelLinear):
         tp_rank: int = 0,
         tp_size: int = 1,
     ):
-        if num_heads % tp_size or num_kv_heads % tp_size:
-            raise ValueError(f"heads ({num_heads}, kv {num_kv_heads}) must divide by tp_size {tp_size}")
+        if num_heads % tp_size or (num_kv_heads % tp_size and tp_size % num_kv_heads):
+            raise ValueError(f"heads ({num_heads}, kv {num_kv_heads}) do not split over tp_size {tp_size}")
         self.head_dim = head_dim
         self.num_heads = num_heads // tp_size
-        self.num_kv_heads = num_kv_heads // tp_size
-        out = (num_heads + 2 * num_kv_heads) * head_dim
+        self.num_kv_heads, self.num_kv_head_replicas = kv_head_layout(num_kv_heads, tp_size)
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size  # per rank after the split
         super().__init__(hidden_size, out, bias, tp_rank, tp_size)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor | LazyWeight, shard_id: str | None = None
+    ) -> None:
         if shard_id is None:
+            if self.tp_size > 1:
+                raise ValueError("a fused qkv checkpoint tensor cannot be sharded; load q, k and v separately")
             return super().weight_loader(param, loaded)
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         size, offset = {"q": (q_size, 0), "k": (kv_size, q_size), "v": (kv_size, q_size + kv_size)}[shard_id]
-        shard = loaded.narrow(0, self.tp_rank * size, size)
+        shard_index = self.tp_rank if shard_id == "q" else self.tp_rank // self.num_kv_head_replicas
+        shard = loaded.narrow(0, shard_index * size, size)
         default_weight_loader(param.narrow(0, offset, size), shard)  # type: ignore[arg-type]
 
 
@@ -120,7 +134,7 @@ class RowParallelLinear(LinearBase):
             raise ValueError(f"in_features {in_features} is not divisible by tp_size {tp_size}")
         super().__init__(in_features // tp_size, out_features, bias, tp_rank, tp_size)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor | LazyWeight) -> None:
         if param.dim() == 1:  # bias: added once, after the reduction
             return default_weight_loader(param, loaded)
         size = param.shape[1]
@@ -128,6 +142,4 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
-        if self.tp_size > 1:
-            dist.all_reduce(y)
-        return y
+        return tensor_parallel_all_reduce(y) if self.tp_size > 1 else y

@@ -120,27 +120,47 @@ class Sampler(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
+        logits = self.apply_processors(logits, meta)
+        sampled = logits.argmax(dim=-1)
+        if not meta.all_greedy:
+            is_greedy = meta.temperature <= 0
+            random = random_sample(self.random_probs(logits, meta), meta.generators)
+            sampled = torch.where(is_greedy, sampled, random)
+        if raw_logprobs is None:
+            return SamplerOutput(sampled=sampled)
+        return self.gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs or 0)
+
+    def compute_probs(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """The distribution `forward` samples each row from, [B, V] float32: greedy rows are one-hot
+        at their argmax. Speculative decoding verifies drafts against it (spec_decode/)."""
+        logits = self.apply_processors(logits, meta)
+        greedy = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        if meta.all_greedy:
+            return greedy
+        return torch.where((meta.temperature <= 0)[:, None], greedy, self.random_probs(logits, meta))
+
+    @staticmethod
+    def apply_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """min_tokens bans, then repetition / frequency / presence penalties."""
         if meta.banned_token_ids:
             logits = logits.clone()
             for row, ids in meta.banned_token_ids.items():
                 logits[row, ids] = _NEG_INF
-        logits = apply_penalties(logits, meta)
-        sampled = logits.argmax(dim=-1)
-        if not meta.all_greedy:
-            is_greedy = meta.temperature <= 0
-            temperature = torch.where(is_greedy, torch.ones_like(meta.temperature), meta.temperature)
-            scaled = logits / temperature[:, None]
-            if meta.min_p is not None:
-                scaled = apply_min_p(scaled, meta.min_p)
-            scaled = apply_top_k_top_p(scaled, meta.top_k, meta.top_p)
-            random = random_sample(scaled.softmax(dim=-1), meta.generators)
-            sampled = torch.where(is_greedy, sampled, random)
-        if raw_logprobs is None:
-            return SamplerOutput(sampled=sampled)
-        return self._gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs or 0)
+        return apply_penalties(logits, meta)
 
     @staticmethod
-    def _gather_logprobs(logprobs: torch.Tensor, sampled: torch.Tensor, k: int) -> SamplerOutput:
+    def random_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """Temperature (greedy rows use 1), min_p, top_k, top_p, softmax: [B, V] probabilities."""
+        is_greedy = meta.temperature <= 0
+        temperature = torch.where(is_greedy, torch.ones_like(meta.temperature), meta.temperature)
+        scaled = logits / temperature[:, None]
+        if meta.min_p is not None:
+            scaled = apply_min_p(scaled, meta.min_p)
+        scaled = apply_top_k_top_p(scaled, meta.top_k, meta.top_p)
+        return scaled.softmax(dim=-1)
+
+    @staticmethod
+    def gather_logprobs(logprobs: torch.Tensor, sampled: torch.Tensor, k: int) -> SamplerOutput:
         sampled_logprob = logprobs.gather(1, sampled[:, None])
         ranks = (logprobs > sampled_logprob).sum(dim=-1) + 1
         token_ids, values = sampled[:, None], sampled_logprob

@@ -10,6 +10,8 @@ sequence with 0 query tokens does nothing.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -41,8 +43,12 @@ def _paged_attention_kernel(
     IEEE: tl.constexpr,
 ):
     # axis 0: query tile, or (NUM_SPLITS > 1, decode only) the split of the context
-    tile = tl.program_id(0) if NUM_SPLITS == 1 else 0
-    split = tl.program_id(0) if NUM_SPLITS > 1 else 0
+    if NUM_SPLITS == 1:
+        tile = tl.program_id(0)
+        split = 0
+    else:
+        tile = 0
+        split = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -180,11 +186,16 @@ def paged_attention(
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def num_decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
     """Split each decode sequence's context over several programs (flash-decoding) when the batch
     alone has too few (sequence, kv head) pairs to fill the GPU. Depends on the batch shape only,
     so a CUDA graph captured for a batch size keeps using the same grid."""
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    num_sms = _num_sms(device)
     work = num_seqs * num_kv_heads
     if work >= num_sms:
         return 1

@@ -3,7 +3,8 @@ Qwen3 (per-head q/k RMSNorm); tied or untied embeddings.
 
 Tokens of the whole batch are flattened ([T, hidden]); attention reads and writes the paged KV cache
 through `AttentionMetadata`. Parameter names follow Hugging Face except for the fused projections
-(`qkv_proj`, `gate_up_proj`), which `load_weights` fills shard by shard.
+(`qkv_proj`, `gate_up_proj`), which `load_weights` fills shard by shard. With `tp_size > 1` each rank
+holds its Megatron shard (see distributed/parallel_state.py) and the hidden states stay replicated.
 """
 
 from __future__ import annotations
@@ -23,23 +24,27 @@ from infergrid.worker.layers.linear import (
     default_weight_loader,
 )
 from infergrid.worker.layers.rotary import RotaryEmbedding
+from infergrid.worker.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from infergrid.worker.lazy_weight import LazyWeight
 from infergrid.worker.model_config import ModelConfig
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, tp_rank: int, tp_size: int
+    ) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
+        self.head_dim = cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, self.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, bias=cfg.qkv_bias,
+            tp_rank=tp_rank, tp_size=tp_size,
         )
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = QKVParallelLinear(
-            cfg.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, bias=cfg.qkv_bias
+        self.o_proj = RowParallelLinear(
+            cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias, tp_rank=tp_rank, tp_size=tp_size
         )
-        self.o_proj = RowParallelLinear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -61,11 +66,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp_rank: int, tp_size: int) -> None:
         super().__init__()
         size = cfg.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], bias=cfg.mlp_bias)
-        self.down_proj = RowParallelLinear(size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, [size, size], bias=cfg.mlp_bias, tp_rank=tp_rank, tp_size=tp_size
+        )
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, bias=cfg.mlp_bias, tp_rank=tp_rank, tp_size=tp_size)
         self.act_fn = GatedActivation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,10 +80,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, tp_rank: int, tp_size: int
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary, backend)
-        self.mlp = LlamaMLP(cfg)
+        self.self_attn = LlamaAttention(cfg, rotary, backend, tp_rank, tp_size)
+        self.mlp = LlamaMLP(cfg, tp_rank, tp_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -95,11 +104,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int, backend: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: ModelConfig, max_position: int, backend: AttentionBackend, tp_rank: int = 0, tp_size: int = 1
+    ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_rank, tp_size)
         rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, backend) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, rotary, backend, tp_rank, tp_size) for _ in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -112,7 +125,8 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Decoder + LM head. `forward` returns final hidden states [T, hidden]; `compute_logits` maps the
-    rows that sample to float32 logits [N, vocab]."""
+    rows that sample to float32 logits [N, vocab] (on tensor-parallel rank 0; None on the others).
+    `tp_rank`/`tp_size` pick this rank's shard of every weight."""
 
     # checkpoint name -> (our fused parameter, shard id)
     packed_modules_mapping = {
@@ -123,26 +137,30 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig, max_position: int, backend: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: ModelConfig, max_position: int, backend: AttentionBackend, tp_rank: int = 0, tp_size: int = 1
+    ) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, max_position, backend)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.model = LlamaModel(cfg, max_position, backend, tp_rank, tp_size)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_rank, tp_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = self.lm_head(hidden)
+        return None if logits is None else logits.float()
 
     def attention_layers(self) -> list[Attention]:
         """The paged-attention modules, one per decoder layer, in order."""
         return [layer.self_attn.attn for layer in self.model.layers]
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load (name, tensor) pairs in Hugging Face naming; returns the parameter names filled.
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | LazyWeight]]) -> set[str]:
+        """Load (name, tensor or LazyWeight) pairs in Hugging Face naming; returns the parameter names filled.
 
         Raises ValueError for an unknown name or a shape mismatch."""
         params = dict(self.named_parameters(remove_duplicate=False))

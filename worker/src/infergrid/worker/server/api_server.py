@@ -112,7 +112,8 @@ def build_app(settings: ServerSettings, engine_factory: Callable[[], Any]) -> Fa
         """Liveness: the engine loop is alive and not stalled (200 while loading)."""
         if lifecycle.is_healthy():
             return JSONResponse({"status": "ok"})
-        reason = lifecycle.error or "engine loop is not making progress"
+        dead = getattr(lifecycle.engine, "dead_error", None)  # e.g. a tensor-parallel rank died
+        reason = lifecycle.error or (str(dead) if dead is not None else "engine loop is not making progress")
         return JSONResponse(error_body(503, f"unhealthy: {reason}", code="unhealthy"), status_code=503)
 
     @app.get("/ready", responses=_errors(503))

@@ -1,7 +1,7 @@
 """Load -> warm up -> ready -> (SIGTERM) drain -> exit, plus the stall watchdog behind /health.
 
     loading --(model loaded, 1-token probe ok)--> ready --(SIGTERM)--> draining --> stopped
-       \\--(load or probe failed)--> failed (exit 1)
+       \\--(load or probe failed)--> failed (exit 1)     \\--(engine dead, e.g. a TP rank died)--> failed (exit 1)
 
 NOTE: uvicorn's own SIGTERM handling closes the listening socket at once (new clients would see
 "connection refused", not 503) and re-raises the signal after shutdown (exit code -15).
@@ -145,6 +145,14 @@ class Lifecycle:
 
     async def _watchdog(self) -> None:
         while self.state in ("ready", "draining"):
+            dead = getattr(self.engine, "dead_error", None)
+            if dead is not None:  # never coming back (unlike a stall): fail /health and exit
+                logger.error("engine is dead: %s; exiting", dead)
+                self.state, self.error = "failed", f"engine dead: {dead}"
+                self.admission.close("not_ready")
+                if self.on_fatal is not None:
+                    self.on_fatal()
+                return
             stats = self.stats()
             if stats is not None:
                 stalled = self.detector.update(stats.num_running + stats.num_waiting, stats.num_steps_total,

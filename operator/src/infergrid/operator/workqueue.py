@@ -1,4 +1,7 @@
-"""Coalesces bursts of watch events into at most one status computation per service per short window."""
+"""A keyed work queue: coalesces bursts of requests, never runs one key twice at once, retries with backoff.
+
+Both of the operator's jobs go through one: reconciling a service's children and writing its status.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +11,30 @@ from collections.abc import Awaitable, Callable, Hashable
 
 logger = logging.getLogger(__name__)
 
+OnError = Callable[[Hashable, Exception, int], None]
 
-class Debouncer:
+
+class WorkQueue:
     """`request(key)` runs `action(key)` once after `delay` seconds, however often it is requested meanwhile.
 
     Runs for one key never overlap (an older computation finishing last would undo a newer one); a
     request that arrives while the action runs schedules one more run afterwards, so the last event is
-    never lost. A failing action is retried after `retry_delay`.
+    never lost. A failing action is retried after `retry_delay`, doubling up to `max_retry_delay`;
+    `on_error(key, exc, failures)` is told about every failure.
     """
 
-    def __init__(self, action: Callable[[Hashable], Awaitable[None]], *, delay: float = 0.2,
-                 retry_delay: float = 2.0) -> None:
+    def __init__(self, action: Callable[[Hashable], Awaitable[None]], *, name: str, delay: float = 0.2,
+                 retry_delay: float = 1.0, max_retry_delay: float = 60.0, on_error: OnError | None = None) -> None:
         self._action = action
+        self._name = name
         self._delay = delay
         self._retry_delay = retry_delay
+        self._max_retry_delay = max_retry_delay
+        self._on_error = on_error
         self._pending: set[Hashable] = set()
         self._running: set[Hashable] = set()
         self._dirty: set[Hashable] = set()
+        self._failures: dict[Hashable, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def request(self, key: Hashable, delay: float | None = None) -> None:
@@ -39,17 +49,22 @@ class Debouncer:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, key: Hashable, delay: float) -> None:
-        await asyncio.sleep(delay)
+        if delay > 0:
+            await asyncio.sleep(delay)
         self._pending.discard(key)
         self._running.add(key)
         again: float | None = None
         try:
             await self._action(key)
+            self._failures.pop(key, None)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - logged and retried; one service must not stop the rest
-            logger.warning("status refresh of %s failed (%s); retrying in %.0fs", key, exc, self._retry_delay)
-            again = self._retry_delay
+        except Exception as exc:  # noqa: BLE001 - reported and retried; one key must not stop the rest
+            failures = self._failures[key] = self._failures.get(key, 0) + 1
+            again = min(self._retry_delay * 2 ** (failures - 1), self._max_retry_delay)
+            logger.warning("%s of %s failed (%s); retry #%d in %.0fs", self._name, key, exc, failures, again)
+            if self._on_error is not None:
+                self._on_error(key, exc, failures)
         finally:
             self._running.discard(key)
         if key in self._dirty:
@@ -58,9 +73,17 @@ class Debouncer:
         if again is not None:
             self.request(key, again)
 
+    def forget(self, key: Hashable) -> None:
+        """Drop the failure count of a key that no longer exists."""
+        self._failures.pop(key, None)
+
     @property
     def num_pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def num_busy(self) -> int:
+        return len(self._pending) + len(self._running)
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -1,10 +1,10 @@
-"""The status debouncer: coalescing, no overlapping runs per key, retries."""
+"""The status queue: coalescing, no overlapping runs per key, retries."""
 
 import asyncio
 
 import pytest
 
-from infergrid.operator.refresher import Debouncer
+from infergrid.operator.workqueue import WorkQueue
 
 
 @pytest.mark.asyncio
@@ -14,13 +14,13 @@ async def test_a_burst_of_requests_runs_the_action_once():
     async def action(key):
         calls.append(key)
 
-    debouncer = Debouncer(action, delay=0.05)
+    queue = WorkQueue(action, name="t", delay=0.05)
     for _ in range(50):
-        debouncer.request("a")
-    debouncer.request("b")
+        queue.request("a")
+    queue.request("b")
     await asyncio.sleep(0.2)
     assert sorted(calls) == ["a", "b"]
-    await debouncer.close()
+    await queue.close()
 
 
 @pytest.mark.asyncio
@@ -37,17 +37,17 @@ async def test_runs_for_one_key_never_overlap_and_the_last_request_is_honoured()
             await release.wait()
         running -= 1
 
-    debouncer = Debouncer(action, delay=0.01)
-    debouncer.request("k")
+    queue = WorkQueue(action, name="t", delay=0.01)
+    queue.request("k")
     await asyncio.sleep(0.05)  # first run is now blocked inside the action
-    debouncer.request("k")
-    debouncer.request("k")
+    queue.request("k")
+    queue.request("k")
     await asyncio.sleep(0.05)
     assert calls == 1  # the new request waits for the running one
     release.set()
     await asyncio.sleep(0.1)
     assert calls == 2 and max_running == 1
-    await debouncer.close()
+    await queue.close()
 
 
 @pytest.mark.asyncio
@@ -59,9 +59,9 @@ async def test_failures_are_retried():
         if len(attempts) < 3:
             raise RuntimeError("API down")
 
-    debouncer = Debouncer(action, delay=0.01, retry_delay=0.02)
-    debouncer.request("k")
+    queue = WorkQueue(action, name="t", delay=0.01, retry_delay=0.02)
+    queue.request("k")
     await asyncio.sleep(0.3)
     assert len(attempts) == 3
-    assert debouncer.num_pending == 0
-    await debouncer.close()
+    assert queue.num_pending == 0
+    await queue.close()

@@ -1,0 +1,297 @@
+"""Executors: how LLMEngine runs the model, on one process or on N tensor-parallel ranks.
+
+    LLMEngine --SchedulerOutput--> Executor.execute_model --> ModelRunner (rank 0) --> ModelRunnerOutput
+                                       |
+            MultiProcExecutor only:    +-- per step: header over each rank's pipe, inputs by broadcast
+                                       +-- ranks 1..N-1: spawned processes (worker_proc.py), one per GPU
+
+Rank 0 lives in the engine process (the scheduler's): it builds the step's inputs, sends each
+follower a fixed-size header, broadcasts one flat int64 tensor, runs its shard of the model and
+samples from the logits gathered to it. A monitor thread waits on the followers' process sentinels:
+a rank that dies marks the executor failed (`check_health` raises, so AsyncLLM turns unhealthy),
+the remaining ranks are killed so no collective stays blocked, and later steps raise.
+
+Followers ignore SIGINT/SIGTERM (rank 0 decides when they stop), and exit on their own when the
+engine process disappears (a parent-watch thread), so no rank outlives the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+import weakref
+from abc import ABC, abstractmethod
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from infergrid.worker.config import EngineConfig
+from infergrid.worker.distributed import messages
+from infergrid.worker.distributed.communication import tensor_parallel_broadcast
+from infergrid.worker.distributed.messages import Command, StepHeader
+from infergrid.worker.distributed.parallel_state import (
+    backend_for_device,
+    destroy_tensor_parallel,
+    init_tensor_parallel,
+)
+from infergrid.worker.distributed.worker_proc import WorkerArgs, run_worker
+from infergrid.worker.engine.model_runner import ModelRunner, ModelRunnerOutput, resolve_device
+from infergrid.worker.engine.scheduler import SchedulerOutput
+from infergrid.worker.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+# Ranks rendezvous within this long (they have only imported torch by then); collectives after that
+# use the process group's timeout.
+_RENDEZVOUS_TIMEOUT = timedelta(seconds=300)
+_GROUP_TIMEOUT = timedelta(minutes=30)
+_STOP_TIMEOUT_S = 5.0
+
+
+class RankDiedError(RuntimeError):
+    """A tensor-parallel rank exited; the engine can make no further progress."""
+
+
+class Executor(ABC):
+    """Runs the model for LLMEngine. `driver_runner` is rank 0's ModelRunner (the one that samples)."""
+
+    driver_runner: ModelRunner
+
+    @property
+    @abstractmethod
+    def rank_pids(self) -> list[int]:
+        """Process id of every rank, rank 0 first."""
+
+    @abstractmethod
+    def initialize_kv_cache(self) -> int:
+        """Size and allocate the KV cache on every rank; returns the number of blocks (same on all)."""
+
+    @abstractmethod
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step on every rank; rank 0's sampled tokens."""
+
+    @abstractmethod
+    def check_health(self) -> None:
+        """Raise RankDiedError when a rank is gone."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Stop every rank (idempotent)."""
+
+
+class UniProcExecutor(Executor):
+    """tensor_parallel_size 1: the model runs in the engine process."""
+
+    def __init__(self, config: EngineConfig, model_dir: str, model_config: ModelConfig, max_model_len: int,
+                 eos_token_ids: list[int]) -> None:
+        self.driver_runner = ModelRunner(config, model_dir, model_config, max_model_len, eos_token_ids)
+
+    @property
+    def rank_pids(self) -> list[int]:
+        return [os.getpid()]
+
+    def initialize_kv_cache(self) -> int:
+        return self.driver_runner.initialize_kv_cache()
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.driver_runner.execute_model(scheduler_output)
+
+    def check_health(self) -> None:
+        return None
+
+    def shutdown(self) -> None:
+        return None
+
+
+class _Rank:
+    """The engine's handle on one follower rank."""
+
+    def __init__(self, rank: int, process: Any, conn: multiprocessing.connection.Connection) -> None:
+        self.rank, self.process, self.conn = rank, process, conn
+
+    @property
+    def pid(self) -> int:
+        return int(self.process.pid)
+
+
+def _kill_ranks(processes: list[Any]) -> None:
+    for proc in processes:
+        if proc.is_alive():
+            with contextlib.suppress(OSError):
+                os.kill(proc.pid, signal.SIGKILL)
+    for proc in processes:
+        proc.join(_STOP_TIMEOUT_S)
+
+
+class MultiProcExecutor(Executor):
+    """tensor_parallel_size N > 1: rank 0 in this process, ranks 1..N-1 spawned (see module docstring).
+
+    One per process at a time (the ranks form the default torch.distributed process group)."""
+
+    def __init__(self, config: EngineConfig, model_dir: str, model_config: ModelConfig, max_model_len: int,
+                 eos_token_ids: list[int]) -> None:
+        self.world_size = config.tensor_parallel_size
+        device = resolve_device(config.device)
+        if device.type == "cuda" and torch.cuda.device_count() < self.world_size:
+            raise ValueError(
+                f"tensor_parallel_size {self.world_size} needs {self.world_size} GPUs, "
+                f"but {torch.cuda.device_count()} are visible"
+            )
+        self.backend = backend_for_device(device)
+        self._ranks: list[_Rank] = []
+        self._failure: str | None = None
+        self._is_stopping = False
+        self._lock = threading.Lock()
+        _prefer_loopback()
+        self._store = store = dist.TCPStore("127.0.0.1", 0, self.world_size, True, timeout=_RENDEZVOUS_TIMEOUT,
+                                            wait_for_workers=False)
+        self._saved_num_threads = torch.get_num_threads()
+        num_threads = max(1, self._saved_num_threads // self.world_size) if device.type == "cpu" else 4
+        if device.type == "cpu":  # the ranks share this machine's cores; spinning threads would starve each other
+            torch.set_num_threads(num_threads)
+        ctx = torch.multiprocessing.get_context("spawn")
+        try:
+            for rank in range(1, self.world_size):
+                parent_conn, child_conn = ctx.Pipe(duplex=True)
+                args = WorkerArgs(rank=rank, world_size=self.world_size, backend=self.backend, store_port=store.port,
+                                  parent_pid=os.getpid(), num_threads=num_threads, config=config,
+                                  model_dir=model_dir, model_config=model_config, max_model_len=max_model_len,
+                                  eos_token_ids=list(eos_token_ids))
+                proc = ctx.Process(target=run_worker, args=(args, child_conn), name=f"infergrid-tp-rank{rank}",
+                                   daemon=True)
+                proc.start()
+                child_conn.close()
+                self._ranks.append(_Rank(rank, proc, parent_conn))
+            self._finalizer = weakref.finalize(self, _kill_ranks, [r.process for r in self._ranks])
+            self._wait_for_all("hello")
+            init_tensor_parallel(0, self.world_size, self.backend, store, timeout=_GROUP_TIMEOUT)
+            self.driver_runner = ModelRunner(config, model_dir, model_config, max_model_len, eos_token_ids, rank=0)
+            self._wait_for_all("loaded")
+        except BaseException:
+            self.shutdown()
+            raise
+        self.driver_runner.step_broadcaster = self._broadcast_step
+        self._monitor = threading.Thread(target=self._watch_ranks, name="infergrid-tp-monitor", daemon=True)
+        self._monitor.start()
+        logger.info("tensor parallel: %d ranks (%s); rank pids %s (rank 0 is this process)",
+                    self.world_size, self.backend, self.rank_pids)
+
+    # -- Executor ----------------------------------------------------------------------------------
+    @property
+    def rank_pids(self) -> list[int]:
+        return [os.getpid(), *(r.pid for r in self._ranks)]
+
+    def initialize_kv_cache(self) -> int:
+        self._send_all(messages.pack(Command.INIT_KV_CACHE))
+        return self.driver_runner.initialize_kv_cache()
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self.check_health()
+        try:
+            return self.driver_runner.execute_model(scheduler_output)
+        except Exception as exc:
+            if any(not r.process.is_alive() for r in self._ranks):
+                self._monitor.join(2.0)  # a collective failed because a rank died: report which
+            if self._failure is not None:
+                raise RankDiedError(self._failure) from exc
+            raise
+
+    def check_health(self) -> None:
+        if self._failure is not None:
+            raise RankDiedError(self._failure)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._is_stopping:
+                return
+            self._is_stopping = True
+        for r in self._ranks:
+            with contextlib.suppress(OSError, ValueError):
+                r.conn.send_bytes(messages.pack(Command.SHUTDOWN))
+        for r in self._ranks:
+            r.process.join(_STOP_TIMEOUT_S)
+        _kill_ranks([r.process for r in self._ranks])
+        for r in self._ranks:
+            r.conn.close()
+        if self._failure is not None and self.backend == "nccl":
+            with contextlib.suppress(Exception):
+                dist.distributed_c10d._abort_process_group()
+        with contextlib.suppress(Exception):
+            destroy_tensor_parallel()
+        torch.set_num_threads(self._saved_num_threads)
+        logger.info("tensor parallel: all %d ranks stopped", self.world_size)
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _broadcast_step(self, header: StepHeader, flat: torch.Tensor) -> None:
+        self._send_all(messages.pack(Command.EXECUTE, header))
+        tensor_parallel_broadcast(flat, src=0)
+
+    def _send_all(self, data: bytes) -> None:
+        self.check_health()
+        for r in self._ranks:
+            try:
+                r.conn.send_bytes(data)
+            except OSError as exc:
+                raise RankDiedError(self._failure or f"tensor-parallel rank {r.rank} (pid {r.pid}) is gone") from exc
+
+    def _wait_for_all(self, kind: str) -> None:
+        """Receive message `kind` from every follower; raise if one reports an error or dies first."""
+        pending = {r.conn: r for r in self._ranks}
+        sentinels = {r.process.sentinel: r for r in self._ranks}
+        while pending:
+            for ready in multiprocessing.connection.wait([*pending, *sentinels]):
+                r = pending.get(ready)  # type: ignore[call-overload]
+                if r is None:  # a sentinel: that process exited
+                    raise RankDiedError(self._describe_death(sentinels[ready]))  # type: ignore[index]
+                try:
+                    got, detail = r.conn.recv()
+                except (EOFError, OSError):
+                    raise RankDiedError(self._describe_death(r)) from None
+                if got != kind:
+                    raise RankDiedError(f"tensor-parallel rank {r.rank} (pid {r.pid}) failed while starting:\n{detail}")
+                del pending[r.conn]
+
+    def _describe_death(self, r: _Rank) -> str:
+        r.process.join(1.0)
+        detail = ""
+        with contextlib.suppress(EOFError, OSError, ValueError):
+            while r.conn.poll(0):
+                kind, text = r.conn.recv()
+                if kind == "error":
+                    detail = f": {text.strip().splitlines()[-1]}"
+        return f"tensor-parallel rank {r.rank} (pid {r.pid}) exited with code {r.process.exitcode}{detail}"
+
+    def _watch_ranks(self) -> None:
+        sentinels = {r.process.sentinel: r for r in self._ranks}
+        ready = multiprocessing.connection.wait(list(sentinels))
+        if self._is_stopping:
+            return
+        self._failure = self._describe_death(sentinels[ready[0]])  # type: ignore[index]
+        logger.error("%s; stopping the other ranks, the engine is dead", self._failure)
+        _kill_ranks([r.process for r in self._ranks])  # so rank 0 is not left blocked in a collective
+        if self.backend == "nccl":
+            with contextlib.suppress(Exception):
+                dist.distributed_c10d._abort_process_group()
+
+
+def _prefer_loopback() -> None:
+    """All ranks are on this host: keep gloo's and NCCL's sockets on the loopback interface."""
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+
+
+def make_executor(config: EngineConfig, model_dir: str, model_config: ModelConfig, max_model_len: int,
+                  eos_token_ids: list[int]) -> Executor:
+    """UniProcExecutor for tensor_parallel_size 1, else MultiProcExecutor."""
+    cls = MultiProcExecutor if config.tensor_parallel_size > 1 else UniProcExecutor
+    return cls(config, model_dir, model_config, max_model_len, eos_token_ids)
+
+

@@ -1,0 +1,109 @@
+"""Ranks 1..N-1: a spawned process that loads its shard and follows rank 0's steps.
+
+    hello --> join the group --> load shard --> loaded --> loop: recv header | broadcast inputs | forward
+                                                             (INIT_KV_CACHE, EXECUTE, SHUTDOWN)
+
+The loop waits for headers on its pipe (no collective is pending while the engine is idle, so no
+timeout can fire); it never samples. Any error is sent to rank 0 as text and ends the process with
+exit code 1; the parent-watch thread ends it when the engine process is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import Connection
+
+import torch
+
+from infergrid.worker.config import EngineConfig
+from infergrid.worker.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_PARENT_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """What a follower rank needs to start (pickled once, at spawn)."""
+
+    rank: int
+    world_size: int
+    backend: str
+    store_port: int
+    parent_pid: int
+    num_threads: int
+    config: EngineConfig
+    model_dir: str
+    model_config: ModelConfig
+    max_model_len: int
+    eos_token_ids: list[int]
+
+
+def _exit_when_parent_dies(parent_pid: int) -> None:
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def run_worker(args: WorkerArgs, conn: Connection) -> None:
+    """Process entry point of rank `args.rank` (see the module docstring)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _exit_when_parent_dies(args.parent_pid)
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s %(levelname)s tp-rank{args.rank} %(name)s: %(message)s")
+    try:
+        torch.set_num_threads(args.num_threads)
+        conn.send(("hello", os.getpid()))
+        _follow(args, conn)
+    except BaseException:  # noqa: BLE001 - reported to rank 0, then the process ends
+        text = traceback.format_exc()
+        logger.error("tensor-parallel rank %d failed:\n%s", args.rank, text)
+        try:
+            conn.send(("error", text))
+        except OSError:
+            pass
+        os._exit(1)
+    os._exit(0)  # NOTE: skips atexit hooks that could block on a half-torn-down process group
+
+
+def _follow(args: WorkerArgs, conn: Connection) -> None:
+    import torch.distributed as dist
+
+    from infergrid.worker.distributed import messages
+    from infergrid.worker.distributed.communication import tensor_parallel_broadcast
+    from infergrid.worker.distributed.messages import Command
+    from infergrid.worker.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+    from infergrid.worker.engine.model_runner import ModelRunner
+
+    store = dist.TCPStore("127.0.0.1", args.store_port, args.world_size, False, timeout=timedelta(seconds=300))
+    init_tensor_parallel(args.rank, args.world_size, args.backend, store, timeout=timedelta(minutes=30))
+    runner = ModelRunner(args.config, args.model_dir, args.model_config, args.max_model_len, args.eos_token_ids,
+                         rank=args.rank)
+    conn.send(("loaded", None))
+    with torch.inference_mode():
+        while True:
+            try:
+                command, header = messages.unpack(conn.recv_bytes())
+            except EOFError:  # rank 0 closed the pipe without a SHUTDOWN
+                break
+            if command is Command.SHUTDOWN:
+                break
+            if command is Command.INIT_KV_CACHE:
+                runner.initialize_kv_cache()
+            elif command is Command.EXECUTE:
+                flat = torch.empty(header.flat_size, dtype=torch.int64, device=runner.device)
+                tensor_parallel_broadcast(flat, src=0)
+                runner.follow_step(header, flat)
+    destroy_tensor_parallel()

@@ -1,0 +1,285 @@
+"""Draft-model proposer: a smaller checkpoint with the target's tokenizer proposes k tokens per step.
+
+The draft runs on the engine's own machinery: a second `ModelRunner` (its model, paged KV cache,
+attention backend and CUDA graphs) whose KV pool mirrors the target's block ids, so the draft reads
+and writes a request's KV through the target's block table:
+
+    draft KV pool: [ block 0 (null) | blocks 1 .. N-1 (same ids as the target) | scratch blocks ]
+
+Validity. The target writes KV for every token it computes (prefills, drafts, rejected drafts); the
+draft computes lazily, only for requests that propose, so it keeps per block the number of leading
+slots whose draft KV matches the target's tokens (`valid`). A target write at offset o of a block
+truncates that block's count to o; a draft catch-up extends it, up to the target's computed tokens.
+A request's draft context is the longest prefix of its block table that is valid, so preemption,
+prefix-cache hits (a hit block keeps the draft KV it had), rewinds of rejected tokens and requests
+that stopped speculating for a while all come out right: the draft just catches up from there.
+
+One proposal step, after the target verified and the scheduler applied the result, per request with
+num_tokens tokens (the last, just sampled, has no KV anywhere yet):
+
+    pass 1:    catch-up tokens [valid prefix .. num_tokens) in one varlen pass -> logits -> d1
+    pass j>1:  d_{j-1} at position num_tokens - 2 + j (a decode pass)        -> logits -> d_j
+
+Draft KV at positions past the target's computed tokens is speculative: it goes to the request's own
+(uncached, unshared) blocks or, past the end of its block table, to scratch blocks, and is never
+counted as valid. Each d_j is sampled from q_j, the draft's distribution under the request's
+temperature / top_k / top_p / min_p (penalties are not applied to the draft; any q is exact,
+a closer one just accepts more); q_j is kept for the verifier's rejection sampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from infergrid.worker.config import EngineConfig
+from infergrid.worker.engine.kv_cache import kv_block_bytes
+from infergrid.worker.engine.model_runner import ModelRunner
+from infergrid.worker.engine.request import Request
+from infergrid.worker.engine.scheduler import ScheduledRequest, SchedulerOutput
+from infergrid.worker.layers.sampler import Sampler, SamplingMetadata, random_sample
+from infergrid.worker.loader import resolve_model_path
+from infergrid.worker.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@dataclass
+class DraftRequest:
+    """One request that proposes this step: its block table (the target's) and its number of drafts."""
+
+    request: Request
+    block_ids: list[int]
+    num_drafts: int
+
+
+@dataclass
+class Proposal:
+    """Drafts of one request and, for sampled (non-greedy) requests, their draft distributions [k, V]."""
+
+    token_ids: list[int]
+    probs: torch.Tensor | None
+
+
+def model_cost(cfg: ModelConfig) -> int:
+    """Weights read per decode step (parameters, embeddings lookup excluded): a proxy for step cost."""
+    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
+    q = cfg.num_attention_heads * cfg.head_dim
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size
+    return cfg.num_hidden_layers * per_layer + cfg.vocab_size * h
+
+
+class DraftProposer:
+    """Runs the draft model for the requests that speculate (see the module docstring).
+
+    Args:
+        config: the engine's config (draft_model, num_speculative_tokens, block_size, max_num_seqs).
+        target: the target's ModelRunner (device, dtype, vocabulary, context length).
+    """
+
+    def __init__(self, config: EngineConfig, target: ModelRunner) -> None:
+        assert config.draft_model is not None
+        if config.tensor_parallel_size > 1:
+            raise ValueError("speculative_method 'draft' does not support tensor_parallel_size > 1 yet "
+                             "(use speculative_method 'ngram')")
+        path = resolve_model_path(config.draft_model)
+        self.model_config = ModelConfig.from_pretrained(path)
+        target_cfg = target.model_config
+        if self.model_config.vocab_size != target_cfg.vocab_size:
+            raise ValueError(
+                f"draft_model vocabulary ({self.model_config.vocab_size} tokens) differs from the target's "
+                f"({target_cfg.vocab_size}); the draft must share the target's tokenizer"
+            )
+        if self.model_config.max_position_embeddings < target.max_model_len:
+            raise ValueError(
+                f"draft_model max_position_embeddings {self.model_config.max_position_embeddings} is below "
+                f"max_model_len {target.max_model_len}"
+            )
+        self.block_size = config.block_size
+        self.max_k = config.num_speculative_tokens
+        # Per proposing request: room for positions num_tokens - 1 .. num_tokens + k - 2 past its table.
+        self.num_scratch_per_request = -(-self.max_k // self.block_size) + 1
+        self.num_scratch_blocks = config.max_num_seqs * self.num_scratch_per_request
+        dtype = config.dtype if config.dtype != "auto" else _DTYPE_NAMES.get(target.dtype, "auto")
+        draft_config = dataclasses.replace(
+            config, model=path, dtype=dtype, speculative_method=None, num_speculative_tokens=0,
+            draft_model=None, tensor_parallel_size=1,
+        )
+        self.runner = ModelRunner(draft_config, path, self.model_config, target.max_model_len, target.eos_token_ids)
+        self.cost_ratio = model_cost(self.model_config) / model_cost(target_cfg)
+        self.sampler = Sampler()
+        self.generators: dict[str, torch.Generator] = {}
+        self.valid = np.zeros(0, dtype=np.int64)
+        self.num_target_blocks = 0
+        # Tokens a pass may catch up (bounds the draft's activation memory like the target's budget).
+        self.max_catch_up_tokens = config.get_max_num_batched_tokens()
+        self.num_catch_up_tokens_total = 0  # tokens the draft computed to catch up with the target
+
+    # -- KV cache ----------------------------------------------------------------------------------
+    def kv_block_bytes(self) -> int:
+        """Bytes of one draft KV block (the target sizes its pool for both)."""
+        return kv_block_bytes(self.model_config, self.block_size, self.runner.dtype)
+
+    def initialize_kv_cache(self, num_target_blocks: int) -> None:
+        """Allocate the draft pool: the target's block ids plus scratch blocks; capture graphs."""
+        self.num_target_blocks = num_target_blocks
+        self.valid = np.zeros(num_target_blocks, dtype=np.int64)
+        runner = self.runner
+        runner.config = dataclasses.replace(
+            runner.config, num_gpu_blocks_override=num_target_blocks + self.num_scratch_blocks
+        )
+        runner.initialize_kv_cache()
+
+    # -- validity ----------------------------------------------------------------------------------
+    def note_target_writes(self, scheduler_output: SchedulerOutput) -> None:
+        """The target wrote KV for every scheduled token: truncate those blocks' draft validity."""
+        bs = self.block_size
+        for s in scheduler_output.scheduled:
+            if s.num_new_tokens <= 0:
+                continue
+            start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
+            first, last = start // bs, (end - 1) // bs
+            ids = s.block_ids[first : last + 1]
+            b0 = ids[0]
+            self.valid[b0] = min(self.valid[b0], start - first * bs)
+            if len(ids) > 1:
+                self.valid[ids[1:]] = 0
+
+    def valid_prefix(self, block_ids: list[int], limit: int) -> int:
+        """Leading positions of this block table whose draft KV is valid (at most `limit`)."""
+        num_blocks = min(len(block_ids), -(-limit // self.block_size))
+        if num_blocks == 0:
+            return 0
+        counts = self.valid[np.asarray(block_ids[:num_blocks])]
+        partial = np.flatnonzero(counts < self.block_size)
+        if partial.size == 0:
+            return min(num_blocks * self.block_size, limit)
+        i = int(partial[0])
+        return min(i * self.block_size + int(counts[i]), limit)
+
+    def _mark_valid(self, block_ids: list[int], start: int, end: int) -> None:
+        """Draft KV now matches the target's for positions [start, end) (start is the valid prefix)."""
+        bs = self.block_size
+        pos = start
+        while pos < end:
+            b = block_ids[pos // bs]
+            stop = min(end, (pos // bs + 1) * bs)
+            self.valid[b] = stop - (pos // bs) * bs
+            pos = stop
+
+    # -- proposing ---------------------------------------------------------------------------------
+    def remove_requests(self, request_ids: set[str]) -> None:
+        for req_id in request_ids:
+            self.generators.pop(req_id, None)
+
+    @torch.inference_mode()
+    def propose(self, requests: list[DraftRequest]) -> dict[str, Proposal]:
+        """Catch up and propose for every request (see the module docstring). A request whose
+        catch-up does not fit this step's token cap catches up partly and proposes next time."""
+        runner, bs = self.runner, self.block_size
+        budget = self.max_catch_up_tokens
+        first: list[ScheduledRequest] = []
+        proposing: list[tuple[DraftRequest, list[int]]] = []
+        scratch = self.num_target_blocks
+        for dr in requests:
+            req = dr.request
+            computed = req.num_computed_tokens
+            start = self.valid_prefix(dr.block_ids, computed)
+            num_new = req.num_tokens - start
+            if budget <= 0:
+                break
+            if num_new > budget:  # catch up only; no drafts this step
+                num_new = budget
+                first.append(self._sched(req, start, req.all_token_ids[start : start + num_new], dr.block_ids,
+                                         needs_sample=False))
+                budget -= num_new
+                self._mark_valid(dr.block_ids, start, min(start + num_new, computed))
+                continue
+            last_pos = req.num_tokens + dr.num_drafts - 2
+            table = list(dr.block_ids)
+            while len(table) <= last_pos // bs:
+                table.append(scratch)
+                scratch += 1
+            first.append(self._sched(req, start, req.all_token_ids[start:], table, needs_sample=True))
+            proposing.append((dr, table))
+            budget -= num_new
+            self._mark_valid(dr.block_ids, start, computed)
+        if not first:
+            return {}
+        self.num_catch_up_tokens_total += sum(s.num_new_tokens for s in first)
+        batch = runner._prepare_inputs(first)
+        hidden = runner._forward(batch)
+        if not proposing:
+            return {}
+        tokens, probs = self._sample(runner.model.compute_logits(hidden[batch.logits_indices]),
+                                     [dr.request for dr, _ in proposing])
+        drafts = [[t] for t in tokens]
+        draft_probs: list[list[torch.Tensor]] = [[p] if p is not None else [] for p in probs]
+        for j in range(1, max(dr.num_drafts for dr, _ in proposing)):
+            active = [i for i, (dr, _) in enumerate(proposing) if dr.num_drafts > j]
+            scheds = []
+            for i in active:
+                dr, table = proposing[i]
+                pos = dr.request.num_tokens - 1 + j
+                scheds.append(self._sched(dr.request, pos, [drafts[i][-1]], table, needs_sample=True))
+            batch = runner._prepare_inputs(scheds)
+            hidden = runner._forward(batch)
+            tokens, probs = self._sample(runner.model.compute_logits(hidden[batch.logits_indices]),
+                                         [proposing[i][0].request for i in active])
+            for i, t, p in zip(active, tokens, probs, strict=True):
+                drafts[i].append(t)
+                if p is not None:
+                    draft_probs[i].append(p)
+        return {
+            dr.request.request_id: Proposal(drafts[i], torch.stack(draft_probs[i]) if draft_probs[i] else None)
+            for i, (dr, _) in enumerate(proposing)
+        }
+
+    @staticmethod
+    def _sched(request: Request, start: int, token_ids: list[int], block_ids: list[int],
+               needs_sample: bool) -> ScheduledRequest:
+        return ScheduledRequest(
+            request=request, num_computed_tokens=start, num_new_tokens=len(token_ids), token_ids=token_ids,
+            spec_token_ids=[], block_ids=block_ids, is_prefill=len(token_ids) > 1, needs_sample=needs_sample,
+        )
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[torch.Tensor | None]]:
+        """Draft tokens for one pass: argmax for greedy requests, else a sample from q (returned)."""
+        params = [r.sampling_params for r in requests]
+        greedy = [p.is_greedy for p in params]
+        if all(greedy):
+            return logits.argmax(dim=-1).tolist(), [None] * len(requests)
+        dev = logits.device
+        meta = SamplingMetadata(
+            temperature=torch.tensor([0.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)],
+                                     dtype=torch.float32, device=dev),
+            all_greedy=False,
+        )
+        vocab = logits.shape[1]
+        if any(p.top_p < 1.0 for p in params):
+            meta.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+        if any(p.top_k > 0 for p in params):
+            meta.top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
+        if any(p.min_p > 0 for p in params):
+            meta.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+        for i, (r, p) in enumerate(zip(requests, params, strict=True)):
+            if p.seed is not None and not greedy[i]:
+                meta.generators[i] = self._generator(r.request_id, p.seed)
+        probs = self.sampler.compute_probs(logits, meta)
+        sampled = torch.where(torch.tensor(greedy, device=dev), logits.argmax(dim=-1),
+                              random_sample(probs, meta.generators))
+        return sampled.tolist(), [None if g else probs[i] for i, g in enumerate(greedy)]
+
+    def _generator(self, request_id: str, seed: int) -> torch.Generator:
+        gen = self.generators.get(request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.runner.device)
+            gen.manual_seed(seed ^ 0x5EED)  # the draft's own stream, apart from the target's
+            self.generators[request_id] = gen
+        return gen

@@ -1,0 +1,148 @@
+"""SpeculativeDecoder: the model runner's speculative-decoding part (proposers, verifier, adaptive k).
+
+Per engine step (continuous batching; any mix of requests with and without drafts, prefill chunks,
+preempted and prefix-hit requests):
+
+    schedule()        requests carry the drafts proposed last step (Request.spec_token_ids); the
+                      scheduler budgets 1 + len(drafts) tokens for each and trims drafts to fit
+    execute_model()   one target forward pass; a request with drafts samples at every draft
+                      position + 1; `verify` = lossless rejection sampling (rejection_sampler.py)
+    update_from_output()  appends accepted drafts + one token and rewinds the rejected drafts' KV
+    propose()         observes acceptance (adaptive.py), then proposes up to k tokens for every
+                      request that sampled: n-gram lookup or the draft model
+
+The proposals (and, for a sampled draft, their distributions q) wait for the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from infergrid.worker import envs
+from infergrid.worker.engine.request import RequestStatus
+from infergrid.worker.engine.scheduler import SchedulerOutput
+from infergrid.worker.layers.sampler import SamplerOutput, SamplingMetadata
+from infergrid.worker.spec_decode.adaptive import AdaptiveNumDrafts
+from infergrid.worker.spec_decode.ngram_proposer import NgramProposer
+from infergrid.worker.spec_decode.rejection_sampler import NO_DRAFT, RejectionSampler
+
+if TYPE_CHECKING:
+    from infergrid.worker.engine.model_runner import ModelRunner
+    from infergrid.worker.spec_decode.draft_proposer import DraftProposer, Proposal
+
+logger = logging.getLogger(__name__)
+
+# The verifier's extra cost per draft token, in target-step units (a few more query tokens per
+# sequence in a memory-bound forward pass, plus the rejection sampler's rows).
+VERIFY_COST_PER_TOKEN = 0.03
+
+
+class SpeculativeDecoder:
+    """Owns the proposer, the per-request adaptive k and the verifier for one ModelRunner (rank 0)."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        config = runner.config
+        self.method = config.speculative_method
+        self.max_k = config.num_speculative_tokens
+        self.device = runner.device
+        self.rejection_sampler = RejectionSampler(runner.sampler)
+        self.ngram: NgramProposer | None = None
+        self.draft: DraftProposer | None = None
+        if self.method == "ngram":
+            self.ngram = NgramProposer()
+            draft_cost = VERIFY_COST_PER_TOKEN
+        elif self.method == "draft":
+            from infergrid.worker.spec_decode.draft_proposer import DraftProposer
+
+            self.draft = DraftProposer(config, runner)
+            draft_cost = self.draft.cost_ratio + VERIFY_COST_PER_TOKEN
+        else:
+            raise ValueError(f"speculative_method must be 'ngram' or 'draft', got {self.method!r}")
+        self.adaptive = AdaptiveNumDrafts(self.max_k, draft_cost, enabled=envs.spec_decode_adaptive())
+        self.proposals: dict[str, Proposal] = {}  # draft method, sampled requests: drafts + q
+        logger.info("speculative decoding: %s, up to %d tokens per step (draft cost %.3f per token, adaptive %s)",
+                    self.method, self.max_k, draft_cost, self.adaptive.enabled)
+
+    # -- memory ------------------------------------------------------------------------------------
+    def extra_kv_block_bytes(self) -> int:
+        """KV bytes per block beyond the target's (the draft model's pool mirrors the target's)."""
+        return self.draft.kv_block_bytes() if self.draft is not None else 0
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        if self.draft is not None:
+            self.draft.initialize_kv_cache(num_blocks)
+
+    def remove_requests(self, request_ids: set[str]) -> None:
+        for req_id in request_ids:
+            self.adaptive.remove(req_id)
+            self.proposals.pop(req_id, None)
+        if self.draft is not None:
+            self.draft.remove_requests(request_ids)
+
+    # -- verification ------------------------------------------------------------------------------
+    def verify(self, logits: torch.Tensor, meta: SamplingMetadata, rows: Sequence[Any]) -> SamplerOutput:
+        """Rejection-sample a batch whose rows (model runner `_SampleRow`s: `.sched`, `.draft_index`)
+        include draft positions; every row gets the token it emits if its request gets that far."""
+        draft_ids: list[int] = []
+        prob_rows: list[int] = []
+        probs: list[torch.Tensor] = []
+        for i, row in enumerate(rows):
+            spec = row.sched.spec_token_ids
+            j = row.draft_index
+            draft_ids.append(spec[j] if j < len(spec) else NO_DRAFT)
+            if j < len(spec):
+                proposal = self.proposals.get(row.sched.request_id)
+                if proposal is not None and proposal.probs is not None:
+                    if proposal.token_ids[: len(spec)] != list(spec):
+                        raise RuntimeError(f"request {row.sched.request_id!r}: drafts differ from the proposal")
+                    prob_rows.append(i)
+                    probs.append(proposal.probs[j])
+        dev = logits.device
+        draft_token_ids = torch.tensor(draft_ids, dtype=torch.int64, device=dev)
+        if not prob_rows:
+            return self.rejection_sampler(logits, meta, draft_token_ids)
+        return self.rejection_sampler(
+            logits, meta, draft_token_ids, torch.tensor(prob_rows, dtype=torch.int64, device=dev), torch.stack(probs)
+        )
+
+    # -- proposing ---------------------------------------------------------------------------------
+    def propose(
+        self, scheduler_output: SchedulerOutput, sampled_token_ids: Mapping[str, Sequence[int]]
+    ) -> dict[str, list[int]]:
+        """After the scheduler applied this step: learn from the verified drafts and propose the next
+        drafts for every running request that sampled. Returns request id -> drafts."""
+        if self.draft is not None:
+            self.draft.note_target_writes(scheduler_output)
+        candidates = []
+        for sched in scheduler_output.scheduled:
+            req_id = sched.request_id
+            if not sched.needs_sample or req_id not in sampled_token_ids:
+                continue
+            if sched.spec_token_ids:
+                num_accepted = len(sampled_token_ids[req_id]) - 1
+                self.adaptive.observe(req_id, len(sched.spec_token_ids), num_accepted)
+            self.proposals.pop(req_id, None)
+            request = sched.request
+            if request.status != RequestStatus.RUNNING:
+                continue
+            # Drafts past prompt + max_tokens - 1 positions would be trimmed by the scheduler anyway.
+            k = min(self.adaptive.num_drafts(req_id), request.max_tokens - request.num_output_tokens - 1)  # type: ignore[operator]
+            if k > 0:
+                candidates.append((sched, k))
+        if self.ngram is not None:
+            drafts = {}
+            for sched, k in candidates:
+                tokens = self.ngram.propose(sched.request.all_token_ids, k)
+                if tokens:
+                    drafts[sched.request_id] = tokens
+            return drafts
+        assert self.draft is not None
+        from infergrid.worker.spec_decode.draft_proposer import DraftRequest
+
+        proposals = self.draft.propose([DraftRequest(s.request, s.block_ids, k) for s, k in candidates])
+        self.proposals.update(proposals)
+        return {req_id: p.token_ids for req_id, p in proposals.items()}
