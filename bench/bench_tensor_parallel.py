@@ -94,7 +94,7 @@ def run_one_tp(args: argparse.Namespace, model: str, tp: int) -> dict[str, Any]:
     max_bs = max(args.batch_sizes)
     config = EngineConfig(
         model=model, dtype=args.dtype, device=args.device, tensor_parallel_size=tp,
-        max_model_len=args.prompt_len + args.decode_tokens + 1, max_num_seqs=max_bs,
+        max_model_len=args.prompt_len + max(args.decode_tokens + 1, args.warmup_tokens), max_num_seqs=max_bs,
         max_num_batched_tokens=max(2048, max_bs * args.prompt_len), block_size=16,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         enable_prefix_caching=False,

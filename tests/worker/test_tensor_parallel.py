@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -151,28 +152,35 @@ def test_greedy_outputs_match_tp1(tiny_model, name, tp):
 
 
 # -- lifecycle --------------------------------------------------------------------------------------
-def test_a_dead_rank_fails_the_engine_and_the_other_ranks_stop(tiny_llama):
+def test_a_rank_killed_mid_generation_fails_it_and_the_other_ranks_stop(tiny_llama):
     llm = LLM(tiny_llama, tensor_parallel_size=4, **ENGINE_ARGS)
+    engine = llm.llm_engine
+    pids = engine.model_executor.rank_pids
+    errors: list[BaseException] = []
+
+    def generate() -> None:
+        try:
+            llm.generate(["Hello"] * 4, SamplingParams(max_tokens=240, ignore_eos=True))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            errors.append(exc)
+
+    thread = threading.Thread(target=generate)
     try:
-        engine = llm.llm_engine
-        pids = engine.model_executor.rank_pids
-        assert llm.generate("Hello", SamplingParams(max_tokens=2))[0].finished
+        thread.start()
+        while engine.num_steps_total < 4 and thread.is_alive():
+            time.sleep(0.01)
         os.kill(pids[2], signal.SIGKILL)
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            try:
-                engine.check_health()
-            except RankDiedError as exc:
-                assert f"rank 2 (pid {pids[2]}) exited with code -9" in str(exc)
-                break
-            time.sleep(0.02)
-        else:
-            pytest.fail("a killed rank did not fail check_health")
+        thread.join(10.0)
+        assert not thread.is_alive(), "generate() hung after a rank died"
+        assert len(errors) == 1 and isinstance(errors[0], RankDiedError), errors
+        assert f"rank 2 (pid {pids[2]}) exited with code -9" in str(errors[0])
+        with pytest.raises(RankDiedError, match="rank 2"):
+            engine.check_health()
         with pytest.raises(RankDiedError, match="rank 2"):
             llm.generate("Hello", SamplingParams(max_tokens=2))
         assert not wait_gone(pids[1:], 5.0), "surviving ranks were not stopped"
     finally:
-        llm.llm_engine.shutdown()
+        engine.shutdown()
 
 
 def test_ranks_exit_when_the_engine_process_is_killed(tiny_llama):

@@ -1,0 +1,83 @@
+"""Tensor parallelism on 2 GPUs (NCCL): TP=2 greedy parity with TP=1 in bf16 (CUDA graphs on and
+off), and a rank killed mid-generation fails the engine instead of hanging it in a collective.
+Run on a machine with 2+ GPUs: `pytest -m gpu tests/worker/test_tensor_parallel_gpu.py -s`."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from infergrid.worker import LLM, SamplingParams
+from infergrid.worker.distributed.executor import RankDiedError
+
+pytestmark = pytest.mark.gpu
+
+PROMPTS = ["Hello, how are you", "The quick brown fox jumps over the lazy dog. A small model",
+           "What is the capital of France? Paris is", "Once upon a time"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+ENGINE_ARGS = dict(dtype="bfloat16", max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_two_gpus():
+    assert torch.cuda.device_count() >= 2, "the tensor-parallel gpu tests need 2 CUDA devices"
+
+
+def generate(path: str, tp: int, enforce_eager: bool) -> tuple[list, bool]:
+    llm = LLM(path, tensor_parallel_size=tp, enforce_eager=enforce_eager, **ENGINE_ARGS)
+    try:
+        outs = [o.outputs[0] for o in llm.generate(PROMPTS, GREEDY)]
+        used_graphs = llm.llm_engine.model_runner.cuda_graphs is not None
+    finally:
+        llm.llm_engine.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    return outs, used_graphs
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["cuda-graphs", "eager"])
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_tp2_greedy_matches_tp1_in_bf16(tiny_model, name, enforce_eager):
+    path = tiny_model(name)
+    expected, _ = generate(path, 1, enforce_eager)
+    got, used_graphs = generate(path, 2, enforce_eager)
+    assert used_graphs == (not enforce_eager)
+    for e, g in zip(expected, got, strict=True):
+        assert g.token_ids == e.token_ids
+        for e_lp, g_lp in zip(e.logprobs, g.logprobs, strict=True):
+            tok = next(iter(e_lp))  # the sampled token
+            assert g_lp[tok].logprob == pytest.approx(e_lp[tok].logprob, abs=0.05)
+
+
+def test_a_rank_killed_mid_generation_fails_the_engine_without_hanging(tiny_llama):
+    llm = LLM(tiny_llama, tensor_parallel_size=2, **ENGINE_ARGS)
+    engine = llm.llm_engine
+    pids = engine.model_executor.rank_pids
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            llm.generate(["Hello"] * 8, SamplingParams(max_tokens=480, ignore_eos=True))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    while engine.num_steps_total < 8 and thread.is_alive():
+        time.sleep(0.005)
+    os.kill(pids[1], signal.SIGKILL)
+    thread.join(15.0)
+    assert not thread.is_alive(), "generate() hung in a collective after a rank died"
+    assert len(errors) == 1 and isinstance(errors[0], RankDiedError), errors
+    with pytest.raises(RankDiedError, match="rank 1"):
+        engine.check_health()
+    start = time.monotonic()
+    engine.shutdown()
+    assert time.monotonic() - start < 10.0
