@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     model = args.model or make_random_checkpoint(args.shape, dtype=args.dtype, seed=args.seed)
     checkpoint_s = time.monotonic() - t0
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the children get the GPUs; keep none of their memory here
     infos = run_children(args, argv, model)
     results = [BatchResult(**r) for info in infos for r in info["results"]]
     base = {r.batch_size: r.latency_p50_ms for r in results if r.tp == args.tp[0]}

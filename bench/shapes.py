@@ -3,7 +3,7 @@
     from shapes import make_random_checkpoint      # run benches as `python bench/<name>.py`
     path = make_random_checkpoint("1b")            # a normal HF directory the engine's loader reads
 
-Shapes: "tiny" (CPU smoke tests), "1b" (Llama-3.2-1B: hidden 2048, 16 layers, 32 heads, 8 KV heads,
+Shapes (keyword overrides make variants, e.g. a shallow speculative draft): "tiny" (CPU smoke tests), "1b" (Llama-3.2-1B: hidden 2048, 16 layers, 32 heads, 8 KV heads,
 intermediate 8192, vocab 128256, tied embeddings), "8b" (Llama-3.1-8B: hidden 4096, 32 layers, 32 heads,
 8 KV heads, intermediate 14336, vocab 128256). The directory holds config.json, safetensors shards
 (with an index), generation_config.json and a word-level tokenizer with one token per id ("t<id>"),
@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -191,10 +191,19 @@ def default_dir(name: str, dtype: str, seed: int) -> str:
 
 
 def make_random_checkpoint(
-    name: str, out: str | None = None, *, dtype: str = "bfloat16", seed: int = 0, device: str | None = None
+    name: str, out: str | None = None, *, dtype: str = "bfloat16", seed: int = 0, device: str | None = None,
+    **shape_overrides: Any,
 ) -> str:
-    """Write (or reuse) a random checkpoint of shape `name` at `out` (default: `default_dir`); returns it."""
+    """Write (or reuse) a random checkpoint of shape `name` at `out` (default: `default_dir`); returns it.
+
+    `shape_overrides` change Shape fields, e.g. `num_hidden_layers=2, tie_word_embeddings=False` for a
+    shallow speculative draft of the same width and vocabulary; the default directory then gets a
+    suffix naming them."""
     shape = get_shape(name)
+    if shape_overrides:
+        shape = replace(shape, **shape_overrides)
+        suffix = "".join(f"-{k}={v}" for k, v in sorted(shape_overrides.items()))
+        out = out or default_dir(name, dtype, seed) + suffix
     out = out or default_dir(name, dtype, seed)
     stamp = {"shape": asdict(shape), "dtype": dtype, "seed": seed}
     marker = os.path.join(out, ".complete.json")

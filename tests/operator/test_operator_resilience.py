@@ -140,6 +140,7 @@ def start_apiserver(cp: ControlPlane, argv: list[str]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.controlplane  # a private control plane (not the session fixture)
 def test_operator_recovers_from_a_60s_api_server_outage_without_restarting(private_control_plane, tmp_path):
     cp = private_control_plane
     install_crds(cp)

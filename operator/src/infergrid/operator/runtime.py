@@ -128,6 +128,12 @@ class Runtime:
                                   has_pod_monitor=await self.has_pod_monitor())
         try:
             await apply_children(self.api, children)
+        except ApiError as exc:
+            if exc.status == 403 and "being terminated" in exc.message:
+                logger.info("skipping %s/%s: its namespace is being deleted", *key)
+                return  # nothing can be created there any more; the namespace takes the service along
+            metrics.RECONCILES.labels("error").inc()
+            raise
         except Exception:
             metrics.RECONCILES.labels("error").inc()
             raise

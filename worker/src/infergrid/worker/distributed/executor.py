@@ -195,13 +195,15 @@ class MultiProcExecutor(Executor):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self.check_health()
         try:
-            return self.driver_runner.execute_model(scheduler_output)
+            output = self.driver_runner.execute_model(scheduler_output)
         except Exception as exc:
             if any(not r.process.is_alive() for r in self._ranks):
                 self._monitor.join(2.0)  # a collective failed because a rank died: report which
             if self._failure is not None:
                 raise RankDiedError(self._failure) from exc
             raise
+        self.check_health()  # a rank that died mid-step (aborted collectives) invalidates its tokens
+        return output
 
     def check_health(self) -> None:
         if self._failure is not None:

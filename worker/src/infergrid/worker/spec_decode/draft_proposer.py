@@ -134,7 +134,13 @@ class DraftProposer:
         runner.config = dataclasses.replace(
             runner.config, num_gpu_blocks_override=num_target_blocks + self.num_scratch_blocks
         )
-        runner.initialize_kv_cache()
+        runner.initialize_kv_cache()  # decode CUDA graphs for passes 2..k
+        if runner.cuda_graphs is not None:
+            from infergrid.worker.spec_decode.verify_graph import MultiTokenCUDAGraphRunner
+
+            # Pass 1 in the steady state: the last computed token, the accepted drafts and the bonus.
+            runner.multi_token_graphs = MultiTokenCUDAGraphRunner(runner, self.max_k + 2)
+            runner.multi_token_graphs.capture()
 
     # -- validity ----------------------------------------------------------------------------------
     def note_target_writes(self, scheduler_output: SchedulerOutput) -> None:

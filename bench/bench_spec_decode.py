@@ -1,0 +1,315 @@
+"""Speculative-decoding benchmark: decode tok/s with speculation off, n-gram, a shallow draft model and
+draft = target, at batch 1 and batch 32, all measured in one run beside the same baseline.
+
+The target is a random-weight checkpoint of a named shape (bench/shapes.py; default the Llama-3.2-1B
+shape in bf16). Random weights give random text, so the workload is built to show each case:
+- prompts repeat a short random phrase (n-gram lookup then has matches to propose from); whether
+  the target's own continuation repeats too decides n-gram's acceptance (reported);
+- "draft" is a random --draft-layers-layer checkpoint of the same width and vocabulary: its tokens
+  agree with the target's about as often as chance, which measures the "never slower when
+  acceptance is low" target (the adaptive k switches it off);
+- "draft=target" drafts with the target itself and adaptive k off: acceptance ~1.0, the upper bound
+  of the acceptance length (a draft as big as the target is no speedup, by construction).
+Each mode gets its own engine (same arguments except the speculative ones), a warm-up, then per
+batch size B: B requests at once, --max-tokens greedy tokens each (ignore_eos). tok/s = generated
+tokens / wall time. Mean acceptance length = tokens emitted per verification step (1 + accepted
+drafts per step). Greedy outputs are compared with the "off" run (token agreement; bf16 kernels of
+different batch shapes may flip near-ties, so this is reported, not asserted).
+
+    PYTHONPATH=worker/src python bench/bench_spec_decode.py --out bench/results/spec_decode.json    # GPU
+    .venv/bin/python bench/bench_spec_decode.py --shape tiny --batch-sizes 1 4 --max-tokens 16     # CPU smoke
+
+Prints a table and writes JSON (--out). Targets (SPEC): >= 2x at acceptance >= 0.8; never slower
+(>= 0.95x here, for run-to-run noise) when acceptance is low.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from shapes import EOS, get_shape, make_random_checkpoint  # noqa: E402
+
+from infergrid.worker.config import EngineConfig  # noqa: E402
+from infergrid.worker.engine.llm_engine import LLMEngine  # noqa: E402
+from infergrid.worker.sampling_params import SamplingParams  # noqa: E402
+
+MODES = ("off", "ngram", "draft", "draft=target")
+TARGET_SPEEDUP_AT_HIGH_ACCEPTANCE = 2.0
+HIGH_ACCEPTANCE = 0.8
+LOW_ACCEPTANCE = 0.3
+NEVER_SLOWER = 0.95
+FIRST_TOKEN_ID = EOS + 1  # prompts avoid the special ids
+
+
+@dataclass
+class BatchResult:
+    """One mode at one batch size."""
+
+    mode: str
+    batch_size: int
+    wall_s: float
+    output_tokens: int
+    tokens_per_s: float
+    ms_per_step: float
+    num_steps: int
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    acceptance_rate: float | None
+    mean_acceptance_length: float | None
+    accepted_per_pos: list[int]
+    speedup: float | None = None
+    token_agreement_with_off: float | None = None
+    enforce_eager: bool = False
+    outputs: list[list[int]] = field(default_factory=list, repr=False)
+
+
+def make_prompts(num: int, prompt_len: int, phrase_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """Each prompt repeats its own random phrase of phrase_len tokens up to prompt_len tokens."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(num):
+        phrase = [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(phrase_len)]
+        prompts.append((phrase * (prompt_len // phrase_len + 1))[:prompt_len])
+    return prompts
+
+
+def engine_config(args: argparse.Namespace, model: str, mode: str, draft: str | None, eager: bool) -> EngineConfig:
+    spec: dict[str, Any] = {}
+    if mode == "ngram":
+        spec = dict(speculative_method="ngram", num_speculative_tokens=args.num_speculative_tokens)
+    elif mode in ("draft", "draft=target"):
+        spec = dict(speculative_method="draft", num_speculative_tokens=args.num_speculative_tokens,
+                    draft_model=model if mode == "draft=target" else draft)
+    return EngineConfig(
+        model=model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        max_model_len=args.prompt_len + args.max_tokens + args.num_speculative_tokens + 8,
+        max_num_seqs=max(args.batch_sizes), gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=eager, enable_prefix_caching=False, seed=args.seed, **spec,
+    )
+
+
+def run_batch(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, tag: str) -> tuple[list[list[int]], float]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", prompt, params)
+    finals: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out.outputs[0].token_ids
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    return [finals[f"{tag}-{i}"] for i in range(len(prompts))], wall
+
+
+def run_mode(args: argparse.Namespace, model: str, draft: str | None, mode: str,
+             prompts: list[list[int]], eager: bool) -> list[BatchResult]:
+    previous = os.environ.get("INFERGRID_SPEC_DECODE_ADAPTIVE")
+    if mode == "draft=target":
+        os.environ["INFERGRID_SPEC_DECODE_ADAPTIVE"] = "0"  # measure the acceptance upper bound
+    try:
+        engine = LLMEngine(engine_config(args, model, mode, draft, eager))
+    finally:
+        if previous is None:
+            os.environ.pop("INFERGRID_SPEC_DECODE_ADAPTIVE", None)
+        else:
+            os.environ["INFERGRID_SPEC_DECODE_ADAPTIVE"] = previous
+    results = []
+    try:
+        for bs in args.batch_sizes:  # warm-up: every batch shape and the verification graphs
+            run_batch(engine, prompts[:bs], min(args.max_tokens, 2 * args.num_speculative_tokens + 4), f"warm{bs}")
+        for bs in args.batch_sizes:
+            before = engine.get_stats()
+            outputs, wall = run_batch(engine, prompts[:bs], args.max_tokens, f"b{bs}")
+            after = engine.get_stats()
+            drafts = after.spec_decode_num_drafts_total - before.spec_decode_num_drafts_total
+            draft_tokens = after.spec_decode_num_draft_tokens_total - before.spec_decode_num_draft_tokens_total
+            accepted = after.spec_decode_num_accepted_tokens_total - before.spec_decode_num_accepted_tokens_total
+            per_pos = _diff(after.spec_decode_num_accepted_tokens_per_pos,
+                            before.spec_decode_num_accepted_tokens_per_pos)
+            steps = after.num_steps_total - before.num_steps_total
+            num_out = sum(len(o) for o in outputs)
+            results.append(BatchResult(
+                mode=mode, batch_size=bs, wall_s=wall, output_tokens=num_out, tokens_per_s=num_out / wall,
+                ms_per_step=1000 * wall / max(1, steps), num_steps=steps, num_drafts=drafts,
+                num_draft_tokens=draft_tokens, num_accepted_tokens=accepted,
+                acceptance_rate=accepted / draft_tokens if draft_tokens else None,
+                mean_acceptance_length=1 + accepted / drafts if drafts else None,
+                accepted_per_pos=per_pos, enforce_eager=eager, outputs=outputs,
+            ))
+    finally:
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return results
+
+
+def _diff(after: tuple[int, ...], before: tuple[int, ...]) -> list[int]:
+    n = max(len(after), len(before))
+    return [(after[i] if i < len(after) else 0) - (before[i] if i < len(before) else 0) for i in range(n)]
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Fraction of generated tokens equal at the same position (greedy outputs, same prompts)."""
+    same = total = 0
+    for x, y in zip(a, b, strict=True):
+        total += max(len(x), len(y))
+        same += sum(1 for u, v in zip(x, y, strict=False) if u == v)
+    return same / total if total else 1.0
+
+
+def device_name(device: str | None) -> str:
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device or "cuda"))
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(header: str, results: list[BatchResult]) -> list[str]:
+    """Prints the table; returns the verdict lines."""
+    print(header)
+    cols = ("mode", "batch", "tok/s", "speedup", "ms/step", "accept rate", "mean accept len", "steps",
+            "agree w/ off")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join("---" for _ in cols) + "|")
+    for r in results:
+        row = (r.mode + (" (eager)" if r.enforce_eager else ""), str(r.batch_size), f"{r.tokens_per_s:,.1f}",
+               _fmt(r.speedup, ".2f") + ("x" if r.speedup is not None else ""), f"{r.ms_per_step:.2f}",
+               _fmt(r.acceptance_rate, ".3f"), _fmt(r.mean_acceptance_length, ".2f"), str(r.num_steps),
+               _fmt(r.token_agreement_with_off, ".3f"))
+        print("| " + " | ".join(row) + " |")
+    verdicts = []
+    for r in results:
+        if r.mode == "off" or r.speedup is None or r.acceptance_rate is None:
+            continue
+        if r.acceptance_rate >= HIGH_ACCEPTANCE and r.mode != "draft=target":
+            ok = r.speedup >= TARGET_SPEEDUP_AT_HIGH_ACCEPTANCE
+            verdicts.append(f"{r.mode} batch {r.batch_size}: acceptance {r.acceptance_rate:.2f} -> {r.speedup:.2f}x "
+                            f"({'meets' if ok else 'BELOW'} the >= {TARGET_SPEEDUP_AT_HIGH_ACCEPTANCE:g}x target)")
+        elif r.acceptance_rate < LOW_ACCEPTANCE:
+            ok = r.speedup >= NEVER_SLOWER
+            verdicts.append(f"{r.mode} batch {r.batch_size}: acceptance {r.acceptance_rate:.2f} -> {r.speedup:.2f}x "
+                            f"({'meets' if ok else 'BELOW'} the never-slower target, >= {NEVER_SLOWER:g}x)")
+    for line in verdicts:
+        print(line)
+    return verdicts
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="1b", help="random checkpoint shape from bench/shapes.py (tiny|1b|8b)")
+    p.add_argument("--model", default=None, help="use this HF checkpoint directory instead of a random shape")
+    p.add_argument("--draft-model", default=None, help="draft checkpoint for the 'draft' mode (default: random)")
+    p.add_argument("--draft-layers", type=int, default=2, help="layers of the random draft (same width, vocab)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--phrase-len", type=int, default=16, help="prompts repeat a random phrase of this length")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs at all")
+    p.add_argument("--no-eager-retry", action="store_true",
+                   help="do not retry a mode that fails with CUDA graphs in eager mode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join("bench", "results", "spec_decode.json"))
+    args = p.parse_args(argv)
+    if args.dtype is None:
+        on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        args.dtype = "bfloat16" if on_cuda else "float32"
+    if "off" not in args.modes:
+        args.modes = ["off", *args.modes]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    model = args.model or make_random_checkpoint(args.shape, dtype=args.dtype, seed=args.seed)
+    draft = args.draft_model
+    if draft is None and "draft" in args.modes:
+        # Untied: a random model with tied embeddings tends to repeat its input token, and two such
+        # models then "agree"; an untied random draft agrees with the target only by chance.
+        draft = make_random_checkpoint(args.shape, dtype=args.dtype, seed=args.seed + 1,
+                                       num_hidden_layers=args.draft_layers, tie_word_embeddings=False)
+    checkpoint_s = time.monotonic() - t0
+    with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
+        vocab_size = json.load(f)["vocab_size"]
+    prompts = make_prompts(max(args.batch_sizes), args.prompt_len, args.phrase_len, vocab_size, args.seed)
+    results: list[BatchResult] = []
+    errors: dict[str, str] = {}
+    for mode in args.modes:
+        try:
+            results += run_mode(args, model, draft, mode, prompts, args.enforce_eager)
+        except Exception:  # keep measuring the other modes; retry once without CUDA graphs
+            errors[mode] = traceback.format_exc()
+            print(f"mode {mode} failed:\n{errors[mode]}", file=sys.stderr)
+            if args.enforce_eager or args.no_eager_retry or not torch.cuda.is_available():
+                continue
+            try:
+                results += run_mode(args, model, draft, mode, prompts, True)
+            except Exception:
+                errors[mode + " (eager)"] = traceback.format_exc()
+                print(f"mode {mode} failed in eager mode too:\n{errors[mode + ' (eager)']}", file=sys.stderr)
+    off = {r.batch_size: r for r in results if r.mode == "off"}
+    for r in results:
+        base = off.get(r.batch_size)
+        if base is not None:
+            r.speedup = r.tokens_per_s / base.tokens_per_s
+            r.token_agreement_with_off = agreement(r.outputs, base.outputs)
+    device = device_name(args.device)
+    header = (
+        f"speculative decoding: {args.shape if args.model is None else args.model}, {args.dtype}, {device}; "
+        f"k = {args.num_speculative_tokens}, prompts of {args.prompt_len} tokens (a {args.phrase_len}-token phrase "
+        f"repeated), {args.max_tokens} greedy tokens each; draft: "
+        f"{args.draft_model or f'random {args.draft_layers}-layer'}"
+    )
+    verdicts = print_table(header, results)
+    report: dict[str, Any] = {
+        "bench": "spec_decode",
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "shape": None if args.model else {"name": args.shape, **asdict(get_shape(args.shape))},
+        "args": vars(args),
+        "checkpoint_seconds": checkpoint_s,
+        "results": [{k: v for k, v in asdict(r).items() if k != "outputs"} for r in results],
+        "verdicts": verdicts,
+        "errors": errors,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {args.out}")
+    missing = [m for m in args.modes if not any(r.mode == m for r in results)]
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
