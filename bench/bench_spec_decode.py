@@ -9,7 +9,11 @@ shape in bf16). Random weights give random text, so the workload is built to sho
   agree with the target's about as often as chance, which measures the "never slower when
   acceptance is low" target (the adaptive k switches it off);
 - "draft=target" drafts with the target itself and adaptive k off: acceptance ~1.0, the upper bound
-  of the acceptance length (a draft as big as the target is no speedup, by construction).
+  of the acceptance length (a draft as big as the target is no speedup, by construction);
+- "copy:*" repeat off / ngram / draft on "copy" checkpoints of the same shapes: tied embeddings and
+  near-zero decoder-layer weights, so the model repeats its input token (text of no interest, but
+  n-gram and a 2-layer copy draft then accept ~100% while every step still reads all the weights):
+  the speedup at high acceptance, at the real cost of the target and the draft.
 Each mode gets its own engine (same arguments except the speculative ones), a warm-up, then per
 batch size B: B requests at once, --max-tokens greedy tokens each (ignore_eos). tok/s = generated
 tokens / wall time. Mean acceptance length = tokens emitted per verification step (1 + accepted
@@ -47,7 +51,8 @@ from infergrid.worker.config import EngineConfig  # noqa: E402
 from infergrid.worker.engine.llm_engine import LLMEngine  # noqa: E402
 from infergrid.worker.sampling_params import SamplingParams  # noqa: E402
 
-MODES = ("off", "ngram", "draft", "draft=target")
+MODES = ("off", "ngram", "draft", "draft=target", "copy:off", "copy:ngram", "copy:draft")
+COPY_LAYER_STD = 5e-4  # decoder-layer weights of the "copy" checkpoints (see shapes.make_random_checkpoint)
 TARGET_SPEEDUP_AT_HIGH_ACCEPTANCE = 2.0
 HIGH_ACCEPTANCE = 0.8
 LOW_ACCEPTANCE = 0.3
@@ -90,11 +95,12 @@ def make_prompts(num: int, prompt_len: int, phrase_len: int, vocab_size: int, se
 
 def engine_config(args: argparse.Namespace, model: str, mode: str, draft: str | None, eager: bool) -> EngineConfig:
     spec: dict[str, Any] = {}
-    if mode == "ngram":
+    method = mode.removeprefix("copy:")
+    if method == "ngram":
         spec = dict(speculative_method="ngram", num_speculative_tokens=args.num_speculative_tokens)
-    elif mode in ("draft", "draft=target"):
+    elif method in ("draft", "draft=target"):
         spec = dict(speculative_method="draft", num_speculative_tokens=args.num_speculative_tokens,
-                    draft_model=model if mode == "draft=target" else draft)
+                    draft_model=model if method == "draft=target" else draft)
     return EngineConfig(
         model=model, dtype=args.dtype, device=args.device, block_size=args.block_size,
         max_model_len=args.prompt_len + args.max_tokens + args.num_speculative_tokens + 8,
@@ -203,9 +209,9 @@ def print_table(header: str, results: list[BatchResult]) -> list[str]:
         print("| " + " | ".join(row) + " |")
     verdicts = []
     for r in results:
-        if r.mode == "off" or r.speedup is None or r.acceptance_rate is None:
+        if r.mode in ("off", "copy:off") or r.speedup is None or r.acceptance_rate is None:
             continue
-        if r.acceptance_rate >= HIGH_ACCEPTANCE and r.mode != "draft=target":
+        if r.acceptance_rate >= HIGH_ACCEPTANCE and r.mode != "draft=target":  # its draft costs a target
             ok = r.speedup >= TARGET_SPEEDUP_AT_HIGH_ACCEPTANCE
             verdicts.append(f"{r.mode} batch {r.batch_size}: acceptance {r.acceptance_rate:.2f} -> {r.speedup:.2f}x "
                             f"({'meets' if ok else 'BELOW'} the >= {TARGET_SPEEDUP_AT_HIGH_ACCEPTANCE:g}x target)")
@@ -243,8 +249,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.dtype is None:
         on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         args.dtype = "bfloat16" if on_cuda else "float32"
-    if "off" not in args.modes:
-        args.modes = ["off", *args.modes]
+    for prefix in ("", "copy:"):  # every mode is compared with its own target's "off" run
+        if any(m.startswith(prefix) and m.removeprefix(prefix) != "off" for m in args.modes if
+               m.startswith("copy:") == bool(prefix)) and prefix + "off" not in args.modes:
+            args.modes = [prefix + "off", *args.modes]
     return args
 
 
@@ -258,6 +266,13 @@ def main(argv: list[str] | None = None) -> int:
         # models then "agree"; an untied random draft agrees with the target only by chance.
         draft = make_random_checkpoint(args.shape, dtype=args.dtype, seed=args.seed + 1,
                                        num_hidden_layers=args.draft_layers, tie_word_embeddings=False)
+    copy_model = copy_draft = None
+    if any(m.startswith("copy:") for m in args.modes):  # tied embeddings, near-zero layers: repeat the input
+        copy_model = make_random_checkpoint(args.shape, dtype=args.dtype, seed=args.seed, layer_init_std=COPY_LAYER_STD,
+                                            tie_word_embeddings=True)
+        copy_draft = make_random_checkpoint(args.shape, dtype=args.dtype, seed=args.seed + 1,
+                                            layer_init_std=COPY_LAYER_STD, tie_word_embeddings=True,
+                                            num_hidden_layers=args.draft_layers)
     checkpoint_s = time.monotonic() - t0
     with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
         vocab_size = json.load(f)["vocab_size"]
@@ -265,21 +280,22 @@ def main(argv: list[str] | None = None) -> int:
     results: list[BatchResult] = []
     errors: dict[str, str] = {}
     for mode in args.modes:
+        target, mode_draft = (copy_model, copy_draft) if mode.startswith("copy:") else (model, draft)
         try:
-            results += run_mode(args, model, draft, mode, prompts, args.enforce_eager)
+            results += run_mode(args, target, mode_draft, mode, prompts, args.enforce_eager)
         except Exception:  # keep measuring the other modes; retry once without CUDA graphs
             errors[mode] = traceback.format_exc()
             print(f"mode {mode} failed:\n{errors[mode]}", file=sys.stderr)
             if args.enforce_eager or args.no_eager_retry or not torch.cuda.is_available():
                 continue
             try:
-                results += run_mode(args, model, draft, mode, prompts, True)
+                results += run_mode(args, target, mode_draft, mode, prompts, True)
             except Exception:
                 errors[mode + " (eager)"] = traceback.format_exc()
                 print(f"mode {mode} failed in eager mode too:\n{errors[mode + ' (eager)']}", file=sys.stderr)
-    off = {r.batch_size: r for r in results if r.mode == "off"}
+    off = {(r.mode.startswith("copy:"), r.batch_size): r for r in results if r.mode in ("off", "copy:off")}
     for r in results:
-        base = off.get(r.batch_size)
+        base = off.get((r.mode.startswith("copy:"), r.batch_size))
         if base is not None:
             r.speedup = r.tokens_per_s / base.tokens_per_s
             r.token_agreement_with_off = agreement(r.outputs, base.outputs)

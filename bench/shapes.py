@@ -130,7 +130,8 @@ def tensor_shapes(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
     return names
 
 
-def _write_weights(out: str, shape: Shape, dtype: torch.dtype, seed: int, device: torch.device) -> None:
+def _write_weights(out: str, shape: Shape, dtype: torch.dtype, seed: int, device: torch.device,
+                   layer_init_std: float = _INIT_STD) -> None:
     from safetensors.torch import save_file
 
     gen = torch.Generator(device=device)
@@ -151,7 +152,8 @@ def _write_weights(out: str, shape: Shape, dtype: torch.dtype, seed: int, device
         if len(dims) == 1:
             tensor = torch.ones(dims, dtype=dtype)
         else:
-            tensor = torch.empty(dims, dtype=torch.float32, device=device).normal_(0.0, _INIT_STD, generator=gen)
+            std = layer_init_std if name.startswith("model.layers.") else _INIT_STD
+            tensor = torch.empty(dims, dtype=torch.float32, device=device).normal_(0.0, std, generator=gen)
             tensor = tensor.to(dtype).cpu()
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > _SHARD_BYTES:
@@ -192,20 +194,26 @@ def default_dir(name: str, dtype: str, seed: int) -> str:
 
 def make_random_checkpoint(
     name: str, out: str | None = None, *, dtype: str = "bfloat16", seed: int = 0, device: str | None = None,
-    **shape_overrides: Any,
+    layer_init_std: float = _INIT_STD, **shape_overrides: Any,
 ) -> str:
     """Write (or reuse) a random checkpoint of shape `name` at `out` (default: `default_dir`); returns it.
 
     `shape_overrides` change Shape fields, e.g. `num_hidden_layers=2, tie_word_embeddings=False` for a
     shallow speculative draft of the same width and vocabulary; the default directory then gets a
-    suffix naming them."""
+    suffix naming them. `layer_init_std` sets the std of the decoder layers' matrices (embeddings
+    keep 0.02): a tiny value (e.g. 5e-4) leaves the residual stream ~ the input embedding, so a model
+    with tied embeddings "copies" (predicts its input token), at the full shape's cost per step."""
     shape = get_shape(name)
+    suffix = ""
     if shape_overrides:
         shape = replace(shape, **shape_overrides)
-        suffix = "".join(f"-{k}={v}" for k, v in sorted(shape_overrides.items()))
-        out = out or default_dir(name, dtype, seed) + suffix
-    out = out or default_dir(name, dtype, seed)
-    stamp = {"shape": asdict(shape), "dtype": dtype, "seed": seed}
+        suffix += "".join(f"-{k}={v}" for k, v in sorted(shape_overrides.items()))
+    if layer_init_std != _INIT_STD:
+        suffix += f"-layerstd={layer_init_std:g}"
+    out = out or default_dir(name, dtype, seed) + suffix
+    stamp: dict[str, Any] = {"shape": asdict(shape), "dtype": dtype, "seed": seed}
+    if layer_init_std != _INIT_STD:
+        stamp["layer_init_std"] = layer_init_std
     marker = os.path.join(out, ".complete.json")
     if os.path.isfile(marker):
         with open(marker, encoding="utf-8") as f:
@@ -220,7 +228,7 @@ def make_random_checkpoint(
         with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
             json.dump({"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}, f)
         _write_tokenizer(tmp, shape.vocab_size)
-        _write_weights(tmp, shape, torch_dtype, seed, dev)
+        _write_weights(tmp, shape, torch_dtype, seed, dev, layer_init_std)
         with open(os.path.join(tmp, ".complete.json"), "w", encoding="utf-8") as f:
             json.dump(stamp, f)
         shutil.rmtree(out, ignore_errors=True)

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import time
 
 import jsonschema_rs
 import pytest
@@ -90,3 +91,24 @@ def test_operator_deployment_wiring():
     binding = next(doc for doc in docs if doc["kind"] == "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rel-infergrid",
                                     "namespace": "infergrid-system"}]
+
+
+def test_chart_installs_with_helm_into_a_restricted_namespace(control_plane, k8s_namespace):
+    """`helm install` against the real API server; the operator pod passes PodSecurity "restricted"."""
+    cp, ns = control_plane, k8s_namespace
+    cp.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+    release = "helm-" + ns[-6:]
+    helm("install", release, str(CHART), "--namespace", ns, "--kubeconfig", str(cp.kubeconfig),
+         "--set", f"peering.name={release}", "--set", "operator.replicas=1", "--wait=false")
+    try:
+        def operator_pods():
+            listing = cp.client.get(f"/api/v1/namespaces/{ns}/pods",
+                                    labelSelector="app.kubernetes.io/component=operator")
+            return listing["items"]
+        deadline = time.monotonic() + 30
+        while not operator_pods() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert operator_pods(), cp.kubectl("get", "events", "-n", ns).stdout
+        assert cp.client.get(f"/apis/kopf.dev/v1/clusterkopfpeerings/{release}") is not None
+    finally:
+        helm("uninstall", release, "--namespace", ns, "--kubeconfig", str(cp.kubeconfig))

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from operator_helpers import REPO
 
 VALID = {"model": {"source": "hf://meta-llama/Llama-3.2-1B"}}
 
@@ -70,3 +71,9 @@ def test_valid_spec_is_defaulted_by_the_server(infergrid_crds, k8s_namespace):
     assert spec["engine"]["prefixCaching"] == {"enabled": True}
     assert spec["autoscaling"]["minReplicas"] == 1
     assert spec["resources"]["gpuResourceName"] == "nvidia.com/gpu"
+
+
+def test_the_example_is_valid(infergrid_crds, k8s_namespace):
+    result = infergrid_crds.kubectl("apply", "--dry-run=server", "-n", k8s_namespace, "-f",
+                                    str(REPO / "examples" / "tiny.yaml"))
+    assert "created (server dry run)" in result.stdout

@@ -218,3 +218,51 @@ def test_other_sources_produce_schedulable_workers(control_plane, k8s_namespace,
         assert pod_spec["initContainers"][0]["name"] == "download-model"
     else:
         assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "weights" for v in pod_spec["volumes"])
+
+
+POD_MONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "podmonitors.monitoring.coreos.com"},
+    "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+             "names": {"kind": "PodMonitor", "plural": "podmonitors", "singular": "podmonitor"},
+             "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                 "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
+}
+
+
+def test_pod_monitor_is_created_only_when_its_crd_exists(control_plane, k8s_namespace, make_operator):
+    cp, ns = control_plane, k8s_namespace
+    path = f"/apis/monitoring.coreos.com/v1/namespaces/{ns}/podmonitors/tiny-worker"
+    cp.kubectl("apply", "-f", "-", input=json.dumps(POD_MONITOR_CRD))
+    try:
+        cp.kubectl("wait", "--for=condition=Established", "crd/podmonitors.monitoring.coreos.com")
+        make_operator()  # discovers the CRD at start
+        apply_isvc(cp, ns, "tiny", SPEC)
+        monitor = wait_for(lambda: cp.client.get(path, ok_missing=True), 30, "a PodMonitor")
+        assert monitor["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
+        assert monitor["metadata"]["ownerReferences"][0]["kind"] == "InferenceService"
+    finally:
+        cp.kubectl("delete", "crd", "podmonitors.monitoring.coreos.com", "--wait=true")
+
+
+@pytest.mark.parametrize("source", ["hf://org/model", "pvc://weights/llama"])
+def test_worker_pods_pass_pod_security_restricted(control_plane, k8s_namespace, operator, source):
+    """The API server's PodSecurity admission enforces "restricted" on the namespace: pods still get created."""
+    cp, ns = control_plane, k8s_namespace
+    cp.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted",
+               "pod-security.kubernetes.io/enforce-version=latest")
+    apply_isvc(cp, ns, "strict", {"model": {"source": source}, "replicas": 1})
+    wait_for(lambda: worker_pods(cp, ns, "strict"), 30, "a worker pod admitted under PSS restricted")
+
+
+def test_host_path_sources_are_refused_by_pod_security_restricted(control_plane, k8s_namespace, operator):
+    """The control for the test above: enforcement is real, and file:// (hostPath) is not restricted-safe."""
+    cp, ns = control_plane, k8s_namespace
+    cp.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+    apply_isvc(cp, ns, "host", {"model": {"source": "file:///models/x"}, "replicas": 1})
+
+    def refused():
+        listing = cp.client.get(f"/api/v1/namespaces/{ns}/events", fieldSelector="reason=FailedCreate")
+        return [e for e in listing["items"] if "hostPath" in e["message"]]
+    wait_for(refused, 30, "a FailedCreate event naming hostPath")
+    assert not worker_pods(cp, ns, "host")

@@ -65,3 +65,23 @@ async def test_failures_are_retried():
     assert len(attempts) == 3
     assert queue.num_pending == 0
     await queue.close()
+
+
+@pytest.mark.asyncio
+async def test_retry_delay_doubles_and_every_failure_is_reported():
+    stamps, reported = [], []
+
+    async def action(key):
+        stamps.append(asyncio.get_running_loop().time())
+        if len(stamps) < 4:
+            raise RuntimeError(f"failure {len(stamps)}")
+
+    queue = WorkQueue(action, name="t", delay=0.0, retry_delay=0.05, max_retry_delay=0.1,
+                      on_error=lambda key, exc, failures: reported.append((key, str(exc), failures)))
+    queue.request("k")
+    await asyncio.sleep(0.6)
+    assert [r[2] for r in reported] == [1, 2, 3]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    assert len(stamps) == 4
+    assert gaps[0] >= 0.045 and gaps[1] >= 0.095 and gaps[2] < 0.2  # 0.05, 0.1, capped at 0.1
+    await queue.close()

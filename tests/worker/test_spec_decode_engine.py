@@ -224,3 +224,26 @@ def test_draft_catches_up_each_token_about_once(models, monkeypatch):
     second = draft.num_catch_up_tokens_total - first
     assert second <= num_prompt % BASE["block_size"] + 40 + steps
     assert acceptance(llm) >= 0.98
+
+
+@pytest.mark.asyncio
+async def test_async_streaming_with_speculation(models):
+    """Through AsyncLLM (the server's engine): a step can stream several tokens at once, the deltas
+    add up to the offline result, and stats() carries the spec-decode counters."""
+    from infergrid.worker import AsyncLLM, EngineConfig
+
+    engine = AsyncLLM(EngineConfig(model=models["target"], **BASE, **spec_args("ngram", models)))
+    await engine.start()
+    try:
+        params = greedy(40)
+        outs = [o async for o in engine.generate(PROMPTS[3], params, "s1")]
+        final = outs[-1].outputs[0]
+        assert [t for o in outs for t in o.outputs[0].delta_token_ids] == final.token_ids
+        assert max(len(o.outputs[0].delta_token_ids) for o in outs) > 1
+        expected = LLM(models["target"], **BASE).generate([PROMPTS[3]], params)[0].outputs[0].token_ids
+        assert final.token_ids == expected
+        stats = engine.stats()
+        assert stats.spec_decode_num_accepted_tokens_total > 0
+        assert sum(stats.spec_decode_num_accepted_tokens_per_pos) == stats.spec_decode_num_accepted_tokens_total
+    finally:
+        await engine.shutdown(drain_timeout=5)

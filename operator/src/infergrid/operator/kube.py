@@ -52,11 +52,12 @@ class KubeClient:
     """Async JSON client: `get`, `apply` (server-side apply), `merge_patch`, `create`, `delete`, `discover`."""
 
     def __init__(self, server: str, *, ssl_context: ssl.SSLContext | bool, auth: Any = None,
-                 retries: int = 3, timeout: float = 30.0) -> None:
+                 retries: int = 3, timeout: float = 30.0, max_connections: int = 128) -> None:
         self.server = server.rstrip("/")
         self._ssl = ssl_context
         self._auth = auth  # callable returning the Authorization header value, or None
         self._retries = retries
+        self._max_connections = max_connections
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=5)
         self._session: aiohttp.ClientSession | None = None
 
@@ -93,7 +94,7 @@ class KubeClient:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=64)
+            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=self._max_connections)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
         return self._session
 

@@ -96,6 +96,9 @@ class EngineConfig:
             raise ValueError("draft_model must be set when speculative_method is 'draft'")
         if method != "draft" and self.draft_model is not None:
             raise ValueError("draft_model is only used when speculative_method is 'draft'")
+        if method == "draft" and self.tensor_parallel_size > 1:
+            raise ValueError("speculative_method 'draft' does not support tensor_parallel_size > 1 yet "
+                             "(use speculative_method 'ngram')")
 
     def get_max_num_batched_tokens(self) -> int:
         """The per-step token budget: the explicit value, else a default large enough for a full

@@ -44,6 +44,7 @@ def best_num_drafts(rate: float, max_k: int, draft_cost: float) -> int:
 class _RequestState:
     accepted: float
     trials: float
+    k: int  # best_num_drafts for the current rate
     num_steps_off: int = 0
     backoff: int = MIN_BACKOFF
 
@@ -82,7 +83,8 @@ class AdaptiveNumDrafts:
     def _state(self, req_id: str) -> _RequestState:
         state = self._states.get(req_id)
         if state is None:
-            state = _RequestState(self.prior_rate * self.prior_weight, self.prior_weight)
+            state = _RequestState(self.prior_rate * self.prior_weight, self.prior_weight, 0)
+            state.k = best_num_drafts(state.rate, self.max_k, self.draft_cost)
             self._states[req_id] = state
         return state
 
@@ -91,9 +93,8 @@ class AdaptiveNumDrafts:
         if not self.enabled:
             return self.max_k
         state = self._state(req_id)
-        k = best_num_drafts(state.rate, self.max_k, self.draft_cost)
-        if k > 0:
-            return k
+        if state.k > 0:
+            return state.k
         state.num_steps_off += 1
         if state.num_steps_off >= state.backoff:  # probe
             state.num_steps_off = 0
@@ -109,7 +110,8 @@ class AdaptiveNumDrafts:
         rejected = 1 if num_accepted < num_drafts else 0
         state.accepted = self.decay * state.accepted + num_accepted
         state.trials = self.decay * state.trials + num_accepted + rejected
-        if best_num_drafts(state.rate, self.max_k, self.draft_cost) > 0:
+        state.k = best_num_drafts(state.rate, self.max_k, self.draft_cost)
+        if state.k > 0:
             state.backoff, state.num_steps_off = MIN_BACKOFF, 0
 
     def acceptance_rate(self, req_id: str) -> float:

@@ -84,10 +84,7 @@ class DraftProposer:
     """
 
     def __init__(self, config: EngineConfig, target: ModelRunner) -> None:
-        assert config.draft_model is not None
-        if config.tensor_parallel_size > 1:
-            raise ValueError("speculative_method 'draft' does not support tensor_parallel_size > 1 yet "
-                             "(use speculative_method 'ngram')")
+        assert config.draft_model is not None and config.tensor_parallel_size == 1  # EngineConfig checks
         path = resolve_model_path(config.draft_model)
         self.model_config = ModelConfig.from_pretrained(path)
         target_cfg = target.model_config

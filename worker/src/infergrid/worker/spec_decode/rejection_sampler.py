@@ -104,11 +104,14 @@ class RejectionSampler(torch.nn.Module):
         draft_probs: torch.Tensor | None = None,
     ) -> SamplerOutput:
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
-        probs = self.sampler.compute_probs(logits, meta)
-        is_greedy = meta.temperature <= 0
-        tokens, _ = rejection_sample(
-            probs, draft_token_ids, is_greedy, meta.generators, draft_prob_rows, draft_probs
-        )
+        if meta.all_greedy:  # p is one-hot at the argmax: every row emits it (drafts match or stop)
+            tokens = self.sampler.apply_processors(logits, meta).argmax(dim=-1)
+        else:
+            probs = self.sampler.compute_probs(logits, meta)
+            is_greedy = meta.temperature <= 0
+            tokens, _ = rejection_sample(
+                probs, draft_token_ids, is_greedy, meta.generators, draft_prob_rows, draft_probs
+            )
         if raw_logprobs is None:
             return SamplerOutput(sampled=tokens)
         return Sampler.gather_logprobs(raw_logprobs, tokens, meta.max_num_logprobs or 0)

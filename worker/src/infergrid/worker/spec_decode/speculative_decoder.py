@@ -80,6 +80,8 @@ class SpeculativeDecoder:
         for req_id in request_ids:
             self.adaptive.remove(req_id)
             self.proposals.pop(req_id, None)
+            if self.ngram is not None:
+                self.ngram.remove(req_id)
         if self.draft is not None:
             self.draft.remove_requests(request_ids)
 
@@ -136,11 +138,13 @@ class SpeculativeDecoder:
         if self.ngram is not None:
             drafts = {}
             for sched, k in candidates:
-                tokens = self.ngram.propose(sched.request.all_token_ids, k)
+                tokens = self.ngram.propose(sched.request.all_token_ids, k, sched.request_id)
                 if tokens:
                     drafts[sched.request_id] = tokens
             return drafts
         assert self.draft is not None
+        if not candidates:
+            return {}
         from infergrid.worker.spec_decode.draft_proposer import DraftRequest
 
         proposals = self.draft.propose([DraftRequest(s.request, s.block_ids, k) for s, k in candidates])

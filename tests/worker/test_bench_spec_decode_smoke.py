@@ -1,0 +1,48 @@
+"""bench/bench_spec_decode.py stays runnable: a tiny CPU run, the way the GPU run is invoked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_spec_decode_bench_runs_on_cpu(tmp_path):
+    out = tmp_path / "spec_decode.json"
+    env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("worker/src", "operator/src", "testbed/src")))
+    env.pop("INFERGRID_SPEC_DECODE_ADAPTIVE", None)
+    cmd = [sys.executable, "bench/bench_spec_decode.py", "--shape", "tiny", "--batch-sizes", "1", "4",
+           "--max-tokens", "24", "--prompt-len", "48", "--draft-layers", "1", "--out", str(out)]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert elapsed < 60, f"smoke run took {elapsed:.1f} s"
+    assert "| draft=target | 4 |" in proc.stdout and "mean accept len" in proc.stdout
+
+    report = json.loads(out.read_text())
+    assert report["device"].startswith("cpu") and not report["errors"]
+    rows = {(r["mode"], r["batch_size"]): r for r in report["results"]}
+    modes = ("off", "ngram", "draft", "draft=target", "copy:off", "copy:ngram", "copy:draft")
+    assert set(rows) == {(m, b) for m in modes for b in (1, 4)}
+    for (mode, bs), r in rows.items():
+        assert r["output_tokens"] == 24 * bs and r["tokens_per_s"] > 0 and r["speedup"] > 0
+        assert r["token_agreement_with_off"] == 1.0  # float32 on CPU: greedy output is identical
+        if mode in ("off", "copy:off"):
+            assert r["speedup"] == 1.0 and r["num_drafts"] == 0 and r["acceptance_rate"] is None
+    for bs in (1, 4):
+        upper = rows[("draft=target", bs)]
+        assert upper["acceptance_rate"] >= 0.99 and upper["mean_acceptance_length"] > 4.5  # k = 4
+        assert sum(upper["accepted_per_pos"]) == upper["num_accepted_tokens"]
+        random_draft = rows[("draft", bs)]
+        assert random_draft["acceptance_rate"] is None or random_draft["acceptance_rate"] < 0.3
+        assert rows[("ngram", bs)]["num_steps"] < rows[("off", bs)]["num_steps"]
+        for mode in ("copy:ngram", "copy:draft"):  # a model that repeats its input is easy to predict
+            assert rows[(mode, bs)]["acceptance_rate"] >= 0.9
+            assert rows[(mode, bs)]["num_steps"] < rows[("copy:off", bs)]["num_steps"]
