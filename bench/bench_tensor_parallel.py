@@ -17,14 +17,18 @@ Prints a table and writes JSON (--out). Target (SPEC): TP=2 per-token latency <=
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import multiprocessing
 import os
 import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -84,6 +88,21 @@ def run_batch(engine: Any, prompts: list[list[int]], max_tokens: int, tag: str) 
     assert num_finished == len(prompts), f"{num_finished} of {len(prompts)} requests finished"
     assert len(times) == max_tokens, f"expected 1 prefill + {max_tokens - 1} decode steps, got {len(times)}"
     return times[0], times[1:]
+
+
+def dump_stacks_later(seconds: float) -> threading.Timer:
+    """Before the parent gives up on this child: print this process's stacks and ask every rank it
+    spawned for theirs (ranks dump on SIGUSR1), so a hang shows where it is."""
+    def dump() -> None:
+        print(f"--- no result after {seconds:.0f}s; stacks of rank 0 and its ranks follow ---", file=sys.stderr)
+        faulthandler.dump_traceback(all_threads=True)
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGUSR1)  # type: ignore[arg-type]
+
+    timer = threading.Timer(seconds, dump)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def run_one_tp(args: argparse.Namespace, model: str, tp: int) -> dict[str, Any]:
@@ -164,6 +183,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("bench", "results", "tensor_parallel.json"))
     p.add_argument("--fail-below-target", action="store_true", help="exit 1 when TP=2 misses 0.6x of TP=1")
+    p.add_argument("--child-timeout", type=float, default=900.0,
+                   help="seconds one TP size may take (load included) before it is reported hung")
     p.add_argument("--child-tp", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -184,7 +205,7 @@ def run_children(args: argparse.Namespace, argv: list[str], model: str) -> list[
             cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child-tp", str(tp), "--child-model", model,
                    "--child-out", out]
             print(f"running TP={tp} ...", flush=True)
-            subprocess.run(cmd, check=True)
+            subprocess.run(cmd, check=True, timeout=args.child_timeout)
             with open(out, encoding="utf-8") as f:
                 infos.append(json.load(f))
     return infos
@@ -194,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.child_tp is not None:
+        dump_stacks_later(max(1.0, args.child_timeout - 10.0))
         info = run_one_tp(args, args.child_model, args.child_tp)
         with open(args.child_out, "w", encoding="utf-8") as f:
             json.dump(info, f)

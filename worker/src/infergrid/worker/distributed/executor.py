@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import weakref
 from abc import ABC, abstractmethod
 from datetime import timedelta
@@ -37,6 +38,7 @@ from infergrid.worker.distributed import messages
 from infergrid.worker.distributed.communication import tensor_parallel_broadcast
 from infergrid.worker.distributed.messages import Command, StepHeader
 from infergrid.worker.distributed.parallel_state import (
+    abort_tensor_parallel,
     backend_for_device,
     destroy_tensor_parallel,
     init_tensor_parallel,
@@ -53,6 +55,8 @@ logger = logging.getLogger(__name__)
 _RENDEZVOUS_TIMEOUT = timedelta(seconds=300)
 _GROUP_TIMEOUT = timedelta(minutes=30)
 _STOP_TIMEOUT_S = 5.0
+_HELLO_TIMEOUT_S = 300.0  # spawn + imports
+_LOAD_TIMEOUT_S = 3600.0  # reading a shard of a large checkpoint from slow storage
 
 
 class RankDiedError(RuntimeError):
@@ -170,10 +174,10 @@ class MultiProcExecutor(Executor):
                 child_conn.close()
                 self._ranks.append(_Rank(rank, proc, parent_conn))
             self._finalizer = weakref.finalize(self, _kill_ranks, [r.process for r in self._ranks])
-            self._wait_for_all("hello")
+            self._wait_for_all("hello", _HELLO_TIMEOUT_S)
             init_tensor_parallel(0, self.world_size, self.backend, store, timeout=_GROUP_TIMEOUT)
             self.driver_runner = ModelRunner(config, model_dir, model_config, max_model_len, eos_token_ids, rank=0)
-            self._wait_for_all("loaded")
+            self._wait_for_all("loaded", _LOAD_TIMEOUT_S)
         except BaseException:
             self.shutdown()
             raise
@@ -217,16 +221,16 @@ class MultiProcExecutor(Executor):
         for r in self._ranks:
             with contextlib.suppress(OSError, ValueError):
                 r.conn.send_bytes(messages.pack(Command.SHUTDOWN))
+        if self._failure is None:  # the followers leave the group now too (NCCL flushes together)
+            leave = threading.Thread(target=_suppressed(destroy_tensor_parallel), daemon=True)
+            leave.start()
+            leave.join(2 * _STOP_TIMEOUT_S)
         for r in self._ranks:
             r.process.join(_STOP_TIMEOUT_S)
         _kill_ranks([r.process for r in self._ranks])
         for r in self._ranks:
             r.conn.close()
-        if self._failure is not None and self.backend == "nccl":
-            with contextlib.suppress(Exception):
-                dist.distributed_c10d._abort_process_group()
-        with contextlib.suppress(Exception):
-            destroy_tensor_parallel()
+        _suppressed(abort_tensor_parallel)()  # whatever is left after a failure or a stuck flush
         torch.set_num_threads(self._saved_num_threads)
         logger.info("tensor parallel: all %d ranks stopped", self.world_size)
 
@@ -243,12 +247,18 @@ class MultiProcExecutor(Executor):
             except OSError as exc:
                 raise RankDiedError(self._failure or f"tensor-parallel rank {r.rank} (pid {r.pid}) is gone") from exc
 
-    def _wait_for_all(self, kind: str) -> None:
-        """Receive message `kind` from every follower; raise if one reports an error or dies first."""
+    def _wait_for_all(self, kind: str, timeout_s: float) -> None:
+        """Receive message `kind` from every follower; raise if one reports an error, dies first or
+        stays silent for `timeout_s`."""
         pending = {r.conn: r for r in self._ranks}
         sentinels = {r.process.sentinel: r for r in self._ranks}
+        deadline = time.monotonic() + timeout_s
         while pending:
-            for ready in multiprocessing.connection.wait([*pending, *sentinels]):
+            ready_list = multiprocessing.connection.wait([*pending, *sentinels], max(0.0, deadline - time.monotonic()))
+            if not ready_list:
+                silent = ", ".join(str(r.rank) for r in pending.values())
+                raise RankDiedError(f"tensor-parallel ranks {silent} sent no {kind!r} within {timeout_s:.0f}s")
+            for ready in ready_list:
                 r = pending.get(ready)  # type: ignore[call-overload]
                 if r is None:  # a sentinel: that process exited
                     raise RankDiedError(self._describe_death(sentinels[ready]))  # type: ignore[index]
@@ -277,17 +287,26 @@ class MultiProcExecutor(Executor):
             return
         self._failure = self._describe_death(sentinels[ready[0]])  # type: ignore[index]
         logger.error("%s; stopping the other ranks, the engine is dead", self._failure)
-        _kill_ranks([r.process for r in self._ranks])  # so rank 0 is not left blocked in a collective
-        if self.backend == "nccl":
-            with contextlib.suppress(Exception):
-                dist.distributed_c10d._abort_process_group()
+        _kill_ranks([r.process for r in self._ranks])  # gloo: rank 0's pending collective fails at once
+        if self.backend == "nccl":  # NCCL waits for a dead peer forever unless its communicator is aborted
+            _suppressed(abort_tensor_parallel)()
+
+
+def _suppressed(fn: Any) -> Any:
+    def call() -> None:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - teardown after a failure: log and go on
+            logger.warning("tensor parallel: %s failed", fn.__name__, exc_info=True)
+
+    return call
 
 
 def _prefer_loopback() -> None:
-    """All ranks are on this host: keep gloo's and NCCL's sockets on the loopback interface."""
+    """All ranks are on this host: keep gloo's sockets on the loopback interface (NCCL talks over
+    NVLink/PCIe and picks its bootstrap interface itself)."""
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
 
 
 def make_executor(config: EngineConfig, model_dir: str, model_config: ModelConfig, max_model_len: int,

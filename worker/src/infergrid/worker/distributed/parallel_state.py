@@ -46,11 +46,24 @@ def init_tensor_parallel(
 
 
 def destroy_tensor_parallel() -> None:
-    """Leave the group (idempotent)."""
+    """Leave the group (idempotent). Healthy ranks call it together: NCCL flushes pending work with
+    the peers first, so it can block while a peer is stuck (use `abort_tensor_parallel` then)."""
     global _STATE
     _STATE = None
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def abort_tensor_parallel() -> None:
+    """Leave the group without waiting for the peers (one of them died): NCCL communicators are
+    aborted, which also ends collectives blocked on the dead peer."""
+    global _STATE
+    _STATE = None
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            dist.distributed_c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
 
 
 def is_tensor_parallel() -> bool:

@@ -10,6 +10,7 @@ exit code 1; the parent-watch thread ends it when the engine process is gone.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -60,6 +61,7 @@ def run_worker(args: WorkerArgs, conn: Connection) -> None:
     """Process entry point of rank `args.rank` (see the module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where is this rank?
     _exit_when_parent_dies(args.parent_pid)
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s tp-rank{args.rank} %(name)s: %(message)s")
@@ -106,4 +108,4 @@ def _follow(args: WorkerArgs, conn: Connection) -> None:
                 flat = torch.empty(header.flat_size, dtype=torch.int64, device=runner.device)
                 tensor_parallel_broadcast(flat, src=0)
                 runner.follow_step(header, flat)
-    destroy_tensor_parallel()
+    destroy_tensor_parallel()  # together with rank 0 (which sent SHUTDOWN and leaves now too)
