@@ -151,6 +151,19 @@ def test_greedy_outputs_match_tp1(tiny_model, name, tp):
     assert not wait_gone(pids[1:], 5.0), "ranks still running after shutdown"
 
 
+def test_ngram_speculative_decoding_under_tp2_matches_tp1(tiny_llama):
+    if "llama" not in _reference:
+        _reference["llama"] = generate(tiny_llama, 1)[0]
+    llm = LLM(tiny_llama, tensor_parallel_size=2, speculative_method="ngram", num_speculative_tokens=3, **ENGINE_ARGS)
+    try:
+        outs = llm.generate(PROMPTS, GREEDY)
+        stats = llm.llm_engine.get_stats()
+    finally:
+        llm.llm_engine.shutdown()
+    assert [o.outputs[0].token_ids for o in outs] == [e.token_ids for e in _reference["llama"]]
+    assert stats.spec_decode_num_draft_tokens_total > 0  # verification batches went through the broadcast
+
+
 # -- lifecycle --------------------------------------------------------------------------------------
 def test_a_rank_killed_mid_generation_fails_it_and_the_other_ranks_stop(tiny_llama):
     llm = LLM(tiny_llama, tensor_parallel_size=4, **ENGINE_ARGS)

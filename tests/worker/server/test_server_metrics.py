@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 from server_harness import MODEL_NAME, WorkerServer
 
-SPEC = Path(__file__).resolve().parents[3] / "shared" / "SPEC.md"
+SPEC = Path(__file__).resolve().parents[4] / "shared" / "SPEC.md"  # ../shared beside the repo
 SPEC_METRICS = [
     "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
     "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total",
@@ -26,7 +27,7 @@ HISTOGRAMS = ["vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seco
 
 def test_spec_md_names_match_this_list() -> None:
     if SPEC.is_file():  # the product spec lives beside the repo on the dev machines
-        named = set(re.findall(r"`(vllm:[a-z_]+)`", SPEC.read_text()))
+        named = set(re.findall(r"`(vllm:[a-z0-9_]+)`", SPEC.read_text()))
         assert named == set(SPEC_METRICS)
 
 
@@ -131,3 +132,24 @@ def test_load_gauges_rise_and_fall_and_preemptions_count(small_server: WorkerSer
     assert after[("vllm:kv_cache_usage_perc", ())] == 0 and after[("infergrid:kv_cache_used_blocks", ())] == 0
     assert delta(before, after, "vllm:generation_tokens_total") >= 4 * 180
     assert delta(before, after, "vllm:request_success_total", finished_reason="length") == 4
+
+
+def test_spec_decode_counters_move_with_ngram_speculation(start_worker: Callable[..., WorkerServer]) -> None:
+    """With n-gram speculation on, a repetitive prompt drafts and accepts tokens, and every spec
+    counter (including the per-position one) rises; accepted <= draft tokens."""
+    spec = start_worker("--speculative-method", "ngram", "--num-speculative-tokens", "3",
+                        "--num-gpu-blocks-override", "200", name="spec")
+    before = spec.metrics()
+    with spec.client() as http:
+        ids = [5, 6, 7, 8, 9, 10, 11, 12] * 6
+        resp = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": ids, "max_tokens": 24, "temperature": 0,
+                                                  "ignore_eos": True})
+        assert resp.status_code == 200, resp.text
+    after = spec.metrics()
+    drafts = delta(before, after, "vllm:spec_decode_num_drafts_total")
+    draft_tokens = delta(before, after, "vllm:spec_decode_num_draft_tokens_total")
+    accepted = delta(before, after, "vllm:spec_decode_num_accepted_tokens_total")
+    assert drafts > 0 and draft_tokens >= drafts
+    assert 0 <= accepted <= draft_tokens
+    per_pos = sum(v for (name, _), v in after.items() if name == "vllm:spec_decode_num_accepted_tokens_per_pos_total")
+    assert per_pos == after[("vllm:spec_decode_num_accepted_tokens_total", ())]

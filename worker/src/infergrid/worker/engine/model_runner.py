@@ -138,7 +138,8 @@ class ModelRunner:
             profile_run=self.profile_run,
             extra_block_bytes=self.spec_decoder.extra_kv_block_bytes() if self.spec_decoder else 0,
         )
-        self.num_blocks = tensor_parallel_min(num_blocks, self.device)  # every rank holds every block
+        # Every rank holds every block. (A tp_size-1 runner in a TP process, e.g. a draft model, skips it.)
+        self.num_blocks = tensor_parallel_min(num_blocks, self.device) if self.tp_size > 1 else num_blocks
         cfg = self.model_config
         shape = (2, cfg.num_hidden_layers, self.num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)

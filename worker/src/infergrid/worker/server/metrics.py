@@ -79,6 +79,12 @@ class EngineStatsCollector(Collector):
             c = CounterMetricFamily(name, doc, labels=["model_name"])
             c.add_metric(labels, float(getattr(stats, attr, 0) or 0))
             yield c
+        c = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                "Accepted draft tokens by position in the draft (0 = first).",
+                                labels=["model_name", "position"])
+        for pos, count in enumerate(getattr(stats, "spec_decode_num_accepted_tokens_per_pos", ()) or ()):
+            c.add_metric([self._model_name, str(pos)], float(count))
+        yield c
         srv = self._server
         g = GaugeMetricFamily("infergrid:num_requests_in_flight",
                               "Engine requests admitted by the HTTP server and not finished.",
