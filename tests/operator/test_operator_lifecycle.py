@@ -266,3 +266,20 @@ def test_host_path_sources_are_refused_by_pod_security_restricted(control_plane,
         return [e for e in listing["items"] if "hostPath" in e["message"]]
     wait_for(refused, 30, "a FailedCreate event naming hostPath")
     assert not worker_pods(cp, ns, "host")
+
+
+def test_a_child_the_api_server_refuses_is_reported_in_status_and_events(control_plane, k8s_namespace, operator):
+    cp, ns = control_plane, k8s_namespace
+    # Valid for the CRD (podTemplate.spec is free-form) but not for the Deployment it becomes.
+    apply_isvc(cp, ns, "broken", {"model": {"source": "file:///m"},
+                                  "podTemplate": {"spec": {"containers": [{"name": "worker", "image": ""}]}}})
+    isvc = wait_for(lambda: (i := get_isvc(cp, ns, "broken")) and
+                    condition(i, "Degraded").get("reason") == "ReconcileFailed" and i, 30, "Degraded=ReconcileFailed")
+    assert "image" in condition(isvc, "Degraded")["message"]
+    assert condition(isvc, "Ready")["status"] == "False"
+    wait_for(lambda: [e for e in events_for(cp, ns, "broken") if e["reason"] == "ReconcileFailed"], 15,
+             "a ReconcileFailed Event")
+    # Fixing the spec clears it.
+    apply_isvc(cp, ns, "broken", {"model": {"source": "file:///m"}})
+    wait_for(lambda: condition(get_isvc(cp, ns, "broken"), "Degraded").get("status") == "False", 60,
+             "Degraded cleared after the fix")

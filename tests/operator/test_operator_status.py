@@ -167,3 +167,29 @@ def test_summaries_from_api_bodies():
     summary = PodSummary.from_body(crashing)
     assert summary.broken_reason == "CrashLoopBackOff" and summary.is_ready and summary.is_terminating
     assert summary.broken_message == "container worker: back-off"
+
+
+def test_a_foreign_deployment_generation_bump_does_not_flap_workers_ready():
+    settled = compute_status(observed(deploy(ready=2)), None, T0)
+    bumped = DeploymentSummary(generation=2, observed_generation=1, spec_replicas=2, replicas=2, ready_replicas=2,
+                               updated_replicas=2, template_hash="h1", progress_deadline_exceeded=False)
+    assert compute_status(observed(bumped), settled, T1) == settled
+
+
+def test_a_new_spec_not_yet_observed_by_the_deployment_controller_is_rolling_out():
+    settled = compute_status(observed(deploy(ready=2)), None, T0)
+    new_spec = DeploymentSummary(generation=2, observed_generation=1, spec_replicas=2, replicas=2, ready_replicas=2,
+                                 updated_replicas=2, template_hash="h2", progress_deadline_exceeded=False)
+    status = compute_status(observed(new_spec, desired_hash="h2", generation=4), settled, T1)
+    assert conditions(status)["WorkersReady"]["reason"] == "RollingOut"
+    assert status["updatedReplicas"] == 0 and status["observedGeneration"] == 4
+
+
+def test_a_failing_reconcile_is_reported_as_degraded():
+    failing = Observed(generation=2, desired_replicas=1, desired_hash="h2", gpus_per_pod=1,
+                       gpu_resource_name="nvidia.com/gpu", selector="s", endpoint="e", deployment=None,
+                       reconcile_error="applying the children failed: 422 Invalid: image: Required value")
+    conds = conditions(compute_status(failing, None, T0))
+    assert conds["Degraded"]["reason"] == "ReconcileFailed"
+    assert conds["Ready"] == {**conds["Ready"], "status": "False", "reason": "ReconcileFailed"}
+    assert "image: Required value" in conds["Ready"]["message"]

@@ -85,3 +85,21 @@ async def test_retry_delay_doubles_and_every_failure_is_reported():
     assert len(stamps) == 4
     assert gaps[0] >= 0.045 and gaps[1] >= 0.095 and gaps[2] < 0.2  # 0.05, 0.1, capped at 0.1
     await queue.close()
+
+
+@pytest.mark.asyncio
+async def test_an_earlier_request_overtakes_a_pending_retry():
+    calls = []
+
+    async def action(key):
+        calls.append(asyncio.get_running_loop().time())
+        if len(calls) == 1:
+            raise RuntimeError("first attempt fails")
+
+    queue = WorkQueue(action, name="t", delay=0.0, retry_delay=5.0)
+    queue.request("k")
+    await asyncio.sleep(0.05)  # failed; a retry is due in 5 s
+    queue.request("k")  # e.g. the spec was fixed: run now
+    await asyncio.sleep(0.05)
+    assert len(calls) == 2 and calls[1] - calls[0] < 1.0
+    await queue.close()

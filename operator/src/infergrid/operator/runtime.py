@@ -47,6 +47,7 @@ class Runtime:
     reconciler: WorkQueue = dataclasses.field(init=False)
     refresher: WorkQueue = dataclasses.field(init=False)
     _reconciled: dict[Key, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    _errors: dict[Key, str] = dataclasses.field(default_factory=dict)
     _hashes: dict[tuple[str, int], str] = dataclasses.field(default_factory=dict)
     _last_written: dict[Key, dict[str, Any]] = dataclasses.field(default_factory=dict)
     _pod_monitor: tuple[float, bool] = (-1e9, False)
@@ -81,6 +82,7 @@ class Runtime:
         if event_type == "DELETED":
             self._reconciled.pop(key, None)
             self._last_written.pop(key, None)
+            self._errors.pop(key, None)
             self.reconciler.forget(key)
             return
         meta = body["metadata"]
@@ -140,10 +142,13 @@ class Runtime:
         metrics.RECONCILES.labels("ok").inc()
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
         self._reconciled[key] = version
+        self._errors.pop(key, None)
         self.refresher.request(key)
 
     def _report_failure(self, key: Key, exc: Exception, failures: int) -> None:
         """An Event on the service for the first failure and then every fifth (the queue retries)."""
+        self._errors[key] = f"applying the children failed: {exc}"
+        self.refresher.request(key)
         body = self.cache.services.get(key)
         if body is not None and (failures == 1 or failures % 5 == 0):
             reason = "ChildOwnedElsewhere" if isinstance(exc, ChildOwnedElsewhere) else "ReconcileFailed"
@@ -178,6 +183,7 @@ class Runtime:
             endpoint=endpoint_url(spec),
             deployment=deploy,
             pods=tuple(self.cache.pods.get(key, {}).values()),
+            reconcile_error=self._errors.get(key),
         )
         # NOTE: what this process wrote last is fresher than the watched body until the echo arrives.
         old = {**(body.get("status") or {}), **self._last_written.get(key, {})}

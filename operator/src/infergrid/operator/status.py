@@ -100,6 +100,7 @@ class Observed:
     endpoint: str
     deployment: DeploymentSummary | None
     pods: tuple[PodSummary, ...] = ()
+    reconcile_error: str | None = None
 
 
 def _condition(kind: str, is_true: bool, reason: str, message: str) -> dict[str, Any]:
@@ -118,8 +119,14 @@ def compute_status(observed: Observed, old_status: Mapping[str, Any] | None,
     is_current = is_applied and deploy is not None and deploy.observed_generation >= deploy.generation
     ready = deploy.ready_replicas if deploy else 0
     updated = deploy.updated_replicas if (deploy and is_current) else 0
-
     workers = _workers_condition(observed, deploy, is_current, ready, updated)
+    # A Deployment generation bump that is not ours (an annotation, say) leaves its counts stale for a
+    # moment: keep what was reported for the same spec instead of flapping to RollingOut and back.
+    old_workers = next((cond for cond in old_status.get("conditions") or [] if cond.get("type") == WORKERS_READY),
+                       None)
+    if is_applied and not is_current and old_status.get("specHash") == observed.desired_hash and old_workers:
+        updated = int(old_status.get("updatedReplicas", 0))
+        workers = {k: old_workers[k] for k in ("type", "status", "reason", "message") if k in old_workers}
     degraded = _degraded_condition(observed, deploy)
     if desired == 0:
         overall = _condition(READY, False, "ScaledToZero", "no worker replicas are running")
@@ -173,6 +180,8 @@ def _workers_condition(observed: Observed, deploy: DeploymentSummary | None, is_
 
 
 def _degraded_condition(observed: Observed, deploy: DeploymentSummary | None) -> dict[str, Any]:
+    if observed.reconcile_error:
+        return _condition(DEGRADED, True, "ReconcileFailed", observed.reconcile_error)
     live = [pod for pod in observed.pods if not pod.is_terminating]
     unschedulable = sorted((p for p in live if p.unschedulable_message), key=lambda p: p.name)
     if unschedulable:

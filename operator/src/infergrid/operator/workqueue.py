@@ -31,27 +31,34 @@ class WorkQueue:
         self._retry_delay = retry_delay
         self._max_retry_delay = max_retry_delay
         self._on_error = on_error
-        self._pending: set[Hashable] = set()
+        self._pending: dict[Hashable, tuple[asyncio.Task[None], float]] = {}
         self._running: set[Hashable] = set()
         self._dirty: set[Hashable] = set()
         self._failures: dict[Hashable, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def request(self, key: Hashable, delay: float | None = None) -> None:
-        if key in self._pending:
-            return
+        """Run `action(key)` after `delay` (default: the queue's); an earlier request wins over a later one."""
+        delay = self._delay if delay is None else delay
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
         if key in self._running:
             self._dirty.add(key)
             return
-        self._pending.add(key)
-        task = asyncio.create_task(self._run(key, self._delay if delay is None else delay))
+        if key in self._pending:
+            task, pending_due = self._pending[key]
+            if pending_due <= due:
+                return
+            task.cancel()  # e.g. a new spec should not wait out the retry backoff of the old one
+        task = asyncio.create_task(self._run(key, delay))
+        self._pending[key] = (task, due)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, key: Hashable, delay: float) -> None:
         if delay > 0:
             await asyncio.sleep(delay)
-        self._pending.discard(key)
+        self._pending.pop(key, None)
         self._running.add(key)
         again: float | None = None
         try:
