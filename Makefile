@@ -48,8 +48,13 @@ test-unit: install ## fast CPU unit tests only (no control plane)
 e2e: install testbed-build ## end-to-end scenarios on the local control plane
 	$(PY) -m infergrid.testbed.cli exec -- $(PY) -m pytest e2e $(PYTEST_ARGS)
 
-bench: install ## benchmarks (GPU ones need a CUDA device)
-	$(PY) -m pytest bench $(PYTEST_ARGS)
+bench: install testbed-build ## benchmarks: operator (any machine) + GPU set (needs CUDA); see bench/README.md
+	$(PY) -m infergrid.testbed.cli exec -- $(PY) bench/bench_operator.py --services 1000 --out bench/results/operator.json
+	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	  $(PY) bench/bench_prefix_cache.py --out bench/results/prefix_cache.json && \
+	  $(PY) bench/bench_spec_decode.py --out bench/results/spec_decode.json && \
+	  $(PY) bench/bench_tensor_parallel.py --out bench/results/tensor_parallel.json; \
+	else echo "no CUDA device: GPU benchmarks skipped (run them on a GPU machine)"; fi
 
 demo: install testbed-build ## local control plane + operator + tiny model + one completion (DEMO_ONCE=1 tears down)
 	$(PY) -m infergrid.testbed.demo
