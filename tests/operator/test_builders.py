@@ -152,6 +152,17 @@ def test_draft_model_gets_its_own_mount_and_flag():
     assert flag_value(argv, "--num-speculative-tokens") == "4"
 
 
+
+def test_a_speculative_method_alone_proposes_the_default_4_tokens():
+    argv = full_command(deployment_of(engine={"speculative": {"method": "ngram"}}))
+    assert flag_value(argv, "--speculative-method") == "ngram"
+    assert flag_value(argv, "--num-speculative-tokens") == "4"
+
+
+def test_speculative_method_none_adds_no_speculative_flags():
+    argv = full_command(deployment_of(engine={"speculative": {"method": "none", "numTokens": 8}}))
+    assert not any(arg.startswith(("--speculative", "--num-speculative", "--draft")) for arg in argv)
+
 def test_probes_are_sized_for_slow_model_loads():
     worker = container(deployment_of(timeouts={"startupSeconds": 1800}))
     startup = worker["startupProbe"]

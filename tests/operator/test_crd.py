@@ -73,6 +73,7 @@ def test_crd_defaults_match_the_operator_defaults():
         "spec.engine.tensorParallelSize": engine.tensor_parallel_size,
         "spec.engine.prefixCaching.enabled": engine.enable_prefix_caching,
         "spec.engine.speculative.method": engine.speculative.method,
+        "spec.engine.speculative.numTokens": engine.speculative.num_tokens,
         "spec.resources.gpuResourceName": resources.gpu_resource_name,
         "spec.resources.shmSize": resources.shm_size,
         "spec.timeouts.startupSeconds": spec.startup_seconds,

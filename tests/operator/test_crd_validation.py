@@ -26,7 +26,9 @@ INVALID = [
     ("unknown-dtype", {**VALID, "engine": {"dtype": "int3"}}, "spec.engine.dtype"),
     ("draft-without-model", {**VALID, "engine": {"speculative": {"method": "draft"}}},
      "spec.engine.speculative"),
-    ("num-tokens-without-method", {**VALID, "engine": {"speculative": {"numTokens": 4}}},
+    ("draft-with-empty-draft", {**VALID, "engine": {"speculative": {"method": "draft", "draft": {}}}},
+     "spec.engine.speculative.draft.model"),
+    ("num-tokens-above-16", {**VALID, "engine": {"speculative": {"method": "ngram", "numTokens": 17}}},
      "spec.engine.speculative.numTokens"),
     ("unknown-router-policy", {**VALID, "router": {"policy": "random"}}, "spec.router.policy"),
     ("kv-target-above-one", {**VALID, "autoscaling": {"maxReplicas": 2, "targetKVCacheUsage": 2}},
@@ -71,6 +73,16 @@ def test_valid_spec_is_defaulted_by_the_server(infergrid_crds, k8s_namespace):
     assert spec["engine"]["prefixCaching"] == {"enabled": True}
     assert spec["autoscaling"]["minReplicas"] == 1
     assert spec["resources"]["gpuResourceName"] == "nvidia.com/gpu"
+
+
+def test_a_speculative_method_alone_is_defaulted_to_4_tokens(infergrid_crds, k8s_namespace):
+    assert apply(infergrid_crds, k8s_namespace, "spec", {
+        **VALID, "engine": {"speculative": {"method": "ngram"}}}).returncode == 0
+    assert apply(infergrid_crds, k8s_namespace, "plain", VALID).returncode == 0
+    for name, method in (("spec", "ngram"), ("plain", "none")):
+        stored = json.loads(infergrid_crds.kubectl("get", f"inferenceservice/{name}", "-n", k8s_namespace,
+                                                   "-o", "json").stdout)
+        assert stored["spec"]["engine"]["speculative"] == {"method": method, "numTokens": 4}
 
 
 def test_the_example_is_valid(infergrid_crds, k8s_namespace):

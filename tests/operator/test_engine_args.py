@@ -29,3 +29,8 @@ def test_ngram_speculation_has_no_draft_model():
     args = build_engine_args(EngineSpec(speculative=SpeculativeSpec(method="ngram", num_tokens=3)))
     assert args[-4:] == ["--speculative-method", "ngram", "--num-speculative-tokens", "3"]
     assert "--draft-model" not in args
+
+
+def test_method_none_means_no_speculation_whatever_num_tokens_says():
+    args = build_engine_args(EngineSpec(speculative=SpeculativeSpec(method="none", num_tokens=8)))
+    assert not any(arg.startswith(("--speculative", "--num-speculative", "--draft")) for arg in args)

@@ -141,6 +141,15 @@ def test_spec_change_rolls_the_worker_deployment(control_plane, k8s_namespace, o
     assert isvc["status"]["specHash"] == template_hash(cp, ns, "tiny")
 
 
+def test_a_speculative_method_alone_gives_the_worker_4_speculative_tokens(control_plane, k8s_namespace, operator):
+    cp, ns = control_plane, k8s_namespace
+    apply_isvc(cp, ns, "spec", {**SPEC, "replicas": 1, "engine": {"speculative": {"method": "ngram"}}})
+    dep = wait_for(lambda: deployment(cp, ns, "spec"), 30, "worker Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--speculative-method") + 1] == "ngram"
+    assert args[args.index("--num-speculative-tokens") + 1] == "4"
+
+
 def test_delete_cascades_to_every_child(control_plane, k8s_namespace, operator):
     cp, ns = control_plane, k8s_namespace
     apply_isvc(cp, ns, "tiny", SPEC)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,6 @@ from infergrid.operator.builders import build_children
 from infergrid.operator.config import OperatorConfig
 from infergrid.operator.spec import ServiceSpec
 from infergrid.testbed.controlplane import ControlPlane
-from infergrid.testbed.procs import spawn
 
 EXPECTED_KINDS = {("Deployment", "{n}-worker"), ("Service", "{n}"), ("Service", "{n}-workers"),
                   ("PodDisruptionBudget", "{n}-worker"), ("NetworkPolicy", "{n}-worker")}
@@ -121,24 +119,6 @@ def private_control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
         cp.stop()
 
 
-def stop_apiserver(cp: ControlPlane) -> list[str]:
-    proc = cp.procs["kube-apiserver"]
-    proc.stop(timeout=10)
-    assert not proc.alive()
-    return proc.argv
-
-
-def start_apiserver(cp: ControlPlane, argv: list[str]) -> None:
-    cp.procs["kube-apiserver"] = spawn("kube-apiserver", argv, cp.log_path("kube-apiserver"), env=cp.env,
-                                       cwd=cp.workdir)
-
-    def ready() -> bool:
-        res = subprocess.run([str(cp.bin_dir / "kubectl"), f"--kubeconfig={cp.kubeconfig}", "get", "--raw",
-                              "/readyz"], capture_output=True, text=True, env=cp.env)
-        return res.returncode == 0
-    wait_for(ready, 60, "kube-apiserver /readyz after restart", interval=0.5)
-
-
 @pytest.mark.slow
 @pytest.mark.controlplane  # a private control plane (not the session fixture)
 def test_operator_recovers_from_a_60s_api_server_outage_without_restarting(private_control_plane, tmp_path):
@@ -149,11 +129,11 @@ def test_operator_recovers_from_a_60s_api_server_outage_without_restarting(priva
     apply_isvc(cp, "team", "before", {"model": {"source": "file:///m"}, "replicas": 1})
     wait_for(lambda: len(children(cp, "team", "before")) == 5, 30, "children of the first service")
 
-    argv = stop_apiserver(cp)
+    cp.stop_component("kube-apiserver")
     down_since = time.monotonic()
     time.sleep(60)
     assert operator.is_alive(), operator.log_tail()
-    start_apiserver(cp, argv)
+    cp.start_component("kube-apiserver")
     print(f"API server was down {time.monotonic() - down_since:.0f}s")
 
     recovered = time.monotonic()

@@ -109,3 +109,21 @@ def test_namespace_gets_default_service_account(control_plane: ControlPlane, k8s
     # and the controller-manager published the cluster CA into the namespace
     wait_for(lambda: control_plane.client.get(
         f"/api/v1/namespaces/{k8s_namespace}/configmaps/kube-root-ca.crt", ok_missing=True), what="kube-root-ca.crt")
+
+
+def test_a_stopped_component_can_be_started_again(control_plane: ControlPlane, k8s_namespace: str) -> None:
+    ns = k8s_namespace
+    old_pid = control_plane.pids()["kube-scheduler"]
+    control_plane.stop_component("kube-scheduler")
+    try:
+        control_plane.kubectl("-n", ns, "run", "waiter", "--image=pause", "--restart=Never")
+        time.sleep(2.0)
+        pod = control_plane.client.get(f"/api/v1/namespaces/{ns}/pods/waiter")
+        assert not pod["spec"].get("nodeName"), "scheduled while the scheduler was stopped"
+    finally:
+        control_plane.start_component("kube-scheduler")
+    assert control_plane.pids()["kube-scheduler"] != old_pid
+    wait_for(lambda: control_plane.client.get(f"/api/v1/namespaces/{ns}/pods/waiter")["spec"].get("nodeName"),
+             what="the pod scheduled once the scheduler is back")
+    with pytest.raises(ValueError, match="unknown component"):
+        control_plane.stop_component("kubelet")

@@ -111,6 +111,37 @@ def test_crashing_container_is_restarted_with_backoff(
     assert pod_runner.find(ns, "crash").log_path.read_text().count("boom") >= 2
 
 
+def test_fallback_to_logs_on_error_puts_the_log_tail_in_the_termination_message(
+    control_plane: ControlPlane, k8s_namespace: str, pod_runner: PodRunner
+) -> None:
+    ns = k8s_namespace
+    script = ("import sys\n"
+              "for i in range(200): print(f'noise {i}', flush=True)\n"
+              "print('app: error: bad setting', file=sys.stderr)\n"
+              "sys.exit(2)\n")
+    pods = {"told": "FallbackToLogsOnError", "silent": "File"}
+    for name, policy in pods.items():
+        control_plane.kubectl("-n", ns, "apply", "-f", "-", input=json.dumps({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"containers": [{"name": "c", "image": "python", "command": ["python", "-c", script],
+                                     "terminationMessagePolicy": policy}]}}))
+    for name, policy in pods.items():
+        status = wait_for(
+            lambda n=name: (p := get_pod(control_plane, ns, n)) and (s := p["status"].get("containerStatuses", [{}])[0])
+            and s.get("restartCount", 0) >= 1 and s, what=f"{name} restarted")
+        last = status["lastState"]["terminated"]
+        assert last["exitCode"] == 2 and last["reason"] == "Error" and last["startedAt"] <= last["finishedAt"]
+        assert len(status["state"]) == 1, status["state"]  # waiting or running, never both
+        if policy == "File":
+            assert "message" not in last
+            continue
+        message = last["message"]
+        lines = message.splitlines()
+        assert lines[-1] == "app: error: bad setting"
+        assert len(lines) == 80 and lines[0] == "noise 121"  # the last 80 lines of this run only
+        assert len(message.encode()) <= 2048
+        assert "[pod-runner" not in message
+
 def test_all_processes_are_gone_after_the_runner_stops(
     control_plane: ControlPlane, k8s_namespace: str, make_pod_runner
 ) -> None:

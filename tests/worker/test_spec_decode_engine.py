@@ -1,7 +1,8 @@
 """Speculative decoding end to end on tiny checkpoints: greedy output is identical with speculation
 on and off (n-gram and draft-model proposers) in mixed batches, under forced preemption, chunked
 prefill and prefix-cache hits; a draft equal to the target accepts ~100%, a random one ~chance;
-adaptive k turns speculation off when it does not pay; the counters add up."""
+adaptive k turns speculation off when it does not pay (and never runs a draft that cannot pay);
+the counters add up."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from infergrid.worker import LLM, SamplingParams
 from infergrid.worker.engine.request import RequestStatus
+from infergrid.worker.spec_decode.cost_model import StepCostModel
 
 PROMPTS = [
     "Hello, how are you",
@@ -28,16 +30,37 @@ def greedy(max_tokens: int = 40, **kwargs) -> SamplingParams:
 MIXED_PARAMS = [
     greedy(40),
     greedy(33, repetition_penalty=1.3, frequency_penalty=0.2),
-    SamplingParams(temperature=1.0, top_k=20, max_tokens=30, seed=3),  # sampled, in the same batches
+    # Sampled, in the same batches (ignore_eos: how many tokens they emit must not depend on the draw).
+    SamplingParams(temperature=1.0, top_k=20, max_tokens=30, seed=3, ignore_eos=True),
     greedy(45, logprobs=2),
     greedy(20, min_tokens=10),
-    SamplingParams(temperature=0.8, top_p=0.9, max_tokens=25),
+    SamplingParams(temperature=0.8, top_p=0.9, max_tokens=25, ignore_eos=True),
 ]
 
 
 @pytest.fixture(scope="module")
 def models(tiny_model):
     return {"target": tiny_model("llama"), "random": tiny_model("llama_draft")}
+
+
+def cheap_drafts(monkeypatch) -> None:
+    """The tiny drafts are as big as the target, so they never pay (a draft token costs c >= 1 step)
+    and the adaptive policy never proposes; price one at 0.1 of a step to exercise adaptive k."""
+    monkeypatch.setattr(StepCostModel, "draft_token_cost", lambda self, batch_size, measured=True: 0.1)
+
+
+def draft_model_steps(llm: LLM) -> set[int]:
+    """The engine steps (numbered by the speculative decoder) in which the draft model runs from now on."""
+    decoder = llm.llm_engine.model_runner.spec_decoder
+    runner, steps = decoder.draft.runner, set()
+    forward = runner._forward
+
+    def recorded(batch):
+        steps.add(decoder.num_steps - 1)  # (counted at the start of propose)
+        return forward(batch)
+
+    runner._forward = recorded
+    return steps
 
 
 def spec_args(method: str, models: dict[str, str]) -> dict:
@@ -75,6 +98,8 @@ def check_counters(llm: LLM) -> None:
 @pytest.mark.parametrize("method", ["ngram", "draft=target", "draft=random"])
 def test_greedy_identical_in_mixed_batches(models, baseline, method, adaptive, monkeypatch):
     monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", adaptive)
+    if adaptive == "1" and method != "ngram":
+        cheap_drafts(monkeypatch)
     llm = LLM(models["target"], **BASE, **spec_args(method, models))
     outs = llm.generate(PROMPTS, MIXED_PARAMS)
     assert _greedy_ids(outs) == _greedy_ids(baseline)
@@ -116,18 +141,29 @@ def test_draft_equal_to_target_accepts_all_and_random_draft_accepts_chance(model
 
 def test_adaptive_k_switches_a_useless_draft_off(models, monkeypatch):
     monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "1")
-    llm = LLM(models["target"], **BASE, **spec_args("draft=random", models))
-    llm.generate(PROMPTS, greedy(96))
-    s = llm.llm_engine.get_stats()
-    num_sampling_steps = 96 * len(PROMPTS)  # one verification per generated token at chance acceptance
-    # Off after the first rejections, with rare one-token probes (backoff 4, 8, 16, ...).
-    assert s.spec_decode_num_draft_tokens_total < 0.1 * 3 * num_sampling_steps
     # n-gram on looping text keeps speculating at full depth.
     ngram = LLM(models["target"], **BASE, **spec_args("ngram", models))
     ngram.generate(PROMPTS, greedy(96))
     assert acceptance(ngram) > 0.7
     n = ngram.llm_engine.get_stats()
     assert n.spec_decode_num_draft_tokens_total > 3 * n.spec_decode_num_drafts_total
+    # A draft as big as the target can never pay: it never even runs.
+    same_size = LLM(models["target"], **BASE, **spec_args("draft=random", models))
+    ran = draft_model_steps(same_size)
+    same_size.generate(PROMPTS, greedy(96))
+    assert not ran and same_size.llm_engine.get_stats().spec_decode_num_drafts_total == 0
+    # Priced as cheap, a random draft is tried and its rejections switch it off.
+    cheap_drafts(monkeypatch)
+    llm = LLM(models["target"], **BASE, **spec_args("draft=random", models))
+    ran = draft_model_steps(llm)
+    llm.generate(PROMPTS, greedy(96))
+    s = llm.llm_engine.get_stats()
+    num_sampling_steps = 96 * len(PROMPTS)  # one verification per generated token at chance acceptance
+    # Off after the first rejections, with rare one-token probes (8, 16, 32, 64 steps apart).
+    assert s.spec_decode_num_draft_tokens_total < 0.1 * 3 * num_sampling_steps
+    # The draft model runs only in steps in which a request proposes (not for requests at k = 0):
+    # the first probes, a few steps until rejections add up, the probes (all on the same steps).
+    assert len(ran) <= 0.3 * s.num_steps_total and {0, 8, 16, 32, 64} <= ran
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft=target"])
@@ -198,10 +234,12 @@ def test_abort_with_pending_drafts_and_max_model_len_edge(models, monkeypatch):
     assert "a" not in engine.model_runner.spec_decoder.proposals
 
 
-def test_seeded_sampling_with_speculation_is_reproducible(models):
+def test_seeded_sampling_with_speculation_is_reproducible(models, monkeypatch):
+    cheap_drafts(monkeypatch)
     params = SamplingParams(n=2, temperature=1.0, max_tokens=24, seed=11, ignore_eos=True)
     llm = LLM(models["target"], **BASE, **spec_args("draft=random", models))
     first = llm.generate(PROMPTS[:2], params)
+    assert llm.llm_engine.get_stats().spec_decode_num_drafts_total > 0
     second = llm.generate(PROMPTS[:2], params)
     assert [[c.token_ids for c in o.outputs] for o in first] == [[c.token_ids for c in o.outputs] for o in second]
     assert all(len(c.token_ids) == 24 for o in first for c in o.outputs)

@@ -42,7 +42,9 @@ def test_greedy_identical_with_cuda_graphs(tiny_llama, method, monkeypatch):
         assert stats.spec_decode_num_accepted_tokens_total >= 0.95 * stats.spec_decode_num_draft_tokens_total
 
 
-def test_sampled_requests_with_a_draft_run_on_cuda(tiny_llama, tiny_model):
+def test_sampled_requests_with_a_draft_run_on_cuda(tiny_llama, tiny_model, monkeypatch):
+    # Always k drafts: adaptive k never runs a draft as big as the target (it cannot pay).
+    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
     llm = LLM(tiny_llama, **ARGS, speculative_method="draft", num_speculative_tokens=3,
               draft_model=tiny_model("llama_draft"))
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=32, seed=5, ignore_eos=True)

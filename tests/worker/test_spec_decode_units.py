@@ -1,12 +1,19 @@
-"""Speculative-decoding parts on their own: n-gram lookup, the adaptive number of drafts, and the
-draft model's per-block KV validity bookkeeping."""
+"""Speculative-decoding parts on their own: n-gram lookup, the adaptive number of drafts and its cost
+model, and the draft model's per-block KV validity bookkeeping."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from infergrid.worker.spec_decode.adaptive import AdaptiveNumDrafts, best_num_drafts, expected_tokens
+from infergrid.worker.spec_decode.adaptive import (
+    MAX_BACKOFF,
+    MIN_BACKOFF,
+    AdaptiveNumDrafts,
+    best_num_drafts,
+    expected_tokens,
+)
+from infergrid.worker.spec_decode.cost_model import StepCostModel
 from infergrid.worker.spec_decode.ngram_proposer import NgramProposer
 
 
@@ -44,19 +51,107 @@ def test_expected_tokens_and_best_k():
 
 
 def test_adaptive_turns_off_probes_with_backoff_and_comes_back():
-    a = AdaptiveNumDrafts(max_k=4, draft_cost=0.1)
-    assert a.num_drafts("r") == 4  # optimistic prior
+    a = AdaptiveNumDrafts(max_k=4)
+    assert [a.num_drafts("r", 0.1, step) for step in (5, 6, 7, 8)] == [0, 0, 0, 1]  # new: probe at a multiple of 8
+    a.observe("r", 1, 1)
+    assert a.num_drafts("r", 0.1, 9) == 4  # optimistic prior, confirmed
     for _ in range(6):
         a.observe("r", 4, 0)
     assert a.acceptance_rate("r") < 0.1
-    ks = [a.num_drafts("r") for _ in range(12)]
-    assert ks == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1]  # probes after 4 steps, then 8
+    ks = {step: a.num_drafts("r", 0.1, step) for step in range(10, 33)}
+    assert [step for step, k in ks.items() if k] == [16, 32]  # probes on the grid: 8, then 16 apart
+    assert set(ks.values()) == {0, 1}
     for _ in range(3):
-        a.observe("r", 1, 1)  # the text became predictable
-    assert a.num_drafts("r") >= 2
+        a.observe("r", 1, 1)  # the probe at 32 (and more) accepted: the text became predictable
+    assert a.num_drafts("r", 0.1, 33) >= 2
     a.remove("r")
     assert a.acceptance_rate("r") == pytest.approx(0.7)
-    assert AdaptiveNumDrafts(max_k=3, draft_cost=5.0, enabled=False).num_drafts("x") == 3
+    assert AdaptiveNumDrafts(max_k=3, enabled=False).num_drafts("x", 5.0, 0) == 3
+
+
+def _simulate(a: AdaptiveNumDrafts, draft_cost: float, acceptance: int, num_steps: int) -> list[int]:
+    """k per step for one request (arriving at step 0) whose drafts are all accepted (1) or all rejected (0)."""
+    ks = []
+    for step in range(num_steps):
+        k = a.num_drafts("r", draft_cost, step)
+        ks.append(k)
+        if k:
+            a.observe("r", k, k * acceptance)
+    return ks
+
+
+@pytest.mark.parametrize(("draft_cost", "max_steps_on"), [(0.3, 2), (0.05, 6)])
+def test_adaptive_switches_off_fast_and_probes_rarely_at_acceptance_zero(draft_cost, max_steps_on):
+    """A draft model (c ~ 0.3) is off after 2 failed verifications (the first is the new request's
+    probe), cheap n-gram drafts (c ~ 0.05) after 6; then one-draft probes with doubling gaps, at
+    most every MAX_BACKOFF steps."""
+    ks = _simulate(AdaptiveNumDrafts(max_k=4), draft_cost, acceptance=0, num_steps=3000)
+    on = [i for i, k in enumerate(ks) if k]
+    first_off = ks.index(0, 1)
+    assert ks[0] == 1 and first_off <= max_steps_on and all(ks[:first_off])
+    probes = [i for i in on if i > first_off]
+    assert all(ks[i] == 1 for i in probes)
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    assert gaps[:6] == [8, 16, 32, 64, 128, 256] and set(gaps[6:]) == {MAX_BACKOFF}
+    assert all(p % MIN_BACKOFF == 0 for p in probes)  # on the shared grid
+    assert sum(ks) <= 4 * max_steps_on + len(probes) and len(probes) <= 16  # over 3,000 steps
+
+
+@pytest.mark.parametrize("draft_cost", [0.05, 0.3, 0.8])
+def test_adaptive_stays_on_at_acceptance_one(draft_cost):
+    """Even where a draft token costs most of a step (large batch), perfect drafts pay: never off
+    after the first probe, and max_k within a few steps."""
+    ks = _simulate(AdaptiveNumDrafts(max_k=4), draft_cost, acceptance=1, num_steps=500)
+    assert ks[0] == 1 and min(ks) >= 1 and ks[6:] == [4] * 494
+    # Where a draft token costs a whole step, not even perfect drafts pay: nothing is proposed.
+    assert _simulate(AdaptiveNumDrafts(max_k=4), 1.0, acceptance=1, num_steps=500) == [0] * 500
+
+
+def test_step_cost_model_fits_online_and_falls_back_to_the_default():
+    a, b = 1e-3, 1e-3 / 64  # a step over N tokens takes 1 ms + N/64 ms
+    model = StepCostModel(proposer_cost=0.1)
+    assert model.draft_token_cost(32) == pytest.approx(0.5 + 0.1)  # the default before any step
+    for i in range(200):
+        n = (8, 16, 40, 64, 128)[i % 5]
+        model.observe_step(n, a + b * n)
+    fit_a, fit_b = model.coefficients()
+    assert fit_a == pytest.approx(a, rel=0.02) and fit_b == pytest.approx(b, rel=0.02)
+    assert model.draft_token_cost(1) == pytest.approx(b / (a + b) + 0.1, rel=0.02)
+    assert model.draft_token_cost(256) == pytest.approx(4 / 5 + 0.1, rel=0.02)
+    model.observe_step(64, 1.0)  # a one-second stall counts as 3x the prediction at most
+    assert model.coefficients()[0] < 2 * a
+    model.observe_proposer(seconds_per_pass=0.5e-3, step_seconds=2e-3)
+    assert model.proposer_cost == pytest.approx(0.9 * 0.1 + 0.1 * 0.25)
+    assert model.draft_token_cost(32, measured=False) == pytest.approx(0.5 + 0.1)  # seeded requests
+    # Equal-size steps say nothing about the slope: the default ratio b = a / 32 remains.
+    flat = StepCostModel(proposer_cost=0.0)
+    for _ in range(300):
+        flat.observe_step(32, 2e-3)
+    fa, fb = flat.coefficients()
+    assert fa + 32 * fb == pytest.approx(2e-3) and fa / fb == pytest.approx(32)
+
+
+def test_batch_aware_decision_flips_at_large_batch():
+    """Same request, same acceptance (0.6), same measured cost law: worth 4 drafts at batch 1,
+    fewer at batch 32, none at batch 256 (verifying 1 + k tokens per request is no longer free)."""
+    model = StepCostModel(proposer_cost=0.05)
+    for i in range(100):
+        n = (1, 5, 32, 160, 256)[i % 5]
+        model.observe_step(n, 1e-3 + n * 1e-3 / 64)
+    a = AdaptiveNumDrafts(max_k=4, prior_rate=0.6, prior_weight=1000.0)  # the rate stays 0.6
+
+    def decide(req_id: str, batch_size: int) -> int:
+        assert a.num_drafts(req_id, model.draft_token_cost(batch_size), 0) == 1  # a new request's probe
+        return a.num_drafts(req_id, model.draft_token_cost(batch_size), 1)
+
+    assert decide("r1", 1) == 4
+    assert 1 <= decide("r32", 32) < 4
+    assert decide("r256", 256) == 0
+    # Off at a large batch, it comes back at its next probe once the batch is small.
+    ks = [a.num_drafts("r256", model.draft_token_cost(1), step) for step in range(2, 2 + MIN_BACKOFF - 1)]
+    assert ks == [0] * (MIN_BACKOFF - 2) + [1]  # the probe at step 8
+    a.observe("r256", 1, 1)
+    assert a.num_drafts("r256", model.draft_token_cost(1), 9) == 4
 
 
 class _FakeSched:
@@ -86,6 +181,11 @@ def test_draft_kv_validity_follows_target_writes_and_catch_ups():
     assert d.valid[2] == 0 and d.valid_prefix(table, 11) == 4
     d._mark_valid(table, 4, 11)
     assert d.valid_prefix(table, 11) == 11
+    d.note_target_writes(_FakeOutput(_FakeSched(11, 1, table)))  # a decode inside block 9: nothing to reset
+    assert d.valid_prefix(table, 12) == 11
+    d.valid[4] = 3  # stale: block 4 held draft KV of an earlier request
+    d.note_target_writes(_FakeOutput(_FakeSched(12, 1, [*table, 4])))  # a decode entering block 4
+    assert d.valid[4] == 0 and d.valid_prefix([*table, 4], 13) == 11
 
 
 def test_multi_token_graph_buffers_for_a_mixed_batch():

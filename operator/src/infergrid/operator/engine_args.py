@@ -24,9 +24,8 @@ def build_engine_args(engine: EngineSpec, draft_model_path: str | None = None) -
         args.append("--enforce-eager")
     spec = engine.speculative
     if spec.method != "none":
-        args += ["--speculative-method", spec.method]
-        if spec.num_tokens is not None:
-            args += ["--num-speculative-tokens", str(spec.num_tokens)]
+        # NOTE: always explicit: a worker given a method without a token count would propose none and exit.
+        args += ["--speculative-method", spec.method, "--num-speculative-tokens", str(spec.num_tokens)]
         if spec.method == "draft" and draft_model_path:
             args += ["--draft-model", draft_model_path]
     return args

@@ -23,10 +23,13 @@ class SecretKeyRef:
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeSpec:
-    """Speculative decoding: `none`, `ngram` or `draft` (with a draft model source)."""
+    """Speculative decoding: `none`, `ngram` or `draft` (with a draft model source).
+
+    `num_tokens` has the CRD's default (4); it means nothing while `method` is `none`.
+    """
 
     method: str = "none"
-    num_tokens: int | None = None
+    num_tokens: int = 4
     draft_source: ModelSource | None = None
 
 
@@ -147,7 +150,7 @@ def _parse_engine(engine: Mapping[str, Any]) -> EngineSpec:
         enable_prefix_caching=bool((engine.get("prefixCaching", {}) or {}).get("enabled", True)),
         speculative=SpeculativeSpec(
             method=spec.get("method", "none"),
-            num_tokens=spec.get("numTokens"),
+            num_tokens=int(spec.get("numTokens", 4)),
             draft_source=ModelSource.parse(draft["source"], revision=draft.get("revision")) if draft else None,
         ),
     )

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from infergrid.operator import constants as c
+from infergrid.operator.pod_failure import CONFIG_ERROR, container_failure
 
 READY, WORKERS_READY, DEGRADED = "Ready", "WorkersReady", "Degraded"
 CONDITION_TYPES = (READY, WORKERS_READY, DEGRADED)
@@ -73,6 +74,10 @@ class PodSummary:
         broken_reason = broken_message = None
         for container in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
             waiting = (container.get("state") or {}).get("waiting") or {}
+            failure = container_failure(container)
+            if failure is not None:
+                broken_reason, broken_message = failure.reason, failure.message
+                break
             if waiting.get("reason") in _BROKEN_WAITING:
                 broken_reason = waiting["reason"]
                 broken_message = f"container {container.get('name')}: {waiting.get('message') or broken_reason}"
@@ -191,7 +196,8 @@ def _degraded_condition(observed: Observed, deploy: DeploymentSummary | None) ->
         prefix = (f"{len(unschedulable)} worker pod(s) need {observed.gpus_per_pod} {observed.gpu_resource_name} "
                   f"each and cannot be scheduled")
         return _condition(DEGRADED, True, reason, f"{prefix}: {message}")
-    broken = sorted((p for p in live if p.broken_reason), key=lambda p: p.name)
+    # A refused configuration is the actionable failure: name it before other pods' crashes.
+    broken = sorted((p for p in live if p.broken_reason), key=lambda p: (p.broken_reason != CONFIG_ERROR, p.name))
     if broken:
         pod = broken[0]
         return _condition(DEGRADED, True, pod.broken_reason or "WorkerFailing",

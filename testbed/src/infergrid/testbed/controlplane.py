@@ -176,6 +176,31 @@ class ControlPlane:
         if self._own_workdir and not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def stop_component(self, name: str, timeout: float = 10.0) -> None:
+        """Stop one component (one of COMPONENTS, e.g. "kube-apiserver") by pid, to simulate an outage.
+
+        The rest keep running; :meth:`start_component` brings it back with the same flags and ports.
+        """
+        proc = self._component(name)
+        proc.stop(timeout=timeout)
+        if proc.alive():
+            raise ControlPlaneError(f"{name} (pid {proc.pid}) did not stop")
+
+    def start_component(self, name: str, timeout: float = 60.0) -> None:
+        """Start a component stopped by :meth:`stop_component` again and wait until it serves.
+
+        kube-apiserver is waited for on /readyz, kube-scheduler on /healthz; the others until the API
+        server answers again with them running. A component that is still running is left alone.
+        """
+        proc = self._component(name)
+        if self._stopped:
+            raise ControlPlaneError(f"cannot start {name}: the control plane was stopped")
+        if not proc.alive():
+            self._spawn(name, proc.argv)
+        check = {"kube-apiserver": self._apiserver_ready, "kube-scheduler": self._scheduler_healthy}.get(
+            name, self._apiserver_ready)
+        self._wait(check, timeout, f"{name} serving again after a restart", name)
+
     def pids(self) -> dict[str, int]:
         """Pid of each component."""
         return {name: p.pid for name, p in self.procs.items()}
@@ -210,6 +235,11 @@ class ControlPlane:
         return self.workdir / "logs" / f"{component}.log"
 
     # ------------------------------------------------------------------ internals
+
+    def _component(self, name: str) -> ManagedProcess:
+        if name not in self.procs:
+            raise ValueError(f"unknown component {name!r}; started: {', '.join(self.procs) or 'none'}")
+        return self.procs[name]
 
     def _bin(self, name: str) -> str:
         return str(self.bin_dir / name)

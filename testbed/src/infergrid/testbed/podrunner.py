@@ -7,7 +7,8 @@ its own process group, working directory and log file. Like a kubelet it
 * runs readiness, liveness and startup probes against the pod IP and writes the pod's Ready /
   ContainersReady conditions and the container's status;
 * restarts exited containers (restartPolicy Always / OnFailure) with exponential back-off
-  (CrashLoopBackOff), or sets phase Succeeded / Failed (Never);
+  (CrashLoopBackOff), or sets phase Succeeded / Failed (Never); the exit goes to
+  ``lastState.terminated``, with the log's tail as ``message`` under FallbackToLogsOnError;
 * on pod deletion runs the preStop hook, sends SIGTERM, waits up to the grace period, sends SIGKILL,
   and then deletes the pod object (grace 0), so a pod stays Terminating while its process drains.
 
@@ -71,6 +72,8 @@ class PodProcess:
         self.restarts = 0
         self.ready = False
         self.error: str | None = None
+        self._log_offset = 0
+        self._started_at = ""
         self.finished = threading.Event()
         self.started = threading.Event()
         self._delete = threading.Event()
@@ -168,8 +171,12 @@ class PodProcess:
             code = self._run_once(argv, full_env, env)
             if self._stop.is_set():
                 return
-            finished = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                                       "finishedAt": podstatus.now()}}
+            finished: dict[str, Any] = {"terminated": {
+                "exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                "startedAt": self._started_at, "finishedAt": podstatus.now()}}
+            message = podstatus.termination_message(self.container, code, self.log_path, self._log_offset)
+            if message is not None:
+                finished["terminated"]["message"] = message
             if policy == "Never" or (policy == "OnFailure" and code == 0):
                 self._patch(ready=False, phase="Succeeded" if code == 0 else "Failed",
                             container={"state": finished, "started": False})
@@ -186,6 +193,8 @@ class PodProcess:
     def _run_once(self, argv: list[str], full_env: dict[str, str], env: Mapping[str, str]) -> int:
         """Start the process once, probe it until it exits or we stop; return its exit code."""
         self._write_log(f"[pod-runner {podstatus.now()}] start #{self.restarts}: {' '.join(argv)}\n")
+        self._log_offset = self.log_path.stat().st_size  # this run's output starts here
+        self._started_at = podstatus.now()
         # this thread outlives the process (it stops it), so PDEATHSIG only fires if the runner dies
         self.proc = spawn(self.name, argv, self.log_path, env=full_env, cwd=self.dir, die_with_parent=True)
         self.pids.append(self.proc.pid)
@@ -199,12 +208,14 @@ class PodProcess:
         startup = ProbeState(c["startupProbe"], t0, period_cap=cap) if c.get("startupProbe") else None
         self.ready = readiness is None and startup is None
         self._patch(ready=self.ready, container={
-            "state": {"running": {"startedAt": podstatus.now()}}, "restartCount": self.restarts,
+            "state": {"running": {"startedAt": self._started_at}}, "restartCount": self.restarts,
             "started": startup is None})
         pod_ip = self.pod["status"]["podIP"]
         while not self._stop.is_set():
             if not self.proc.alive():
-                return self.proc.popen.returncode if self.proc.popen.returncode is not None else -1
+                code = self.proc.popen.returncode
+                # a container runtime reports death by signal N as exit code 128 + N (SIGKILL: 137)
+                return -1 if code is None else (128 - code if code < 0 else code)
             now = time.monotonic()
             if startup is not None:
                 if startup.due(now):

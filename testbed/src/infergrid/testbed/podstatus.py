@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
 from infergrid.testbed.kubeapi import KubeClient
@@ -11,6 +12,31 @@ from infergrid.testbed.kubeapi import KubeClient
 def now() -> str:
     """Kubernetes-style RFC 3339 timestamp (seconds, UTC)."""
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# A kubelet's FallbackToLogsOnError keeps the smaller of the log's last 80 lines and its last 2048 bytes.
+FALLBACK_LOG_LINES = 80
+FALLBACK_LOG_BYTES = 2048
+
+
+def termination_message(container: dict[str, Any], exit_code: int, log_path: Path, offset: int = 0) -> str | None:
+    """`terminated.message` as a kubelet writes it for `terminationMessagePolicy: FallbackToLogsOnError`.
+
+    The tail of this run's output (the log from byte `offset` on, the pod runner's own `[pod-runner`
+    lines left out) when the container failed; None otherwise. The message file of policy `File` is
+    not emulated (no volumes), so that policy never has a message.
+    """
+    if exit_code == 0 or container.get("terminationMessagePolicy") != "FallbackToLogsOnError":
+        return None
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return None
+    lines = [line for line in data.splitlines(keepends=True) if not line.startswith(b"[pod-runner")]
+    tail = b"".join(lines[-FALLBACK_LOG_LINES:])[-FALLBACK_LOG_BYTES:]
+    return tail.decode(errors="replace") or None
 
 
 def _condition(pod: dict[str, Any], ctype: str, status: str, stamp: str) -> dict[str, Any]:

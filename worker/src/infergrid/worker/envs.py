@@ -30,3 +30,16 @@ def spec_decode_adaptive() -> bool:
     """INFERGRID_SPEC_DECODE_ADAPTIVE: 0 = always propose num_speculative_tokens drafts (benchmarks of
     the acceptance upper bound); default 1 = per-request adaptive number of drafts (spec_decode/adaptive.py)."""
     return _get("INFERGRID_SPEC_DECODE_ADAPTIVE", "1") not in ("0", "false", "no", "off")
+
+
+def tp_debug() -> bool:
+    """INFERGRID_TP_DEBUG=1: tensor-parallel ranks record every collective they issue and check, before and
+    after each step's forward pass, over a separate gloo group, that all ranks issued the same sequence
+    (distributed/debug.py)."""
+    return _get("INFERGRID_TP_DEBUG", "0") not in ("0", "false", "no", "off")
+
+
+def emulate_cuda_graphs() -> bool:
+    """INFERGRID_EMULATE_CUDA_GRAPHS=1 (tests): without CUDA, run the CUDA-graph code paths anyway, with
+    an eager stand-in for each graph (capture runs the forward once, replay runs it again)."""
+    return _get("INFERGRID_EMULATE_CUDA_GRAPHS", "0") not in ("0", "false", "no", "off")

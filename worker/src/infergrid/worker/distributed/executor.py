@@ -13,11 +13,16 @@ the remaining ranks are killed so no collective stays blocked, and later steps r
 
 Followers ignore SIGINT/SIGTERM (rank 0 decides when they stop), and exit on their own when the
 engine process disappears (a parent-watch thread), so no rank outlives the worker.
+
+Teardown order (NCCL >= 2.26 blocks forever in communicator destroy *and* abort while a CUDA graph
+that captured one of its collectives is alive): every rank releases its CUDA graphs, then leaves the
+group; each wait is bounded, and an abort runs in its own thread, never beside a pending destroy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing.connection
 import os
@@ -33,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from infergrid.worker import envs
 from infergrid.worker.config import EngineConfig
 from infergrid.worker.distributed import messages
 from infergrid.worker.distributed.communication import tensor_parallel_broadcast
@@ -55,6 +61,7 @@ logger = logging.getLogger(__name__)
 _RENDEZVOUS_TIMEOUT = timedelta(seconds=300)
 _GROUP_TIMEOUT = timedelta(minutes=30)
 _STOP_TIMEOUT_S = 5.0
+_ABORT_TIMEOUT_S = 10.0
 _HELLO_TIMEOUT_S = 300.0  # spawn + imports
 _LOAD_TIMEOUT_S = 3600.0  # reading a shard of a large checkpoint from slow storage
 
@@ -142,17 +149,21 @@ class MultiProcExecutor(Executor):
     def __init__(self, config: EngineConfig, model_dir: str, model_config: ModelConfig, max_model_len: int,
                  eos_token_ids: list[int]) -> None:
         self.world_size = config.tensor_parallel_size
-        device = resolve_device(config.device)
-        if device.type == "cuda" and torch.cuda.device_count() < self.world_size:
+        device = resolve_device(config.device)  # rank r uses the r-th device from here
+        if device.type == "cuda" and torch.cuda.device_count() < device.index + self.world_size:
             raise ValueError(
-                f"tensor_parallel_size {self.world_size} needs {self.world_size} GPUs, "
+                f"tensor_parallel_size {self.world_size} needs {self.world_size} GPUs (from {device} on), "
                 f"but {torch.cuda.device_count()} are visible"
             )
         self.backend = backend_for_device(device)
         self._ranks: list[_Rank] = []
         self._failure: str | None = None
         self._is_stopping = False
+        self._is_in_step = False
+        self._abort_thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        is_tp_debug = envs.tp_debug()  # decided here, for every rank (the guard's gloo group is collective)
+        follower_config = dataclasses.replace(config, device=str(device))
         _prefer_loopback()
         self._store = store = dist.TCPStore("127.0.0.1", 0, self.world_size, True, timeout=_RENDEZVOUS_TIMEOUT,
                                             wait_for_workers=False)
@@ -165,9 +176,9 @@ class MultiProcExecutor(Executor):
             for rank in range(1, self.world_size):
                 parent_conn, child_conn = ctx.Pipe(duplex=True)
                 args = WorkerArgs(rank=rank, world_size=self.world_size, backend=self.backend, store_port=store.port,
-                                  parent_pid=os.getpid(), num_threads=num_threads, config=config,
+                                  parent_pid=os.getpid(), num_threads=num_threads, config=follower_config,
                                   model_dir=model_dir, model_config=model_config, max_model_len=max_model_len,
-                                  eos_token_ids=list(eos_token_ids))
+                                  eos_token_ids=list(eos_token_ids), is_tp_debug=is_tp_debug)
                 proc = ctx.Process(target=run_worker, args=(args, child_conn), name=f"infergrid-tp-rank{rank}",
                                    daemon=True)
                 proc.start()
@@ -175,7 +186,8 @@ class MultiProcExecutor(Executor):
                 self._ranks.append(_Rank(rank, proc, parent_conn))
             self._finalizer = weakref.finalize(self, _kill_ranks, [r.process for r in self._ranks])
             self._wait_for_all("hello", _HELLO_TIMEOUT_S)
-            init_tensor_parallel(0, self.world_size, self.backend, store, timeout=_GROUP_TIMEOUT)
+            init_tensor_parallel(0, self.world_size, self.backend, store, timeout=_GROUP_TIMEOUT, device=device,
+                                 debug_collectives=is_tp_debug)
             self.driver_runner = ModelRunner(config, model_dir, model_config, max_model_len, eos_token_ids, rank=0)
             self._wait_for_all("loaded", _LOAD_TIMEOUT_S)
         except BaseException:
@@ -193,20 +205,28 @@ class MultiProcExecutor(Executor):
         return [os.getpid(), *(r.pid for r in self._ranks)]
 
     def initialize_kv_cache(self) -> int:
-        self._send_all(messages.pack(Command.INIT_KV_CACHE))
-        return self.driver_runner.initialize_kv_cache()
+        plan = self.driver_runner.graph_plan()  # every rank captures exactly these graphs
+        self._send_all(messages.pack(Command.INIT_KV_CACHE, plan))
+        return self.driver_runner.initialize_kv_cache(plan)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self.check_health()
+        self._is_in_step = True
         try:
             output = self.driver_runner.execute_model(scheduler_output)
         except Exception as exc:
             if any(not r.process.is_alive() for r in self._ranks):
                 self._monitor.join(2.0)  # a collective failed because a rank died: report which
+            if self._failure is not None or self._is_stopping:
+                self.driver_runner.release_cuda_graphs()  # the pending NCCL abort waits for them
             if self._failure is not None:
                 raise RankDiedError(self._failure) from exc
             raise
-        self.check_health()  # a rank that died mid-step (aborted collectives) invalidates its tokens
+        finally:
+            self._is_in_step = False
+        if self._failure is not None:  # a rank that died mid-step (aborted collectives) invalidates its tokens
+            self.driver_runner.release_cuda_graphs()
+            self.check_health()
         return output
 
     def check_health(self) -> None:
@@ -218,11 +238,16 @@ class MultiProcExecutor(Executor):
             if self._is_stopping:
                 return
             self._is_stopping = True
+        runner = getattr(self, "driver_runner", None)  # (None when loading failed)
+        if runner is not None and not self._is_in_step:  # a step stuck in a collective releases them itself
+            runner.release_cuda_graphs()
         for r in self._ranks:
             with contextlib.suppress(OSError, ValueError):
                 r.conn.send_bytes(messages.pack(Command.SHUTDOWN))
-        if self._failure is None:  # the followers leave the group now too (NCCL flushes together)
-            leave = threading.Thread(target=_suppressed(destroy_tensor_parallel), daemon=True)
+        leave = None
+        if self._failure is None and not self._is_in_step:  # the followers leave the group now too
+            leave = threading.Thread(target=_suppressed(destroy_tensor_parallel), name="infergrid-tp-leave",
+                                     daemon=True)
             leave.start()
             leave.join(2 * _STOP_TIMEOUT_S)
         for r in self._ranks:
@@ -230,7 +255,18 @@ class MultiProcExecutor(Executor):
         _kill_ranks([r.process for r in self._ranks])
         for r in self._ranks:
             r.conn.close()
-        _suppressed(abort_tensor_parallel)()  # whatever is left after a failure or a stuck flush
+        if self.backend != "nccl":
+            _suppressed(abort_tensor_parallel)()  # gloo: whatever is left after a failure
+        elif leave is not None and leave.is_alive():
+            # NOTE: an NCCL abort beside a destroy in progress blocks on the communicator; leave it be.
+            logger.error("tensor parallel: leaving the process group did not finish within %.0f s",
+                         2 * _STOP_TIMEOUT_S)
+        else:
+            self._start_abort()  # whatever is left after a failure or a stuck step (no-op after a clean leave)
+            assert self._abort_thread is not None
+            self._abort_thread.join(_ABORT_TIMEOUT_S)
+            if self._abort_thread.is_alive():
+                logger.error("tensor parallel: aborting NCCL did not finish within %.0f s", _ABORT_TIMEOUT_S)
         torch.set_num_threads(self._saved_num_threads)
         logger.info("tensor parallel: all %d ranks stopped", self.world_size)
 
@@ -289,7 +325,16 @@ class MultiProcExecutor(Executor):
         logger.error("%s; stopping the other ranks, the engine is dead", self._failure)
         _kill_ranks([r.process for r in self._ranks])  # gloo: rank 0's pending collective fails at once
         if self.backend == "nccl":  # NCCL waits for a dead peer forever unless its communicator is aborted
-            _suppressed(abort_tensor_parallel)()
+            self._start_abort()
+
+    def _start_abort(self) -> None:
+        """Abort the NCCL group in a thread of its own (once): it ends collectives blocked on a dead
+        peer at once, but returns only after rank 0's CUDA graphs are released."""
+        with self._lock:
+            if self._abort_thread is None:
+                self._abort_thread = threading.Thread(target=_suppressed(abort_tensor_parallel),
+                                                      name="infergrid-tp-abort", daemon=True)
+                self._abort_thread.start()
 
 
 def _suppressed(fn: Any) -> Any:

@@ -6,6 +6,10 @@ by `broadcast` (NCCL on GPU, gloo on CPU). The flat layout, with T tokens, B seq
 columns and L sampling rows:
 
     [ input_ids T | positions T | slot_mapping T | query_start_loc B+1 | seq_lens B | block_tables B*W | logits_indices L ]
+
+NOTE: rank 0 decides everything that changes which collectives a step issues (the step id, which
+CUDA graph to replay and at which padded batch size; at INIT_KV_CACHE which graphs to capture), so
+the followers never take such a decision on their own and cannot diverge from it.
 """
 
 from __future__ import annotations
@@ -14,19 +18,42 @@ import enum
 import struct
 from dataclasses import dataclass
 
-_FORMAT = "<8q"
+_NUM_FIELDS = 9
+_FORMAT = f"<{1 + _NUM_FIELDS}q"
 MESSAGE_SIZE = struct.calcsize(_FORMAT)
 
 
 class Command(enum.IntEnum):
     EXECUTE = 1  # run one step; a StepHeader follows, then the flat inputs by broadcast
-    INIT_KV_CACHE = 2  # size and allocate the KV cache (collective: profile run, min over ranks)
-    SHUTDOWN = 3  # leave the group and exit 0
+    INIT_KV_CACHE = 2  # size and allocate the KV cache, capture the GraphPlan's CUDA graphs (collective)
+    SHUTDOWN = 3  # release CUDA graphs, leave the group and exit 0
+
+
+class GraphKind(enum.IntEnum):
+    """How a step's forward pass runs (the same on every rank)."""
+
+    EAGER = 0
+    DECODE = 1  # engine/cuda_graph.py: one query token per sequence
+    MULTI_TOKEN = 2  # spec_decode/verify_graph.py: up to max_query_len query tokens per sequence
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    """Which CUDA graphs every rank captures (0 = none of that kind)."""
+
+    decode_max_batch_size: int = 0
+    multi_token_max_batch_size: int = 0
+    multi_token_max_query_len: int = 0
+
+    @property
+    def has_graphs(self) -> bool:
+        return self.decode_max_batch_size > 0 or self.multi_token_max_batch_size > 0
 
 
 @dataclass(frozen=True)
 class StepHeader:
-    """Sizes and host-side scalars of one step's inputs (see the module docstring)."""
+    """Sizes and host-side scalars of one step's inputs (see the module docstring), the step's id
+    (1, 2, ... on rank 0) and the CUDA graph it replays (`graph_batch_size` padded sequences)."""
 
     num_tokens: int
     num_seqs: int
@@ -34,6 +61,9 @@ class StepHeader:
     num_logits: int
     max_query_len: int
     max_seq_len: int
+    step_id: int = 0
+    graph_kind: GraphKind = GraphKind.EAGER
+    graph_batch_size: int = 0
 
     def split_sizes(self) -> list[int]:
         """Lengths of the flat tensor's parts, in layout order."""
@@ -45,19 +75,35 @@ class StepHeader:
         return sum(self.split_sizes())
 
 
-_EMPTY = StepHeader(0, 0, 0, 0, 0, 0)
+Payload = StepHeader | GraphPlan | None
 
 
-def pack(command: Command, header: StepHeader = _EMPTY) -> bytes:
-    """One message as MESSAGE_SIZE bytes."""
-    h = header
-    return struct.pack(_FORMAT, int(command), h.num_tokens, h.num_seqs, h.num_block_columns, h.num_logits,
-                       h.max_query_len, h.max_seq_len, 0)
+def pack(command: Command, payload: Payload = None) -> bytes:
+    """One message as MESSAGE_SIZE bytes: EXECUTE carries a StepHeader, INIT_KV_CACHE a GraphPlan."""
+    if command is Command.EXECUTE:
+        if not isinstance(payload, StepHeader):
+            raise TypeError("EXECUTE needs a StepHeader")
+        h = payload
+        fields = [h.num_tokens, h.num_seqs, h.num_block_columns, h.num_logits, h.max_query_len, h.max_seq_len,
+                  h.step_id, int(h.graph_kind), h.graph_batch_size]
+    elif command is Command.INIT_KV_CACHE:
+        p = payload if isinstance(payload, GraphPlan) else GraphPlan()
+        fields = [p.decode_max_batch_size, p.multi_token_max_batch_size, p.multi_token_max_query_len]
+    else:
+        fields = []
+    return struct.pack(_FORMAT, int(command), *fields, *[0] * (_NUM_FIELDS - len(fields)))
 
 
-def unpack(data: bytes) -> tuple[Command, StepHeader]:
-    """Inverse of `pack`; raises ValueError for a message of the wrong size or command."""
+def unpack(data: bytes) -> tuple[Command, Payload]:
+    """Inverse of `pack`; raises ValueError for a message of the wrong size, command or graph kind."""
     if len(data) != MESSAGE_SIZE:
         raise ValueError(f"control message must be {MESSAGE_SIZE} bytes, got {len(data)}")
-    command, *fields, _ = struct.unpack(_FORMAT, data)
-    return Command(command), StepHeader(*fields)
+    command_value, *fields = struct.unpack(_FORMAT, data)
+    command = Command(command_value)
+    if command is Command.EXECUTE:
+        *sizes, step_id, kind, graph_batch_size = fields
+        return command, StepHeader(*sizes, step_id=step_id, graph_kind=GraphKind(kind),
+                                   graph_batch_size=graph_batch_size)
+    if command is Command.INIT_KV_CACHE:
+        return command, GraphPlan(*fields[:3])
+    return command, None

@@ -19,6 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from infergrid.worker.distributed import debug
+
 
 @dataclass(frozen=True)
 class _TPState:
@@ -31,25 +33,50 @@ _STATE: _TPState | None = None
 
 
 def init_tensor_parallel(
-    rank: int, world_size: int, backend: str, store: dist.Store, timeout: timedelta | None = None
+    rank: int,
+    world_size: int,
+    backend: str,
+    store: dist.Store,
+    timeout: timedelta | None = None,
+    device: torch.device | None = None,
+    debug_collectives: bool = False,
 ) -> None:
     """Join the tensor-parallel group (the default process group) through a rendezvous store.
 
-    Raises RuntimeError when this process is already in one (one TP engine per process)."""
+    With NCCL, `device` (this rank's GPU) becomes the current device and the communicator is created
+    now (`device_id`), not lazily inside whichever collective comes first (possibly a CUDA-graph
+    capture). Every rank then passes one barrier, so a rank that cannot join fails here, before
+    loading. `debug_collectives` (same on every rank) starts the collective-sequence guard (debug.py)
+    over an extra gloo group. Raises RuntimeError when this process is already in a group."""
     global _STATE
     if _STATE is not None or dist.is_initialized():
         raise RuntimeError(
             "a tensor-parallel engine is already running in this process; shut it down before starting another"
         )
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    extra = {}
+    if backend == "nccl":
+        if device is None or device.type != "cuda":
+            raise ValueError(f"the NCCL backend needs this rank's CUDA device, got {device}")
+        torch.cuda.set_device(device)
+        extra["device_id"] = device
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **extra)
     _STATE = _TPState(rank, world_size, backend)
+    if debug_collectives:
+        debug.enable(dist.new_group(backend="gloo"))
+    from infergrid.worker.distributed.communication import tensor_parallel_barrier
+
+    tensor_parallel_barrier(device if device is not None else torch.device("cpu"))
 
 
 def destroy_tensor_parallel() -> None:
     """Leave the group (idempotent). Healthy ranks call it together: NCCL flushes pending work with
-    the peers first, so it can block while a peer is stuck (use `abort_tensor_parallel` then)."""
+    the peers first, so it can block while a peer is stuck (use `abort_tensor_parallel` then).
+
+    NOTE: NCCL >= 2.26 also blocks (forever) in destroy *and* abort while any CUDA graph that captured
+    a collective of this group is alive: release the graphs first (ModelRunner.release_cuda_graphs)."""
     global _STATE
     _STATE = None
+    debug.disable()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -59,6 +86,7 @@ def abort_tensor_parallel() -> None:
     aborted, which also ends collectives blocked on the dead peer."""
     global _STATE
     _STATE = None
+    debug.disable()
     if dist.is_initialized():
         if dist.get_backend() == "nccl":
             dist.distributed_c10d._abort_process_group()

@@ -4,8 +4,11 @@
                                                              (INIT_KV_CACHE, EXECUTE, SHUTDOWN)
 
 The loop waits for headers on its pipe (no collective is pending while the engine is idle, so no
-timeout can fire); it never samples. Any error is sent to rank 0 as text and ends the process with
-exit code 1; the parent-watch thread ends it when the engine process is gone.
+timeout can fire); it never samples, and it takes no decision that changes its collectives: the
+graphs it captures (INIT_KV_CACHE's GraphPlan) and the graph each step replays are rank 0's. Any
+error is sent to rank 0 as text and ends the process with exit code 1; the parent-watch thread ends
+it when the engine process is gone. On SHUTDOWN it releases its CUDA graphs before it leaves the
+group (NCCL waits for them), and gives up waiting for the group after a bound.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from infergrid.worker.model_config import ModelConfig
 logger = logging.getLogger(__name__)
 
 _PARENT_POLL_S = 0.2
+_LEAVE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class WorkerArgs:
     model_config: ModelConfig
     max_model_len: int
     eos_token_ids: list[int]
+    is_tp_debug: bool = False  # INFERGRID_TP_DEBUG as rank 0 read it
 
 
 def _exit_when_parent_dies(parent_pid: int) -> None:
@@ -85,27 +90,48 @@ def _follow(args: WorkerArgs, conn: Connection) -> None:
 
     from infergrid.worker.distributed import messages
     from infergrid.worker.distributed.communication import tensor_parallel_broadcast
-    from infergrid.worker.distributed.messages import Command
+    from infergrid.worker.distributed.messages import Command, GraphPlan, StepHeader
     from infergrid.worker.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
-    from infergrid.worker.engine.model_runner import ModelRunner
+    from infergrid.worker.engine.model_runner import ModelRunner, resolve_device
 
     store = dist.TCPStore("127.0.0.1", args.store_port, args.world_size, False, timeout=timedelta(seconds=300))
-    init_tensor_parallel(args.rank, args.world_size, args.backend, store, timeout=timedelta(minutes=30))
+    device = resolve_device(args.config.device, args.rank)
+    init_tensor_parallel(args.rank, args.world_size, args.backend, store, timeout=timedelta(minutes=30),
+                         device=device, debug_collectives=args.is_tp_debug)
     runner = ModelRunner(args.config, args.model_dir, args.model_config, args.max_model_len, args.eos_token_ids,
                          rank=args.rank)
     conn.send(("loaded", None))
     with torch.inference_mode():
         while True:
             try:
-                command, header = messages.unpack(conn.recv_bytes())
+                command, payload = messages.unpack(conn.recv_bytes())
             except EOFError:  # rank 0 closed the pipe without a SHUTDOWN
                 break
             if command is Command.SHUTDOWN:
                 break
             if command is Command.INIT_KV_CACHE:
-                runner.initialize_kv_cache()
+                assert isinstance(payload, GraphPlan)
+                runner.initialize_kv_cache(payload)
             elif command is Command.EXECUTE:
-                flat = torch.empty(header.flat_size, dtype=torch.int64, device=runner.device)
+                assert isinstance(payload, StepHeader)
+                flat = torch.empty(payload.flat_size, dtype=torch.int64, device=runner.device)
                 tensor_parallel_broadcast(flat, src=0)
-                runner.follow_step(header, flat)
-    destroy_tensor_parallel()  # together with rank 0 (which sent SHUTDOWN and leaves now too)
+                runner.follow_step(payload, flat)
+    runner.release_cuda_graphs()  # before the group: NCCL will not destroy a communicator graphs still use
+    # Together with rank 0 (which sent SHUTDOWN and leaves now too); rank 0 kills this process if it hangs.
+    errors: list[BaseException] = []
+
+    def leave_group() -> None:
+        try:
+            destroy_tensor_parallel()
+        except BaseException as exc:  # noqa: BLE001 - raised below, in this rank's main thread
+            errors.append(exc)
+
+    leave = threading.Thread(target=leave_group, name="leave", daemon=True)
+    leave.start()
+    leave.join(_LEAVE_TIMEOUT_S)
+    if leave.is_alive():
+        logger.error("tensor-parallel rank %d: leaving the group did not finish within %.0f s",
+                     args.rank, _LEAVE_TIMEOUT_S)
+    if errors:
+        raise errors[0]

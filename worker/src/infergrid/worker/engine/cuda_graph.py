@@ -4,17 +4,30 @@ One graph per batch size in `batch_sizes`, captured largest first into a shared 
 graphs read static input buffers and write one static hidden-state buffer. A decode batch of n
 sequences replays the smallest graph of size >= n; the padded rows are dummy sequences of length 1
 whose KV goes to the reserved null block 0.
+
+Tensor parallel: the graphs hold NCCL all-reduces. Every rank captures the same graphs in the same
+order (rank 0's GraphPlan) and replays the one rank 0 names in the step header. NCCL >= 2.26 will not
+destroy (nor abort) a communicator while a graph that captured one of its collectives is alive, so
+graphs are released (`release`) before the process group is left, and at interpreter exit.
+
+Without CUDA, INFERGRID_EMULATE_CUDA_GRAPHS=1 (tests) runs this code path with `EagerGraph` stand-ins:
+"capture" runs the forward once more (issuing the collectives a real capture records), "replay"
+runs it again on the static buffers, which is what a replay computes.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
-from typing import TYPE_CHECKING
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from infergrid.worker import envs
+from infergrid.worker.distributed import debug
 from infergrid.worker.engine.block_pool import NULL_BLOCK_ID
 from infergrid.worker.layers.attention import AttentionMetadata
 
@@ -31,13 +44,97 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted(sizes)
 
 
-class CUDAGraphRunner:
+def default_max_batch_size(max_num_seqs: int) -> int:
+    """Largest batch captured: max_num_seqs, capped by INFERGRID_CUDA_GRAPH_MAX_BS (default 512)."""
+    return min(max_num_seqs, envs.cuda_graph_max_batch_size() or 512)
+
+
+class EagerGraph:
+    """Stand-in for torch.cuda.CUDAGraph without CUDA: replay re-runs the captured function."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn: Callable[[], None] | None = fn
+
+    def replay(self) -> None:
+        if self._fn is None:
+            raise RuntimeError("replay of a released graph")
+        self._fn()
+
+    def reset(self) -> None:
+        self._fn = None
+
+
+# Every graph set alive in this process (released at exit, before NCCL's communicators are destroyed).
+_LIVE: weakref.WeakSet[GraphSet] = weakref.WeakSet()
+
+
+class GraphSet:
+    """Graphs keyed by batch size, captured with `capture`; `release` destroys them."""
+
+    kind = "graphs"
+
+    def __init__(self) -> None:
+        self.graphs: dict[int, Any] = {}
+        self.num_replays = 0
+        _LIVE.add(self)
+
+    def capture_all(self, device: torch.device, batch_sizes: list[int],
+                    make_forward: Callable[[int], Callable[[], None]]) -> None:
+        """Per batch size, largest first: a warm-up run (compiles kernels, sets up NCCL connections
+        eagerly), then the capture into the shared pool (on CPU: one more eager run)."""
+        pool = None
+        for bs in reversed(batch_sizes):
+            forward = make_forward(bs)
+            forward()
+            if device.type == "cuda":
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    forward()
+                pool = graph.pool()
+            else:
+                forward()
+                graph = EagerGraph(forward)
+            self.graphs[bs] = graph
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def replay(self, bs: int) -> None:
+        graph = self.graphs.get(bs)
+        if graph is None:
+            raise RuntimeError(f"no {self.kind} CUDA graph of batch size {bs} on this rank "
+                               f"(captured: {sorted(self.graphs)}); the ranks' graph plans differ")
+        debug.record(f"replay:{self.kind}:{bs}")
+        graph.replay()
+        self.num_replays += 1
+
+    def release(self) -> None:
+        """Destroy the graphs (idempotent); the runner falls back to eager afterwards."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+
+
+def num_live_graphs() -> int:
+    """CUDA graphs (or stand-ins) alive in this process."""
+    return sum(len(s.graphs) for s in list(_LIVE))
+
+
+@atexit.register
+def release_all_graphs() -> None:
+    """Release every graph in this process (at exit: before NCCL communicators are torn down)."""
+    for graph_set in list(_LIVE):
+        graph_set.release()
+
+
+class CUDAGraphRunner(GraphSet):
     """Captures and replays the model's forward pass for decode batches."""
 
-    def __init__(self, runner: ModelRunner) -> None:
+    kind = "decode"
+
+    def __init__(self, runner: ModelRunner, max_batch_size: int | None = None) -> None:
+        super().__init__()
         self.runner = runner
-        limit = envs.cuda_graph_max_batch_size() or 512
-        self.max_batch_size = min(runner.config.max_num_seqs, limit)
+        self.max_batch_size = max_batch_size or default_max_batch_size(runner.config.max_num_seqs)
         self.batch_sizes = graph_batch_sizes(self.max_batch_size)
         dev, n = runner.device, self.max_batch_size
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
@@ -47,8 +144,6 @@ class CUDAGraphRunner:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.full((n, runner.max_blocks_per_seq), NULL_BLOCK_ID, dtype=torch.int32, device=dev)
         self.hidden = torch.zeros(n, runner.model_config.hidden_size, dtype=runner.dtype, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.num_replays = 0
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -61,30 +156,36 @@ class CUDAGraphRunner:
             block_size=self.runner.block_size,
         )
 
+    def _make_forward(self, bs: int) -> Callable[[], None]:
+        model, backend, meta = self.runner.model, self.runner.backend, self._meta(bs)
+
+        def forward() -> None:
+            backend.prepare(meta)  # no device work for the triton backend (capturable)
+            self.hidden[:bs] = model(self.input_ids[:bs], self.positions[:bs], meta)
+
+        return forward
+
     @torch.inference_mode()
     def capture(self) -> None:
-        model = self.runner.model
         start = time.monotonic()
-        pool = None
-        for bs in reversed(self.batch_sizes):
-            meta = self._meta(bs)
-            self.hidden[:bs] = model(self.input_ids[:bs], self.positions[:bs], meta)  # warm-up / compile
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.hidden[:bs] = model(self.input_ids[:bs], self.positions[:bs], meta)
-            pool = graph.pool()
-            self.graphs[bs] = graph
-        torch.cuda.synchronize()
+        self.capture_all(self.runner.device, self.batch_sizes, self._make_forward)
         logger.info("captured %d CUDA graphs (decode batch sizes %s) in %.1f s",
                     len(self.graphs), self.batch_sizes, time.monotonic() - start)
 
-    def can_run(self, batch: _BatchInputs) -> bool:
-        return batch.meta.num_seqs <= self.max_batch_size
+    def bucket(self, num_seqs: int) -> int | None:
+        """Batch size of the graph a decode batch of `num_seqs` replays (None: too large)."""
+        if not self.graphs:
+            return None
+        return next((b for b in self.batch_sizes if b >= num_seqs), None)
 
-    def run(self, batch: _BatchInputs) -> torch.Tensor:
-        """Replay the graph for a uniform decode batch; returns hidden states [n, hidden]."""
+    def can_run(self, batch: _BatchInputs) -> bool:
+        return self.bucket(batch.meta.num_seqs) is not None
+
+    def run(self, batch: _BatchInputs, bs: int | None = None) -> torch.Tensor:
+        """Replay the graph of `bs` (default: the smallest that fits) for a uniform decode batch;
+        returns hidden states [n, hidden]."""
         n = batch.meta.num_seqs
-        bs = next(b for b in self.batch_sizes if b >= n)
+        bs = bs or next(b for b in self.batch_sizes if b >= n)
         width = batch.meta.block_tables.shape[1]
         self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
         self.positions[:n].copy_(batch.positions, non_blocking=True)
@@ -94,6 +195,5 @@ class CUDAGraphRunner:
         self.seq_lens[n:bs].fill_(1)
         self.block_tables[:n, :width].copy_(batch.meta.block_tables, non_blocking=True)
         self.block_tables[n:bs, 0].fill_(NULL_BLOCK_ID)
-        self.graphs[bs].replay()
-        self.num_replays += 1
+        self.replay(bs)
         return self.hidden[:n]

@@ -102,8 +102,12 @@ def determine_num_blocks(
             prof.available_for_kv / _GIB, gpu_memory_utilization,
         )
         num_blocks = prof.available_for_kv // block_bytes
-        num_blocks = min(num_blocks, max_useful_blocks(max_num_seqs, max_model_len, block_size))
         source = "profiled GPU memory"
+        cap = max_useful_blocks(max_num_seqs, max_model_len, block_size)
+        if num_blocks > cap:  # NOTE: not a shortage; the budget above holds more than can ever be used
+            num_blocks = cap
+            source += (f", capped at what max_num_seqs {max_num_seqs} sequences of max_model_len {max_model_len} "
+                       f"can use: {max_num_seqs} x {-(-max_model_len // block_size)} blocks + the null block")
     else:
         budget = envs.cpu_kv_cache_space_bytes()
         num_blocks = min(budget // block_bytes, max_useful_blocks(max_num_seqs, max_model_len, block_size))

@@ -145,6 +145,7 @@ class LLMEngine:
     # -- one step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule a batch, run it, apply the results; returns outputs of requests that changed."""
+        start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
         runner_output = self.model_executor.execute_model(scheduler_output)
         num_outputs_before = [s.request.num_output_tokens for s in scheduler_output.scheduled]
@@ -155,7 +156,9 @@ class LLMEngine:
         )
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         if self.config.speculative_method is not None:
-            drafts = self.model_runner.propose_draft_token_ids(scheduler_output, runner_output.sampled_token_ids)
+            drafts = self.model_runner.propose_draft_token_ids(
+                scheduler_output, runner_output.sampled_token_ids, time.perf_counter() - start
+            )
             self.scheduler.update_draft_token_ids(drafts)
         self._record_step(scheduled, num_outputs_before)
         return outputs

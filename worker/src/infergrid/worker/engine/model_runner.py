@@ -9,6 +9,8 @@ to and including the first rejected position.
 Tensor parallel: every rank has a ModelRunner over its shard. Rank 0's `execute_model` hands the
 step's flat inputs to `step_broadcaster` (set by the MultiProcExecutor) before its forward pass; the
 other ranks run the same forward in `follow_step` and join the logits gather, and only rank 0 samples.
+NOTE: every choice that changes a step's collectives is rank 0's and travels in the step header (the
+step id, the CUDA graph and its padded batch size); the graphs captured are rank 0's GraphPlan.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from infergrid.worker import envs
 from infergrid.worker.config import EngineConfig
-from infergrid.worker.distributed.communication import tensor_parallel_min
-from infergrid.worker.distributed.messages import StepHeader
+from infergrid.worker.distributed import debug
+from infergrid.worker.distributed.communication import tensor_parallel_barrier, tensor_parallel_min
+from infergrid.worker.distributed.messages import GraphKind, GraphPlan, StepHeader
 from infergrid.worker.distributed.parallel_state import kv_head_layout
 from infergrid.worker.engine.kv_cache import determine_num_blocks
 from infergrid.worker.engine.scheduler import ScheduledRequest, SchedulerOutput
@@ -62,6 +66,9 @@ class _BatchInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor
     is_uniform_decode: bool
+    step_id: int = 0
+    graph_kind: GraphKind = GraphKind.EAGER
+    graph_batch_size: int = 0  # padded sequences of the graph replayed
 
 
 @dataclass
@@ -117,47 +124,91 @@ class ModelRunner:
         self.num_blocks = 0
         self.cuda_graphs = None  # CUDAGraphRunner when captured
         self.multi_token_graphs = None  # spec_decode MultiTokenCUDAGraphRunner (verification batches)
+        self.num_steps = 0  # steps prepared (rank 0) or followed (other ranks); the step id is the count
         # Speculative decoding (proposers, verifier) lives on the rank that samples.
         self.spec_decoder: SpeculativeDecoder | None = None
         if config.speculative_method is not None and rank == 0:
             self.spec_decoder = SpeculativeDecoder(self)
 
     # -- KV cache ----------------------------------------------------------------------------------
-    def initialize_kv_cache(self) -> int:
-        """Size (profiling on CUDA), allocate and bind the KV cache; capture CUDA graphs unless
-        enforce_eager. Returns the number of blocks (null block included)."""
-        num_blocks = determine_num_blocks(
-            device=self.device,
-            model_config=dataclasses.replace(self.model_config, num_key_value_heads=self.num_kv_heads),
-            dtype=self.dtype,
-            block_size=self.block_size,
-            max_num_seqs=self.config.max_num_seqs,
-            max_model_len=self.max_model_len,
-            gpu_memory_utilization=self.config.gpu_memory_utilization,
-            num_blocks_override=self.config.num_gpu_blocks_override,
-            profile_run=self.profile_run,
-            extra_block_bytes=self.spec_decoder.extra_kv_block_bytes() if self.spec_decoder else 0,
-        )
-        # Every rank holds every block. (A tp_size-1 runner in a TP process, e.g. a draft model, skips it.)
-        self.num_blocks = tensor_parallel_min(num_blocks, self.device) if self.tp_size > 1 else num_blocks
+    def graph_plan(self) -> GraphPlan:
+        """The CUDA graphs this runner would capture (rank 0's plan is every rank's)."""
+        can_capture = ((self.device.type == "cuda" and self.backend.name == "triton")
+                       or (self.device.type == "cpu" and envs.emulate_cuda_graphs()))
+        if self.config.enforce_eager or not can_capture:
+            return GraphPlan()
+        from infergrid.worker.engine.cuda_graph import default_max_batch_size
+
+        max_bs, k = default_max_batch_size(self.config.max_num_seqs), self.config.num_speculative_tokens
+        return GraphPlan(max_bs, max_bs if k > 0 else 0, 1 + k if k > 0 else 0)
+
+    def initialize_kv_cache(self, plan: GraphPlan | None = None) -> int:
+        """Size (profiling on CUDA), allocate and bind the KV cache; capture the CUDA graphs of `plan`
+        (default: `graph_plan()`). Returns the number of blocks (null block included)."""
+        plan = self.graph_plan() if plan is None else plan
+        is_tp = self.tp_size > 1  # (a tp_size-1 runner in a TP process, e.g. a draft model, issues no collective)
+        try:
+            num_blocks = determine_num_blocks(
+                device=self.device,
+                model_config=dataclasses.replace(self.model_config, num_key_value_heads=self.num_kv_heads),
+                dtype=self.dtype,
+                block_size=self.block_size,
+                max_num_seqs=self.config.max_num_seqs,
+                max_model_len=self.max_model_len,
+                gpu_memory_utilization=self.config.gpu_memory_utilization,
+                num_blocks_override=self.config.num_gpu_blocks_override,
+                profile_run=self.profile_run,
+                extra_block_bytes=self.spec_decoder.extra_kv_block_bytes() if self.spec_decoder else 0,
+            )
+            error: ValueError | None = None
+        except ValueError as exc:  # too little memory: the other ranks must not wait for this one
+            if not is_tp:
+                raise
+            num_blocks, error = -1, exc
+        if is_tp:  # every rank holds every block
+            num_blocks = tensor_parallel_min(num_blocks, self.device)
+            if num_blocks < 0:
+                raise error or RuntimeError("another tensor-parallel rank could not size its KV cache (see its log)")
+        self.num_blocks = num_blocks
         cfg = self.model_config
         shape = (2, cfg.num_hidden_layers, self.num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-        if self.device.type == "cuda" and not self.config.enforce_eager and self.backend.name == "triton":
-            from infergrid.worker.engine.cuda_graph import CUDAGraphRunner
-
-            self.cuda_graphs = CUDAGraphRunner(self)
-            self.cuda_graphs.capture()
-            if self.config.num_speculative_tokens > 0:  # every rank, so that all replay the same graphs
-                from infergrid.worker.spec_decode.verify_graph import MultiTokenCUDAGraphRunner
-
-                self.multi_token_graphs = MultiTokenCUDAGraphRunner(self, 1 + self.config.num_speculative_tokens)
-                self.multi_token_graphs.capture()
+        if plan.has_graphs:
+            self._capture_graphs(plan)
         if self.spec_decoder is not None:
             self.spec_decoder.initialize_kv_cache(self.num_blocks)
+        if is_tp:
+            debug.check(0, "after INIT_KV_CACHE")
         return self.num_blocks
+
+    def _capture_graphs(self, plan: GraphPlan) -> None:
+        from infergrid.worker.engine.cuda_graph import CUDAGraphRunner
+        from infergrid.worker.spec_decode.verify_graph import MultiTokenCUDAGraphRunner
+
+        # Every rank enters the captures with no collective in flight and leaves them together.
+        if self.tp_size > 1:
+            tensor_parallel_barrier(self.device)
+        if plan.decode_max_batch_size:
+            self.cuda_graphs = CUDAGraphRunner(self, plan.decode_max_batch_size)
+            self.cuda_graphs.capture()
+        if plan.multi_token_max_query_len:
+            self.multi_token_graphs = MultiTokenCUDAGraphRunner(self, plan.multi_token_max_query_len,
+                                                                plan.multi_token_max_batch_size)
+            self.multi_token_graphs.capture()
+        if self.tp_size > 1:
+            tensor_parallel_barrier(self.device)
+
+    def release_cuda_graphs(self) -> None:
+        """Destroy this runner's CUDA graphs (idempotent); later steps run eagerly.
+
+        NOTE: call it on every rank before leaving an NCCL group: NCCL (>= 2.26) destroys or aborts
+        a communicator only once every graph that captured one of its collectives is gone."""
+        for graphs in (self.cuda_graphs, self.multi_token_graphs):
+            if graphs is not None:
+                graphs.release()
+        self.cuda_graphs = self.multi_token_graphs = None
 
     @torch.inference_mode()
     def profile_run(self) -> None:
@@ -201,33 +252,61 @@ class ModelRunner:
         self.remove_requests(scheduler_output.finished_req_ids)
         if scheduler_output.is_empty:
             return ModelRunnerOutput()
-        batch = self._prepare_inputs(scheduler_output.scheduled)
         rows = self._sample_rows(scheduler_output.scheduled)
         # Built before the forward pass: its small host-to-device copies then do not wait for it.
+        # NOTE: and before the step is broadcast: once it is, nothing may fail on rank 0 before the
+        # forward pass, or the other ranks would wait in its collectives for good.
         sampling_metadata = self._sampling_metadata(rows) if rows else None
+        batch = self._prepare_inputs(scheduler_output.scheduled)
         hidden = self._forward(batch)
+        logits = None if sampling_metadata is None else self.model.compute_logits(hidden[batch.logits_indices])
+        self._end_step(batch.step_id)
         if sampling_metadata is None:
             return ModelRunnerOutput()
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        assert logits is not None
         if self.spec_decoder is not None and any(r.draft_index for r in rows):  # drafts to verify
             return self._make_output(rows, self.spec_decoder.verify(logits, sampling_metadata, rows))
         return self._make_output(rows, self.sampler(logits, sampling_metadata))
 
     def propose_draft_token_ids(
-        self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, list[int]]
+        self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, list[int]],
+        step_seconds: float | None = None,
     ) -> dict[str, list[int]]:
-        """Speculative decoding, after the scheduler applied this step: next step's drafts per request."""
+        """Speculative decoding, after the scheduler applied this step (which took `step_seconds`):
+        next step's drafts per request."""
         if self.spec_decoder is None:
             return {}
-        return self.spec_decoder.propose(scheduler_output, sampled_token_ids)
+        return self.spec_decoder.propose(scheduler_output, sampled_token_ids, step_seconds)
 
     def _forward(self, batch: _BatchInputs) -> torch.Tensor:
-        if self.cuda_graphs is not None and batch.is_uniform_decode and self.cuda_graphs.can_run(batch):
-            return self.cuda_graphs.run(batch)
-        if self.multi_token_graphs is not None and self.multi_token_graphs.can_run(batch):
-            return self.multi_token_graphs.run(batch)
+        if self.tp_size > 1 and debug.is_enabled():  # what this rank is about to run, checked before it does
+            debug.record(f"forward:{batch.graph_kind.name}:{batch.graph_batch_size}:{batch.input_ids.shape[0]}")
+            debug.check(batch.step_id, "before the forward pass")
+        if batch.graph_kind is GraphKind.DECODE and self.cuda_graphs is not None:
+            return self.cuda_graphs.run(batch, batch.graph_batch_size)
+        if batch.graph_kind is GraphKind.MULTI_TOKEN and self.multi_token_graphs is not None:
+            return self.multi_token_graphs.run(batch, batch.graph_batch_size)
+        if batch.graph_kind is not GraphKind.EAGER:
+            raise RuntimeError(f"rank {self.rank} has no {batch.graph_kind.name} CUDA graphs, but rank 0 replays "
+                               f"one at step {batch.step_id}; the ranks' graph plans differ")
         self.backend.prepare(batch.meta)
         return self.model(batch.input_ids, batch.positions, batch.meta)
+
+    def _choose_graph(self, num_seqs: int, max_query_len: int, num_block_columns: int) -> tuple[GraphKind, int]:
+        """(graph kind, padded batch size) that runs a step of this shape; (EAGER, 0) for none."""
+        if self.cuda_graphs is not None and max_query_len == 1:
+            bs = self.cuda_graphs.bucket(num_seqs)
+            if bs is not None:
+                return GraphKind.DECODE, bs
+        if self.multi_token_graphs is not None:
+            bs = self.multi_token_graphs.bucket(num_seqs, max_query_len, num_block_columns)
+            if bs is not None:
+                return GraphKind.MULTI_TOKEN, bs
+        return GraphKind.EAGER, 0
+
+    def _end_step(self, step_id: int) -> None:
+        if self.tp_size > 1:
+            debug.check(step_id, "at the end")
 
     def _prepare_inputs(self, scheduled: list[ScheduledRequest]) -> _BatchInputs:
         bs = self.block_size
@@ -249,9 +328,13 @@ class ModelRunner:
             for j in range(end - 1 - len(s.spec_token_ids), end)
         ]
         seq_lens = starts + q_lens
+        max_query_len = int(q_lens.max())
+        graph_kind, graph_batch_size = self._choose_graph(num_seqs, max_query_len, block_tables.shape[1])
+        self.num_steps += 1
         header = StepHeader(
             num_tokens=total, num_seqs=num_seqs, num_block_columns=block_tables.shape[1],
-            num_logits=len(logits_indices), max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()),
+            num_logits=len(logits_indices), max_query_len=max_query_len, max_seq_len=int(seq_lens.max()),
+            step_id=self.num_steps, graph_kind=graph_kind, graph_batch_size=graph_batch_size,
         )
         # NOTE: the order is the flat layout of distributed/messages.py.
         flat = self._upload_flat([input_ids, positions, slot_mapping, qsl, seq_lens, block_tables,
@@ -278,15 +361,24 @@ class ModelRunner:
             meta=meta,
             logits_indices=logits_indices,
             is_uniform_decode=header.max_query_len == 1,
+            step_id=header.step_id,
+            graph_kind=header.graph_kind,
+            graph_batch_size=header.graph_batch_size,
         )
 
     @torch.inference_mode()
     def follow_step(self, header: StepHeader, flat: torch.Tensor) -> None:
-        """Tensor-parallel ranks 1..N-1: rank 0's step on this rank's shard (joins its collectives)."""
+        """Tensor-parallel ranks 1..N-1: rank 0's step on this rank's shard (joins its collectives).
+
+        Raises RuntimeError when the header is not the next step (a lost or repeated header)."""
+        if header.step_id != self.num_steps + 1:
+            raise RuntimeError(f"rank {self.rank} expected step {self.num_steps + 1}, got step {header.step_id}")
+        self.num_steps = header.step_id
         batch = self._batch_from_flat(header, flat)
         hidden = self._forward(batch)
         if header.num_logits:
             self.model.compute_logits(hidden[batch.logits_indices])
+        self._end_step(header.step_id)
 
     def _upload_flat(self, arrays: list[np.ndarray]) -> torch.Tensor:
         """Integer arrays -> one flat int64 tensor on the device, in one (pinned, async) copy."""

@@ -70,4 +70,7 @@ class TorchAttentionBackend:
         kp = k_src[g.kv_index].transpose(1, 2)  # [B, Hkv, max_seq, D]
         vp = v_src[g.kv_index].transpose(1, 2)
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=g.mask, scale=scale, enable_gqa=True)
-        return out.transpose(1, 2)[g.q_valid]  # [T, Hq, D]
+        out = out.transpose(1, 2)[g.q_valid]  # the sequences' tokens: a prefix of the T tokens
+        if out.shape[0] < q.shape[0]:  # padding tokens past the last sequence (CUDA-graph layouts): zeros
+            out = torch.cat([out, out.new_zeros(q.shape[0] - out.shape[0], *out.shape[1:])])
+        return out  # [T, Hq, D]

@@ -6,11 +6,22 @@ that a draft token is accepted. With acceptance rate a and k drafts a step emits
 
     E[tokens](a, k) = 1 + a + a^2 + ... + a^k = (1 - a^(k+1)) / (1 - a)
 
-for a cost of about 1 + k * c target-step units (c = one draft token's cost: the draft model's
-share of a target forward pass plus the verifier's marginal cost). k is the argmax of
-E / cost over 0..max_k; k = 0 switches speculation off for the request. An off request probes
-again with one draft after `backoff` steps (doubling after each failed probe), so a request whose
-text becomes predictable (a loop, a quoted passage) gets speculation back.
+for a cost of about 1 + k * c steps, where c is one draft token's cost relative to the request's
+share of a step; c grows with the batch size (cost_model.py), so the same acceptance can pay at
+batch 1 and not at batch 64. k is the argmax of E / cost over 0..max_k, re-chosen every step.
+
+k = 0 switches a request off: it proposes nothing (no host work, no draft-model pass) until its
+next probe, one draft. A probe that makes speculation pay turns it (back) on; one that does not
+doubles the wait (MIN_BACKOFF, 2x, ... MAX_BACKOFF), so a request whose drafts keep failing costs a
+one-draft probe every MAX_BACKOFF steps, and one whose text becomes predictable (a loop, a quoted
+passage) gets speculation back. A new request starts off, its first probe due at the next multiple
+of MIN_BACKOFF steps.
+
+Probes fall on steps that are multiples of the wait, so requests probe together: a probe's cost is
+mostly per step (a draft-model pass, the verification path for the whole batch), and a large batch
+of unrelated requests (arriving every few steps) would otherwise pay it nearly every step. Where
+c >= 1 not even perfect drafts pay ((k + 1) / (1 + k c) <= 1), and a due probe waits for the next
+multiple of MIN_BACKOFF instead.
 """
 
 from __future__ import annotations
@@ -19,8 +30,8 @@ from dataclasses import dataclass
 
 DEFAULT_DECAY = 0.8
 DEFAULT_PRIOR_RATE = 0.7
-DEFAULT_PRIOR_WEIGHT = 2.0
-MIN_BACKOFF, MAX_BACKOFF = 4, 64
+DEFAULT_PRIOR_WEIGHT = 1.0
+MIN_BACKOFF, MAX_BACKOFF = 8, 256
 
 
 def expected_tokens(rate: float, k: int) -> float:
@@ -40,25 +51,24 @@ def best_num_drafts(rate: float, max_k: int, draft_cost: float) -> int:
     return best_k
 
 
-@dataclass
+@dataclass(slots=True)
 class _RequestState:
     accepted: float
     trials: float
-    k: int  # best_num_drafts for the current rate
-    num_steps_off: int = 0
-    backoff: int = MIN_BACKOFF
+    next_probe: int  # while off: the step of the next probe; -1 while on
+    wait: int = MIN_BACKOFF  # how long the next switch-off lasts, at least
+    num_steps: int = 0  # the request's own clock (num_drafts without a step)
 
-    @property
-    def rate(self) -> float:
-        return self.accepted / self.trials if self.trials > 0 else 0.0
+
+def _next_multiple(step: int, n: int) -> int:
+    return (step // n + 1) * n
 
 
 class AdaptiveNumDrafts:
-    """Chooses each request's number of drafts from its acceptance history.
+    """Chooses each request's number of drafts from its acceptance history and the current cost.
 
     Args:
         max_k: num_speculative_tokens (the most drafts per step).
-        draft_cost: c above, in target-step units per draft token.
         decay: EWMA factor per verification (older observations fade).
         prior_rate / prior_weight: the starting estimate and how many trials it is worth.
         enabled: False = always max_k (no adaptation).
@@ -67,7 +77,6 @@ class AdaptiveNumDrafts:
     def __init__(
         self,
         max_k: int,
-        draft_cost: float,
         decay: float = DEFAULT_DECAY,
         prior_rate: float = DEFAULT_PRIOR_RATE,
         prior_weight: float = DEFAULT_PRIOR_WEIGHT,
@@ -75,47 +84,55 @@ class AdaptiveNumDrafts:
     ) -> None:
         if max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {max_k}")
-        self.max_k, self.draft_cost, self.decay = max_k, draft_cost, decay
+        self.max_k, self.decay = max_k, decay
         self.prior_rate, self.prior_weight = prior_rate, prior_weight
         self.enabled = enabled
         self._states: dict[str, _RequestState] = {}
 
-    def _state(self, req_id: str) -> _RequestState:
-        state = self._states.get(req_id)
-        if state is None:
-            state = _RequestState(self.prior_rate * self.prior_weight, self.prior_weight, 0)
-            state.k = best_num_drafts(state.rate, self.max_k, self.draft_cost)
-            self._states[req_id] = state
-        return state
+    def num_drafts(self, req_id: str, draft_cost: float, step: int | None) -> int:
+        """Drafts to propose for this request now (call once per step in which it sampled).
 
-    def num_drafts(self, req_id: str) -> int:
-        """Drafts to propose for this request now (call once per step it could speculate)."""
+        `draft_cost` is c above at this step's batch size. `step` is the engine's step count, so that
+        different requests' probes fall on the same steps; None counts the request's own steps
+        instead, so that its drafts depend on nothing but its own history and `draft_cost` (a seeded
+        sampled request's random draws depend on its drafts)."""
         if not self.enabled:
             return self.max_k
-        state = self._state(req_id)
-        if state.k > 0:
-            return state.k
-        state.num_steps_off += 1
-        if state.num_steps_off >= state.backoff:  # probe
-            state.num_steps_off = 0
-            state.backoff = min(2 * state.backoff, MAX_BACKOFF)
-            return 1
-        return 0
+        state = self._states.get(req_id)
+        if state is None:
+            first_probe = 0 if step is None else -(-step // MIN_BACKOFF) * MIN_BACKOFF
+            state = self._states[req_id] = _RequestState(self.prior_rate * self.prior_weight, self.prior_weight,
+                                                         first_probe)
+        if step is None:
+            step = state.num_steps
+            state.num_steps += 1
+        if state.next_probe >= 0:  # off
+            if step < state.next_probe:
+                return 0
+            if draft_cost >= 1.0:  # not even perfect drafts would pay now: look again later
+                state.next_probe = _next_multiple(step, MIN_BACKOFF)
+                return 0
+            state.next_probe = -1
+            return 1  # the probe; the next call decides with its result
+        k = best_num_drafts(state.accepted / state.trials, self.max_k, draft_cost)
+        if k:
+            state.wait = MIN_BACKOFF
+        else:
+            state.next_probe, state.wait = _next_multiple(step, state.wait), min(2 * state.wait, MAX_BACKOFF)
+        return k
 
     def observe(self, req_id: str, num_drafts: int, num_accepted: int) -> None:
         """Record one verification: `num_accepted` of `num_drafts` drafts were accepted."""
-        if num_drafts <= 0:
+        state = self._states.get(req_id)
+        if state is None or num_drafts <= 0:
             return
-        state = self._state(req_id)
         rejected = 1 if num_accepted < num_drafts else 0
         state.accepted = self.decay * state.accepted + num_accepted
         state.trials = self.decay * state.trials + num_accepted + rejected
-        state.k = best_num_drafts(state.rate, self.max_k, self.draft_cost)
-        if state.k > 0:
-            state.backoff, state.num_steps_off = MIN_BACKOFF, 0
 
     def acceptance_rate(self, req_id: str) -> float:
-        return self._state(req_id).rate
+        state = self._states.get(req_id)
+        return self.prior_rate if state is None else state.accepted / state.trials
 
     def remove(self, req_id: str) -> None:
         self._states.pop(req_id, None)

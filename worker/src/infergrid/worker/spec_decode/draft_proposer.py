@@ -141,12 +141,17 @@ class DraftProposer:
 
     # -- validity ----------------------------------------------------------------------------------
     def note_target_writes(self, scheduler_output: SchedulerOutput) -> None:
-        """The target wrote KV for every scheduled token: truncate those blocks' draft validity."""
+        """The target wrote KV for every scheduled token: truncate those blocks' draft validity.
+
+        NOTE: a one-token write (a decode) inside a block changes nothing: the request has held that
+        block since the write at its offset 0 (which reset it), and its draft KV is never valid past
+        its computed tokens, i.e. past the write. So a decode step costs a check per request here."""
         bs = self.block_size
         for s in scheduler_output.scheduled:
-            if s.num_new_tokens <= 0:
+            start, num_new = s.num_computed_tokens, s.num_new_tokens
+            if num_new <= 0 or (num_new == 1 and start % bs):
                 continue
-            start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
+            end = start + num_new
             first, last = start // bs, (end - 1) // bs
             ids = s.block_ids[first : last + 1]
             b0 = ids[0]

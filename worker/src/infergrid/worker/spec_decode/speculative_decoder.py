@@ -8,15 +8,18 @@ preempted and prefix-hit requests):
     execute_model()   one target forward pass; a request with drafts samples at every draft
                       position + 1; `verify` = lossless rejection sampling (rejection_sampler.py)
     update_from_output()  appends accepted drafts + one token and rewinds the rejected drafts' KV
-    propose()         observes acceptance (adaptive.py), then proposes up to k tokens for every
-                      request that sampled: n-gram lookup or the draft model
+    propose()         observes acceptance (adaptive.py) and the step's time (cost_model.py), then
+                      proposes up to k tokens for every request that sampled and speculates:
+                      n-gram lookup or the draft model
 
-The proposals (and, for a sampled draft, their distributions q) wait for the next step.
+The proposals (and, for a sampled draft, their distributions q) wait for the next step. A request
+at k = 0 costs a dictionary lookup per step here: no lookup, no draft-model pass, no draft rows.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +27,10 @@ import torch
 
 from infergrid.worker import envs
 from infergrid.worker.engine.request import RequestStatus
-from infergrid.worker.engine.scheduler import SchedulerOutput
+from infergrid.worker.engine.scheduler import ScheduledRequest, SchedulerOutput
 from infergrid.worker.layers.sampler import SamplerOutput, SamplingMetadata
 from infergrid.worker.spec_decode.adaptive import AdaptiveNumDrafts
+from infergrid.worker.spec_decode.cost_model import StepCostModel
 from infergrid.worker.spec_decode.ngram_proposer import NgramProposer
 from infergrid.worker.spec_decode.rejection_sampler import NO_DRAFT, RejectionSampler
 
@@ -35,10 +39,6 @@ if TYPE_CHECKING:
     from infergrid.worker.spec_decode.draft_proposer import DraftProposer, Proposal
 
 logger = logging.getLogger(__name__)
-
-# The verifier's extra cost per draft token, in target-step units (a few more query tokens per
-# sequence in a memory-bound forward pass, plus the rejection sampler's rows).
-VERIFY_COST_PER_TOKEN = 0.03
 
 
 class SpeculativeDecoder:
@@ -54,18 +54,20 @@ class SpeculativeDecoder:
         self.draft: DraftProposer | None = None
         if self.method == "ngram":
             self.ngram = NgramProposer()
-            draft_cost = VERIFY_COST_PER_TOKEN
+            proposer_cost = 0.0
         elif self.method == "draft":
             from infergrid.worker.spec_decode.draft_proposer import DraftProposer
 
             self.draft = DraftProposer(config, runner)
-            draft_cost = self.draft.cost_ratio + VERIFY_COST_PER_TOKEN
+            proposer_cost = self.draft.cost_ratio
         else:
             raise ValueError(f"speculative_method must be 'ngram' or 'draft', got {self.method!r}")
-        self.adaptive = AdaptiveNumDrafts(self.max_k, draft_cost, enabled=envs.spec_decode_adaptive())
+        self.cost = StepCostModel(proposer_cost)
+        self.adaptive = AdaptiveNumDrafts(self.max_k, enabled=envs.spec_decode_adaptive())
         self.proposals: dict[str, Proposal] = {}  # draft method, sampled requests: drafts + q
-        logger.info("speculative decoding: %s, up to %d tokens per step (draft cost %.3f per token, adaptive %s)",
-                    self.method, self.max_k, draft_cost, self.adaptive.enabled)
+        self.num_steps = 0  # propose() calls: the step count adaptive k aligns probes to
+        logger.info("speculative decoding: %s, up to %d tokens per step (proposer cost %.3f per token, adaptive %s)",
+                    self.method, self.max_k, proposer_cost, self.adaptive.enabled)
 
     # -- memory ------------------------------------------------------------------------------------
     def extra_kv_block_bytes(self) -> int:
@@ -113,40 +115,74 @@ class SpeculativeDecoder:
 
     # -- proposing ---------------------------------------------------------------------------------
     def propose(
-        self, scheduler_output: SchedulerOutput, sampled_token_ids: Mapping[str, Sequence[int]]
+        self,
+        scheduler_output: SchedulerOutput,
+        sampled_token_ids: Mapping[str, Sequence[int]],
+        step_seconds: float | None = None,
     ) -> dict[str, list[int]]:
-        """After the scheduler applied this step: learn from the verified drafts and propose the next
-        drafts for every running request that sampled. Returns request id -> drafts."""
+        """After the scheduler applied this step (which took `step_seconds`, proposing excluded):
+        learn from the verified drafts and propose the next drafts for every running request that
+        sampled and speculates. Returns request id -> drafts."""
         if self.draft is not None:
             self.draft.note_target_writes(scheduler_output)
+        num_sampled = len(sampled_token_ids)
+        # Decode steps only (every request samples, at most 1 + k tokens each): prefill is another regime.
+        if (step_seconds is not None and num_sampled == len(scheduler_output.scheduled)
+                and scheduler_output.num_batched_tokens <= num_sampled * (1 + self.max_k)):
+            self.cost.observe_step(scheduler_output.num_batched_tokens, step_seconds)
+        cost = self.cost.draft_token_cost(num_sampled)
+        # NOTE: a seeded sampled request's random draws depend on its drafts, so its drafts must not
+        # depend on timing or on other requests: default costs, its own step count.
+        seeded_cost = self.cost.draft_token_cost(num_sampled, measured=False)
+        adaptive, proposals, step = self.adaptive, self.proposals, self.num_steps
+        self.num_steps += 1
         candidates = []
         for sched in scheduler_output.scheduled:
             req_id = sched.request_id
             if not sched.needs_sample or req_id not in sampled_token_ids:
                 continue
             if sched.spec_token_ids:
-                num_accepted = len(sampled_token_ids[req_id]) - 1
-                self.adaptive.observe(req_id, len(sched.spec_token_ids), num_accepted)
-            self.proposals.pop(req_id, None)
+                adaptive.observe(req_id, len(sched.spec_token_ids), len(sampled_token_ids[req_id]) - 1)
+            if proposals:
+                proposals.pop(req_id, None)
             request = sched.request
             if request.status != RequestStatus.RUNNING:
                 continue
-            # Drafts past prompt + max_tokens - 1 positions would be trimmed by the scheduler anyway.
-            k = min(self.adaptive.num_drafts(req_id), request.max_tokens - request.num_output_tokens - 1)  # type: ignore[operator]
-            if k > 0:
-                candidates.append((sched, k))
+            params = request.sampling_params
+            if params.seed is not None and not params.is_greedy:
+                k = adaptive.num_drafts(req_id, seeded_cost, None)
+            else:
+                k = adaptive.num_drafts(req_id, cost, step)
+            if k:
+                # Drafts past prompt + max_tokens - 1 positions would be trimmed by the scheduler anyway.
+                k = min(k, request.max_tokens - request.num_output_tokens - 1)  # type: ignore[operator]
+                if k > 0:
+                    candidates.append((sched, k))
+        if not candidates:
+            return {}
+        start = time.perf_counter()
+        drafts, num_caught_up = self._propose(candidates)
+        # Time per draft position, in steps that caught up no more than a step's worth of tokens
+        # (a first proposal or a probe catches up on many: not the per-step cost).
+        if step_seconds is not None and num_caught_up <= len(candidates) * (self.max_k + 2):
+            max_k = max(k for _, k in candidates)
+            self.cost.observe_proposer((time.perf_counter() - start) / max_k, step_seconds)
+        return drafts
+
+    def _propose(self, candidates: list[tuple[ScheduledRequest, int]]) -> tuple[dict[str, list[int]], int]:
+        """Drafts for (request, k) pairs, and the tokens the draft model caught up on to make them."""
         if self.ngram is not None:
             drafts = {}
             for sched, k in candidates:
                 tokens = self.ngram.propose(sched.request.all_token_ids, k, sched.request_id)
                 if tokens:
                     drafts[sched.request_id] = tokens
-            return drafts
+            return drafts, 0
         assert self.draft is not None
-        if not candidates:
-            return {}
         from infergrid.worker.spec_decode.draft_proposer import DraftRequest
 
+        num_caught_up = self.draft.num_catch_up_tokens_total
         proposals = self.draft.propose([DraftRequest(s.request, s.block_ids, k) for s, k in candidates])
         self.proposals.update(proposals)
-        return {req_id: p.token_ids for req_id, p in proposals.items()}
+        drafts = {req_id: p.token_ids for req_id, p in proposals.items()}
+        return drafts, self.draft.num_catch_up_tokens_total - num_caught_up

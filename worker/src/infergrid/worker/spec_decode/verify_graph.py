@@ -10,20 +10,21 @@ max_query_len query tokens (mixed draft lengths, short prefill chunks):
              kernel does nothing for them); padding tokens' outputs are garbage and never read.
 
 The attention grid is fixed at capture (query tiles for max_query_len), which is why the number of
-query tokens per sequence is bounded, not the layout.
+query tokens per sequence is bounded, not the layout. Capture, replay and release go through
+engine/cuda_graph.py's GraphSet (same order on every tensor-parallel rank, released before NCCL teardown).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
-from infergrid.worker import envs
 from infergrid.worker.engine.block_pool import NULL_BLOCK_ID
-from infergrid.worker.engine.cuda_graph import graph_batch_sizes
+from infergrid.worker.engine.cuda_graph import GraphSet, default_max_batch_size, graph_batch_sizes
 from infergrid.worker.layers.attention import AttentionMetadata
 
 if TYPE_CHECKING:
@@ -32,16 +33,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class MultiTokenCUDAGraphRunner:
+class MultiTokenCUDAGraphRunner(GraphSet):
     """Captures and replays a runner's forward pass for batches of up to max_query_len tokens per sequence."""
 
-    def __init__(self, runner: ModelRunner, max_query_len: int) -> None:
+    kind = "multi_token"
+
+    def __init__(self, runner: ModelRunner, max_query_len: int, max_batch_size: int | None = None) -> None:
         if max_query_len < 2:
             raise ValueError(f"max_query_len must be >= 2 (decode batches have their own graphs), got {max_query_len}")
+        super().__init__()
         self.runner = runner
         self.max_query_len = q = max_query_len
-        limit = envs.cuda_graph_max_batch_size() or 512
-        self.max_batch_size = min(runner.config.max_num_seqs, limit)
+        self.max_batch_size = max_batch_size or default_max_batch_size(runner.config.max_num_seqs)
         self.batch_sizes = graph_batch_sizes(self.max_batch_size)
         dev, n = runner.device, self.max_batch_size
         self.input_ids = torch.zeros(n * q, dtype=torch.int64, device=dev)
@@ -51,8 +54,6 @@ class MultiTokenCUDAGraphRunner:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev) * q
         self.block_tables = torch.full((n, runner.max_blocks_per_seq), NULL_BLOCK_ID, dtype=torch.int32, device=dev)
         self.hidden = torch.zeros(n * q, runner.model_config.hidden_size, dtype=runner.dtype, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.num_replays = 0
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -65,34 +66,41 @@ class MultiTokenCUDAGraphRunner:
             block_size=self.runner.block_size,
         )
 
+    def _make_forward(self, bs: int) -> Callable[[], None]:
+        model, backend = self.runner.model, self.runner.backend
+        meta, t = self._meta(bs), bs * self.max_query_len
+
+        def forward() -> None:
+            backend.prepare(meta)  # no device work for the triton backend (capturable)
+            self.hidden[:t] = model(self.input_ids[:t], self.positions[:t], meta)
+
+        return forward
+
     @torch.inference_mode()
     def capture(self) -> None:
-        model = self.runner.model
         start = time.monotonic()
-        pool = None
-        for bs in reversed(self.batch_sizes):
-            meta, t = self._meta(bs), bs * self.max_query_len
-            self.hidden[:t] = model(self.input_ids[:t], self.positions[:t], meta)  # warm-up / compile
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.hidden[:t] = model(self.input_ids[:t], self.positions[:t], meta)
-            pool = graph.pool()
-            self.graphs[bs] = graph
-        torch.cuda.synchronize()
+        self.capture_all(self.runner.device, self.batch_sizes, self._make_forward)
         logger.info("captured %d CUDA graphs for up to %d query tokens per sequence (batch sizes %s) in %.1f s",
                     len(self.graphs), self.max_query_len, self.batch_sizes, time.monotonic() - start)
 
+    def bucket(self, num_seqs: int, max_query_len: int, num_block_columns: int) -> int | None:
+        """Batch size of the graph that serves such a batch (None: none does)."""
+        if (not self.graphs or max_query_len > self.max_query_len
+                or num_block_columns > self.block_tables.shape[1]):
+            return None
+        return next((b for b in self.batch_sizes if b >= num_seqs), None)
+
     def can_run(self, batch: _BatchInputs) -> bool:
         meta = batch.meta
-        return (meta.has_kv_cache and meta.num_seqs <= self.max_batch_size
-                and meta.max_query_len <= self.max_query_len
-                and meta.block_tables.shape[1] <= self.block_tables.shape[1])
+        return meta.has_kv_cache and self.bucket(meta.num_seqs, meta.max_query_len,
+                                                 meta.block_tables.shape[1]) is not None
 
-    def run(self, batch: _BatchInputs) -> torch.Tensor:
-        """Replay the graph of the smallest bucket that holds the batch; returns hidden [T, hidden]."""
+    def run(self, batch: _BatchInputs, bs: int | None = None) -> torch.Tensor:
+        """Replay the graph of `bs` (default: the smallest bucket that holds the batch); returns
+        hidden [T, hidden]."""
         meta = batch.meta
         n, t = meta.num_seqs, batch.input_ids.shape[0]
-        bs = next(b for b in self.batch_sizes if b >= n)
+        bs = bs or next(b for b in self.batch_sizes if b >= n)
         cap = bs * self.max_query_len
         width = meta.block_tables.shape[1]
         self.input_ids[:t].copy_(batch.input_ids, non_blocking=True)
@@ -105,6 +113,5 @@ class MultiTokenCUDAGraphRunner:
         self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
         self.seq_lens[n:bs].fill_(0)
         self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
-        self.graphs[bs].replay()
-        self.num_replays += 1
+        self.replay(bs)
         return self.hidden[:t]

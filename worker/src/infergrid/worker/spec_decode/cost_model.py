@@ -1,0 +1,80 @@
+"""What one draft token costs, as a fraction of a request's share of an engine step (adaptive.py's c).
+
+An engine step over N tokens takes about
+
+    step_seconds(N) = a + b * N        (a: weights read, launches, host work; b: per-token compute)
+
+In a decode batch of B requests a request's share of the step is (a + b*B) / B, and verifying one
+more token for it costs b, so a draft token costs
+
+    verify(B) = b * B / (a + b * B)
+
+of that share: almost nothing at batch 1 on a GPU (a >> b), a large part of the step at a large batch.
+Proposing costs the proposer's time per draft position (a draft-model pass, the n-gram lookups) over
+the step's time, so c(B) = verify(B) + proposer.
+
+a and b are fitted online to the engine's decode steps (least squares with exponentially decaying
+weights, pulled toward b = a / DEFAULT_FIXED_COST_TOKENS when recent steps barely differ in size);
+the proposer's share is an average of steady-state measurements, starting from a static estimate.
+`measured=False` gives the defaults alone: for decisions that must not depend on timing.
+"""
+
+from __future__ import annotations
+
+# The default: a step's fixed cost equals the cost of this many tokens (GPUs decode memory-bound up
+# to far larger batches, so this overestimates verification: conservative).
+DEFAULT_FIXED_COST_TOKENS = 32
+PRIOR_TOKEN_VARIANCE = 4.0  # how much spread in step sizes (tokens^2) it takes to trust the data's slope
+STEP_DECAY = 0.95  # per step: the fit follows about the last 20 decode steps (a batch size changes)
+PROPOSER_DECAY = 0.9
+MAX_STEP_SAMPLE = 3.0  # a step slower than 3x the prediction (a GC pause, a compile) counts as 3x
+
+
+class StepCostModel:
+    """Online estimate of a draft token's cost at a given decode batch size.
+
+    Args:
+        proposer_cost: the proposer's time per draft position as a fraction of a target step, before
+            any measurement (the draft model's share of the weights; 0 for n-gram lookups).
+    """
+
+    def __init__(self, proposer_cost: float) -> None:
+        self.default_proposer_cost = self.proposer_cost = proposer_cost
+        self._w = self._n = self._t = self._nn = self._nt = 0.0  # decayed weight and sums
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """One decode step (no prefill chunk) of `num_tokens` tokens (drafts included) took `seconds`."""
+        if self._w > 0:
+            a, b = self.coefficients()
+            seconds = min(seconds, MAX_STEP_SAMPLE * (a + b * num_tokens))
+        d = STEP_DECAY
+        self._w = d * self._w + 1.0
+        self._n = d * self._n + num_tokens
+        self._t = d * self._t + seconds
+        self._nn = d * self._nn + num_tokens * num_tokens
+        self._nt = d * self._nt + num_tokens * seconds
+
+    def observe_proposer(self, seconds_per_pass: float, step_seconds: float) -> None:
+        """The proposer took `seconds_per_pass` per draft position in a step of `step_seconds`."""
+        if step_seconds > 0:
+            sample = seconds_per_pass / step_seconds
+            self.proposer_cost = PROPOSER_DECAY * self.proposer_cost + (1 - PROPOSER_DECAY) * sample
+
+    def coefficients(self) -> tuple[float, float]:
+        """(a, b) of step_seconds(N) = a + b * N; before any step, the default ratio in step units."""
+        if self._w == 0:
+            return 1.0, 1.0 / DEFAULT_FIXED_COST_TOKENS
+        w = self._w
+        mean_n, mean_t = self._n / w, self._t / w
+        variance = max(0.0, self._nn / w - mean_n * mean_n)
+        covariance = self._nt / w - mean_n * mean_t
+        prior_b = mean_t / (DEFAULT_FIXED_COST_TOKENS + mean_n)
+        b = max(0.0, (covariance + PRIOR_TOKEN_VARIANCE * prior_b) / (variance + PRIOR_TOKEN_VARIANCE))
+        return max(0.0, mean_t - b * mean_n), b
+
+    def draft_token_cost(self, batch_size: int, measured: bool = True) -> float:
+        """c at a decode batch of `batch_size` requests (measured=False: the defaults only)."""
+        a, b = self.coefficients() if measured else (1.0, 1.0 / DEFAULT_FIXED_COST_TOKENS)
+        step = a + b * batch_size
+        verify = b * batch_size / step if step > 0 else 1.0
+        return verify + (self.proposer_cost if measured else self.default_proposer_cost)
