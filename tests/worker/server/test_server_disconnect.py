@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -36,6 +37,7 @@ def test_cut_streams_free_their_slots_and_blocks(server: WorkerServer) -> None:
     base_used = server.metric("infergrid:kv_cache_used_blocks")
     base_aborts = server.metric("infergrid:client_disconnects_total")
     peak = {"running": 0.0, "used": 0.0}
+    seen_running = asyncio.Event()  # set by the watcher once it has seen >= 2 requests running
 
     async def one(i: int, client: httpx.AsyncClient) -> int:
         body = {"model": MODEL_NAME, "prompt": f"Stream number {i} tells a long story", "max_tokens": 200,
@@ -47,7 +49,11 @@ def test_cut_streams_free_their_slots_and_blocks(server: WorkerServer) -> None:
                 if line.startswith("data: {"):
                     received += 1
                     if received >= 3:
-                        break  # leave mid-stream: closing the response drops the connection
+                        # Leave mid-stream (closing the response drops the connection), but only once
+                        # the watcher has seen the streams running, so the check below is not a race.
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(seen_running.wait(), timeout=10)
+                        break
         return received
 
     async def watch(stop: asyncio.Event) -> None:
@@ -55,6 +61,8 @@ def test_cut_streams_free_their_slots_and_blocks(server: WorkerServer) -> None:
             m = await asyncio.to_thread(server.metrics)
             peak["running"] = max(peak["running"], m[("vllm:num_requests_running", ())])
             peak["used"] = max(peak["used"], m[("infergrid:kv_cache_used_blocks", ())])
+            if peak["running"] >= 2 and peak["used"] > base_used:
+                seen_running.set()
             await asyncio.sleep(0.05)
 
     async def main() -> list[int]:
