@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +15,7 @@ import httpx
 
 from infergrid.testbed.controlplane import ControlPlane
 from infergrid.testbed.procs import free_port, terminate_pid
+from infergrid.testbed.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -25,17 +24,6 @@ ISVC_API = "/apis/infergrid.dev/v1alpha1"
 
 T = TypeVar("T")
 
-
-def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float = 0.25) -> T:
-    """Poll `check` until it returns something truthy; fail naming `what` and the last value seen."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
 
 
 def install_crds(cp: ControlPlane) -> None:

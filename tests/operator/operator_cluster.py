@@ -13,9 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from operator_helpers import CHART, CRD_PATH
 
 from infergrid.testbed.controlplane import ControlPlane
 from infergrid.testbed.procs import free_port, terminate_pid
+from infergrid.testbed.waiting import wait_for
 
 RELEASE, RELEASE_NAMESPACE = "rel", "infergrid-system"
 SERVICE_ACCOUNT = f"{RELEASE}-infergrid"
@@ -31,17 +30,6 @@ PEERING = "infergrid"
 PEERING_CRDS = CHART / "crds" / "kopf-peering.yaml"
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}
 
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` and the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
 
 
 def install_crds(cp: ControlPlane) -> None:

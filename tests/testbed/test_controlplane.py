@@ -9,19 +9,10 @@ import time
 import pytest
 
 from infergrid.testbed.controlplane import POD_CIDR, ControlPlane
+from infergrid.testbed.waiting import wait_for
 
 pytestmark = pytest.mark.controlplane
 
-
-def wait_for(check, timeout: float = 30.0, what: str = "condition"):
-    """Poll `check` until it returns a truthy value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_started_quickly_and_reports_pinned_version(control_plane: ControlPlane) -> None:

@@ -11,19 +11,10 @@ import pytest
 from infergrid.testbed.controlplane import ControlPlane
 from infergrid.testbed.podrunner import PodRunner
 from infergrid.testbed.procs import pid_alive
+from infergrid.testbed.waiting import wait_for
 
 pytestmark = pytest.mark.controlplane
 
-
-def wait_for(check, timeout: float = 30.0, what: str = "condition"):
-    """Poll `check` until it returns a truthy value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def http_pod(name: str, probe: bool = True, **extra: object) -> str:
