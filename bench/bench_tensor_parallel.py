@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import logging
 import multiprocessing
 import os
 import platform
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.child_tp is not None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(name)s: %(message)s")
         dump_stacks_later(max(1.0, args.child_timeout - 10.0))
         info = run_one_tp(args, args.child_model, args.child_tp)
         with open(args.child_out, "w", encoding="utf-8") as f:
