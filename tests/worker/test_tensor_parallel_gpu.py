@@ -1,8 +1,9 @@
-"""Tensor parallelism on 2 GPUs (NCCL): TP=2 greedy parity with TP=1 in bf16 (CUDA graphs on and
-off; with graphs, under the collective-sequence guard INFERGRID_TP_DEBUG=1), a clean and prompt
-shutdown after CUDA graphs captured NCCL all-reduces (NCCL >= 2.26 hangs in communicator teardown
-while such graphs live), and a rank killed mid-generation fails the engine instead of hanging it in
-a collective. Run on a machine with 2+ GPUs: `pytest -m gpu tests/worker/test_tensor_parallel_gpu.py -s`."""
+"""Tensor parallelism on 2 GPUs (NCCL): TP=2 greedy parity with TP=1 in bf16 (identical up to a
+bf16 near-tie, see assert_greedy_close; CUDA graphs on and off; with graphs, under the
+collective-sequence guard INFERGRID_TP_DEBUG=1), a clean and prompt shutdown after CUDA graphs
+captured NCCL all-reduces (NCCL >= 2.26 hangs in communicator teardown while such graphs live), and
+a rank killed mid-generation fails the engine instead of hanging it in a collective. Run on a
+machine with 2+ GPUs: `pytest -m gpu tests/worker/test_tensor_parallel_gpu.py -s`."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.timeout(240)]
 
 PROMPTS = ["Hello, how are you", "The quick brown fox jumps over the lazy dog. A small model",
            "What is the capital of France? Paris is", "Once upon a time"]
-GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=5)
 ENGINE_ARGS = dict(dtype="bfloat16", max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.3)
 
 
@@ -60,11 +61,25 @@ def test_tp2_greedy_matches_tp1_in_bf16(tiny_model, name, enforce_eager, monkeyp
     expected, _ = generate(path, 1, enforce_eager)
     got, used_graphs = generate(path, 2, enforce_eager)
     assert used_graphs == (not enforce_eager)
-    for e, g in zip(expected, got, strict=True):
-        assert g.token_ids == e.token_ids
-        for e_lp, g_lp in zip(e.logprobs, g.logprobs, strict=True):
-            tok = next(iter(e_lp))  # the sampled token
-            assert g_lp[tok].logprob == pytest.approx(e_lp[tok].logprob, abs=0.05)
+    num_exact = sum(assert_greedy_close(e, g) for e, g in zip(expected, got, strict=True))
+    print(f"{name}: {num_exact} of {len(PROMPTS)} greedy sequences identical at TP=2 (the rest part at a bf16 near-tie)")
+
+
+def assert_greedy_close(expected, got, max_gap: float = 0.1) -> bool:
+    """bf16 parity: TP=2 sums the row-parallel partial products in another order, so an argmax that is
+    a near-tie can flip. The sequences must agree token for token (with close logprobs) up to their
+    first difference; there each run's token must be in the other's top logprobs, and the two
+    candidates' logprobs under TP=1 within `max_gap` of each other. True when identical."""
+    for i, (e_tok, g_tok) in enumerate(zip(expected.token_ids, got.token_ids, strict=True)):
+        e_lp, g_lp = expected.logprobs[i], got.logprobs[i]
+        if e_tok == g_tok:
+            assert g_lp[g_tok].logprob == pytest.approx(e_lp[e_tok].logprob, abs=0.05), f"token {i}"
+            continue
+        assert g_tok in e_lp and e_tok in g_lp, f"token {i}: {g_tok} is not among TP=1's top tokens {list(e_lp)}"
+        gap = e_lp[e_tok].logprob - e_lp[g_tok].logprob
+        assert gap <= max_gap, f"token {i}: TP=2 chose {g_tok}, {gap:.3f} below TP=1's argmax {e_tok}"
+        return False
+    return True
 
 
 def test_a_rank_killed_mid_generation_fails_the_engine_without_hanging(tiny_llama):
