@@ -30,6 +30,7 @@ from infergrid.worker.distributed import debug
 from infergrid.worker.distributed.communication import tensor_parallel_barrier, tensor_parallel_min
 from infergrid.worker.distributed.messages import GraphKind, GraphPlan, StepHeader
 from infergrid.worker.distributed.parallel_state import kv_head_layout
+from infergrid.worker.distributed.symm_mem_all_reduce import init_symm_mem_all_reduce
 from infergrid.worker.engine.kv_cache import determine_num_blocks
 from infergrid.worker.engine.scheduler import ScheduledRequest, SchedulerOutput
 from infergrid.worker.layers.attention import AttentionMetadata, get_attention_backend
@@ -114,6 +115,8 @@ class ModelRunner:
         self.model = load_model(model_dir, model_config, self.dtype, self.device, max_model_len, self.backend,
                                 tp_rank=rank, tp_size=self.tp_size)
         self.num_kv_heads = kv_head_layout(model_config.num_key_value_heads, self.tp_size)[0]  # on this rank
+        if self.tp_size > 1:  # collective: every rank, before any forward pass or graph capture
+            init_symm_mem_all_reduce(self.dtype, self.device)
         # Rank 0 of several: called with each step's header and flat inputs before the forward pass.
         self.step_broadcaster: Callable[[StepHeader, torch.Tensor], None] | None = None
         self.sampler = Sampler()
@@ -342,6 +345,28 @@ class ModelRunner:
         if self.step_broadcaster is not None:
             self.step_broadcaster(header, flat)
         return self._batch_from_flat(header, flat)
+
+    def decode_batch(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+        query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int,
+    ) -> _BatchInputs:
+        """A decode batch (one query token per sequence) from inputs already on the device, for
+        `_forward`; replays a CUDA graph when one fits. int64 `input_ids`, `positions` and `slot_mapping`;
+        int32 `query_start_loc` (its first num_seqs entries are the logits indices), `seq_lens` and
+        `block_tables`. Single-rank runners only (nothing is broadcast)."""
+        assert self.tp_size == 1 and self.step_broadcaster is None
+        num_seqs = int(seq_lens.shape[0])
+        graph_kind, graph_batch_size = self._choose_graph(num_seqs, 1, int(block_tables.shape[1]))
+        self.num_steps += 1
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping, query_start_loc=query_start_loc, seq_lens=seq_lens,
+            block_tables=block_tables, max_query_len=1, max_seq_len=max_seq_len, block_size=self.block_size,
+        )
+        return _BatchInputs(
+            input_ids=input_ids, positions=positions, meta=meta, logits_indices=query_start_loc[:num_seqs],
+            is_uniform_decode=True, step_id=self.num_steps, graph_kind=graph_kind,
+            graph_batch_size=graph_batch_size,
+        )
 
     def _batch_from_flat(self, header: StepHeader, flat: torch.Tensor) -> _BatchInputs:
         """Device tensors of one step from its flat int64 inputs (views, plus int32 casts)."""
