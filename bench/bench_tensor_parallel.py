@@ -135,13 +135,39 @@ def run_one_tp(args: argparse.Namespace, model: str, tp: int) -> dict[str, Any]:
                 latency_p90_ms=percentile(decode, 90) * 1e3, latency_mean_ms=statistics.fmean(decode) * 1e3,
                 tokens_per_s=bs / p50, prefill_ms=prefill * 1e3,
             ))
-        info = {"tp": tp, "load_s": load_s, "num_gpu_blocks": engine.num_blocks,
+        if args.profile_dir:
+            profile_decode(engine, args, vocab, tp)
+        from infergrid.worker.distributed.symm_mem_all_reduce import get_symm_mem_all_reduce
+
+        info = {"tp": tp, "load_s": load_s, "one_shot_all_reduce": get_symm_mem_all_reduce() is not None, "num_gpu_blocks": engine.num_blocks,
                 "rank_pids": engine.model_executor.rank_pids,
                 "cuda_graphs": engine.model_runner.cuda_graphs is not None,
                 "results": [asdict(r) for r in results]}
     finally:
         engine.shutdown()
     return info
+
+
+def profile_decode(engine: Any, args: argparse.Namespace, vocab: int, tp: int) -> None:
+    """Rank 0's kernels over 16 batch-1 decode steps (torch.profiler), as a table in --profile-dir."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from infergrid.worker.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    engine.add_request("prof", random_prompts(1, 16, vocab, args.seed + 7)[0], params)
+    for _ in range(4):  # prefill + warm decode steps
+        engine.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(16):
+            engine.step()
+    while engine.has_unfinished_requests():
+        engine.step()
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    os.makedirs(args.profile_dir, exist_ok=True)
+    with open(os.path.join(args.profile_dir, f"profile_tp{tp}.txt"), "w", encoding="utf-8") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
 
 
 def device_name(device: str | None) -> str:
@@ -182,6 +208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile-dir", default=None, help="write each TP size's kernel profile (16 decode steps) here")
     p.add_argument("--out", default=os.path.join("bench", "results", "tensor_parallel.json"))
     p.add_argument("--fail-below-target", action="store_true", help="exit 1 when TP=2 misses 0.6x of TP=1")
     p.add_argument("--child-timeout", type=float, default=900.0,

@@ -30,7 +30,9 @@ a closer one just accepts more); q_j is kept for the verifier's rejection sampli
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -189,11 +191,16 @@ class DraftProposer:
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> dict[str, Proposal]:
         """Catch up and propose for every request (see the module docstring). A request whose
-        catch-up does not fit this step's token cap catches up partly and proposes next time."""
-        runner, bs = self.runner, self.block_size
+        catch-up does not fit this step's token cap catches up partly and proposes next time.
+
+        NOTE: no pass waits for the host. Each pass's drafts stay on the device as the next pass's
+        input ids, the inputs of passes 2..k are uploaded at once, and all drafts come back in one
+        copy at the end. Proposing rows are ordered by number of drafts (most first, stably), so the
+        rows that still draft at pass j are a prefix of pass j-1's rows."""
+        bs = self.block_size
         budget = self.max_catch_up_tokens
         first: list[ScheduledRequest] = []
-        proposing: list[tuple[DraftRequest, list[int]]] = []
+        proposing: list[tuple[DraftRequest, list[int], ScheduledRequest]] = []
         scratch = self.num_target_blocks
         for dr in requests:
             req = dr.request
@@ -214,40 +221,69 @@ class DraftProposer:
             while len(table) <= last_pos // bs:
                 table.append(scratch)
                 scratch += 1
-            first.append(self._sched(req, start, req.all_token_ids[start:], table, needs_sample=True))
-            proposing.append((dr, table))
+            proposing.append((dr, table, self._sched(req, start, req.all_token_ids[start:], table, needs_sample=True)))
             budget -= num_new
             self._mark_valid(dr.block_ids, start, computed)
+        proposing.sort(key=lambda p: -p[0].num_drafts)
+        first += [sched for _, _, sched in proposing]
         if not first:
             return {}
         self.num_catch_up_tokens_total += sum(s.num_new_tokens for s in first)
+        runner = self.runner
         batch = runner._prepare_inputs(first)
         hidden = runner._forward(batch)
         if not proposing:
             return {}
-        tokens, probs = self._sample(runner.model.compute_logits(hidden[batch.logits_indices]),
-                                     [dr.request for dr, _ in proposing])
-        drafts = [[t] for t in tokens]
-        draft_probs: list[list[torch.Tensor]] = [[p] if p is not None else [] for p in probs]
-        for j in range(1, max(dr.num_drafts for dr, _ in proposing)):
-            active = [i for i, (dr, _) in enumerate(proposing) if dr.num_drafts > j]
-            scheds = []
-            for i in active:
-                dr, table = proposing[i]
-                pos = dr.request.num_tokens - 1 + j
-                scheds.append(self._sched(dr.request, pos, [drafts[i][-1]], table, needs_sample=True))
-            batch = runner._prepare_inputs(scheds)
-            hidden = runner._forward(batch)
-            tokens, probs = self._sample(runner.model.compute_logits(hidden[batch.logits_indices]),
-                                         [proposing[i][0].request for i in active])
-            for i, t, p in zip(active, tokens, probs, strict=True):
-                drafts[i].append(t)
-                if p is not None:
-                    draft_probs[i].append(p)
-        return {
-            dr.request.request_id: Proposal(drafts[i], torch.stack(draft_probs[i]) if draft_probs[i] else None)
-            for i, (dr, _) in enumerate(proposing)
-        }
+        num_drafts = [dr.num_drafts for dr, _, _ in proposing]
+        later = self._later_passes([dr.request.num_tokens for dr, _, _ in proposing],
+                                   [table for _, table, _ in proposing], num_drafts) if num_drafts[0] > 1 else None
+        sampler = _DraftSampler(self, [dr.request for dr, _, _ in proposing])
+        tokens, probs = sampler.sample(runner.model.compute_logits(hidden[batch.logits_indices]), len(proposing))
+        pass_tokens, pass_probs = [tokens], [probs]
+        for j, (num_rows, max_seq_len) in enumerate(later.rows if later is not None else [], start=1):
+            assert later is not None
+            batch = runner.decode_batch(
+                tokens[:num_rows], later.positions[j - 1, :num_rows], later.slot_mapping[j - 1, :num_rows],
+                later.query_start_loc[: num_rows + 1], later.seq_lens[j - 1, :num_rows],
+                later.block_tables[:num_rows], max_seq_len,
+            )
+            tokens, probs = sampler.sample(runner.model.compute_logits(runner._forward(batch)), num_rows)
+            pass_tokens.append(tokens)
+            pass_probs.append(probs)
+        flat = torch.cat(pass_tokens).tolist()  # the one device -> host copy of a proposal step
+        offsets = np.cumsum([0] + [t.shape[0] for t in pass_tokens]).tolist()
+        proposals = {}
+        for i, (dr, _, _) in enumerate(proposing):
+            drafts = [flat[offsets[j] + i] for j in range(dr.num_drafts)]
+            rows = [pass_probs[j][i] for j in range(dr.num_drafts)] if not sampler.greedy[i] else []
+            proposals[dr.request.request_id] = Proposal(drafts, torch.stack(rows) if rows else None)
+        return proposals
+
+    def _later_passes(self, num_tokens: list[int], tables: list[list[int]], num_drafts: list[int]) -> _LaterPasses:
+        """Device inputs of passes 2..k for rows ordered by num_drafts (descending): pass j feeds
+        row i's draft d_{j-1} at position num_tokens - 2 + j, for the rows with num_drafts >= j."""
+        bs = self.block_size
+        num_rows, num_passes = len(num_tokens), num_drafts[0] - 1
+        width = max(len(t) for t in tables)
+        block_tables = np.zeros((num_rows, width), dtype=np.int64)
+        for i, t in enumerate(tables):
+            block_tables[i, : len(t)] = t
+        positions = np.asarray(num_tokens, dtype=np.int64)[None, :] + np.arange(num_passes)[:, None]  # [passes, rows]
+        columns = np.minimum(positions // bs, width - 1)  # (rows past their last pass: never read)
+        slot_mapping = block_tables[np.arange(num_rows)[None, :], columns] * bs + positions % bs
+        drafting = np.asarray(num_drafts)[None, :] > np.arange(1, num_passes + 1)[:, None]
+        rows = [(n, int(positions[j, :n].max()) + 1) for j, n in enumerate(drafting.sum(axis=1).tolist())]
+        flat = self.runner._upload_flat([positions, slot_mapping, positions + 1, np.arange(num_rows + 1), block_tables])
+        sizes = [positions.size] * 3 + [num_rows + 1, block_tables.size]
+        pos, slots, seq_lens, qsl, tab = flat.split(sizes)
+        return _LaterPasses(
+            rows=rows,
+            positions=pos.view(num_passes, num_rows),
+            slot_mapping=slots.view(num_passes, num_rows),
+            seq_lens=seq_lens.view(num_passes, num_rows).to(torch.int32),
+            query_start_loc=qsl.to(torch.int32),
+            block_tables=tab.view(num_rows, width).to(torch.int32),
+        )
 
     @staticmethod
     def _sched(request: Request, start: int, token_ids: list[int], block_ids: list[int],
@@ -257,33 +293,6 @@ class DraftProposer:
             spec_token_ids=[], block_ids=block_ids, is_prefill=len(token_ids) > 1, needs_sample=needs_sample,
         )
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[torch.Tensor | None]]:
-        """Draft tokens for one pass: argmax for greedy requests, else a sample from q (returned)."""
-        params = [r.sampling_params for r in requests]
-        greedy = [p.is_greedy for p in params]
-        if all(greedy):
-            return logits.argmax(dim=-1).tolist(), [None] * len(requests)
-        dev = logits.device
-        meta = SamplingMetadata(
-            temperature=torch.tensor([0.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)],
-                                     dtype=torch.float32, device=dev),
-            all_greedy=False,
-        )
-        vocab = logits.shape[1]
-        if any(p.top_p < 1.0 for p in params):
-            meta.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
-        if any(p.top_k > 0 for p in params):
-            meta.top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
-        if any(p.min_p > 0 for p in params):
-            meta.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
-        for i, (r, p) in enumerate(zip(requests, params, strict=True)):
-            if p.seed is not None and not greedy[i]:
-                meta.generators[i] = self._generator(r.request_id, p.seed)
-        probs = self.sampler.compute_probs(logits, meta)
-        sampled = torch.where(torch.tensor(greedy, device=dev), logits.argmax(dim=-1),
-                              random_sample(probs, meta.generators))
-        return sampled.tolist(), [None if g else probs[i] for i, g in enumerate(greedy)]
-
     def _generator(self, request_id: str, seed: int) -> torch.Generator:
         gen = self.generators.get(request_id)
         if gen is None:
@@ -291,3 +300,70 @@ class DraftProposer:
             gen.manual_seed(seed ^ 0x5EED)  # the draft's own stream, apart from the target's
             self.generators[request_id] = gen
         return gen
+
+
+@dataclass
+class _LaterPasses:
+    """Device inputs of draft passes 2..k ([pass, row] for the per-pass ones); `rows[p]` is
+    (number of rows that draft at pass p + 2, their max seq len)."""
+
+    rows: list[tuple[int, int]]
+    positions: torch.Tensor  # int64 [passes, rows]
+    slot_mapping: torch.Tensor  # int64 [passes, rows]
+    seq_lens: torch.Tensor  # int32 [passes, rows]
+    query_start_loc: torch.Tensor  # int32 [rows + 1] (0, 1, 2, ...)
+    block_tables: torch.Tensor  # int32 [rows, width]
+
+
+class _DraftSampler:
+    """Samples one draft pass on the device for the first `num_rows` of a fixed list of requests:
+    argmax for greedy rows, else a sample from q (the request's temperature, top_k, top_p, min_p),
+    which is returned. The sampling inputs are uploaded once for all passes."""
+
+    def __init__(self, proposer: DraftProposer, requests: list[Request]) -> None:
+        params = [r.sampling_params for r in requests]
+        self.greedy = [p.is_greedy for p in params]
+        self.all_greedy_upto = list(itertools.accumulate(self.greedy, operator.and_))
+        self.sampler = proposer.sampler
+        if all(self.greedy):
+            return
+        dev = proposer.runner.device
+        vocab = proposer.model_config.vocab_size
+        self.any_top_p = list(itertools.accumulate((p.top_p < 1.0 for p in params), operator.or_))
+        self.any_top_k = list(itertools.accumulate((p.top_k > 0 for p in params), operator.or_))
+        self.any_min_p = list(itertools.accumulate((p.min_p > 0 for p in params), operator.or_))
+        self.temperature = _upload([0.0 if g else p.temperature for g, p in zip(self.greedy, params, strict=True)],
+                                   torch.float32, dev)
+        self.is_greedy = _upload(self.greedy, torch.bool, dev)
+        self.top_p = _upload([p.top_p for p in params], torch.float32, dev) if self.any_top_p[-1] else None
+        self.top_k = _upload([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64, dev) \
+            if self.any_top_k[-1] else None
+        self.min_p = _upload([p.min_p for p in params], torch.float32, dev) if self.any_min_p[-1] else None
+        self.generators = {
+            i: proposer._generator(r.request_id, p.seed)
+            for i, (r, p) in enumerate(zip(requests, params, strict=True)) if p.seed is not None and not p.is_greedy
+        }
+
+    def sample(self, logits: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits [num_rows, V] of the first num_rows requests -> (tokens [num_rows], q [num_rows, V] or
+        None when those rows are all greedy)."""
+        if self.all_greedy_upto[num_rows - 1]:
+            return logits.argmax(dim=-1), None
+        last = num_rows - 1
+        meta = SamplingMetadata(
+            temperature=self.temperature[:num_rows], all_greedy=False,
+            top_p=self.top_p[:num_rows] if self.top_p is not None and self.any_top_p[last] else None,
+            top_k=self.top_k[:num_rows] if self.top_k is not None and self.any_top_k[last] else None,
+            min_p=self.min_p[:num_rows] if self.min_p is not None and self.any_min_p[last] else None,
+            generators={i: g for i, g in self.generators.items() if i < num_rows},
+        )
+        probs = self.sampler.compute_probs(logits, meta)
+        sampled = torch.where(self.is_greedy[:num_rows], logits.argmax(dim=-1),
+                              random_sample(probs, meta.generators))
+        return sampled, probs
+
+
+def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list -> device tensor without waiting for the device (pinned, async copy)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
