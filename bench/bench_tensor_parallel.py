@@ -106,8 +106,8 @@ def dump_stacks_later(seconds: float) -> threading.Timer:
     return timer
 
 
-def run_one_tp(args: argparse.Namespace, model: str, tp: int) -> dict[str, Any]:
-    """Runs inside the per-TP child process."""
+def run_one_tp(args: argparse.Namespace, model: str, tp: int, out: str) -> dict[str, Any]:
+    """Runs inside the per-TP child process; writes its results to `out` (JSON)."""
     from infergrid.worker.config import EngineConfig
     from infergrid.worker.engine.llm_engine import LLMEngine
 
@@ -135,14 +135,16 @@ def run_one_tp(args: argparse.Namespace, model: str, tp: int) -> dict[str, Any]:
                 latency_p90_ms=percentile(decode, 90) * 1e3, latency_mean_ms=statistics.fmean(decode) * 1e3,
                 tokens_per_s=bs / p50, prefill_ms=prefill * 1e3,
             ))
-        if args.profile_dir:
-            profile_decode(engine, args, vocab, tp)
         from infergrid.worker.distributed.symm_mem_all_reduce import get_symm_mem_all_reduce
 
         info = {"tp": tp, "load_s": load_s, "one_shot_all_reduce": get_symm_mem_all_reduce() is not None, "num_gpu_blocks": engine.num_blocks,
                 "rank_pids": engine.model_executor.rank_pids,
                 "cuda_graphs": engine.model_runner.cuda_graphs is not None,
                 "results": [asdict(r) for r in results]}
+        with open(out, "w", encoding="utf-8") as f:  # before profiling: a profiler failure loses no result
+            json.dump(info, f)
+        if args.profile_dir:
+            profile_decode(engine, args, vocab, tp)
     finally:
         engine.shutdown()
     return info
@@ -233,7 +235,12 @@ def run_children(args: argparse.Namespace, argv: list[str], model: str) -> list[
             cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child-tp", str(tp), "--child-model", model,
                    "--child-out", out]
             print(f"running TP={tp} ...", flush=True)
-            subprocess.run(cmd, check=True, timeout=args.child_timeout)
+            try:
+                subprocess.run(cmd, check=True, timeout=args.child_timeout)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+                if not os.path.exists(out):
+                    raise
+                print(f"TP={tp}: {exc} after writing its results (profiling or shutdown failed)", flush=True)
             with open(out, encoding="utf-8") as f:
                 infos.append(json.load(f))
     return infos
@@ -245,9 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child_tp is not None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(name)s: %(message)s")
         dump_stacks_later(max(1.0, args.child_timeout - 10.0))
-        info = run_one_tp(args, args.child_model, args.child_tp)
-        with open(args.child_out, "w", encoding="utf-8") as f:
-            json.dump(info, f)
+        run_one_tp(args, args.child_model, args.child_tp, args.child_out)
         return 0
     t0 = time.monotonic()
     model = args.model or make_random_checkpoint(args.shape, dtype=args.dtype, seed=args.seed)

@@ -20,6 +20,11 @@ num_tokens tokens (the last, just sampled, has no KV anywhere yet):
     pass 1:    catch-up tokens [valid prefix .. num_tokens) in one varlen pass -> logits -> d1
     pass j>1:  d_{j-1} at position num_tokens - 2 + j (a decode pass)        -> logits -> d_j
 
+Passes 2..k are decode passes of the same rows (fewer at the end when requests ask for fewer drafts):
+their inputs are built and uploaded once, each pass reads the previous pass's drafts on the device,
+and the host waits only once, for all the drafts, after the last pass (the draft model's CUDA graphs
+replay back to back).
+
 Draft KV at positions past the target's computed tokens is speculative: it goes to the request's own
 (uncached, unshared) blocks or, past the end of its block table, to scratch blocks, and is never
 counted as valid. Each d_j is sampled from q_j, the draft's distribution under the request's

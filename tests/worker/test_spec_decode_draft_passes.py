@@ -1,0 +1,152 @@
+"""The draft model's passes run without waiting for the host: every proposal step returns exactly the
+drafts (and draft distributions q) of the straightforward pass-by-pass loop, which reads each pass's
+tokens back before building the next pass, in real engine runs (mixed numbers of drafts, greedy,
+seeded and unseeded sampled requests, catch-up-only requests under a small token budget), with a
+single device -> host copy per proposal step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infergrid.worker import LLM, SamplingParams
+from infergrid.worker.layers.sampler import SamplingMetadata, random_sample
+from infergrid.worker.spec_decode.draft_proposer import DraftProposer, DraftRequest, Proposal
+
+PROMPTS = [
+    "Hello, how are you",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "Once upon a time there",
+    "one, two, three, four, one, two, three, four, one, two,",
+    "What is two plus",
+]
+PARAMS = [
+    SamplingParams(temperature=0.0, max_tokens=17),
+    SamplingParams(temperature=0.9, top_k=12, max_tokens=23, seed=7, ignore_eos=True),
+    SamplingParams(temperature=0.0, max_tokens=30),
+    SamplingParams(temperature=1.0, top_p=0.8, min_p=0.05, max_tokens=19, ignore_eos=True),
+    SamplingParams(temperature=0.0, max_tokens=26),
+]
+
+
+@torch.inference_mode()
+def reference_propose(d: DraftProposer, requests: list[DraftRequest]) -> dict[str, Proposal]:
+    """The pass-by-pass loop: each pass samples on the host before the next is prepared."""
+    runner, bs = d.runner, d.block_size
+    budget, first, proposing, scratch = d.max_catch_up_tokens, [], [], d.num_target_blocks
+    for dr in requests:
+        req = dr.request
+        computed = req.num_computed_tokens
+        start = d.valid_prefix(dr.block_ids, computed)
+        num_new = req.num_tokens - start
+        if budget <= 0:
+            break
+        if num_new > budget:
+            first.append(d._sched(req, start, req.all_token_ids[start : start + budget], dr.block_ids, False))
+            d._mark_valid(dr.block_ids, start, min(start + budget, computed))
+            budget = 0
+            continue
+        table = list(dr.block_ids)
+        while len(table) <= (req.num_tokens + dr.num_drafts - 2) // bs:
+            table.append(scratch)
+            scratch += 1
+        first.append(d._sched(req, start, req.all_token_ids[start:], table, True))
+        proposing.append((dr, table))
+        budget -= num_new
+        d._mark_valid(dr.block_ids, start, computed)
+    if not first:
+        return {}
+    d.num_catch_up_tokens_total += sum(s.num_new_tokens for s in first)
+    batch = runner._prepare_inputs(first)
+    hidden = runner._forward(batch)
+    if not proposing:
+        return {}
+    tokens, probs = _sample(d, runner.model.compute_logits(hidden[batch.logits_indices]),
+                            [dr.request for dr, _ in proposing])
+    drafts = [[t] for t in tokens]
+    q = [[p] if p is not None else [] for p in probs]
+    for j in range(1, max(dr.num_drafts for dr, _ in proposing)):
+        active = [i for i, (dr, _) in enumerate(proposing) if dr.num_drafts > j]
+        scheds = [d._sched(proposing[i][0].request, proposing[i][0].request.num_tokens - 1 + j, [drafts[i][-1]],
+                           proposing[i][1], True) for i in active]
+        batch = runner._prepare_inputs(scheds)
+        hidden = runner._forward(batch)
+        tokens, probs = _sample(d, runner.model.compute_logits(hidden[batch.logits_indices]),
+                                [proposing[i][0].request for i in active])
+        for i, t, p in zip(active, tokens, probs, strict=True):
+            drafts[i].append(t)
+            if p is not None:
+                q[i].append(p)
+    return {dr.request.request_id: Proposal(drafts[i], torch.stack(q[i]) if q[i] else None)
+            for i, (dr, _) in enumerate(proposing)}
+
+
+def _sample(d: DraftProposer, logits: torch.Tensor, requests) -> tuple[list[int], list[torch.Tensor | None]]:
+    params = [r.sampling_params for r in requests]
+    greedy = [p.is_greedy for p in params]
+    if all(greedy):
+        return logits.argmax(dim=-1).tolist(), [None] * len(requests)
+    meta = SamplingMetadata(temperature=torch.tensor([0.0 if g else p.temperature for g, p in zip(greedy, params)]),
+                            all_greedy=False)
+    if any(p.top_p < 1.0 for p in params):
+        meta.top_p = torch.tensor([p.top_p for p in params])
+    if any(p.top_k > 0 for p in params):
+        meta.top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[1] for p in params])
+    if any(p.min_p > 0 for p in params):
+        meta.min_p = torch.tensor([p.min_p for p in params])
+    for i, (r, p) in enumerate(zip(requests, params, strict=True)):
+        if p.seed is not None and not greedy[i]:
+            meta.generators[i] = d._generator(r.request_id, p.seed)
+    probs = d.sampler.compute_probs(logits, meta)
+    sampled = torch.where(torch.tensor(greedy), logits.argmax(dim=-1), random_sample(probs, meta.generators))
+    return sampled.tolist(), [None if g else probs[i] for i, g in enumerate(greedy)]
+
+
+@pytest.mark.parametrize("budget", [None, 16])
+def test_sync_free_passes_propose_what_the_pass_by_pass_loop_proposes(tiny_model, monkeypatch, budget):
+    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")  # always k drafts (fewer only near max_tokens)
+    extra = {} if budget is None else dict(max_num_batched_tokens=budget)
+    llm = LLM(tiny_model("llama"), dtype="float32", max_model_len=128, max_num_seqs=8, block_size=4,
+              speculative_method="draft", num_speculative_tokens=4, draft_model=tiny_model("llama_draft"), **extra)
+    d = llm.llm_engine.model_runner.spec_decoder.draft
+    propose = d.propose
+    seen = {"calls": 0, "mixed_k": 0, "catch_up_only": 0, "sampled": 0}
+    tolist = torch.Tensor.tolist
+
+    def checked(requests: list[DraftRequest]) -> dict[str, Proposal]:
+        kv, valid, caught_up = d.runner.kv_cache.clone(), d.valid.copy(), d.num_catch_up_tokens_total
+        gens = {k: g.get_state() for k, g in d.generators.items()}
+        rng = torch.get_rng_state()
+        expected = reference_propose(d, requests)
+        d.runner.kv_cache.copy_(kv)
+        d.valid[:], d.num_catch_up_tokens_total = valid, caught_up
+        d.generators = {k: g for k, g in d.generators.items() if k in gens}
+        for k, state in gens.items():
+            d.generators[k].set_state(state)
+        torch.set_rng_state(rng)
+        num_copies = []
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda t: num_copies.append(1) or tolist(t))
+        try:
+            got = propose(requests)
+        finally:
+            monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+        assert len(num_copies) <= 1
+        assert d.num_catch_up_tokens_total - caught_up > 0
+        assert got.keys() == expected.keys()
+        for req_id, p in got.items():
+            assert p.token_ids == expected[req_id].token_ids
+            assert (p.probs is None) == (expected[req_id].probs is None)
+            if p.probs is not None:
+                assert torch.equal(p.probs, expected[req_id].probs)
+                seen["sampled"] += 1
+        seen["calls"] += 1
+        seen["mixed_k"] += len({dr.num_drafts for dr in requests}) > 1
+        seen["catch_up_only"] += len(got) < len(requests)
+        return got
+
+    d.propose = checked
+    outs = llm.generate(PROMPTS, PARAMS)
+    assert [len(o.outputs[0].token_ids) for o in outs if o.outputs[0].finish_reason == "length"]
+    assert seen["calls"] > 10 and seen["mixed_k"] > 0 and seen["sampled"] > 0
+    if budget is not None:
+        assert seen["catch_up_only"] > 0
