@@ -15,13 +15,15 @@ shape in bf16). Random weights give random text, so the workload is built to sho
   n-gram and a 2-layer copy draft then accept ~100% while every step still reads all the weights):
   the speedup at high acceptance, at the real cost of the target and the draft.
 Each mode gets its own engine (same arguments except the speculative ones), a warm-up, then per
-batch size B: B requests at once, --max-tokens greedy tokens each (ignore_eos). tok/s = generated
-tokens / wall time. Mean acceptance length = tokens emitted per verification step (1 + accepted
-drafts per step). Greedy outputs are compared with the "off" run (token agreement; bf16 kernels of
-different batch shapes may flip near-ties, so this is reported, not asserted).
+batch size B, --repeats times in the same engine: B requests at once, --max-tokens greedy tokens each
+(ignore_eos). tok/s = generated tokens / wall time, the median of the repeats (the table also shows
+their range); speedups are ratios of medians; ms/step and steps are medians too. Acceptance rate and
+mean acceptance length (tokens emitted per verification step: 1 + accepted drafts per step) count
+the drafts of all repeats. Greedy outputs (the first repeat's) are compared with the "off" run (token
+agreement; bf16 kernels of different batch shapes may flip near-ties, so this is reported, not asserted).
 
     PYTHONPATH=worker/src python bench/bench_spec_decode.py --out bench/results/spec_decode.json    # GPU
-    .venv/bin/python bench/bench_spec_decode.py --shape tiny --batch-sizes 1 4 --max-tokens 16     # CPU smoke
+    .venv/bin/python bench/bench_spec_decode.py --shape tiny --batch-sizes 1 4 --max-tokens 16 --repeats 2  # CPU smoke
 
 Prints a table and writes JSON (--out). Targets (SPEC): >= 2x at acceptance >= 0.8; never slower
 (>= 0.95x here, for run-to-run noise) when acceptance is low.
@@ -35,6 +37,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 import traceback
@@ -66,11 +69,13 @@ class BatchResult:
 
     mode: str
     batch_size: int
-    wall_s: float
-    output_tokens: int
+    wall_s: float  # median over the repeats (as tokens_per_s, ms_per_step and num_steps)
+    output_tokens: int  # per repeat
     tokens_per_s: float
     ms_per_step: float
     num_steps: int
+    repeats: int
+    tokens_per_s_all: list[float]  # every repeat, in order
     num_drafts: int
     num_draft_tokens: int
     num_accepted_tokens: int
@@ -80,7 +85,11 @@ class BatchResult:
     speedup: float | None = None
     token_agreement_with_off: float | None = None
     enforce_eager: bool = False
-    outputs: list[list[int]] = field(default_factory=list, repr=False)
+    outputs: list[list[int]] = field(default_factory=list, repr=False)  # the first repeat's
+
+    @property
+    def tokens_per_s_range(self) -> str:
+        return f"{min(self.tokens_per_s_all):,.0f}-{max(self.tokens_per_s_all):,.0f}"
 
 
 def make_prompts(num: int, prompt_len: int, phrase_len: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -145,22 +154,30 @@ def run_mode(args: argparse.Namespace, model: str, draft: str | None, mode: str,
             run_batch(engine, prompts[:bs], min(args.max_tokens, 2 * args.num_speculative_tokens + 4), f"warm{bs}")
         for bs in args.batch_sizes:
             before = engine.get_stats()
-            outputs, wall = run_batch(engine, prompts[:bs], args.max_tokens, f"b{bs}")
+            walls, steps, tok_s, first_outputs = [], [], [], None
+            for rep in range(args.repeats):
+                step_before = engine.get_stats().num_steps_total
+                outputs, wall = run_batch(engine, prompts[:bs], args.max_tokens, f"b{bs}r{rep}")
+                steps.append(engine.get_stats().num_steps_total - step_before)
+                walls.append(wall)
+                tok_s.append(sum(len(o) for o in outputs) / wall)
+                first_outputs = first_outputs if first_outputs is not None else outputs
+            assert first_outputs is not None
             after = engine.get_stats()
             drafts = after.spec_decode_num_drafts_total - before.spec_decode_num_drafts_total
             draft_tokens = after.spec_decode_num_draft_tokens_total - before.spec_decode_num_draft_tokens_total
             accepted = after.spec_decode_num_accepted_tokens_total - before.spec_decode_num_accepted_tokens_total
             per_pos = _diff(after.spec_decode_num_accepted_tokens_per_pos,
                             before.spec_decode_num_accepted_tokens_per_pos)
-            steps = after.num_steps_total - before.num_steps_total
-            num_out = sum(len(o) for o in outputs)
             results.append(BatchResult(
-                mode=mode, batch_size=bs, wall_s=wall, output_tokens=num_out, tokens_per_s=num_out / wall,
-                ms_per_step=1000 * wall / max(1, steps), num_steps=steps, num_drafts=drafts,
-                num_draft_tokens=draft_tokens, num_accepted_tokens=accepted,
+                mode=mode, batch_size=bs, wall_s=statistics.median(walls),
+                output_tokens=sum(len(o) for o in first_outputs), tokens_per_s=statistics.median(tok_s),
+                ms_per_step=statistics.median(1000 * w / max(1, n) for w, n in zip(walls, steps, strict=True)),
+                num_steps=round(statistics.median(steps)), repeats=args.repeats, tokens_per_s_all=tok_s,
+                num_drafts=drafts, num_draft_tokens=draft_tokens, num_accepted_tokens=accepted,
                 acceptance_rate=accepted / draft_tokens if draft_tokens else None,
                 mean_acceptance_length=1 + accepted / drafts if drafts else None,
-                accepted_per_pos=per_pos, enforce_eager=eager, outputs=outputs,
+                accepted_per_pos=per_pos, enforce_eager=eager, outputs=first_outputs,
             ))
     finally:
         del engine
@@ -197,14 +214,14 @@ def _fmt(value: float | None, spec: str) -> str:
 def print_table(header: str, results: list[BatchResult]) -> list[str]:
     """Prints the table; returns the verdict lines."""
     print(header)
-    cols = ("mode", "batch", "tok/s", "speedup", "ms/step", "accept rate", "mean accept len", "steps",
-            "agree w/ off")
+    cols = ("mode", "batch", "tok/s (median)", "tok/s range", "speedup", "ms/step", "accept rate",
+            "mean accept len", "steps", "agree w/ off")
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("---" for _ in cols) + "|")
     for r in results:
         row = (r.mode + (" (eager)" if r.enforce_eager else ""), str(r.batch_size), f"{r.tokens_per_s:,.1f}",
-               _fmt(r.speedup, ".2f") + ("x" if r.speedup is not None else ""), f"{r.ms_per_step:.2f}",
-               _fmt(r.acceptance_rate, ".3f"), _fmt(r.mean_acceptance_length, ".2f"), str(r.num_steps),
+               r.tokens_per_s_range, _fmt(r.speedup, ".2f") + ("x" if r.speedup is not None else ""),
+               f"{r.ms_per_step:.2f}", _fmt(r.acceptance_rate, ".3f"), _fmt(r.mean_acceptance_length, ".2f"), str(r.num_steps),
                _fmt(r.token_agreement_with_off, ".3f"))
         print("| " + " | ".join(row) + " |")
     verdicts = []
@@ -236,6 +253,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--phrase-len", type=int, default=16, help="prompts repeat a random phrase of this length")
     p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measurements per (mode, batch) in the same engine; tok/s is their median")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
@@ -246,6 +265,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("bench", "results", "spec_decode.json"))
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     if args.dtype is None:
         on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         args.dtype = "bfloat16" if on_cuda else "float32"
@@ -297,14 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         base = off.get((r.mode.startswith("copy:"), r.batch_size))
         if base is not None:
-            r.speedup = r.tokens_per_s / base.tokens_per_s
+            r.speedup = r.tokens_per_s / base.tokens_per_s  # medians of the same number of repeats
             r.token_agreement_with_off = agreement(r.outputs, base.outputs)
     device = device_name(args.device)
     header = (
         f"speculative decoding: {args.shape if args.model is None else args.model}, {args.dtype}, {device}; "
         f"k = {args.num_speculative_tokens}, prompts of {args.prompt_len} tokens (a {args.phrase_len}-token phrase "
         f"repeated), {args.max_tokens} greedy tokens each; draft: "
-        f"{args.draft_model or f'random {args.draft_layers}-layer'}"
+        f"{args.draft_model or f'random {args.draft_layers}-layer'}; tok/s: median of {args.repeats} repeats"
     )
     verdicts = print_table(header, results)
     report: dict[str, Any] = {

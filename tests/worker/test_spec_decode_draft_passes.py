@@ -1,6 +1,6 @@
 """The draft model's passes run without waiting for the host: every proposal step returns exactly the
 drafts (and draft distributions q) of the straightforward pass-by-pass loop, which reads each pass's
-tokens back before building the next pass, in real engine runs (mixed numbers of drafts, greedy,
+tokens back before building the next pass (with the same row order), in real engine runs (mixed numbers of drafts, greedy,
 seeded and unseeded sampled requests, catch-up-only requests under a small token budget), with a
 single device -> host copy per proposal step."""
 
@@ -50,10 +50,14 @@ def reference_propose(d: DraftProposer, requests: list[DraftRequest]) -> dict[st
         while len(table) <= (req.num_tokens + dr.num_drafts - 2) // bs:
             table.append(scratch)
             scratch += 1
-        first.append(d._sched(req, start, req.all_token_ids[start:], table, True))
-        proposing.append((dr, table))
+        proposing.append((dr, table, d._sched(req, start, req.all_token_ids[start:], table, True)))
         budget -= num_new
         d._mark_valid(dr.block_ids, start, computed)
+    # The one thing the sync-free passes change: proposing rows come in descending number of drafts
+    # (stably) after the catch-up-only ones. It changes only which unseeded random draw a row gets.
+    proposing.sort(key=lambda p: -p[0].num_drafts)
+    first += [sched for _, _, sched in proposing]
+    proposing = [(dr, table) for dr, table, _ in proposing]
     if not first:
         return {}
     d.num_catch_up_tokens_total += sum(s.num_new_tokens for s in first)

@@ -79,7 +79,7 @@ def _usable_here(dtype: torch.dtype, device: torch.device, world_size: int) -> s
     if not all(torch.cuda.can_device_access_peer(device.index, p) for p in peers):
         return "the GPUs cannot access each other's memory (no P2P)"
     try:
-        import torch.distributed._symmetric_memory  # noqa: F401
+        from torch.distributed import _symmetric_memory  # noqa: F401
     except ImportError as exc:
         return f"no symmetric memory in this PyTorch ({exc})"
     return None

@@ -26,6 +26,7 @@ multiple of MIN_BACKOFF instead.
 
 from __future__ import annotations
 
+from collections.abc import Set
 from dataclasses import dataclass
 
 DEFAULT_DECAY = 0.8
@@ -58,6 +59,7 @@ class _RequestState:
     next_probe: int  # while off: the step of the next probe; -1 while on
     wait: int = MIN_BACKOFF  # how long the next switch-off lasts, at least
     num_steps: int = 0  # the request's own clock (num_drafts without a step)
+    has_own_clock: bool = False
 
 
 def _next_multiple(step: int, n: int) -> int:
@@ -88,6 +90,7 @@ class AdaptiveNumDrafts:
         self.prior_rate, self.prior_weight = prior_rate, prior_weight
         self.enabled = enabled
         self._states: dict[str, _RequestState] = {}
+        self._quiet_until: int | None = None  # engine steps before it: every known request off (None: stale)
 
     def num_drafts(self, req_id: str, draft_cost: float, step: int | None) -> int:
         """Drafts to propose for this request now (call once per step in which it sampled).
@@ -98,11 +101,12 @@ class AdaptiveNumDrafts:
         sampled request's random draws depend on its drafts)."""
         if not self.enabled:
             return self.max_k
+        self._quiet_until = None
         state = self._states.get(req_id)
         if state is None:
             first_probe = 0 if step is None else -(-step // MIN_BACKOFF) * MIN_BACKOFF
             state = self._states[req_id] = _RequestState(self.prior_rate * self.prior_weight, self.prior_weight,
-                                                         first_probe)
+                                                         first_probe, has_own_clock=step is None)
         if step is None:
             step = state.num_steps
             state.num_steps += 1
@@ -120,6 +124,19 @@ class AdaptiveNumDrafts:
         else:
             state.next_probe, state.wait = _next_multiple(step, state.wait), min(2 * state.wait, MAX_BACKOFF)
         return k
+
+    def can_skip(self, step: int, req_ids: Set[str]) -> bool:
+        """True when calling num_drafts(req_id, any cost, step) for every one of `req_ids` would return 0
+        and change nothing: all are known, all off on the engine's clock, none due for a probe.
+        O(1) per step while that lasts (the bound is recomputed after a num_drafts call)."""
+        if not self.enabled:
+            return False
+        if self._quiet_until is None:
+            self._quiet_until = min(
+                (s.next_probe if s.next_probe >= 0 and not s.has_own_clock else -1 for s in self._states.values()),
+                default=1 << 62,
+            )
+        return step < self._quiet_until and self._states.keys() >= req_ids
 
     def observe(self, req_id: str, num_drafts: int, num_accepted: int) -> None:
         """Record one verification: `num_accepted` of `num_drafts` drafts were accepted."""

@@ -13,7 +13,8 @@ preempted and prefix-hit requests):
                       n-gram lookup or the draft model
 
 The proposals (and, for a sampled draft, their distributions q) wait for the next step. A request
-at k = 0 costs a dictionary lookup per step here: no lookup, no draft-model pass, no draft rows.
+at k = 0 costs a dictionary lookup per step here: no lookup, no draft-model pass, no draft rows; a
+step in which every request is off with no probe due skips even that (AdaptiveNumDrafts.can_skip).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class SpeculativeDecoder:
         self.adaptive = AdaptiveNumDrafts(self.max_k, enabled=envs.spec_decode_adaptive())
         self.proposals: dict[str, Proposal] = {}  # draft method, sampled requests: drafts + q
         self.num_steps = 0  # propose() calls: the step count adaptive k aligns probes to
+        # Requests given drafts that have not sampled since (a superset of those with drafts to verify).
+        self.drafted: set[str] = set()
         logger.info("speculative decoding: %s, up to %d tokens per step (proposer cost %.3f per token, adaptive %s)",
                     self.method, self.max_k, proposer_cost, self.adaptive.enabled)
 
@@ -82,6 +85,7 @@ class SpeculativeDecoder:
         for req_id in request_ids:
             self.adaptive.remove(req_id)
             self.proposals.pop(req_id, None)
+            self.drafted.discard(req_id)
             if self.ngram is not None:
                 self.ngram.remove(req_id)
         if self.draft is not None:
@@ -130,17 +134,21 @@ class SpeculativeDecoder:
         if (step_seconds is not None and num_sampled == len(scheduler_output.scheduled)
                 and scheduler_output.num_batched_tokens <= num_sampled * (1 + self.max_k)):
             self.cost.observe_step(scheduler_output.num_batched_tokens, step_seconds)
+        adaptive, proposals, step = self.adaptive, self.proposals, self.num_steps
+        self.num_steps += 1
+        # Every request off and none due for a probe: nothing to observe, nothing to propose.
+        if not self.drafted and adaptive.can_skip(step, sampled_token_ids.keys()):
+            return {}
         cost = self.cost.draft_token_cost(num_sampled)
         # NOTE: a seeded sampled request's random draws depend on its drafts, so its drafts must not
         # depend on timing or on other requests: default costs, its own step count.
         seeded_cost = self.cost.draft_token_cost(num_sampled, measured=False)
-        adaptive, proposals, step = self.adaptive, self.proposals, self.num_steps
-        self.num_steps += 1
         candidates = []
         for sched in scheduler_output.scheduled:
             req_id = sched.request_id
             if not sched.needs_sample or req_id not in sampled_token_ids:
                 continue
+            self.drafted.discard(req_id)
             if sched.spec_token_ids:
                 adaptive.observe(req_id, len(sched.spec_token_ids), len(sampled_token_ids[req_id]) - 1)
             if proposals:
@@ -162,6 +170,7 @@ class SpeculativeDecoder:
             return {}
         start = time.perf_counter()
         drafts, num_caught_up = self._propose(candidates)
+        self.drafted.update(drafts)
         # Time per draft position, in steps that caught up no more than a step's worth of tokens
         # (a first proposal or a probe catches up on many: not the per-step cost).
         if step_seconds is not None and num_caught_up <= len(candidates) * (self.max_k + 2):
