@@ -135,9 +135,7 @@ def run_one_tp(args: argparse.Namespace, model: str, tp: int, out: str) -> dict[
                 latency_p90_ms=percentile(decode, 90) * 1e3, latency_mean_ms=statistics.fmean(decode) * 1e3,
                 tokens_per_s=bs / p50, prefill_ms=prefill * 1e3,
             ))
-        from infergrid.worker.distributed.symm_mem_all_reduce import get_symm_mem_all_reduce
-
-        info = {"tp": tp, "load_s": load_s, "one_shot_all_reduce": get_symm_mem_all_reduce() is not None, "num_gpu_blocks": engine.num_blocks,
+        info = {"tp": tp, "load_s": load_s, "num_gpu_blocks": engine.num_blocks,
                 "rank_pids": engine.model_executor.rank_pids,
                 "cuda_graphs": engine.model_runner.cuda_graphs is not None,
                 "results": [asdict(r) for r in results]}

@@ -90,8 +90,8 @@ def _sample(d: DraftProposer, logits: torch.Tensor, requests) -> tuple[list[int]
     greedy = [p.is_greedy for p in params]
     if all(greedy):
         return logits.argmax(dim=-1).tolist(), [None] * len(requests)
-    meta = SamplingMetadata(temperature=torch.tensor([0.0 if g else p.temperature for g, p in zip(greedy, params)]),
-                            all_greedy=False)
+    temperature = [0.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)]
+    meta = SamplingMetadata(temperature=torch.tensor(temperature), all_greedy=False)
     if any(p.top_p < 1.0 for p in params):
         meta.top_p = torch.tensor([p.top_p for p in params])
     if any(p.top_k > 0 for p in params):
@@ -106,9 +106,11 @@ def _sample(d: DraftProposer, logits: torch.Tensor, requests) -> tuple[list[int]
     return sampled.tolist(), [None if g else probs[i] for i, g in enumerate(greedy)]
 
 
-@pytest.mark.parametrize("budget", [None, 16])
-def test_sync_free_passes_propose_what_the_pass_by_pass_loop_proposes(tiny_model, monkeypatch, budget):
+@pytest.mark.parametrize(("budget", "graphs"), [(None, False), (16, False), (None, True)])
+def test_sync_free_passes_propose_what_the_pass_by_pass_loop_proposes(tiny_model, monkeypatch, budget, graphs):
+    """`graphs`: the CUDA-graph code path on CPU (stand-in graphs replay the forward on static buffers)."""
     monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")  # always k drafts (fewer only near max_tokens)
+    monkeypatch.setenv("INFERGRID_EMULATE_CUDA_GRAPHS", "1" if graphs else "0")
     extra = {} if budget is None else dict(max_num_batched_tokens=budget)
     llm = LLM(tiny_model("llama"), dtype="float32", max_model_len=128, max_num_seqs=8, block_size=4,
               speculative_method="draft", num_speculative_tokens=4, draft_model=tiny_model("llama_draft"), **extra)
@@ -154,3 +156,5 @@ def test_sync_free_passes_propose_what_the_pass_by_pass_loop_proposes(tiny_model
     assert seen["calls"] > 10 and seen["mixed_k"] > 0 and seen["sampled"] > 0
     if budget is not None:
         assert seen["catch_up_only"] > 0
+    if graphs:  # passes 2..k replay the draft's decode graphs, pass 1 its multi-token graphs
+        assert d.runner.cuda_graphs.num_replays > 0 and d.runner.multi_token_graphs.num_replays > 0

@@ -43,9 +43,3 @@ def emulate_cuda_graphs() -> bool:
     """INFERGRID_EMULATE_CUDA_GRAPHS=1 (tests): without CUDA, run the CUDA-graph code paths anyway, with
     an eager stand-in for each graph (capture runs the forward once, replay runs it again)."""
     return _get("INFERGRID_EMULATE_CUDA_GRAPHS", "0") not in ("0", "false", "no", "off")
-
-
-def disable_custom_all_reduce() -> bool:
-    """INFERGRID_DISABLE_CUSTOM_ALL_REDUCE=1: tensor-parallel all-reduces use NCCL only, no one-shot
-    symmetric-memory all-reduce (distributed/symm_mem_all_reduce.py)."""
-    return _get("INFERGRID_DISABLE_CUSTOM_ALL_REDUCE", "0") not in ("0", "false", "no", "off")

@@ -11,7 +11,6 @@ import torch.distributed as dist
 
 from infergrid.worker.distributed import debug
 from infergrid.worker.distributed.parallel_state import get_tp_backend, get_tp_rank, get_tp_size
-from infergrid.worker.distributed.symm_mem_all_reduce import get_symm_mem_all_reduce
 
 
 def _issue(op: str, x: torch.Tensor) -> None:
@@ -21,13 +20,9 @@ def _issue(op: str, x: torch.Tensor) -> None:
 
 
 def tensor_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum `x` over the ranks, in place; returns it. Small CUDA tensors go through the one-shot
-    symmetric-memory all-reduce when it is on (symm_mem_all_reduce.py), the rest through NCCL/gloo."""
+    """Sum `x` over the ranks, in place; returns it."""
     if get_tp_size() > 1:
         _issue("all_reduce", x)
-        one_shot = get_symm_mem_all_reduce()
-        if one_shot is not None and one_shot.can_reduce(x):
-            return one_shot.all_reduce(x)
         dist.all_reduce(x)
     return x
 

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 from infergrid.worker.distributed import debug
-from infergrid.worker.distributed.symm_mem_all_reduce import close_symm_mem_all_reduce
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,6 @@ def destroy_tensor_parallel() -> None:
     a collective of this group is alive: release the graphs first (ModelRunner.release_cuda_graphs)."""
     global _STATE
     _STATE = None
-    close_symm_mem_all_reduce()
     debug.disable()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -88,7 +86,6 @@ def abort_tensor_parallel() -> None:
     aborted, which also ends collectives blocked on the dead peer."""
     global _STATE
     _STATE = None
-    close_symm_mem_all_reduce()
     debug.disable()
     if dist.is_initialized():
         if dist.get_backend() == "nccl":

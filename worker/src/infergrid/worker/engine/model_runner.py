@@ -30,7 +30,6 @@ from infergrid.worker.distributed import debug
 from infergrid.worker.distributed.communication import tensor_parallel_barrier, tensor_parallel_min
 from infergrid.worker.distributed.messages import GraphKind, GraphPlan, StepHeader
 from infergrid.worker.distributed.parallel_state import kv_head_layout
-from infergrid.worker.distributed.symm_mem_all_reduce import init_symm_mem_all_reduce
 from infergrid.worker.engine.kv_cache import determine_num_blocks
 from infergrid.worker.engine.scheduler import ScheduledRequest, SchedulerOutput
 from infergrid.worker.layers.attention import AttentionMetadata, get_attention_backend
@@ -115,8 +114,6 @@ class ModelRunner:
         self.model = load_model(model_dir, model_config, self.dtype, self.device, max_model_len, self.backend,
                                 tp_rank=rank, tp_size=self.tp_size)
         self.num_kv_heads = kv_head_layout(model_config.num_key_value_heads, self.tp_size)[0]  # on this rank
-        if self.tp_size > 1:  # collective: every rank, before any forward pass or graph capture
-            init_symm_mem_all_reduce(self.dtype, self.device)
         # Rank 0 of several: called with each step's header and flat inputs before the forward pass.
         self.step_broadcaster: Callable[[StepHeader, torch.Tensor], None] | None = None
         self.sampler = Sampler()

@@ -153,22 +153,18 @@ class DraftProposer:
         NOTE: a one-token write (a decode) inside a block changes nothing: the request has held that
         block since the write at its offset 0 (which reset it), and its draft KV is never valid past
         its computed tokens, i.e. past the write. So a decode step costs a check per request here."""
-        bs, valid = self.block_size, self.valid
+        bs = self.block_size
         for s in scheduler_output.scheduled:
             start, num_new = s.num_computed_tokens, s.num_new_tokens
-            if num_new == 1:
-                if not start % bs:  # a decode at a block's first slot
-                    valid[s.block_ids[start // bs]] = 0
-                continue
-            if num_new <= 0:
+            if num_new <= 0 or (num_new == 1 and start % bs):
                 continue
             end = start + num_new
             first, last = start // bs, (end - 1) // bs
             ids = s.block_ids[first : last + 1]
             b0 = ids[0]
-            valid[b0] = min(valid[b0], start - first * bs)
+            self.valid[b0] = min(self.valid[b0], start - first * bs)
             if len(ids) > 1:
-                valid[ids[1:]] = 0
+                self.valid[ids[1:]] = 0
 
     def valid_prefix(self, block_ids: list[int], limit: int) -> int:
         """Leading positions of this block table whose draft KV is valid (at most `limit`)."""
