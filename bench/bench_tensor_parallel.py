@@ -149,7 +149,8 @@ def run_one_tp(args: argparse.Namespace, model: str, tp: int, out: str) -> dict[
 
 
 def profile_decode(engine: Any, args: argparse.Namespace, vocab: int, tp: int) -> None:
-    """Rank 0's kernels over 16 batch-1 decode steps (torch.profiler), as a table in --profile-dir."""
+    """Rank 0's kernels over 16 batch-1 decode steps (torch.profiler), as a table and a Chrome trace
+    in --profile-dir."""
     from torch.profiler import ProfilerActivity, profile
 
     from infergrid.worker.sampling_params import SamplingParams
@@ -168,6 +169,7 @@ def profile_decode(engine: Any, args: argparse.Namespace, vocab: int, tp: int) -
     os.makedirs(args.profile_dir, exist_ok=True)
     with open(os.path.join(args.profile_dir, f"profile_tp{tp}.txt"), "w", encoding="utf-8") as f:
         f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
+    prof.export_chrome_trace(os.path.join(args.profile_dir, f"trace_tp{tp}.json"))
 
 
 def device_name(device: str | None) -> str:
