@@ -3,6 +3,8 @@ model, and the draft model's per-block KV validity bookkeeping."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -142,6 +144,7 @@ def test_batch_aware_decision_flips_at_large_batch():
 
     def decide(req_id: str, batch_size: int) -> int:
         assert a.num_drafts(req_id, model.draft_token_cost(batch_size), 0) == 1  # a new request's probe
+        a.observe(req_id, 1, 1)  # accepted: the estimate decides from here
         return a.num_drafts(req_id, model.draft_token_cost(batch_size), 1)
 
     assert decide("r1", 1) == 4
@@ -190,14 +193,15 @@ def test_draft_kv_validity_follows_target_writes_and_catch_ups():
 
 def test_multi_token_graph_buffers_for_a_mixed_batch():
     """The CUDA-graph bookkeeping, on CPU with a stand-in for the captured graph: a batch of 3
-    sequences with 1..4 query tokens lands in the 4-sequence bucket; real sequences keep their
-    layout, dummies get 0 query tokens and seq_len 0, padding tokens write to the null block."""
+    sequences with 1..4 query tokens (8 in all) lands in the 4-sequence bucket's 8-token graph
+    (not its 16-token one); real sequences keep their layout, dummies get 0 query tokens and seq_len
+    0, padding tokens write to the null block."""
     from types import SimpleNamespace
 
     import torch
 
     from infergrid.worker.layers.attention import AttentionMetadata
-    from infergrid.worker.spec_decode.verify_graph import MultiTokenCUDAGraphRunner
+    from infergrid.worker.spec_decode.verify_graph import MultiTokenCUDAGraphRunner, unpack_key
 
     runner = SimpleNamespace(config=SimpleNamespace(max_num_seqs=8), device=torch.device("cpu"), block_size=4,
                              max_blocks_per_seq=6, max_model_len=24, dtype=torch.float32,
@@ -206,16 +210,16 @@ def test_multi_token_graph_buffers_for_a_mixed_batch():
     seen = {}
 
     class FakeGraph:
-        def __init__(self, bs: int) -> None:
-            self.bs = bs
+        def __init__(self, key: int) -> None:
+            self.bs, self.cap = unpack_key(key)
 
         def replay(self) -> None:  # what the captured forward reads and writes
-            t = self.bs * 4
-            seen.update(bs=self.bs, qsl=graphs.query_start_loc[: self.bs + 1].tolist(),
+            t = self.cap
+            seen.update(bs=self.bs, cap=t, qsl=graphs.query_start_loc[: self.bs + 1].tolist(),
                         seq_lens=graphs.seq_lens[: self.bs].tolist(), slots=graphs.slot_mapping[:t].tolist())
             graphs.hidden[:t] = torch.stack([graphs.input_ids[:t], graphs.positions[:t]], dim=1).float()
 
-    graphs.graphs = {bs: FakeGraph(bs) for bs in graphs.batch_sizes}
+    graphs.graphs = {key: FakeGraph(key) for key in graphs.keys}
     q_lens, starts = [4, 1, 3], [5, 9, 0]
     ids = torch.arange(100, 108)
     positions = torch.cat([torch.arange(s, s + q) for s, q in zip(starts, q_lens, strict=True)])
@@ -228,13 +232,26 @@ def test_multi_token_graph_buffers_for_a_mixed_batch():
     assert graphs.can_run(batch)
     hidden = graphs.run(batch)
     assert hidden[:, 0].tolist() == ids.float().tolist() and hidden[:, 1].tolist() == positions.float().tolist()
-    assert seen["bs"] == 4 and seen["qsl"] == [0, 4, 5, 8, 8] and seen["seq_lens"] == [9, 10, 3, 0]
-    assert seen["slots"][:8] == (positions + 40).tolist() and seen["slots"][8:] == [0] * 8
+    assert seen["bs"] == 4 and seen["cap"] == 8 and seen["qsl"] == [0, 4, 5, 8, 8]
+    assert seen["seq_lens"] == [9, 10, 3, 0] and seen["slots"] == (positions + 40).tolist()
+    one_less = SimpleNamespace(input_ids=ids[:7], positions=positions[:7], meta=dataclasses.replace(
+        meta, slot_mapping=meta.slot_mapping[:7], query_start_loc=torch.tensor([0, 4, 5, 7], dtype=torch.int32)))
+    graphs.run(one_less)  # 7 tokens: the 8-token graph, one padding token to the null block
+    assert seen["cap"] == 8 and seen["slots"][7:] == [0] and seen["qsl"] == [0, 4, 5, 7, 7]
     too_long = SimpleNamespace(input_ids=ids, positions=positions, meta=AttentionMetadata(
         slot_mapping=meta.slot_mapping, query_start_loc=torch.tensor([0, 5, 8], dtype=torch.int32),
         seq_lens=torch.tensor([10, 3], dtype=torch.int32), block_tables=meta.block_tables[:2],
         max_query_len=5, max_seq_len=10, block_size=4))
     assert not graphs.can_run(too_long)
+
+
+def test_token_capacities_grow_from_a_quarter_more_than_the_batch_to_the_full_bucket():
+    from infergrid.worker.spec_decode.verify_graph import pack_key, token_capacities, unpack_key
+
+    assert token_capacities(1, 5) == [2, 3, 4, 5]
+    assert token_capacities(4, 4) == [5, 6, 8, 12, 16]
+    assert token_capacities(32, 5) == [40, 48, 64, 96, 128, 160]
+    assert unpack_key(pack_key(32, 160)) == (32, 160)
 
 
 def test_config_and_draft_compatibility_errors(tiny_model, tmp_path):

@@ -20,6 +20,7 @@ from infergrid.worker import LLM, SamplingParams
 from infergrid.worker.distributed import debug, messages
 from infergrid.worker.distributed.messages import Command, GraphKind, GraphPlan, StepHeader
 from infergrid.worker.engine.cuda_graph import num_live_graphs
+from infergrid.worker.spec_decode.verify_graph import unpack_key
 
 PROMPTS = ["Hello, how are you", "The quick brown fox jumps over the lazy dog. A small model",
            "What is the capital of France? Paris is", "Once upon a time", "1 2 3 4 5 6 7 8 9"]
@@ -30,7 +31,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprob
 
 def test_step_header_and_graph_plan_round_trip():
     header = StepHeader(num_tokens=7, num_seqs=3, num_block_columns=2, num_logits=5, max_query_len=4,
-                        max_seq_len=40, step_id=12, graph_kind=GraphKind.MULTI_TOKEN, graph_batch_size=4)
+                        max_seq_len=40, step_id=12, graph_kind=GraphKind.MULTI_TOKEN, graph_key=4)
     plan = GraphPlan(decode_max_batch_size=8, multi_token_max_batch_size=8, multi_token_max_query_len=4)
     assert messages.unpack(messages.pack(Command.EXECUTE, header)) == (Command.EXECUTE, header)
     assert messages.unpack(messages.pack(Command.INIT_KV_CACHE, plan)) == (Command.INIT_KV_CACHE, plan)
@@ -61,7 +62,8 @@ def test_tp2_through_the_graph_paths_matches_tp1_and_every_step_agrees(tiny_llam
         got = [o.outputs[0] for o in llm.generate(PROMPTS, GREEDY)]
         decode, verify = runner.cuda_graphs, runner.multi_token_graphs
         assert decode is not None and verify is not None
-        assert sorted(decode.graphs) == sorted(verify.graphs) == [1, 2, 4, 8]
+        assert sorted(decode.graphs) == [1, 2, 4, 8]
+        assert sorted(verify.graphs) == sorted(verify.keys) and {unpack_key(k)[0] for k in verify.graphs} == {1, 2, 4, 8}
         assert decode.num_replays > 0 and verify.num_replays > 0  # both graph kinds, as rank 0 named them
         # INIT_KV_CACHE, and every step before and after its forward pass, were checked on both ranks
         # (a divergence raises on all of them).

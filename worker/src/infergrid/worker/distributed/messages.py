@@ -53,7 +53,7 @@ class GraphPlan:
 @dataclass(frozen=True)
 class StepHeader:
     """Sizes and host-side scalars of one step's inputs (see the module docstring), the step's id
-    (1, 2, ... on rank 0) and the CUDA graph it replays (`graph_batch_size` padded sequences)."""
+    (1, 2, ... on rank 0) and the CUDA graph it replays (`graph_key`: the key in that kind's GraphSet)."""
 
     num_tokens: int
     num_seqs: int
@@ -63,7 +63,7 @@ class StepHeader:
     max_seq_len: int
     step_id: int = 0
     graph_kind: GraphKind = GraphKind.EAGER
-    graph_batch_size: int = 0
+    graph_key: int = 0
 
     def split_sizes(self) -> list[int]:
         """Lengths of the flat tensor's parts, in layout order."""
@@ -85,7 +85,7 @@ def pack(command: Command, payload: Payload = None) -> bytes:
             raise TypeError("EXECUTE needs a StepHeader")
         h = payload
         fields = [h.num_tokens, h.num_seqs, h.num_block_columns, h.num_logits, h.max_query_len, h.max_seq_len,
-                  h.step_id, int(h.graph_kind), h.graph_batch_size]
+                  h.step_id, int(h.graph_kind), h.graph_key]
     elif command is Command.INIT_KV_CACHE:
         p = payload if isinstance(payload, GraphPlan) else GraphPlan()
         fields = [p.decode_max_batch_size, p.multi_token_max_batch_size, p.multi_token_max_query_len]
@@ -101,9 +101,9 @@ def unpack(data: bytes) -> tuple[Command, Payload]:
     command_value, *fields = struct.unpack(_FORMAT, data)
     command = Command(command_value)
     if command is Command.EXECUTE:
-        *sizes, step_id, kind, graph_batch_size = fields
+        *sizes, step_id, kind, graph_key = fields
         return command, StepHeader(*sizes, step_id=step_id, graph_kind=GraphKind(kind),
-                                   graph_batch_size=graph_batch_size)
+                                   graph_key=graph_key)
     if command is Command.INIT_KV_CACHE:
         return command, GraphPlan(*fields[:3])
     return command, None

@@ -69,7 +69,8 @@ _LIVE: weakref.WeakSet[GraphSet] = weakref.WeakSet()
 
 
 class GraphSet:
-    """Graphs keyed by batch size, captured with `capture`; `release` destroys them."""
+    """Graphs keyed by an int (a padded batch size, or a subclass's packed key), captured with
+    `capture_all`; `release` destroys them."""
 
     kind = "graphs"
 
@@ -78,13 +79,13 @@ class GraphSet:
         self.num_replays = 0
         _LIVE.add(self)
 
-    def capture_all(self, device: torch.device, batch_sizes: list[int],
+    def capture_all(self, device: torch.device, keys: list[int],
                     make_forward: Callable[[int], Callable[[], None]]) -> None:
-        """Per batch size, largest first: a warm-up run (compiles kernels, sets up NCCL connections
-        eagerly), then the capture into the shared pool (on CPU: one more eager run)."""
+        """Per key, last (the largest graph) first: a warm-up run (compiles kernels, sets up NCCL
+        connections eagerly), then the capture into the shared pool (on CPU: one more eager run)."""
         pool = None
-        for bs in reversed(batch_sizes):
-            forward = make_forward(bs)
+        for key in reversed(keys):
+            forward = make_forward(key)
             forward()
             if device.type == "cuda":
                 graph = torch.cuda.CUDAGraph()
@@ -94,16 +95,16 @@ class GraphSet:
             else:
                 forward()
                 graph = EagerGraph(forward)
-            self.graphs[bs] = graph
+            self.graphs[key] = graph
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def replay(self, bs: int) -> None:
-        graph = self.graphs.get(bs)
+    def replay(self, key: int) -> None:
+        graph = self.graphs.get(key)
         if graph is None:
-            raise RuntimeError(f"no {self.kind} CUDA graph of batch size {bs} on this rank "
+            raise RuntimeError(f"no {self.kind} CUDA graph with key {key} on this rank "
                                f"(captured: {sorted(self.graphs)}); the ranks' graph plans differ")
-        debug.record(f"replay:{self.kind}:{bs}")
+        debug.record(f"replay:{self.kind}:{key}")
         graph.replay()
         self.num_replays += 1
 

@@ -68,7 +68,7 @@ class _BatchInputs:
     is_uniform_decode: bool
     step_id: int = 0
     graph_kind: GraphKind = GraphKind.EAGER
-    graph_batch_size: int = 0  # padded sequences of the graph replayed
+    graph_key: int = 0  # which graph of that kind (GraphSet key: decode = padded batch size)
 
 
 @dataclass
@@ -280,28 +280,29 @@ class ModelRunner:
 
     def _forward(self, batch: _BatchInputs) -> torch.Tensor:
         if self.tp_size > 1 and debug.is_enabled():  # what this rank is about to run, checked before it does
-            debug.record(f"forward:{batch.graph_kind.name}:{batch.graph_batch_size}:{batch.input_ids.shape[0]}")
+            debug.record(f"forward:{batch.graph_kind.name}:{batch.graph_key}:{batch.input_ids.shape[0]}")
             debug.check(batch.step_id, "before the forward pass")
         if batch.graph_kind is GraphKind.DECODE and self.cuda_graphs is not None:
-            return self.cuda_graphs.run(batch, batch.graph_batch_size)
+            return self.cuda_graphs.run(batch, batch.graph_key)
         if batch.graph_kind is GraphKind.MULTI_TOKEN and self.multi_token_graphs is not None:
-            return self.multi_token_graphs.run(batch, batch.graph_batch_size)
+            return self.multi_token_graphs.run(batch, batch.graph_key)
         if batch.graph_kind is not GraphKind.EAGER:
             raise RuntimeError(f"rank {self.rank} has no {batch.graph_kind.name} CUDA graphs, but rank 0 replays "
                                f"one at step {batch.step_id}; the ranks' graph plans differ")
         self.backend.prepare(batch.meta)
         return self.model(batch.input_ids, batch.positions, batch.meta)
 
-    def _choose_graph(self, num_seqs: int, max_query_len: int, num_block_columns: int) -> tuple[GraphKind, int]:
-        """(graph kind, padded batch size) that runs a step of this shape; (EAGER, 0) for none."""
+    def _choose_graph(self, num_seqs: int, num_tokens: int, max_query_len: int,
+                      num_block_columns: int) -> tuple[GraphKind, int]:
+        """(graph kind, graph key) that runs a step of this shape; (EAGER, 0) for none."""
         if self.cuda_graphs is not None and max_query_len == 1:
             bs = self.cuda_graphs.bucket(num_seqs)
             if bs is not None:
                 return GraphKind.DECODE, bs
         if self.multi_token_graphs is not None:
-            bs = self.multi_token_graphs.bucket(num_seqs, max_query_len, num_block_columns)
-            if bs is not None:
-                return GraphKind.MULTI_TOKEN, bs
+            key = self.multi_token_graphs.bucket(num_seqs, num_tokens, max_query_len, num_block_columns)
+            if key is not None:
+                return GraphKind.MULTI_TOKEN, key
         return GraphKind.EAGER, 0
 
     def _end_step(self, step_id: int) -> None:
@@ -329,12 +330,12 @@ class ModelRunner:
         ]
         seq_lens = starts + q_lens
         max_query_len = int(q_lens.max())
-        graph_kind, graph_batch_size = self._choose_graph(num_seqs, max_query_len, block_tables.shape[1])
+        graph_kind, graph_key = self._choose_graph(num_seqs, total, max_query_len, block_tables.shape[1])
         self.num_steps += 1
         header = StepHeader(
             num_tokens=total, num_seqs=num_seqs, num_block_columns=block_tables.shape[1],
             num_logits=len(logits_indices), max_query_len=max_query_len, max_seq_len=int(seq_lens.max()),
-            step_id=self.num_steps, graph_kind=graph_kind, graph_batch_size=graph_batch_size,
+            step_id=self.num_steps, graph_kind=graph_kind, graph_key=graph_key,
         )
         # NOTE: the order is the flat layout of distributed/messages.py.
         flat = self._upload_flat([input_ids, positions, slot_mapping, qsl, seq_lens, block_tables,
@@ -353,7 +354,7 @@ class ModelRunner:
         `block_tables`. Single-rank runners only (nothing is broadcast)."""
         assert self.tp_size == 1 and self.step_broadcaster is None
         num_seqs = int(seq_lens.shape[0])
-        graph_kind, graph_batch_size = self._choose_graph(num_seqs, 1, int(block_tables.shape[1]))
+        graph_kind, graph_key = self._choose_graph(num_seqs, num_seqs, 1, int(block_tables.shape[1]))
         self.num_steps += 1
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, query_start_loc=query_start_loc, seq_lens=seq_lens,
@@ -362,7 +363,7 @@ class ModelRunner:
         return _BatchInputs(
             input_ids=input_ids, positions=positions, meta=meta, logits_indices=query_start_loc[:num_seqs],
             is_uniform_decode=True, step_id=self.num_steps, graph_kind=graph_kind,
-            graph_batch_size=graph_batch_size,
+            graph_key=graph_key,
         )
 
     def _batch_from_flat(self, header: StepHeader, flat: torch.Tensor) -> _BatchInputs:
@@ -385,7 +386,7 @@ class ModelRunner:
             is_uniform_decode=header.max_query_len == 1,
             step_id=header.step_id,
             graph_kind=header.graph_kind,
-            graph_batch_size=header.graph_batch_size,
+            graph_key=header.graph_key,
         )
 
     @torch.inference_mode()

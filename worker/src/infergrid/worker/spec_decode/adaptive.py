@@ -11,8 +11,9 @@ share of a step; c grows with the batch size (cost_model.py), so the same accept
 batch 1 and not at batch 64. k is the argmax of E / cost over 0..max_k, re-chosen every step.
 
 k = 0 switches a request off: it proposes nothing (no host work, no draft-model pass) until its
-next probe, one draft. A probe that makes speculation pay turns it (back) on; one that does not
-doubles the wait (MIN_BACKOFF, 2x, ... MAX_BACKOFF), so a request whose drafts keep failing costs a
+next probe, one draft. A probe whose draft is accepted turns it (back) on, and k follows the
+estimate from there; a rejected probe switches it off at once (an estimate still near the prior
+would keep a hopeless request drafting for a few more steps) and doubles the wait (MIN_BACKOFF, 2x, ... MAX_BACKOFF), so a request whose drafts keep failing costs a
 one-draft probe every MAX_BACKOFF steps, and one whose text becomes predictable (a loop, a quoted
 passage) gets speculation back. A new request starts off, its first probe due at the next multiple
 of MIN_BACKOFF steps.
@@ -60,6 +61,8 @@ class _RequestState:
     wait: int = MIN_BACKOFF  # how long the next switch-off lasts, at least
     num_steps: int = 0  # the request's own clock (num_drafts without a step)
     has_own_clock: bool = False
+    probing: bool = False  # its last draft was a probe, not yet judged
+    probe_accepted: int = 0  # drafts the probe's verification accepted
 
 
 def _next_multiple(step: int, n: int) -> int:
@@ -116,8 +119,13 @@ class AdaptiveNumDrafts:
             if draft_cost >= 1.0:  # not even perfect drafts would pay now: look again later
                 state.next_probe = _next_multiple(step, MIN_BACKOFF)
                 return 0
-            state.next_probe = -1
+            state.next_probe, state.probing, state.probe_accepted = -1, True, 0
             return 1  # the probe; the next call decides with its result
+        if state.probing:
+            state.probing = False
+            if not state.probe_accepted:  # rejected (or never verified): off again, twice as long
+                state.next_probe, state.wait = _next_multiple(step, state.wait), min(2 * state.wait, MAX_BACKOFF)
+                return 0
         k = best_num_drafts(state.accepted / state.trials, self.max_k, draft_cost)
         if k:
             state.wait = MIN_BACKOFF
@@ -143,6 +151,8 @@ class AdaptiveNumDrafts:
         state = self._states.get(req_id)
         if state is None or num_drafts <= 0:
             return
+        if state.probing:
+            state.probe_accepted = num_accepted
         rejected = 1 if num_accepted < num_drafts else 0
         state.accepted = self.decay * state.accepted + num_accepted
         state.trials = self.decay * state.trials + num_accepted + rejected
