@@ -13,7 +13,8 @@ batch 1 and not at batch 64. k is the argmax of E / cost over 0..max_k, re-chose
 k = 0 switches a request off: it proposes nothing (no host work, no draft-model pass) until its
 next probe, one draft. A probe whose draft is accepted turns it (back) on, and k follows the
 estimate from there; a rejected probe switches it off at once (an estimate still near the prior
-would keep a hopeless request drafting for a few more steps) and doubles the wait (MIN_BACKOFF, 2x, ... MAX_BACKOFF), so a request whose drafts keep failing costs a
+would keep a hopeless request drafting for a few more steps) and doubles the wait; a probe not
+verified yet (the draft model still catching up on a long prompt) stays pending (MIN_BACKOFF, 2x, ... MAX_BACKOFF), so a request whose drafts keep failing costs a
 one-draft probe every MAX_BACKOFF steps, and one whose text becomes predictable (a loop, a quoted
 passage) gets speculation back. A new request starts off, its first probe due at the next multiple
 of MIN_BACKOFF steps.
@@ -62,7 +63,7 @@ class _RequestState:
     num_steps: int = 0  # the request's own clock (num_drafts without a step)
     has_own_clock: bool = False
     probing: bool = False  # its last draft was a probe, not yet judged
-    probe_accepted: int = 0  # drafts the probe's verification accepted
+    probe_accepted: int = -1  # drafts the probe's verification accepted (-1: not verified yet)
 
 
 def _next_multiple(step: int, n: int) -> int:
@@ -119,11 +120,13 @@ class AdaptiveNumDrafts:
             if draft_cost >= 1.0:  # not even perfect drafts would pay now: look again later
                 state.next_probe = _next_multiple(step, MIN_BACKOFF)
                 return 0
-            state.next_probe, state.probing, state.probe_accepted = -1, True, 0
+            state.next_probe, state.probing, state.probe_accepted = -1, True, -1
             return 1  # the probe; the next call decides with its result
         if state.probing:
+            if state.probe_accepted < 0:  # not verified (the draft model still catching up, no n-gram match)
+                return 1
             state.probing = False
-            if not state.probe_accepted:  # rejected (or never verified): off again, twice as long
+            if state.probe_accepted == 0:  # rejected: off again, twice as long
                 state.next_probe, state.wait = _next_multiple(step, state.wait), min(2 * state.wait, MAX_BACKOFF)
                 return 0
         k = best_num_drafts(state.accepted / state.trials, self.max_k, draft_cost)
