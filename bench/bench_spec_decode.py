@@ -14,9 +14,10 @@ shape in bf16). Random weights give random text, so the workload is built to sho
   near-zero decoder-layer weights, so the model repeats its input token (text of no interest, but
   n-gram and a 2-layer copy draft then accept ~100% while every step still reads all the weights):
   the speedup at high acceptance, at the real cost of the target and the draft.
-Each mode gets its own engine (same arguments except the speculative ones), a warm-up, then per
-batch size B, --repeats times in the same engine: B requests at once, --max-tokens greedy tokens each
-(ignore_eos). tok/s = generated tokens / wall time, the median of the repeats (the table also shows
+Each mode gets its own engine (same arguments except the speculative ones; all alive at once, KV
+pools sized for the largest batch) and a warm-up. Then, --repeats times, every (batch size B, mode)
+runs once, interleaved so that drifts in the machine's speed hit every mode alike: B requests at
+once, --max-tokens greedy tokens each (ignore_eos). tok/s = generated tokens / wall time, the median of the repeats (the table also shows
 their range); speedups are ratios of medians; ms/step and steps are medians too. Acceptance rate and
 mean acceptance length (tokens emitted per verification step: 1 + accepted drafts per step) count
 the drafts of all repeats. Greedy outputs (the first repeat's) are compared with the "off" run (token
@@ -32,7 +33,7 @@ Prints a table and writes JSON (--out). Targets (SPEC): >= 2x at acceptance >= 0
 from __future__ import annotations
 
 import argparse
-import gc
+import dataclasses
 import json
 import os
 import platform
@@ -113,7 +114,7 @@ def engine_config(args: argparse.Namespace, model: str, mode: str, draft: str | 
     return EngineConfig(
         model=model, dtype=args.dtype, device=args.device, block_size=args.block_size,
         max_model_len=args.prompt_len + args.max_tokens + args.num_speculative_tokens + 8,
-        max_num_seqs=max(args.batch_sizes), gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=max(args.batch_sizes),
         enforce_eager=eager, enable_prefix_caching=False, seed=args.seed, **spec,
     )
 
@@ -136,55 +137,79 @@ def run_batch(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, tag:
     return [finals[f"{tag}-{i}"] for i in range(len(prompts))], wall
 
 
-def run_mode(args: argparse.Namespace, model: str, draft: str | None, mode: str,
-             prompts: list[list[int]], eager: bool) -> list[BatchResult]:
+def make_engine(args: argparse.Namespace, model: str, draft: str | None, mode: str, eager: bool) -> LLMEngine:
+    """One mode's engine. Its KV pool is sized for the largest batch (no memory profiling), so every
+    mode's engine fits on the device at once and their runs can interleave."""
+    config = engine_config(args, model, mode, draft, eager)
+    blocks_per_seq = -(-config.max_model_len // config.block_size)
+    config = dataclasses.replace(config, num_gpu_blocks_override=max(args.batch_sizes) * blocks_per_seq + 2)
     previous = os.environ.get("INFERGRID_SPEC_DECODE_ADAPTIVE")
     if mode == "draft=target":
         os.environ["INFERGRID_SPEC_DECODE_ADAPTIVE"] = "0"  # measure the acceptance upper bound
     try:
-        engine = LLMEngine(engine_config(args, model, mode, draft, eager))
+        engine = LLMEngine(config)
     finally:
         if previous is None:
             os.environ.pop("INFERGRID_SPEC_DECODE_ADAPTIVE", None)
         else:
             os.environ["INFERGRID_SPEC_DECODE_ADAPTIVE"] = previous
-    results = []
-    try:
-        for bs in args.batch_sizes:  # warm-up: every batch shape and the verification graphs
-            run_batch(engine, prompts[:bs], min(args.max_tokens, 2 * args.num_speculative_tokens + 4), f"warm{bs}")
+    for bs in args.batch_sizes:  # warm-up: every batch shape and the verification graphs
+        run_batch(engine, [[FIRST_TOKEN_ID] * 8] * bs, min(args.max_tokens, 2 * args.num_speculative_tokens + 4),
+                  f"warm{bs}")
+    return engine
+
+
+@dataclass
+class _Runs:
+    """The repeats of one (mode, batch): wall times, steps, tok/s, the first outputs, stat deltas."""
+
+    walls: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    tok_s: list[float] = field(default_factory=list)
+    outputs: list[list[int]] | None = None
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted: int = 0
+    per_pos: list[int] = field(default_factory=list)
+
+    def add(self, engine: LLMEngine, prompts: list[list[int]], max_tokens: int, tag: str) -> None:
+        before = engine.get_stats()
+        outputs, wall = run_batch(engine, prompts, max_tokens, tag)
+        after = engine.get_stats()
+        self.walls.append(wall)
+        self.steps.append(after.num_steps_total - before.num_steps_total)
+        self.tok_s.append(sum(len(o) for o in outputs) / wall)
+        self.outputs = self.outputs if self.outputs is not None else outputs
+        self.drafts += after.spec_decode_num_drafts_total - before.spec_decode_num_drafts_total
+        self.draft_tokens += after.spec_decode_num_draft_tokens_total - before.spec_decode_num_draft_tokens_total
+        self.accepted += after.spec_decode_num_accepted_tokens_total - before.spec_decode_num_accepted_tokens_total
+        pos = _diff(after.spec_decode_num_accepted_tokens_per_pos, before.spec_decode_num_accepted_tokens_per_pos)
+        self.per_pos = [a + b for a, b in zip(pos, self.per_pos + [0] * len(pos), strict=False)]
+
+    def result(self, mode: str, bs: int, eager: bool) -> BatchResult:
+        assert self.outputs is not None
+        return BatchResult(
+            mode=mode, batch_size=bs, wall_s=statistics.median(self.walls),
+            output_tokens=sum(len(o) for o in self.outputs), tokens_per_s=statistics.median(self.tok_s),
+            ms_per_step=statistics.median(1000 * w / max(1, n) for w, n in zip(self.walls, self.steps, strict=True)),
+            num_steps=round(statistics.median(self.steps)), repeats=len(self.walls), tokens_per_s_all=self.tok_s,
+            num_drafts=self.drafts, num_draft_tokens=self.draft_tokens, num_accepted_tokens=self.accepted,
+            acceptance_rate=self.accepted / self.draft_tokens if self.draft_tokens else None,
+            mean_acceptance_length=1 + self.accepted / self.drafts if self.drafts else None,
+            accepted_per_pos=self.per_pos, enforce_eager=eager, outputs=self.outputs,
+        )
+
+
+def run_interleaved(args: argparse.Namespace, engines: dict[str, tuple[LLMEngine, bool]],
+                    prompts: list[list[int]]) -> list[BatchResult]:
+    """Repeat r of every (batch, mode) before repeat r + 1 of any: drifts in the machine's speed
+    (clocks, other tenants of the host's CPUs) then hit every mode alike."""
+    runs = {(mode, bs): _Runs() for mode in engines for bs in args.batch_sizes}
+    for rep in range(args.repeats):
         for bs in args.batch_sizes:
-            before = engine.get_stats()
-            walls, steps, tok_s, first_outputs = [], [], [], None
-            for rep in range(args.repeats):
-                step_before = engine.get_stats().num_steps_total
-                outputs, wall = run_batch(engine, prompts[:bs], args.max_tokens, f"b{bs}r{rep}")
-                steps.append(engine.get_stats().num_steps_total - step_before)
-                walls.append(wall)
-                tok_s.append(sum(len(o) for o in outputs) / wall)
-                first_outputs = first_outputs if first_outputs is not None else outputs
-            assert first_outputs is not None
-            after = engine.get_stats()
-            drafts = after.spec_decode_num_drafts_total - before.spec_decode_num_drafts_total
-            draft_tokens = after.spec_decode_num_draft_tokens_total - before.spec_decode_num_draft_tokens_total
-            accepted = after.spec_decode_num_accepted_tokens_total - before.spec_decode_num_accepted_tokens_total
-            per_pos = _diff(after.spec_decode_num_accepted_tokens_per_pos,
-                            before.spec_decode_num_accepted_tokens_per_pos)
-            results.append(BatchResult(
-                mode=mode, batch_size=bs, wall_s=statistics.median(walls),
-                output_tokens=sum(len(o) for o in first_outputs), tokens_per_s=statistics.median(tok_s),
-                ms_per_step=statistics.median(1000 * w / max(1, n) for w, n in zip(walls, steps, strict=True)),
-                num_steps=round(statistics.median(steps)), repeats=args.repeats, tokens_per_s_all=tok_s,
-                num_drafts=drafts, num_draft_tokens=draft_tokens, num_accepted_tokens=accepted,
-                acceptance_rate=accepted / draft_tokens if draft_tokens else None,
-                mean_acceptance_length=1 + accepted / drafts if drafts else None,
-                accepted_per_pos=per_pos, enforce_eager=eager, outputs=first_outputs,
-            ))
-    finally:
-        del engine
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return results
+            for mode, (engine, _) in engines.items():
+                runs[mode, bs].add(engine, prompts[:bs], args.max_tokens, f"b{bs}r{rep}")
+    return [runs[mode, bs].result(mode, bs, eager) for mode, (_, eager) in engines.items() for bs in args.batch_sizes]
 
 
 def _diff(after: tuple[int, ...], before: tuple[int, ...]) -> list[int]:
@@ -254,9 +279,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--phrase-len", type=int, default=16, help="prompts repeat a random phrase of this length")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3,
-                   help="measurements per (mode, batch) in the same engine; tok/s is their median")
+                   help="measurements per (mode, batch), interleaved across the modes; tok/s is their median")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs at all")
@@ -298,22 +322,23 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
         vocab_size = json.load(f)["vocab_size"]
     prompts = make_prompts(max(args.batch_sizes), args.prompt_len, args.phrase_len, vocab_size, args.seed)
-    results: list[BatchResult] = []
     errors: dict[str, str] = {}
+    engines: dict[str, tuple[LLMEngine, bool]] = {}
     for mode in args.modes:
         target, mode_draft = (copy_model, copy_draft) if mode.startswith("copy:") else (model, draft)
         try:
-            results += run_mode(args, target, mode_draft, mode, prompts, args.enforce_eager)
+            engines[mode] = (make_engine(args, target, mode_draft, mode, args.enforce_eager), args.enforce_eager)
         except Exception:  # keep measuring the other modes; retry once without CUDA graphs
             errors[mode] = traceback.format_exc()
             print(f"mode {mode} failed:\n{errors[mode]}", file=sys.stderr)
             if args.enforce_eager or args.no_eager_retry or not torch.cuda.is_available():
                 continue
             try:
-                results += run_mode(args, target, mode_draft, mode, prompts, True)
+                engines[mode] = (make_engine(args, target, mode_draft, mode, True), True)
             except Exception:
                 errors[mode + " (eager)"] = traceback.format_exc()
                 print(f"mode {mode} failed in eager mode too:\n{errors[mode + ' (eager)']}", file=sys.stderr)
+    results = run_interleaved(args, engines, prompts)
     off = {(r.mode.startswith("copy:"), r.batch_size): r for r in results if r.mode in ("off", "copy:off")}
     for r in results:
         base = off.get((r.mode.startswith("copy:"), r.batch_size))
@@ -325,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         f"speculative decoding: {args.shape if args.model is None else args.model}, {args.dtype}, {device}; "
         f"k = {args.num_speculative_tokens}, prompts of {args.prompt_len} tokens (a {args.phrase_len}-token phrase "
         f"repeated), {args.max_tokens} greedy tokens each; draft: "
-        f"{args.draft_model or f'random {args.draft_layers}-layer'}; tok/s: median of {args.repeats} repeats"
+        f"{args.draft_model or f'random {args.draft_layers}-layer'}; tok/s: median of {args.repeats} interleaved repeats"
     )
     verdicts = print_table(header, results)
     report: dict[str, Any] = {
