@@ -270,3 +270,46 @@ def test_config_and_draft_compatibility_errors(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="draft_model vocabulary"):  # a different tokenizer
         LLM(tiny_model("llama"), dtype="float32", max_model_len=64, speculative_method="draft",
             num_speculative_tokens=2, draft_model=make_tiny_model(str(tmp_path / "v512"), vocab_size=512))
+
+
+@pytest.mark.parametrize(("vocab", "lookback"), [(3, 4096), (5, 12), (40, 4096), (2, 7)])
+def test_ngram_index_search_equals_the_vectorized_window_search(vocab, lookback):
+    """The incremental index (newest candidate first, early stop) proposes exactly what one numpy
+    pass over the window proposes, step after step, also when the window cuts the history, when a
+    token recurs too often (the vectorized fallback) and when nothing matches."""
+    import random
+
+    import numpy as np
+
+    from infergrid.worker.spec_decode.ngram_proposer import NgramProposer
+
+    rng = random.Random(vocab * 1000 + lookback)
+    proposer = NgramProposer(max_lookback=lookback)
+    for req in range(6):
+        tokens: list[int] = []
+        for _ in range(300):
+            tokens.append(rng.randrange(vocab) if rng.random() < 0.7 or len(tokens) < 8 else tokens[-rng.randrange(1, 8)])
+            k = rng.randrange(1, 6)
+            got = proposer.propose(tokens, k, f"r{req}")
+            window = np.asarray(tokens[-lookback:], dtype=np.int64)
+            expected = proposer._propose_vectorized(window, k) if len(tokens) >= proposer.min_n + 1 else []
+            assert got == expected, (tokens[-12:], k)
+            assert proposer.propose(tokens, k) == expected  # stateless call
+        proposer.remove(f"r{req}")
+
+
+def test_ngram_falls_back_to_the_vectorized_search_for_a_token_that_recurs_everywhere(monkeypatch):
+    from infergrid.worker.spec_decode import ngram_proposer
+    from infergrid.worker.spec_decode.ngram_proposer import MAX_SCALAR_CANDIDATES, NgramProposer
+
+    calls = []
+    original = NgramProposer._propose_vectorized
+    monkeypatch.setattr(NgramProposer, "_propose_vectorized",
+                        lambda self, tokens, k: calls.append(len(tokens)) or original(self, tokens, k))
+    x = 1
+    tokens = [t for i in range(MAX_SCALAR_CANDIDATES + 10) for t in (x, 1000 + i)]  # x, then a new token
+    tokens += [7, 8, 7, x]  # "7 x" never occurred, nor "8 7 x": only 1-token matches of x
+    assert NgramProposer().propose(tokens, 3, "r") == [] and calls == [len(tokens)]
+    tokens += [8, 7, x]  # now "x 8 7 x"... "8 7 x" recurs (3 tokens back): found by the fallback too
+    assert NgramProposer().propose(tokens, 2, "r") == [8, 7] and len(calls) == 2
+    assert ngram_proposer.DEFAULT_MIN_N == 2

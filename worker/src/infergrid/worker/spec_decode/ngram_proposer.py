@@ -25,33 +25,39 @@ DEFAULT_MAX_N = 4
 DEFAULT_MAX_LOOKBACK = 4096
 
 
-class _TokenBuffer:
-    """A request's tokens as a growing numpy array (tokens are only ever appended)."""
+# Candidates checked one by one (newest first) before the vectorized search takes over.
+MAX_SCALAR_CANDIDATES = 64
+
+
+class _TokenIndex:
+    """Where each token occurs with a continuation: token -> its positions e < len - 1, ascending.
+    Tokens are only ever appended, so each step indexes just the new ones."""
+
+    __slots__ = ("positions", "size")
 
     def __init__(self) -> None:
-        self.data = np.empty(256, dtype=np.int64)
+        self.positions: dict[int, list[int]] = {}
         self.size = 0
 
-    def sync(self, token_ids: Sequence[int]) -> np.ndarray:
+    def sync(self, token_ids: Sequence[int]) -> None:
         n = len(token_ids)
         if n < self.size:  # not the same request's tokens: start over
+            self.positions.clear()
             self.size = 0
-        if n > self.data.size:
-            grown = np.empty(max(n, 2 * self.data.size), dtype=np.int64)
-            grown[: self.size] = self.data[: self.size]
-            self.data = grown
-        if n > self.size:
-            self.data[self.size : n] = token_ids[self.size : n]
-            self.size = n
-        return self.data[:n]
+        positions = self.positions
+        for e in range(max(self.size - 1, 0), n - 1):
+            positions.setdefault(token_ids[e], []).append(e)
+        self.size = n
 
 
 class NgramProposer:
     """Proposes up to k tokens per request by matching the longest recent n-gram suffix.
 
-    Keeps each request's tokens in a numpy buffer (appending only the new ones each step); call
-    `remove` when a request finishes. Search cost per step: one vectorized pass over the lookback
-    window for the last token, then a check of the candidates' preceding n - 1 tokens.
+    Keeps an index of each request's token positions (appending only the new ones each step); call
+    `remove` when a request finishes. Search per step: the last token's earlier positions, newest
+    first, each extended backwards up to max_n tokens; it stops at the first max_n match, so the
+    usual cost is a few list lookups. Past MAX_SCALAR_CANDIDATES candidates (a token that recurs
+    everywhere without a long match) one vectorized pass over the window decides instead.
     """
 
     def __init__(self, min_n: int = DEFAULT_MIN_N, max_n: int = DEFAULT_MAX_N,
@@ -59,21 +65,42 @@ class NgramProposer:
         if not 1 <= min_n <= max_n:
             raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.min_n, self.max_n, self.max_lookback = min_n, max_n, max_lookback
-        self._buffers: dict[str, _TokenBuffer] = {}
+        self._indexes: dict[str, _TokenIndex] = {}
 
     def propose(self, token_ids: Sequence[int], k: int, request_id: str | None = None) -> list[int]:
         """Up to k draft tokens continuing `token_ids` (empty when no n-gram suffix recurs)."""
-        if k <= 0 or len(token_ids) < self.min_n + 1:
+        num = len(token_ids)
+        if k <= 0 or num < self.min_n + 1:
             return []
-        if request_id is None:
-            tokens = np.asarray(token_ids[-self.max_lookback :], dtype=np.int64)
-        else:
-            tokens = self._buffers.setdefault(request_id, _TokenBuffer()).sync(token_ids)[-self.max_lookback :]
+        index = _TokenIndex() if request_id is None else self._indexes.setdefault(request_id, _TokenIndex())
+        index.sync(token_ids)
+        candidates = index.positions.get(token_ids[num - 1])
+        if not candidates:
+            return []
+        lo = max(0, num - self.max_lookback)  # the window searched: token_ids[lo:]
+        best_len, best_end = 0, -1
+        for checked, e in enumerate(reversed(candidates)):
+            if e < lo:
+                break
+            if checked == MAX_SCALAR_CANDIDATES:
+                return self._propose_vectorized(np.asarray(token_ids[lo:], dtype=np.int64), k)
+            n = 1  # tokens matched, ending at e and at num - 1
+            while n < self.max_n and e - n >= lo and token_ids[e - n] == token_ids[num - 1 - n]:
+                n += 1
+            if n > best_len:  # ties keep the newest
+                best_len, best_end = n, e
+                if n == self.max_n:
+                    break
+        if best_len < self.min_n:
+            return []
+        start = best_end + 1
+        period = num - start  # past the end the copy repeats (a loop proposes a full k)
+        return [token_ids[start + i % period] for i in range(k)]
+
+    def _propose_vectorized(self, tokens: np.ndarray, k: int) -> list[int]:
+        """The same search over a window as one numpy pass per n."""
         num = len(tokens)
-        # Candidate ends e (e < num - 1, so a continuation exists) where the last token recurs.
         ends = np.flatnonzero(tokens[: num - 1] == tokens[num - 1])
-        if ends.size == 0:
-            return []
         for n in range(min(self.max_n, num - 1), self.min_n - 1, -1):
             cand = ends[ends >= n - 1]
             match = np.ones(cand.size, dtype=bool)
@@ -81,16 +108,9 @@ class NgramProposer:
                 match &= tokens[cand - i] == tokens[num - 1 - i]
             hits = cand[match]
             if hits.size:
-                return _continue(tokens, int(hits[-1]) + 1, k)
+                start = int(hits[-1]) + 1
+                return tokens[start + np.arange(k) % (num - start)].tolist()
         return []
 
     def remove(self, request_id: str) -> None:
-        self._buffers.pop(request_id, None)
-
-
-def _continue(tokens: np.ndarray, start: int, k: int) -> list[int]:
-    """k tokens copied from `start` on; past the end the copy repeats with period len - start
-    (a match 2 tokens back in "x y x y" continues "x y x y ..."), so loops yield full drafts."""
-    period = len(tokens) - start
-    idx = start + np.arange(k) % period
-    return tokens[idx].tolist()
+        self._indexes.pop(request_id, None)
