@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import traceback
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -33,13 +34,20 @@ def test_step_header_and_graph_plan_round_trip():
     header = StepHeader(num_tokens=7, num_seqs=3, num_block_columns=2, num_logits=5, max_query_len=4,
                         max_seq_len=40, step_id=12, graph_kind=GraphKind.MULTI_TOKEN, graph_key=4)
     plan = GraphPlan(decode_max_batch_size=8, multi_token_max_batch_size=8, multi_token_max_query_len=4)
-    assert messages.unpack(messages.pack(Command.EXECUTE, header)) == (Command.EXECUTE, header)
+    inputs = np.arange(header.flat_size, dtype=np.int64) - 3
+    step = messages.pack(Command.EXECUTE, header, inputs)
+    assert messages.unpack(step) == (Command.EXECUTE, header)
+    assert messages.step_inputs(step).tolist() == inputs.tolist()
+    with pytest.raises(ValueError, match="inputs"):
+        messages.unpack(step[:-8])  # one input short
+    with pytest.raises(ValueError, match="inputs"):
+        messages.pack(Command.EXECUTE, header, inputs[:-1])
     assert messages.unpack(messages.pack(Command.INIT_KV_CACHE, plan)) == (Command.INIT_KV_CACHE, plan)
     assert messages.unpack(messages.pack(Command.SHUTDOWN)) == (Command.SHUTDOWN, None)
     assert len(messages.pack(Command.SHUTDOWN)) == messages.MESSAGE_SIZE
     with pytest.raises(ValueError, match="bytes"):
         messages.unpack(b"\0" * 8)
-    bad_kind = bytearray(messages.pack(Command.EXECUTE, header))
+    bad_kind = bytearray(step)
     bad_kind[8 * 8: 8 * 9] = (7).to_bytes(8, "little")  # graph_kind field
     with pytest.raises(ValueError):
         messages.unpack(bytes(bad_kind))

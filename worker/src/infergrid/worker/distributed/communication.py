@@ -39,14 +39,6 @@ def tensor_parallel_gather(x: torch.Tensor, dim: int = -1, dst: int = 0) -> torc
     return None if parts is None else torch.cat(parts, dim=dim)
 
 
-def tensor_parallel_broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Copy rank `src`'s `x` into every rank's `x` (same shape and dtype everywhere)."""
-    if get_tp_size() > 1:
-        _issue("broadcast", x)
-        dist.broadcast(x, src=src)
-    return x
-
-
 def tensor_parallel_min(value: int, device: torch.device) -> int:
     """The smallest `value` over the ranks (e.g. the KV blocks that fit on every GPU)."""
     if get_tp_size() == 1:

@@ -2,11 +2,11 @@
 
     LLMEngine --SchedulerOutput--> Executor.execute_model --> ModelRunner (rank 0) --> ModelRunnerOutput
                                        |
-            MultiProcExecutor only:    +-- per step: header over each rank's pipe, inputs by broadcast
+            MultiProcExecutor only:    +-- per step: header + inputs over each rank's pipe
                                        +-- ranks 1..N-1: spawned processes (worker_proc.py), one per GPU
 
 Rank 0 lives in the engine process (the scheduler's): it builds the step's inputs, sends each
-follower a fixed-size header, broadcasts one flat int64 tensor, runs its shard of the model and
+follower the step (a fixed-size header and the flat int64 inputs), runs its shard of the model and
 samples from the logits gathered to it. A monitor thread waits on the followers' process sentinels:
 a rank that dies marks the executor failed (`check_health` raises, so AsyncLLM turns unhealthy),
 the remaining ranks are killed so no collective stays blocked, and later steps raise.
@@ -35,13 +35,13 @@ from abc import ABC, abstractmethod
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from infergrid.worker import envs
 from infergrid.worker.config import EngineConfig
 from infergrid.worker.distributed import messages
-from infergrid.worker.distributed.communication import tensor_parallel_broadcast
 from infergrid.worker.distributed.messages import Command, StepHeader
 from infergrid.worker.distributed.parallel_state import (
     abort_tensor_parallel,
@@ -271,9 +271,8 @@ class MultiProcExecutor(Executor):
         logger.info("tensor parallel: all %d ranks stopped", self.world_size)
 
     # -- internals ---------------------------------------------------------------------------------
-    def _broadcast_step(self, header: StepHeader, flat: torch.Tensor) -> None:
-        self._send_all(messages.pack(Command.EXECUTE, header))
-        tensor_parallel_broadcast(flat, src=0)
+    def _broadcast_step(self, header: StepHeader, inputs: np.ndarray) -> None:
+        self._send_all(messages.pack(Command.EXECUTE, header, inputs))
 
     def _send_all(self, data: bytes) -> None:
         self.check_health()

@@ -1,9 +1,11 @@
 """Control messages from rank 0 to ranks 1..N-1: one fixed-size struct each, never pickled.
 
-A step travels in two parts: this header over the rank's pipe (so an idle follower waits in a plain
-`recv`, not in a collective that could time out), then one flat int64 tensor with the step's inputs
-by `broadcast` (NCCL on GPU, gloo on CPU). The flat layout, with T tokens, B sequences, W block-table
-columns and L sampling rows:
+A step travels as one message over each rank's pipe: the header, then the step's inputs as raw
+int64s (a few hundred bytes for a decode step), which every rank uploads to its own GPU. So an idle
+follower waits in a plain `recv`, not in a collective that could time out, and no rank's GPU stream
+waits on another's before the forward pass's first all-reduce (an NCCL broadcast of the inputs did,
+and cost each rank a collective launch per step). The flat layout, with T tokens, B sequences, W
+block-table columns and L sampling rows:
 
     [ input_ids T | positions T | slot_mapping T | query_start_loc B+1 | seq_lens B | block_tables B*W | logits_indices L ]
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+
+import numpy as np
 
 _NUM_FIELDS = 9
 _FORMAT = f"<{1 + _NUM_FIELDS}q"
@@ -78,8 +82,9 @@ class StepHeader:
 Payload = StepHeader | GraphPlan | None
 
 
-def pack(command: Command, payload: Payload = None) -> bytes:
-    """One message as MESSAGE_SIZE bytes: EXECUTE carries a StepHeader, INIT_KV_CACHE a GraphPlan."""
+def pack(command: Command, payload: Payload = None, inputs: np.ndarray | None = None) -> bytes:
+    """One message: MESSAGE_SIZE bytes; EXECUTE carries a StepHeader and then its flat `inputs`
+    (header.flat_size int64s), INIT_KV_CACHE a GraphPlan."""
     if command is Command.EXECUTE:
         if not isinstance(payload, StepHeader):
             raise TypeError("EXECUTE needs a StepHeader")
@@ -91,19 +96,35 @@ def pack(command: Command, payload: Payload = None) -> bytes:
         fields = [p.decode_max_batch_size, p.multi_token_max_batch_size, p.multi_token_max_query_len]
     else:
         fields = []
-    return struct.pack(_FORMAT, int(command), *fields, *[0] * (_NUM_FIELDS - len(fields)))
+    data = struct.pack(_FORMAT, int(command), *fields, *[0] * (_NUM_FIELDS - len(fields)))
+    if command is Command.EXECUTE:
+        assert isinstance(payload, StepHeader)
+        if inputs is None or inputs.size != payload.flat_size:
+            raise ValueError(f"EXECUTE needs the step's {payload.flat_size} flat inputs")
+        data += inputs.astype("<i8", copy=False).tobytes()
+    return data
 
 
 def unpack(data: bytes) -> tuple[Command, Payload]:
-    """Inverse of `pack`; raises ValueError for a message of the wrong size, command or graph kind."""
-    if len(data) != MESSAGE_SIZE:
-        raise ValueError(f"control message must be {MESSAGE_SIZE} bytes, got {len(data)}")
-    command_value, *fields = struct.unpack(_FORMAT, data)
+    """Inverse of `pack` (for EXECUTE, `step_inputs` reads the inputs); raises ValueError for a
+    message of the wrong size, command or graph kind."""
+    if len(data) < MESSAGE_SIZE:
+        raise ValueError(f"control message must be at least {MESSAGE_SIZE} bytes, got {len(data)}")
+    command_value, *fields = struct.unpack_from(_FORMAT, data)
     command = Command(command_value)
     if command is Command.EXECUTE:
         *sizes, step_id, kind, graph_key = fields
-        return command, StepHeader(*sizes, step_id=step_id, graph_kind=GraphKind(kind),
-                                   graph_key=graph_key)
+        header = StepHeader(*sizes, step_id=step_id, graph_kind=GraphKind(kind), graph_key=graph_key)
+        if len(data) != MESSAGE_SIZE + 8 * header.flat_size:
+            raise ValueError(f"step message must carry {header.flat_size} inputs, got {len(data) - MESSAGE_SIZE} bytes")
+        return command, header
+    if len(data) != MESSAGE_SIZE:
+        raise ValueError(f"control message must be {MESSAGE_SIZE} bytes, got {len(data)}")
     if command is Command.INIT_KV_CACHE:
         return command, GraphPlan(*fields[:3])
     return command, None
+
+
+def step_inputs(data: bytes) -> np.ndarray:
+    """The flat int64 inputs of an EXECUTE message (a writable copy)."""
+    return np.frombuffer(data, dtype="<i8", offset=MESSAGE_SIZE).astype(np.int64)

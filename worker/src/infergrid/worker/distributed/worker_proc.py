@@ -89,7 +89,6 @@ def _follow(args: WorkerArgs, conn: Connection) -> None:
     import torch.distributed as dist
 
     from infergrid.worker.distributed import messages
-    from infergrid.worker.distributed.communication import tensor_parallel_broadcast
     from infergrid.worker.distributed.messages import Command, GraphPlan, StepHeader
     from infergrid.worker.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
     from infergrid.worker.engine.model_runner import ModelRunner, resolve_device
@@ -104,7 +103,8 @@ def _follow(args: WorkerArgs, conn: Connection) -> None:
     with torch.inference_mode():
         while True:
             try:
-                command, payload = messages.unpack(conn.recv_bytes())
+                data = conn.recv_bytes()
+                command, payload = messages.unpack(data)
             except EOFError:  # rank 0 closed the pipe without a SHUTDOWN
                 break
             if command is Command.SHUTDOWN:
@@ -114,9 +114,7 @@ def _follow(args: WorkerArgs, conn: Connection) -> None:
                 runner.initialize_kv_cache(payload)
             elif command is Command.EXECUTE:
                 assert isinstance(payload, StepHeader)
-                flat = torch.empty(payload.flat_size, dtype=torch.int64, device=runner.device)
-                tensor_parallel_broadcast(flat, src=0)
-                runner.follow_step(payload, flat)
+                runner.follow_step(payload, messages.step_inputs(data))
     runner.release_cuda_graphs()  # before the group: NCCL will not destroy a communicator graphs still use
     # Together with rank 0 (which sent SHUTDOWN and leaves now too); rank 0 kills this process if it hangs.
     errors: list[BaseException] = []

@@ -115,7 +115,7 @@ class ModelRunner:
                                 tp_rank=rank, tp_size=self.tp_size)
         self.num_kv_heads = kv_head_layout(model_config.num_key_value_heads, self.tp_size)[0]  # on this rank
         # Rank 0 of several: called with each step's header and flat inputs before the forward pass.
-        self.step_broadcaster: Callable[[StepHeader, torch.Tensor], None] | None = None
+        self.step_broadcaster: Callable[[StepHeader, np.ndarray], None] | None = None
         self.sampler = Sampler()
         self.vocab_size = model_config.vocab_size
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
@@ -338,11 +338,11 @@ class ModelRunner:
             step_id=self.num_steps, graph_kind=graph_kind, graph_key=graph_key,
         )
         # NOTE: the order is the flat layout of distributed/messages.py.
-        flat = self._upload_flat([input_ids, positions, slot_mapping, qsl, seq_lens, block_tables,
-                                  np.asarray(logits_indices, dtype=np.int64)])
-        if self.step_broadcaster is not None:
+        flat = _concat_int64([input_ids, positions, slot_mapping, qsl, seq_lens, block_tables,
+                              np.asarray(logits_indices, dtype=np.int64)])
+        if self.step_broadcaster is not None:  # first: the other ranks start while this one uploads
             self.step_broadcaster(header, flat)
-        return self._batch_from_flat(header, flat)
+        return self._batch_from_flat(header, self._upload(flat))
 
     def decode_batch(
         self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
@@ -390,14 +390,14 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def follow_step(self, header: StepHeader, flat: torch.Tensor) -> None:
+    def follow_step(self, header: StepHeader, inputs: np.ndarray) -> None:
         """Tensor-parallel ranks 1..N-1: rank 0's step on this rank's shard (joins its collectives).
 
         Raises RuntimeError when the header is not the next step (a lost or repeated header)."""
         if header.step_id != self.num_steps + 1:
             raise RuntimeError(f"rank {self.rank} expected step {self.num_steps + 1}, got step {header.step_id}")
         self.num_steps = header.step_id
-        batch = self._batch_from_flat(header, flat)
+        batch = self._batch_from_flat(header, self._upload(inputs))
         hidden = self._forward(batch)
         if header.num_logits:
             self.model.compute_logits(hidden[batch.logits_indices])
@@ -405,10 +405,11 @@ class ModelRunner:
 
     def _upload_flat(self, arrays: list[np.ndarray]) -> torch.Tensor:
         """Integer arrays -> one flat int64 tensor on the device, in one (pinned, async) copy."""
-        flat = torch.from_numpy(np.concatenate([a.reshape(-1).astype(np.int64, copy=False) for a in arrays]))
-        if self.device.type == "cuda":
-            flat = flat.pin_memory().to(self.device, non_blocking=True)
-        return flat
+        return self._upload(_concat_int64(arrays))
+
+    def _upload(self, flat: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(flat)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     # -- sampling ----------------------------------------------------------------------------------
     @staticmethod
@@ -483,3 +484,7 @@ class ModelRunner:
             if row.draft_index < len(drafts) and sampled[i] != drafts[row.draft_index]:
                 rejected.add(req_id)
         return result
+
+
+def _concat_int64(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([a.reshape(-1).astype(np.int64, copy=False) for a in arrays])
