@@ -279,8 +279,11 @@ class MultiProcExecutor(Executor):
         for r in self._ranks:
             try:
                 r.conn.send_bytes(data)
-            except OSError as exc:
-                raise RankDiedError(self._failure or f"tensor-parallel rank {r.rank} (pid {r.pid}) is gone") from exc
+            except OSError as exc:  # its pipe is closed: it died (the monitor thread will stop the others)
+                failure = self._describe_death(r)
+                with self._lock:
+                    self._failure = self._failure or failure
+                raise RankDiedError(self._failure) from exc
 
     def _wait_for_all(self, kind: str, timeout_s: float) -> None:
         """Receive message `kind` from every follower; raise if one reports an error, dies first or
@@ -320,7 +323,9 @@ class MultiProcExecutor(Executor):
         ready = multiprocessing.connection.wait(list(sentinels))
         if self._is_stopping:
             return
-        self._failure = self._describe_death(sentinels[ready[0]])  # type: ignore[index]
+        failure = self._describe_death(sentinels[ready[0]])  # type: ignore[index]
+        with self._lock:
+            self._failure = self._failure or failure  # (a failed send may have named it first)
         logger.error("%s; stopping the other ranks, the engine is dead", self._failure)
         _kill_ranks([r.process for r in self._ranks])  # gloo: rank 0's pending collective fails at once
         if self.backend == "nccl":  # NCCL waits for a dead peer forever unless its communicator is aborted
