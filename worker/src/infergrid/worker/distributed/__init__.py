@@ -1,7 +1,7 @@
 """Tensor parallelism across the GPUs of one pod (Megatron column/row sharding over torch.distributed).
 
     parallel_state.py   this process's rank, world size and process group; size checks against a model
-    communication.py    the collectives the model and the runner use (all-reduce, gather, broadcast)
+    communication.py    the collectives the model and the runner use (all-reduce, gather, min, barrier)
     debug.py            INFERGRID_TP_DEBUG: checks that every rank issues the same collectives
     messages.py         the fixed-size control messages rank 0 sends its followers
     executor.py         UniProcExecutor / MultiProcExecutor: what LLMEngine runs the model through

@@ -28,7 +28,7 @@ MESSAGE_SIZE = struct.calcsize(_FORMAT)
 
 
 class Command(enum.IntEnum):
-    EXECUTE = 1  # run one step; a StepHeader follows, then the flat inputs by broadcast
+    EXECUTE = 1  # run one step: a StepHeader, then the flat inputs, in the same message
     INIT_KV_CACHE = 2  # size and allocate the KV cache, capture the GraphPlan's CUDA graphs (collective)
     SHUTDOWN = 3  # release CUDA graphs, leave the group and exit 0
 

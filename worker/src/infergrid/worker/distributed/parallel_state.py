@@ -1,7 +1,7 @@
 """This process's place in the tensor-parallel group, and whether a TP size fits a model.
 
 One process per rank, one rank per GPU (NCCL) or per CPU process (gloo). Rank 0 is the engine
-process: it runs the scheduler, broadcasts each step's inputs and samples. Ranks 1..N-1 are
+process: it runs the scheduler, sends each step's inputs to the others and samples. Ranks 1..N-1 are
 processes the engine spawns (see worker_proc.py). All ranks form the default process group.
 
 Sharding (Megatron): q/k/v and gate/up split by output (heads / intermediate columns), o and down by

@@ -1,6 +1,6 @@
 """Ranks 1..N-1: a spawned process that loads its shard and follows rank 0's steps.
 
-    hello --> join the group --> load shard --> loaded --> loop: recv header | broadcast inputs | forward
+    hello --> join the group --> load shard --> loaded --> loop: recv step (header + inputs) | forward
                                                              (INIT_KV_CACHE, EXECUTE, SHUTDOWN)
 
 The loop waits for headers on its pipe (no collective is pending while the engine is idle, so no
