@@ -142,15 +142,32 @@ def run_one_tp(args: argparse.Namespace, model: str, tp: int, out: str) -> dict[
         with open(out, "w", encoding="utf-8") as f:  # before profiling: a profiler failure loses no result
             json.dump(info, f)
         if args.profile_dir:
-            profile_decode(engine, args, vocab, tp)
+            info["gpu_busy_ms_per_step_b1"] = profile_decode(engine, args, vocab, tp)
+            with open(out, "w", encoding="utf-8") as f:
+                json.dump(info, f)
     finally:
         engine.shutdown()
     return info
 
 
-def profile_decode(engine: Any, args: argparse.Namespace, vocab: int, tp: int) -> None:
+def gpu_busy_ms(trace_path: str) -> float:
+    """Milliseconds in which the device ran something (kernels, copies, memsets; overlaps counted
+    once) in a Chrome trace written by torch.profiler."""
+    with open(trace_path, encoding="utf-8") as f:
+        events = json.load(f)["traceEvents"]
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                   if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy / 1000.0
+
+
+def profile_decode(engine: Any, args: argparse.Namespace, vocab: int, tp: int) -> float:
     """Rank 0's kernels over 16 batch-1 decode steps (torch.profiler), as a table and a Chrome trace
-    in --profile-dir."""
+    in --profile-dir; returns rank 0's GPU-busy milliseconds per step."""
     from torch.profiler import ProfilerActivity, profile
 
     from infergrid.worker.sampling_params import SamplingParams
@@ -169,7 +186,9 @@ def profile_decode(engine: Any, args: argparse.Namespace, vocab: int, tp: int) -
     os.makedirs(args.profile_dir, exist_ok=True)
     with open(os.path.join(args.profile_dir, f"profile_tp{tp}.txt"), "w", encoding="utf-8") as f:
         f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
-    prof.export_chrome_trace(os.path.join(args.profile_dir, f"trace_tp{tp}.json"))
+    trace = os.path.join(args.profile_dir, f"trace_tp{tp}.json")
+    prof.export_chrome_trace(trace)
+    return gpu_busy_ms(trace) / 16
 
 
 def device_name(device: str | None) -> str:
@@ -269,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
               f"prompt {args.prompt_len} tokens, {args.decode_tokens} decode steps per batch, "
               f"TP sizes {args.tp} (baseline TP={args.tp[0]})")
     print_table(header, results, ratios)
+    for info in infos:
+        busy = info.get("gpu_busy_ms_per_step_b1")
+        p50 = next((r["latency_p50_ms"] for r in info["results"] if r["batch_size"] == 1), None)
+        if busy and p50 is not None:  # (no device events on CPU)
+            print(f"TP={info['tp']} batch 1: rank 0's GPU busy {busy:.3f} ms per step (profiled), "
+                  f"host gap {p50 - busy:.3f} ms of the {p50:.3f} ms p50")
     tp2_ratio = ratios.get("tp2_b1")
     report: dict[str, Any] = {
         "bench": "tensor_parallel",
