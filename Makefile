@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install lint test test-unit e2e bench demo testbed-build testbed-up testbed-down clean
+.PHONY: help install lint test test-unit e2e bench gpu-wheels demo testbed-build testbed-up testbed-down clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -55,6 +55,12 @@ bench: install testbed-build ## benchmarks: operator (any machine) + GPU set (ne
 	  $(PY) bench/bench_spec_decode.py --out bench/results/spec_decode.json && \
 	  $(PY) bench/bench_tensor_parallel.py --out bench/results/tensor_parallel.json; \
 	else echo "no CUDA device: GPU benchmarks skipped (run them on a GPU machine)"; fi
+
+gpu-wheels: install ## wheels the lent GPU machine lacks (pytest, pytest-timeout, py-spy) into build/gpu-wheels
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 -d build/gpu-wheels \
+	  pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0 pytest-timeout==2.4.0 py-spy==0.4.3
 
 demo: install testbed-build ## local control plane + operator + tiny model + one completion (DEMO_ONCE=1 tears down)
 	$(PY) -m infergrid.testbed.demo

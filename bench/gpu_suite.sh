@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call, for a lent GPU machine (see bench/README.md):
 #   bash bench/gpu_suite.sh [OUT_DIR]          (2+ GPUs: also the tensor-parallel tests and bench)
-# The machine needs python3 with torch + transformers; pytest wheels can be carried in build/gpu-wheels
+# The machine needs python3 with torch + transformers; `make gpu-wheels` puts pytest etc. in build/gpu-wheels
 # (installed into /tmp/site). Each step has its own time limit so one hang cannot eat the session;
 # logs, JSON results and profiles land in OUT_DIR (default $OUT, else /tmp/infergrid-gpu).
 set -u

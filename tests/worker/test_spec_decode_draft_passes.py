@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from spec_prompts import PROMPTS as ALL_PROMPTS
 
 from infergrid.worker import LLM, SamplingParams
 from infergrid.worker.layers.sampler import SamplingMetadata, random_sample
 from infergrid.worker.spec_decode.draft_proposer import DraftProposer, DraftRequest, Proposal
 
-PROMPTS = [
-    "Hello, how are you",
-    "The quick brown fox jumps over the lazy dog. The quick brown fox",
-    "Once upon a time there",
-    "one, two, three, four, one, two, three, four, one, two,",
-    "What is two plus",
-]
+PROMPTS = ALL_PROMPTS[:5]
+
 PARAMS = [
     SamplingParams(temperature=0.0, max_tokens=17),
     SamplingParams(temperature=0.9, top_k=12, max_tokens=23, seed=7, ignore_eos=True),

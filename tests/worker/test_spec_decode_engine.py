@@ -7,19 +7,12 @@ the counters add up."""
 from __future__ import annotations
 
 import pytest
+from spec_prompts import PROMPTS
 
 from infergrid.worker import LLM, SamplingParams
 from infergrid.worker.engine.request import RequestStatus
 from infergrid.worker.spec_decode.cost_model import StepCostModel
 
-PROMPTS = [
-    "Hello, how are you",
-    "The quick brown fox jumps over the lazy dog. The quick brown fox",
-    "Once upon a time there",
-    "one, two, three, four, one, two, three, four, one, two,",
-    "What is two plus",
-    "The sea is blue, the sea is wide, the sea is blue, the sea is",
-]
 BASE = dict(dtype="float32", max_model_len=256, max_num_seqs=8, block_size=8)
 
 

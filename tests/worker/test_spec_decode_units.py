@@ -234,7 +234,7 @@ def test_multi_token_graph_buffers_for_a_mixed_batch():
         max_query_len=4, max_seq_len=10, block_size=4,
     )
     batch = SimpleNamespace(input_ids=ids, positions=positions, meta=meta)
-    assert graphs.can_run(batch)
+    assert graphs.bucket(3, 8, 4, 3) is not None  # 3 sequences, 8 tokens, at most 4 each, 3 block columns
     hidden = graphs.run(batch)
     assert hidden[:, 0].tolist() == ids.float().tolist() and hidden[:, 1].tolist() == positions.float().tolist()
     assert seen["bs"] == 4 and seen["cap"] == 8 and seen["qsl"] == [0, 4, 5, 8, 8]
@@ -247,7 +247,7 @@ def test_multi_token_graph_buffers_for_a_mixed_batch():
         slot_mapping=meta.slot_mapping, query_start_loc=torch.tensor([0, 5, 8], dtype=torch.int32),
         seq_lens=torch.tensor([10, 3], dtype=torch.int32), block_tables=meta.block_tables[:2],
         max_query_len=5, max_seq_len=10, block_size=4))
-    assert not graphs.can_run(too_long)
+    assert graphs.bucket(2, 8, too_long.meta.max_query_len, 3) is None
 
 
 def test_token_capacities_grow_from_a_quarter_more_than_the_batch_to_the_full_bucket():

@@ -10,6 +10,10 @@ def _get(name: str, default: str | None = None) -> str | None:
     return default if value is None or value == "" else value
 
 
+def _flag(name: str, default: bool) -> bool:
+    return _get(name, "1" if default else "0") not in ("0", "false", "no", "off")
+
+
 def attention_backend() -> str | None:
     """INFERGRID_ATTENTION_BACKEND: force `torch` or `triton` (default: triton on CUDA, else torch)."""
     return _get("INFERGRID_ATTENTION_BACKEND")
@@ -29,17 +33,17 @@ def cuda_graph_max_batch_size() -> int | None:
 def spec_decode_adaptive() -> bool:
     """INFERGRID_SPEC_DECODE_ADAPTIVE: 0 = always propose num_speculative_tokens drafts (benchmarks of
     the acceptance upper bound); default 1 = per-request adaptive number of drafts (spec_decode/adaptive.py)."""
-    return _get("INFERGRID_SPEC_DECODE_ADAPTIVE", "1") not in ("0", "false", "no", "off")
+    return _flag("INFERGRID_SPEC_DECODE_ADAPTIVE", True)
 
 
 def tp_debug() -> bool:
     """INFERGRID_TP_DEBUG=1: tensor-parallel ranks record every collective they issue and check, before and
     after each step's forward pass, over a separate gloo group, that all ranks issued the same sequence
     (distributed/debug.py)."""
-    return _get("INFERGRID_TP_DEBUG", "0") not in ("0", "false", "no", "off")
+    return _flag("INFERGRID_TP_DEBUG", False)
 
 
 def emulate_cuda_graphs() -> bool:
     """INFERGRID_EMULATE_CUDA_GRAPHS=1 (tests): without CUDA, run the CUDA-graph code paths anyway, with
     an eager stand-in for each graph (capture runs the forward once, replay runs it again)."""
-    return _get("INFERGRID_EMULATE_CUDA_GRAPHS", "0") not in ("0", "false", "no", "off")
+    return _flag("INFERGRID_EMULATE_CUDA_GRAPHS", False)

@@ -179,9 +179,6 @@ class CUDAGraphRunner(GraphSet):
             return None
         return next((b for b in self.batch_sizes if b >= num_seqs), None)
 
-    def can_run(self, batch: _BatchInputs) -> bool:
-        return self.bucket(batch.meta.num_seqs) is not None
-
     def run(self, batch: _BatchInputs, bs: int | None = None) -> torch.Tensor:
         """Replay the graph of `bs` (default: the smallest that fits) for a uniform decode batch;
         returns hidden states [n, hidden]."""

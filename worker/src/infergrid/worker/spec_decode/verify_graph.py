@@ -123,11 +123,6 @@ class MultiTokenCUDAGraphRunner(GraphSet):
             return None
         return pack_key(bs, next(t for t in token_capacities(bs, self.max_query_len) if t >= num_tokens))
 
-    def can_run(self, batch: _BatchInputs) -> bool:
-        meta = batch.meta
-        return meta.has_kv_cache and self.bucket(meta.num_seqs, batch.input_ids.shape[0], meta.max_query_len,
-                                                 meta.block_tables.shape[1]) is not None
-
     def run(self, batch: _BatchInputs, key: int | None = None) -> torch.Tensor:
         """Replay the graph of `key` (default: the smallest that holds the batch); returns hidden [T, hidden]."""
         meta = batch.meta
