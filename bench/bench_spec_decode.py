@@ -13,7 +13,11 @@ shape in bf16). Random weights give random text, so the workload is built to sho
 - "copy:*" repeat off / ngram / draft on "copy" checkpoints of the same shapes: tied embeddings and
   near-zero decoder-layer weights, so the model repeats its input token (text of no interest, but
   n-gram and a 2-layer copy draft then accept ~100% while every step still reads all the weights):
-  the speedup at high acceptance, at the real cost of the target and the draft.
+  the speedup at high acceptance, at the real cost of the target and the draft;
+- "off-sync" / "copy:off-sync": speculation off and async scheduling off. Speculative decoding
+  runs without async scheduling (its drafts are proposed from the tokens just sampled), so "off",
+  which schedules the next step while the GPU runs this one, is the baseline every speedup is over;
+  the sync rows show what async scheduling alone is worth.
 Each mode gets its own engine (same arguments except the speculative ones; all alive at once, KV
 pools sized for the largest batch) and a warm-up. Then, --repeats times, every (batch size B, mode)
 runs once, interleaved so that drifts in the machine's speed hit every mode alike: B requests at
@@ -55,7 +59,7 @@ from infergrid.worker.config import EngineConfig  # noqa: E402
 from infergrid.worker.engine.llm_engine import LLMEngine  # noqa: E402
 from infergrid.worker.sampling_params import SamplingParams  # noqa: E402
 
-MODES = ("off", "ngram", "draft", "draft=target", "copy:off", "copy:ngram", "copy:draft")
+MODES = ("off", "off-sync", "ngram", "draft", "draft=target", "copy:off", "copy:off-sync", "copy:ngram", "copy:draft")
 COPY_LAYER_STD = 5e-4  # decoder-layer weights of the "copy" checkpoints (see shapes.make_random_checkpoint)
 TARGET_SPEEDUP_AT_HIGH_ACCEPTANCE = 2.0
 HIGH_ACCEPTANCE = 0.8
@@ -115,7 +119,8 @@ def engine_config(args: argparse.Namespace, model: str, mode: str, draft: str | 
         model=model, dtype=args.dtype, device=args.device, block_size=args.block_size,
         max_model_len=args.prompt_len + args.max_tokens + args.num_speculative_tokens + 8,
         max_num_seqs=max(args.batch_sizes),
-        enforce_eager=eager, enable_prefix_caching=False, seed=args.seed, **spec,
+        enforce_eager=eager, enable_prefix_caching=False, seed=args.seed, async_scheduling=method != "off-sync",
+        **spec,
     )
 
 
@@ -251,7 +256,7 @@ def print_table(header: str, results: list[BatchResult]) -> list[str]:
         print("| " + " | ".join(row) + " |")
     verdicts = []
     for r in results:
-        if r.mode in ("off", "copy:off") or r.speedup is None or r.acceptance_rate is None:
+        if r.mode.removeprefix("copy:") in ("off", "off-sync") or r.speedup is None or r.acceptance_rate is None:
             continue
         if r.acceptance_rate >= HIGH_ACCEPTANCE and r.mode != "draft=target":  # its draft costs a target
             ok = r.speedup >= TARGET_SPEEDUP_AT_HIGH_ACCEPTANCE

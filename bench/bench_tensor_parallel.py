@@ -4,9 +4,10 @@ The model is a random-weight checkpoint of a named shape (bench/shapes.py; defau
 shape in bf16: hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336, vocab 128256).
 Each TP size runs in its own process (fresh CUDA context and process group) with the offline
 engine: a warm-up batch, then per batch size B, B requests of --prompt-len random tokens decoding
---decode-tokens tokens each (greedy, ignore_eos). Every engine step after the prefill step is a
-decode step that yields one token per request; its wall time (schedule + broadcast + forward with
-all-reduces + gather + sample) is the per-token latency.
+--decode-tokens tokens each (greedy, ignore_eos). The per-token latency is the wall time between two
+successive tokens of the batch coming out of `engine.step()` (with async scheduling, the default, a
+step returns the previous step's tokens while its own runs on the GPU). `--sync-baseline` also runs
+every TP size with async scheduling off (the host's work then sits between the GPU's steps).
 
     PYTHONPATH=worker/src python bench/bench_tensor_parallel.py --out bench/results/tensor_parallel.json  # GPUs
     .venv/bin/python bench/bench_tensor_parallel.py --shape tiny --tp 1 2        # CPU smoke run (gloo)
@@ -49,6 +50,7 @@ class BatchResult:
     """Decode steps of one TP size at one batch size."""
 
     tp: int
+    scheduling: str  # "async" | "sync"
     batch_size: int
     num_decode_steps: int
     latency_p50_ms: float
@@ -73,22 +75,24 @@ def random_prompts(n: int, length: int, vocab_size: int, seed: int) -> list[list
 
 
 def run_batch(engine: Any, prompts: list[list[int]], max_tokens: int, tag: str) -> tuple[float, list[float]]:
-    """(prefill step seconds, decode step seconds) of one batch admitted at once."""
+    """(seconds to the first token, seconds between successive tokens) of one batch admitted at once."""
     from infergrid.worker.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", p, params)
-    times: list[float] = []
+    arrivals = [time.perf_counter()]
     num_finished = 0
     while engine.has_unfinished_requests():
-        start = time.perf_counter()
         outs = engine.step()
-        times.append(time.perf_counter() - start)
+        if outs:
+            arrivals.append(time.perf_counter())
+            assert len(outs) == len(prompts), f"{len(outs)} of {len(prompts)} requests got a token"
         num_finished += sum(o.finished for o in outs)
     assert num_finished == len(prompts), f"{num_finished} of {len(prompts)} requests finished"
-    assert len(times) == max_tokens, f"expected 1 prefill + {max_tokens - 1} decode steps, got {len(times)}"
-    return times[0], times[1:]
+    assert len(arrivals) == 1 + max_tokens, f"expected {max_tokens} token arrivals, got {len(arrivals) - 1}"
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    return gaps[0], gaps[1:]
 
 
 def dump_stacks_later(seconds: float) -> threading.Timer:
@@ -106,7 +110,7 @@ def dump_stacks_later(seconds: float) -> threading.Timer:
     return timer
 
 
-def run_one_tp(args: argparse.Namespace, model: str, tp: int, out: str) -> dict[str, Any]:
+def run_one_tp(args: argparse.Namespace, model: str, tp: int, out: str, is_async: bool) -> dict[str, Any]:
     """Runs inside the per-TP child process; writes its results to `out` (JSON)."""
     from infergrid.worker.config import EngineConfig
     from infergrid.worker.engine.llm_engine import LLMEngine
@@ -117,7 +121,7 @@ def run_one_tp(args: argparse.Namespace, model: str, tp: int, out: str) -> dict[
         max_model_len=args.prompt_len + max(args.decode_tokens + 1, args.warmup_tokens), max_num_seqs=max_bs,
         max_num_batched_tokens=max(2048, max_bs * args.prompt_len), block_size=16,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-        enable_prefix_caching=False,
+        enable_prefix_caching=False, async_scheduling=is_async,
     )
     t0 = time.monotonic()
     engine = LLMEngine(config)
@@ -131,11 +135,11 @@ def run_one_tp(args: argparse.Namespace, model: str, tp: int, out: str) -> dict[
                                         args.decode_tokens + 1, f"b{bs}")
             p50 = percentile(decode, 50)
             results.append(BatchResult(
-                tp=tp, batch_size=bs, num_decode_steps=len(decode), latency_p50_ms=p50 * 1e3,
+                tp=tp, scheduling="async" if is_async else "sync", batch_size=bs, num_decode_steps=len(decode), latency_p50_ms=p50 * 1e3,
                 latency_p90_ms=percentile(decode, 90) * 1e3, latency_mean_ms=statistics.fmean(decode) * 1e3,
                 tokens_per_s=bs / p50, prefill_ms=prefill * 1e3,
             ))
-        info = {"tp": tp, "load_s": load_s, "num_gpu_blocks": engine.num_blocks,
+        info = {"tp": tp, "scheduling": "async" if is_async else "sync", "load_s": load_s, "num_gpu_blocks": engine.num_blocks,
                 "rank_pids": engine.model_executor.rank_pids,
                 "cuda_graphs": engine.model_runner.cuda_graphs is not None,
                 "results": [asdict(r) for r in results]}
@@ -184,9 +188,10 @@ def profile_decode(engine: Any, args: argparse.Namespace, vocab: int, tp: int) -
         engine.step()
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     os.makedirs(args.profile_dir, exist_ok=True)
-    with open(os.path.join(args.profile_dir, f"profile_tp{tp}.txt"), "w", encoding="utf-8") as f:
+    tag = f"tp{tp}" + ("" if engine.config.async_scheduling else "_sync")
+    with open(os.path.join(args.profile_dir, f"profile_{tag}.txt"), "w", encoding="utf-8") as f:
         f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
-    trace = os.path.join(args.profile_dir, f"trace_tp{tp}.json")
+    trace = os.path.join(args.profile_dir, f"trace_{tag}.json")
     prof.export_chrome_trace(trace)
     return gpu_busy_ms(trace) / 16
 
@@ -199,19 +204,25 @@ def device_name(device: str | None) -> str:
 
 def print_table(header: str, results: list[BatchResult], ratios: dict[str, float]) -> None:
     print(header)
-    cols = ("TP", "batch", "decode ms/token p50", "p90", "mean", "tok/s", "vs TP=1", "prefill ms")
+    cols = ("TP", "scheduling", "batch", "decode ms/token p50", "p90", "mean", "tok/s", "vs TP=1", "prefill ms")
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("---" for _ in cols) + "|")
     for r in results:
-        ratio = ratios.get(f"tp{r.tp}_b{r.batch_size}")
-        row = (str(r.tp), str(r.batch_size), f"{r.latency_p50_ms:.3f}", f"{r.latency_p90_ms:.3f}",
+        ratio = ratios.get(ratio_key(r))
+        row = (str(r.tp), r.scheduling, str(r.batch_size), f"{r.latency_p50_ms:.3f}", f"{r.latency_p90_ms:.3f}",
                f"{r.latency_mean_ms:.3f}", f"{r.tokens_per_s:,.1f}", "-" if ratio is None else f"{ratio:.3f}x",
                f"{r.prefill_ms:.1f}")
         print("| " + " | ".join(row) + " |")
+    if "sync_tp2_b1" in ratios:
+        print(f"(async scheduling off: TP=2 / TP=1 at batch 1 = {ratios['sync_tp2_b1']:.3f}x)")
     if "tp2_b1" in ratios:
         verdict = "meets" if ratios["tp2_b1"] <= TARGET_TP2_LATENCY_RATIO else "MISSES"
         print(f"TP=2 / TP=1 per-token latency at batch 1: {ratios['tp2_b1']:.3f}x "
               f"({verdict} the <= {TARGET_TP2_LATENCY_RATIO:g}x target)")
+
+
+def ratio_key(r: BatchResult) -> str:
+    return ("" if r.scheduling == "async" else "sync_") + f"tp{r.tp}_b{r.batch_size}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -228,6 +239,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--sync-baseline", action="store_true", help="also run every TP size with async scheduling off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile-dir", default=None, help="write each TP size's kernel profile (16 decode steps) here")
     p.add_argument("--out", default=os.path.join("bench", "results", "tensor_parallel.json"))
@@ -237,6 +249,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--child-tp", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-sync", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if args.dtype is None:
@@ -249,11 +262,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_children(args: argparse.Namespace, argv: list[str], model: str) -> list[dict[str, Any]]:
     infos = []
     with tempfile.TemporaryDirectory() as tmp:
-        for tp in args.tp:
-            out = os.path.join(tmp, f"tp{tp}.json")
+        for tp, is_sync in [(tp, is_sync) for is_sync in [False, True][: 1 + args.sync_baseline] for tp in args.tp]:
+            out = os.path.join(tmp, f"tp{tp}{'_sync' if is_sync else ''}.json")
             cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child-tp", str(tp), "--child-model", model,
-                   "--child-out", out]
-            print(f"running TP={tp} ...", flush=True)
+                   "--child-out", out, *(["--child-sync"] if is_sync else [])]
+            print(f"running TP={tp}{' (async scheduling off)' if is_sync else ''} ...", flush=True)
             try:
                 subprocess.run(cmd, check=True, timeout=args.child_timeout)
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
@@ -271,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child_tp is not None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(name)s: %(message)s")
         dump_stacks_later(max(1.0, args.child_timeout - 10.0))
-        run_one_tp(args, args.child_model, args.child_tp, args.child_out)
+        run_one_tp(args, args.child_model, args.child_tp, args.child_out, is_async=not args.child_sync)
         return 0
     t0 = time.monotonic()
     model = args.model or make_random_checkpoint(args.shape, dtype=args.dtype, seed=args.seed)
@@ -280,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()  # the children get the GPUs; keep none of their memory here
     infos = run_children(args, argv, model)
     results = [BatchResult(**r) for info in infos for r in info["results"]]
-    base = {r.batch_size: r.latency_p50_ms for r in results if r.tp == args.tp[0]}
-    ratios = {f"tp{r.tp}_b{r.batch_size}": r.latency_p50_ms / base[r.batch_size]
+    base = {(r.scheduling, r.batch_size): r.latency_p50_ms for r in results if r.tp == args.tp[0]}
+    ratios = {ratio_key(r): r.latency_p50_ms / base[r.scheduling, r.batch_size]
               for r in results if r.tp != args.tp[0]}
     device = device_name(args.device)
     header = (f"tensor parallel: {args.shape if args.model is None else args.model}, {args.dtype}, {device}; "
@@ -292,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         busy = info.get("gpu_busy_ms_per_step_b1")
         p50 = next((r["latency_p50_ms"] for r in info["results"] if r["batch_size"] == 1), None)
         if busy and p50 is not None:  # (no device events on CPU)
-            print(f"TP={info['tp']} batch 1: rank 0's GPU busy {busy:.3f} ms per step (profiled), "
+            print(f"TP={info['tp']} ({info['scheduling']}) batch 1: rank 0's GPU busy {busy:.3f} ms per step (profiled), "
                   f"host gap {p50 - busy:.3f} ms of the {p50:.3f} ms p50")
     tp2_ratio = ratios.get("tp2_b1")
     report: dict[str, Any] = {

@@ -29,7 +29,8 @@ def test_spec_decode_bench_runs_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["device"].startswith("cpu") and not report["errors"]
     rows = {(r["mode"], r["batch_size"]): r for r in report["results"]}
-    modes = ("off", "ngram", "draft", "draft=target", "copy:off", "copy:ngram", "copy:draft")
+    modes = ("off", "off-sync", "ngram", "draft", "draft=target", "copy:off", "copy:off-sync", "copy:ngram",
+             "copy:draft")
     assert set(rows) == {(m, b) for m in modes for b in (1, 4)}
     for (mode, bs), r in rows.items():
         assert r["output_tokens"] == 24 * bs and r["tokens_per_s"] > 0 and r["speedup"] > 0

@@ -17,20 +17,23 @@ def test_tensor_parallel_bench_runs_on_cpu(tmp_path):
     env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=str(REPO / "worker" / "src"))
     cmd = [sys.executable, "bench/bench_tensor_parallel.py", "--shape", "tiny", "--tp", "1", "2",
-           "--batch-sizes", "1", "3", "--prompt-len", "16", "--decode-tokens", "6", "--out", str(out)]
+           "--batch-sizes", "1", "3", "--prompt-len", "16", "--decode-tokens", "6", "--sync-baseline", "--out", str(out)]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert elapsed < 60, f"smoke run took {elapsed:.1f} s"
-    assert "| 2 | 3 |" in proc.stdout and "TP=2 / TP=1 per-token latency at batch 1" in proc.stdout
+    assert "| 2 | async | 3 |" in proc.stdout and "| 2 | sync | 3 |" in proc.stdout
+    assert "TP=2 / TP=1 per-token latency at batch 1" in proc.stdout
 
     report = json.loads(out.read_text())
     assert report["device"].startswith("cpu") and report["shape"]["name"] == "tiny"
-    assert [r["tp"] for r in report["runs"]] == [1, 2]
-    assert [len(r["rank_pids"]) for r in report["runs"]] == [1, 2]
-    results = {(r["tp"], r["batch_size"]): r for r in report["results"]}
+    assert [(r["tp"], r["scheduling"]) for r in report["runs"]] == [(1, "async"), (2, "async"), (1, "sync"),
+                                                                     (2, "sync")]
+    assert [len(r["rank_pids"]) for r in report["runs"]] == [1, 2, 1, 2]
+    results = {(r["tp"], r["batch_size"]): r for r in report["results"] if r["scheduling"] == "async"}
     assert set(results) == {(1, 1), (1, 3), (2, 1), (2, 3)}
+    assert "sync_tp2_b1" in report["latency_ratio_vs_baseline"]
     for r in results.values():
         assert r["num_decode_steps"] == 6
         assert 0 < r["latency_p50_ms"] <= r["latency_p90_ms"]

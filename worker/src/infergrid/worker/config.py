@@ -46,6 +46,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
+    async_scheduling: bool = True
     tensor_parallel_size: int = 1
     speculative_method: str | None = None
     num_speculative_tokens: int = 0
@@ -66,7 +67,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gmu!r}")
         _require_int("max_num_seqs", self.max_num_seqs, 1)
         _require_int("max_num_batched_tokens", self.max_num_batched_tokens, 1, optional=True)
-        for flag in ("enforce_eager", "enable_prefix_caching"):
+        for flag in ("enforce_eager", "enable_prefix_caching", "async_scheduling"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         _require_int("tensor_parallel_size", self.tensor_parallel_size, 1)
@@ -99,6 +100,12 @@ class EngineConfig:
         if method == "draft" and self.tensor_parallel_size > 1:
             raise ValueError("speculative_method 'draft' does not support tensor_parallel_size > 1 yet "
                              "(use speculative_method 'ngram')")
+
+    @property
+    def is_async_scheduling(self) -> bool:
+        """Whether the engine schedules step N+1 while step N runs (engine/llm_engine.py). Not with
+        speculative decoding: the next step's drafts are proposed from the tokens just sampled."""
+        return self.async_scheduling and self.speculative_method is None
 
     def get_max_num_batched_tokens(self) -> int:
         """The per-step token budget: the explicit value, else a default large enough for a full

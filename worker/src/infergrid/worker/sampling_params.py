@@ -121,6 +121,11 @@ class SamplingParams:
         return self.temperature < SAMPLING_EPS or self.top_k == 1
 
     @property
+    def has_penalties(self) -> bool:
+        """True when sampling reads the tokens generated so far (presence/frequency/repetition penalty)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
     def all_stop_token_ids(self) -> frozenset[int]:
         """The request's own stop token ids (EOS is added by the scheduler unless ignore_eos)."""
         return frozenset(self.stop_token_ids or ())

@@ -60,3 +60,11 @@ def tensor_parallel_barrier(device: torch.device) -> None:
     dist.all_reduce(t)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def tensor_parallel_broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s `x` on every rank, in place (the other ranks pass a buffer of the same shape)."""
+    if get_tp_size() > 1:
+        _issue("broadcast", x)
+        dist.broadcast(x, src=src)
+    return x

@@ -1,6 +1,6 @@
 """Executors: how LLMEngine runs the model, on one process or on N tensor-parallel ranks.
 
-    LLMEngine --SchedulerOutput--> Executor.execute_model --> ModelRunner (rank 0) --> ModelRunnerOutput
+    LLMEngine --SchedulerOutput--> Executor.execute_model --> ModelRunner (rank 0) --> PendingRunnerOutput
                                        |
             MultiProcExecutor only:    +-- per step: header + inputs over each rank's pipe
                                        +-- ranks 1..N-1: spawned processes (worker_proc.py), one per GPU
@@ -32,6 +32,7 @@ import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -50,7 +51,12 @@ from infergrid.worker.distributed.parallel_state import (
     init_tensor_parallel,
 )
 from infergrid.worker.distributed.worker_proc import WorkerArgs, run_worker
-from infergrid.worker.engine.model_runner import ModelRunner, ModelRunnerOutput, resolve_device
+from infergrid.worker.engine.model_runner import (
+    ModelRunner,
+    ModelRunnerOutput,
+    PendingRunnerOutput,
+    resolve_device,
+)
 from infergrid.worker.engine.scheduler import SchedulerOutput
 from infergrid.worker.model_config import ModelConfig
 
@@ -85,8 +91,8 @@ class Executor(ABC):
         """Size and allocate the KV cache on every rank; returns the number of blocks (same on all)."""
 
     @abstractmethod
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step on every rank; rank 0's sampled tokens."""
+    def execute_model(self, scheduler_output: SchedulerOutput) -> PendingRunnerOutput:
+        """Launch one step on every rank; `.result()` gives rank 0's sampled tokens."""
 
     @abstractmethod
     def check_health(self) -> None:
@@ -111,7 +117,7 @@ class UniProcExecutor(Executor):
     def initialize_kv_cache(self) -> int:
         return self.driver_runner.initialize_kv_cache()
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> PendingRunnerOutput:
         return self.driver_runner.execute_model(scheduler_output)
 
     def check_health(self) -> None:
@@ -209,11 +215,17 @@ class MultiProcExecutor(Executor):
         self._send_all(messages.pack(Command.INIT_KV_CACHE, plan))
         return self.driver_runner.initialize_kv_cache(plan)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> PendingRunnerOutput:
         self.check_health()
+        pending = self._guarded(lambda: self.driver_runner.execute_model(scheduler_output))
+        return _GuardedOutput(pending, self._guarded)
+
+    def _guarded(self, call: Callable[[], Any]) -> Any:
+        """Run a call that waits on collectives (launching a step, waiting for its tokens); a rank
+        that died meanwhile turns its failure into RankDiedError."""
         self._is_in_step = True
         try:
-            output = self.driver_runner.execute_model(scheduler_output)
+            output = call()
         except Exception as exc:
             if any(not r.process.is_alive() for r in self._ranks):
                 self._monitor.join(2.0)  # a collective failed because a rank died: report which
@@ -339,6 +351,16 @@ class MultiProcExecutor(Executor):
                 self._abort_thread = threading.Thread(target=_suppressed(abort_tensor_parallel),
                                                       name="infergrid-tp-abort", daemon=True)
                 self._abort_thread.start()
+
+
+class _GuardedOutput(PendingRunnerOutput):
+    """Rank 0's pending output, waited for under the executor's rank-failure guard."""
+
+    def __init__(self, inner: PendingRunnerOutput, guard: Callable[[Callable[[], Any]], Any]) -> None:
+        self._inner, self._guard = inner, guard
+
+    def result(self) -> ModelRunnerOutput:
+        return self._guard(self._inner.result)  # type: ignore[no-any-return]
 
 
 def _suppressed(fn: Any) -> Any:

@@ -5,9 +5,11 @@ int64s (a few hundred bytes for a decode step), which every rank uploads to its 
 follower waits in a plain `recv`, not in a collective that could time out, and no rank's GPU stream
 waits on another's before the forward pass's first all-reduce (an NCCL broadcast of the inputs did,
 and cost each rank a collective launch per step). The flat layout, with T tokens, B sequences, W
-block-table columns and L sampling rows:
+block-table columns, L sampling rows and P placeholder input tokens (async scheduling: token index,
+and the row of the previous step's sampled tokens, broadcast by rank 0, that fills it in):
 
-    [ input_ids T | positions T | slot_mapping T | query_start_loc B+1 | seq_lens B | block_tables B*W | logits_indices L ]
+    [ input_ids T | positions T | slot_mapping T | query_start_loc B+1 | seq_lens B | block_tables B*W |
+      logits_indices L | placeholder_positions P | placeholder_rows P ]
 
 NOTE: rank 0 decides everything that changes which collectives a step issues (the step id, which
 CUDA graph to replay and at which padded batch size; at INIT_KV_CACHE which graphs to capture), so
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_NUM_FIELDS = 9
+_NUM_FIELDS = 10
 _FORMAT = f"<{1 + _NUM_FIELDS}q"
 MESSAGE_SIZE = struct.calcsize(_FORMAT)
 
@@ -68,11 +70,12 @@ class StepHeader:
     step_id: int = 0
     graph_kind: GraphKind = GraphKind.EAGER
     graph_key: int = 0
+    num_placeholders: int = 0
 
     def split_sizes(self) -> list[int]:
         """Lengths of the flat tensor's parts, in layout order."""
-        t, b = self.num_tokens, self.num_seqs
-        return [t, t, t, b + 1, b, b * self.num_block_columns, self.num_logits]
+        t, b, p = self.num_tokens, self.num_seqs, self.num_placeholders
+        return [t, t, t, b + 1, b, b * self.num_block_columns, self.num_logits, p, p]
 
     @property
     def flat_size(self) -> int:
@@ -90,7 +93,7 @@ def pack(command: Command, payload: Payload = None, inputs: np.ndarray | None = 
             raise TypeError("EXECUTE needs a StepHeader")
         h = payload
         fields = [h.num_tokens, h.num_seqs, h.num_block_columns, h.num_logits, h.max_query_len, h.max_seq_len,
-                  h.step_id, int(h.graph_kind), h.graph_key]
+                  h.step_id, int(h.graph_kind), h.graph_key, h.num_placeholders]
     elif command is Command.INIT_KV_CACHE:
         p = payload if isinstance(payload, GraphPlan) else GraphPlan()
         fields = [p.decode_max_batch_size, p.multi_token_max_batch_size, p.multi_token_max_query_len]
@@ -113,8 +116,9 @@ def unpack(data: bytes) -> tuple[Command, Payload]:
     command_value, *fields = struct.unpack_from(_FORMAT, data)
     command = Command(command_value)
     if command is Command.EXECUTE:
-        *sizes, step_id, kind, graph_key = fields
-        header = StepHeader(*sizes, step_id=step_id, graph_kind=GraphKind(kind), graph_key=graph_key)
+        *sizes, step_id, kind, graph_key, num_placeholders = fields
+        header = StepHeader(*sizes, step_id=step_id, graph_kind=GraphKind(kind), graph_key=graph_key,
+                            num_placeholders=num_placeholders)
         if len(data) != MESSAGE_SIZE + 8 * header.flat_size:
             raise ValueError(f"step message must carry {header.flat_size} inputs, got {len(data) - MESSAGE_SIZE} bytes")
         return command, header

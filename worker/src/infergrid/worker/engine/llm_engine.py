@@ -1,4 +1,15 @@
-"""LLMEngine: the synchronous engine. `step()` = schedule, run the model, update, make outputs."""
+"""LLMEngine: the synchronous engine. `step()` = schedule, run the model, update, make outputs.
+
+With async scheduling (the default without speculative decoding) a step is pipelined with the next:
+
+    step():  schedule N+1 | launch N+1 on the GPU | wait for N's tokens, update, make N's outputs
+                                 (GPU: ... N ... | N+1 ...)
+
+so the host's scheduling, input preparation and output processing overlap the GPU's work instead
+of leaving it idle between steps. Step N+1 is scheduled before N's tokens are known (see the
+scheduler's placeholders); the previous step is finished first when the next one needs its tokens on
+the host (penalties) or nothing is left to launch.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +17,15 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from infergrid.worker.config import EngineConfig
 from infergrid.worker.distributed.executor import make_executor
 from infergrid.worker.distributed.parallel_state import verify_tensor_parallel_size
+from infergrid.worker.engine.model_runner import PendingRunnerOutput
 from infergrid.worker.engine.output_processor import OutputProcessor
 from infergrid.worker.engine.request import Request, RequestStatus
-from infergrid.worker.engine.scheduler import Scheduler
+from infergrid.worker.engine.scheduler import Scheduler, SchedulerOutput
 from infergrid.worker.engine.stats import EngineStats
 from infergrid.worker.loader import resolve_model_path
 from infergrid.worker.model_config import ModelConfig
@@ -37,6 +50,13 @@ def resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> in
         logger.warning("capping max_model_len %d to the model's sliding window %d", max_len, window)
         max_len = window
     return max_len
+
+
+@dataclass
+class _LaunchedStep:
+    scheduler_output: SchedulerOutput
+    output: PendingRunnerOutput
+    start: float  # perf_counter() when it was scheduled
 
 
 def child_request_ids(request_id: str, n: int) -> list[str]:
@@ -80,6 +100,7 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.num_steps_total = 0
         self.last_step_time = time.monotonic()
+        self._in_flight: _LaunchedStep | None = None  # async scheduling: launched, not finished yet
 
     # -- requests ----------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -144,10 +165,29 @@ class LLMEngine:
 
     # -- one step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule a batch, run it, apply the results; returns outputs of requests that changed."""
+        """Schedule a batch and run it; returns outputs of requests that changed. With async
+        scheduling, the outputs are the previous step's, and this step is left running."""
         start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
-        runner_output = self.model_executor.execute_model(scheduler_output)
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and (scheduler_output.is_empty or _reads_output_tokens(scheduler_output)):
+            outputs += self._finish_in_flight()
+        launched = _LaunchedStep(scheduler_output, self.model_executor.execute_model(scheduler_output), start)
+        outputs += self._finish_in_flight()
+        if self.scheduler.async_scheduling and not scheduler_output.is_empty:
+            self._in_flight = launched
+        else:
+            outputs += self._finish_step(launched)
+        return outputs
+
+    def _finish_in_flight(self) -> list[RequestOutput]:
+        step, self._in_flight = self._in_flight, None
+        return [] if step is None else self._finish_step(step)
+
+    def _finish_step(self, step: _LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and apply them: scheduler, outputs, next drafts."""
+        scheduler_output = step.scheduler_output
+        runner_output = step.output.result()
         num_outputs_before = [s.request.num_output_tokens for s in scheduler_output.scheduled]
         finished = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
         scheduled = [s.request for s in scheduler_output.scheduled]
@@ -157,7 +197,7 @@ class LLMEngine:
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         if self.config.speculative_method is not None:
             drafts = self.model_runner.propose_draft_token_ids(
-                scheduler_output, runner_output.sampled_token_ids, time.perf_counter() - start
+                scheduler_output, runner_output.sampled_token_ids, time.perf_counter() - step.start
             )
             self.scheduler.update_draft_token_ids(drafts)
         self._record_step(scheduled, num_outputs_before)
@@ -179,7 +219,12 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel ranks, if any (idempotent; the engine cannot step afterwards)."""
-        self.model_executor.shutdown()
+        try:
+            self._finish_in_flight()  # no rank is left inside a step's collectives
+        except Exception:  # noqa: BLE001 - a dead rank: shutting down is all that is left to do
+            logger.warning("the step in flight failed at shutdown", exc_info=True)
+        finally:
+            self.model_executor.shutdown()
 
     def get_stats(self) -> EngineStats:
         s = self.scheduler.make_stats()
@@ -202,3 +247,9 @@ class LLMEngine:
             last_step_time=self.last_step_time,
             num_steps_total=self.num_steps_total,
         )
+
+
+def _reads_output_tokens(scheduler_output: SchedulerOutput) -> bool:
+    """Whether a step's sampling reads its requests' earlier output tokens (penalties), so the step
+    before it must be finished first."""
+    return any(s.request.sampling_params.has_penalties for s in scheduler_output.scheduled)

@@ -11,6 +11,12 @@ step's flat inputs to `step_broadcaster` (set by the MultiProcExecutor) before i
 other ranks run the same forward in `follow_step` and join the logits gather, and only rank 0 samples.
 NOTE: every choice that changes a step's collectives is rank 0's and travels in the step header (the
 step id, the CUDA graph and its padded batch size); the graphs captured are rank 0's GraphPlan.
+
+Async scheduling: `execute_model` only launches the step. Its sampled tokens are copied to pinned host
+memory behind a CUDA event, and `PendingRunnerOutput.result()` waits for that event alone, so the
+engine schedules and launches the next step while this one runs. An input token the previous step
+is still sampling (PLACEHOLDER_TOKEN_ID) is filled in on the device from that step's sampled tokens;
+with tensor parallelism rank 0 broadcasts its sampled tokens so that every rank can do the same.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from infergrid.worker.distributed.communication import tensor_parallel_barrier, 
 from infergrid.worker.distributed.messages import GraphKind, GraphPlan, StepHeader
 from infergrid.worker.distributed.parallel_state import kv_head_layout
 from infergrid.worker.engine.kv_cache import determine_num_blocks
-from infergrid.worker.engine.scheduler import ScheduledRequest, SchedulerOutput
+from infergrid.worker.distributed.communication import tensor_parallel_broadcast
+from infergrid.worker.engine.scheduler import PLACEHOLDER_TOKEN_ID, ScheduledRequest, SchedulerOutput
 from infergrid.worker.layers.attention import AttentionMetadata, get_attention_backend
 from infergrid.worker.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from infergrid.worker.loader import load_model, resolve_dtype
@@ -57,6 +64,31 @@ class ModelRunnerOutput:
 
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+
+
+class PendingRunnerOutput:
+    """A launched step's output on its way to the host; `result()` waits for this step only (later
+    steps queued on the device keep running)."""
+
+    def __init__(self, rows: list[_SampleRow] | None = None, out: SamplerOutput | None = None) -> None:
+        self._rows, self._output = rows or [], None if out is not None else ModelRunnerOutput()
+        self._host: list[torch.Tensor | None] = []
+        self._event: torch.cuda.Event | None = None
+        if out is not None:
+            tensors = [out.sampled, out.logprob_token_ids, out.logprobs, out.sampled_ranks]
+            is_cuda = out.sampled.is_cuda
+            self._host = [None if t is None else t.to("cpu", non_blocking=is_cuda) for t in tensors]
+            if is_cuda:
+                self._event = torch.cuda.Event()
+                self._event.record()
+
+    def result(self) -> ModelRunnerOutput:
+        """The step's tokens (and logprobs); blocks until they are on the host."""
+        if self._output is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._output = _make_output(self._rows, *self._host)  # type: ignore[arg-type]
+        return self._output
 
 
 @dataclass
@@ -125,6 +157,11 @@ class ModelRunner:
         self.cuda_graphs = None  # CUDAGraphRunner when captured
         self.multi_token_graphs = None  # spec_decode MultiTokenCUDAGraphRunner (verification batches)
         self.num_steps = 0  # steps prepared (rank 0) or followed (other ranks); the step id is the count
+        # Async scheduling: the last step's sampled tokens on the device (on every rank) and, on rank 0,
+        # each request's row in them (where its placeholder input token comes from).
+        self.is_async = config.is_async_scheduling
+        self._prev_sampled: torch.Tensor | None = None
+        self._prev_rows: dict[str, int] = {}
         # Speculative decoding (proposers, verifier) lives on the rank that samples.
         self.spec_decoder: SpeculativeDecoder | None = None
         if config.speculative_method is not None and rank == 0:
@@ -247,26 +284,33 @@ class ModelRunner:
             self.spec_decoder.remove_requests(request_ids)
 
     @torch.inference_mode()
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one scheduled batch and sample; returns tokens for the requests that sample."""
+    def execute_model(self, scheduler_output: SchedulerOutput) -> PendingRunnerOutput:
+        """Launch one scheduled batch and its sampling; `.result()` gives the tokens of the requests
+        that sample (see the module docstring)."""
         self.remove_requests(scheduler_output.finished_req_ids)
         if scheduler_output.is_empty:
-            return ModelRunnerOutput()
+            return PendingRunnerOutput()
         rows = self._sample_rows(scheduler_output.scheduled)
         # Built before the forward pass: its small host-to-device copies then do not wait for it.
         # NOTE: and before the step is broadcast: once it is, nothing may fail on rank 0 before the
         # forward pass, or the other ranks would wait in its collectives for good.
         sampling_metadata = self._sampling_metadata(rows) if rows else None
         batch = self._prepare_inputs(scheduler_output.scheduled)
+        self._prev_rows = {r.sched.request_id: i for i, r in enumerate(rows)} if self.is_async else {}
         hidden = self._forward(batch)
         logits = None if sampling_metadata is None else self.model.compute_logits(hidden[batch.logits_indices])
-        self._end_step(batch.step_id)
         if sampling_metadata is None:
-            return ModelRunnerOutput()
+            self._end_step(batch.step_id)
+            return PendingRunnerOutput()
         assert logits is not None
         if self.spec_decoder is not None and any(r.draft_index for r in rows):  # drafts to verify
-            return self._make_output(rows, self.spec_decoder.verify(logits, sampling_metadata, rows))
-        return self._make_output(rows, self.sampler(logits, sampling_metadata))
+            out = self.spec_decoder.verify(logits, sampling_metadata, rows)
+        else:
+            out = self.sampler(logits, sampling_metadata)
+        if self.is_async:
+            self._prev_sampled = tensor_parallel_broadcast(out.sampled)
+        self._end_step(batch.step_id)
+        return PendingRunnerOutput(rows, out)
 
     def propose_draft_token_ids(
         self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, list[int]],
@@ -330,16 +374,24 @@ class ModelRunner:
         ]
         seq_lens = starts + q_lens
         max_query_len = int(q_lens.max())
+        placeholders = np.flatnonzero(input_ids == PLACEHOLDER_TOKEN_ID)
+        try:  # each placeholder's row in the previous step's sampled tokens
+            placeholder_rows = [self._prev_rows[scheduled[i].request_id] for i in seq_of_token[placeholders].tolist()]
+        except KeyError as exc:
+            raise RuntimeError(f"request {exc.args[0]!r} has a placeholder input token, but sampled nothing "
+                               "in the previous step") from None
         graph_kind, graph_key = self._choose_graph(num_seqs, total, max_query_len, block_tables.shape[1])
         self.num_steps += 1
         header = StepHeader(
             num_tokens=total, num_seqs=num_seqs, num_block_columns=block_tables.shape[1],
             num_logits=len(logits_indices), max_query_len=max_query_len, max_seq_len=int(seq_lens.max()),
             step_id=self.num_steps, graph_kind=graph_kind, graph_key=graph_key,
+            num_placeholders=len(placeholders),
         )
         # NOTE: the order is the flat layout of distributed/messages.py.
         flat = _concat_int64([input_ids, positions, slot_mapping, qsl, seq_lens, block_tables,
-                              np.asarray(logits_indices, dtype=np.int64)])
+                              np.asarray(logits_indices, dtype=np.int64), placeholders,
+                              np.asarray(placeholder_rows, dtype=np.int64)])
         if self.step_broadcaster is not None:  # first: the other ranks start while this one uploads
             self.step_broadcaster(header, flat)
         return self._batch_from_flat(header, self._upload(flat))
@@ -367,8 +419,15 @@ class ModelRunner:
         )
 
     def _batch_from_flat(self, header: StepHeader, flat: torch.Tensor) -> _BatchInputs:
-        """Device tensors of one step from its flat int64 inputs (views, plus int32 casts)."""
-        input_ids, positions, slots, qsl, seq_lens, tables, logits_indices = flat.split(header.split_sizes())
+        """Device tensors of one step from its flat int64 inputs (views, plus int32 casts), with the
+        placeholder input tokens taken from the previous step's sampled tokens."""
+        (input_ids, positions, slots, qsl, seq_lens, tables, logits_indices, placeholders,
+         placeholder_rows) = flat.split(header.split_sizes())
+        if header.num_placeholders:
+            if self._prev_sampled is None:
+                raise RuntimeError(f"rank {self.rank}: step {header.step_id} has placeholder input tokens, "
+                                   "but no earlier step sampled")
+            input_ids[placeholders] = self._prev_sampled[placeholder_rows]
         meta = AttentionMetadata(
             slot_mapping=slots,
             query_start_loc=qsl.to(torch.int32),
@@ -401,6 +460,9 @@ class ModelRunner:
         hidden = self._forward(batch)
         if header.num_logits:
             self.model.compute_logits(hidden[batch.logits_indices])
+            if self.is_async:  # rank 0's sampled tokens: the next step's placeholder inputs
+                self._prev_sampled = tensor_parallel_broadcast(
+                    torch.empty(header.num_logits, dtype=torch.int64, device=self.device))
         self._end_step(header.step_id)
 
     def _upload_flat(self, arrays: list[np.ndarray]) -> torch.Tensor:
@@ -408,8 +470,7 @@ class ModelRunner:
         return self._upload(_concat_int64(arrays))
 
     def _upload(self, flat: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(flat)
-        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+        return self._to_device(torch.from_numpy(flat))
 
     # -- sampling ----------------------------------------------------------------------------------
     @staticmethod
@@ -420,32 +481,36 @@ class ModelRunner:
 
     def _sampling_metadata(self, rows: list[_SampleRow]) -> SamplingMetadata:
         params: list[SamplingParams] = [r.sched.request.sampling_params for r in rows]
-        dev = self.device
+        floats = self._float_tensor
         greedy = [p.is_greedy for p in params]
-        temperature = torch.tensor([0.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)],
-                                   dtype=torch.float32, device=dev)
+        temperature = floats([0.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)])
         meta = SamplingMetadata(temperature=temperature, all_greedy=all(greedy))
         if not meta.all_greedy:
             if any(p.top_p < 1.0 for p in params):
-                meta.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+                meta.top_p = floats([p.top_p for p in params])
             if any(p.top_k > 0 for p in params):
-                meta.top_k = torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=dev)
+                meta.top_k = self._to_device(torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size
+                                                           for p in params]))
             if any(p.min_p > 0 for p in params):
-                meta.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
-        outputs = [r.sched.request.output_token_ids + r.sched.spec_token_ids[: r.draft_index] for r in rows]
-        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
-            meta.output_token_ids = outputs
+                meta.min_p = floats([p.min_p for p in params])
+        if any(p.has_penalties for p in params):  # (the engine resolves the previous step first: no placeholders)
+            meta.output_token_ids = [r.sched.request.output_token_ids + r.sched.spec_token_ids[: r.draft_index]
+                                     for r in rows]
             if any(p.presence_penalty for p in params):
-                meta.presence_penalty = torch.tensor([p.presence_penalty for p in params], device=dev)
+                meta.presence_penalty = floats([p.presence_penalty for p in params])
             if any(p.frequency_penalty for p in params):
-                meta.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], device=dev)
+                meta.frequency_penalty = floats([p.frequency_penalty for p in params])
             if any(p.repetition_penalty != 1.0 for p in params):
-                meta.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)
+                meta.repetition_penalty = floats([p.repetition_penalty for p in params])
                 meta.prompt_token_ids = [r.sched.request.prompt_token_ids for r in rows]
         for i, (row, p) in enumerate(zip(rows, params, strict=True)):
             if p.seed is not None and not greedy[i]:
                 meta.generators[i] = self._generator(row.sched.request_id, p.seed)
-            if len(outputs[i]) < p.min_tokens:
+            request = row.sched.request
+            # Output tokens before this row's: the known ones, those still being sampled by the previous
+            # step (async scheduling: every placeholder but this step's own), the drafts before it.
+            num_before = request.num_output_tokens + max(request.num_output_placeholders - 1, 0) + row.draft_index
+            if num_before < p.min_tokens:
                 banned = list(p.stop_token_ids or ()) + ([] if p.ignore_eos else self.eos_token_ids)
                 banned = [t for t in banned if t < self.vocab_size]
                 if banned:
@@ -453,6 +518,13 @@ class ModelRunner:
         if any(p.logprobs is not None for p in params):
             meta.max_num_logprobs = max(p.logprobs or 0 for p in params)
         return meta
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A small host tensor on the device without waiting for the device (a pinned, async copy)."""
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    def _float_tensor(self, values: list[float]) -> torch.Tensor:
+        return self._to_device(torch.tensor(values, dtype=torch.float32))
 
     def _generator(self, request_id: str, seed: int) -> torch.Generator:
         gen = self.generators.get(request_id)
@@ -462,28 +534,30 @@ class ModelRunner:
             self.generators[request_id] = gen
         return gen
 
-    @staticmethod
-    def _make_output(rows: list[_SampleRow], out: SamplerOutput) -> ModelRunnerOutput:
-        sampled = out.sampled.tolist()
-        lp_ids = out.logprob_token_ids.tolist() if out.logprob_token_ids is not None else None
-        lp_vals = out.logprobs.tolist() if out.logprobs is not None else None
-        ranks = out.sampled_ranks.tolist() if out.sampled_ranks is not None else None
-        result = ModelRunnerOutput()
-        rejected: set[str] = set()
-        for i, row in enumerate(rows):
-            req_id = row.sched.request_id
-            if req_id in rejected:
-                continue
-            tokens = result.sampled_token_ids.setdefault(req_id, [])
-            tokens.append(sampled[i])
-            if lp_ids is not None and row.sched.request.sampling_params.logprobs is not None:
-                k = row.sched.request.sampling_params.logprobs
-                entry = TokenLogprobs(lp_ids[i][: 1 + k], lp_vals[i][: 1 + k], ranks[i])  # type: ignore[index]
-                result.logprobs.setdefault(req_id, []).append(entry)
-            drafts = row.sched.spec_token_ids
-            if row.draft_index < len(drafts) and sampled[i] != drafts[row.draft_index]:
-                rejected.add(req_id)
-        return result
+
+def _make_output(rows: list[_SampleRow], sampled_t: torch.Tensor, lp_ids_t: torch.Tensor | None,
+                 lp_vals_t: torch.Tensor | None, ranks_t: torch.Tensor | None) -> ModelRunnerOutput:
+    """Per request: its sampled tokens up to and including the first rejected draft (host tensors)."""
+    sampled = sampled_t.tolist()
+    lp_ids = lp_ids_t.tolist() if lp_ids_t is not None else None
+    lp_vals = lp_vals_t.tolist() if lp_vals_t is not None else None
+    ranks = ranks_t.tolist() if ranks_t is not None else None
+    result = ModelRunnerOutput()
+    rejected: set[str] = set()
+    for i, row in enumerate(rows):
+        req_id = row.sched.request_id
+        if req_id in rejected:
+            continue
+        tokens = result.sampled_token_ids.setdefault(req_id, [])
+        tokens.append(sampled[i])
+        if lp_ids is not None and row.sched.request.sampling_params.logprobs is not None:
+            k = row.sched.request.sampling_params.logprobs
+            entry = TokenLogprobs(lp_ids[i][: 1 + k], lp_vals[i][: 1 + k], ranks[i])  # type: ignore[index]
+            result.logprobs.setdefault(req_id, []).append(entry)
+        drafts = row.sched.spec_token_ids
+        if row.draft_index < len(drafts) and sampled[i] != drafts[row.draft_index]:
+            rejected.add(req_id)
+    return result
 
 
 def _concat_int64(arrays: list[np.ndarray]) -> np.ndarray:

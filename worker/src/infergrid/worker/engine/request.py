@@ -57,6 +57,10 @@ class Request:
                         |<-- num_computed -->|<- to compute ->|<- drafts ------>|
                                              num_tokens        num_tokens_with_spec
 
+    With async scheduling the tokens being sampled by steps still on the GPU are not known yet:
+    `num_output_placeholders` counts them (they sit past num_tokens; the scheduler schedules the
+    next position as if they were there, and the model runner fills the input in on the device).
+
     Ordering: lower `priority` is more urgent (as in vLLM); within a priority the earliest deadline
     goes first (requests without a deadline after those with one), then the earliest arrival.
     `deadline` is absolute, on the scheduler's clock (time.monotonic by default).
@@ -90,6 +94,7 @@ class Request:
         self.num_cached_tokens = 0
         self.num_preemptions = 0
         self.spec_token_ids: list[int] = []
+        self.num_output_placeholders = 0
         self.block_hashes: list[BlockHash] = []
 
     # -- sizes -------------------------------------------------------------------------------------

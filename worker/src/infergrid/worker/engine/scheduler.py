@@ -11,8 +11,16 @@ SchedulerOutput into inputs and reports sampled token ids back through `update_f
                         urgent running request (free its blocks, recompute later) and retry
                  WAITING (priority, deadline, arrival order), unless something was preempted:
                         prefix-cache lookup -> allocate -> RUNNING; stop at the first that does not fit
-    update_from_output(): advance num_computed_tokens, append sampled tokens, check stop/length,
+                 then advance every scheduled request's num_computed_tokens (its KV is on its way)
+    update_from_output(): append sampled tokens (rewind rejected drafts), check stop/length,
                  cache newly full blocks, free finished requests
+
+Async scheduling (engine/llm_engine.py): step N+1 is scheduled while step N still runs, before its
+tokens are known. A request that samples in step N gets an output placeholder at schedule time;
+step N+1 then decodes the placeholder's position with PLACEHOLDER_TOKEN_ID as its input token (the
+model runner takes the real one from step N's sampled tokens on the device), and
+update_from_output(step N) swaps the placeholder for the token. A request finished by step N's token
+(EOS, stop string) wastes its slot in step N+1, whose result for it is dropped.
 """
 
 from __future__ import annotations
@@ -26,12 +34,16 @@ from infergrid.worker.config import EngineConfig
 from infergrid.worker.engine.kv_cache_manager import KVCacheManager, cdiv
 from infergrid.worker.engine.request import Request, RequestStatus
 
+# Input token of a position whose token the previous step is still sampling (async scheduling).
+PLACEHOLDER_TOKEN_ID = -1
+
 
 @dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step.
 
-    The runner feeds `token_ids` at positions num_computed_tokens .. num_computed_tokens + num_new_tokens - 1,
+    The runner feeds `token_ids` (where PLACEHOLDER_TOKEN_ID: the token the request samples in the
+    previous step) at positions num_computed_tokens .. num_computed_tokens + num_new_tokens - 1,
     writing their KV into the slots given by `block_ids` (the whole block table; a live list owned
     by the KV cache manager, valid until the next schedule(): do not mutate). When `needs_sample`,
     it samples at the last 1 + len(spec_token_ids) positions (drafts verified + a bonus token);
@@ -118,6 +130,7 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.get_max_num_batched_tokens()
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.async_scheduling = config.is_async_scheduling
         self.clock = clock
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
@@ -198,7 +211,7 @@ class Scheduler:
         while can_admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             hit_blocks, num_hit = self.kv_cache_manager.get_computed_blocks(request)
-            num_new = min(request.num_tokens - num_hit, budget)
+            num_new = min(request.num_tokens + request.num_output_placeholders - num_hit, budget)
             if self.kv_cache_manager.allocate_slots(request, num_new, hit_blocks) is None:
                 break  # strict order: nothing behind the head jumps the queue
             self.waiting.pop(0)
@@ -212,10 +225,14 @@ class Scheduler:
             budget -= num_new
 
         out.num_batched_tokens = self.max_num_batched_tokens - budget
+        for sched in out.scheduled:  # their KV is written by this step (rejected drafts are rewound later)
+            sched.request.num_computed_tokens += sched.num_new_tokens
+            if self.async_scheduling and sched.needs_sample:
+                sched.request.num_output_placeholders += 1
         return out
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
-        num_new = request.num_tokens_with_spec - request.num_computed_tokens
+        num_new = request.num_tokens_with_spec + request.num_output_placeholders - request.num_computed_tokens
         # Never write KV past prompt + max_tokens - 1 positions (drafts are trimmed to fit).
         max_positions = request.num_prompt_tokens + request.max_tokens - 1  # type: ignore[operator]
         return min(num_new, budget, max_positions - request.num_computed_tokens)
@@ -223,16 +240,22 @@ class Scheduler:
     def _make_scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
         num_known = min(end, request.num_tokens)
-        spec = request.spec_token_ids[: end - num_known]
+        num_tokens = request.num_tokens + request.num_output_placeholders  # (async: with unknown ones)
+        if request.num_output_placeholders:  # (never together with drafts)
+            token_ids = request.all_token_ids[start:num_known] + [PLACEHOLDER_TOKEN_ID] * (end - num_known)
+            spec = []
+        else:
+            spec = request.spec_token_ids[: end - num_known]
+            token_ids = request.all_token_ids[start:num_known] + spec
         return ScheduledRequest(
             request=request,
             num_computed_tokens=start,
             num_new_tokens=num_new,
-            token_ids=request.all_token_ids[start:num_known] + spec,
+            token_ids=token_ids,
             spec_token_ids=spec,
             block_ids=self.kv_cache_manager.get_block_ids(request),
-            is_prefill=start + 1 < request.num_tokens,
-            needs_sample=end >= request.num_tokens,
+            is_prefill=start + 1 < num_tokens,
+            needs_sample=end >= num_tokens,
         )
 
     def _preempt(self, request: Request) -> None:
@@ -261,26 +284,30 @@ class Scheduler:
         `sampled_token_ids[req_id]` holds the tokens sampled for requests with `needs_sample`:
         one token, or with drafts the accepted drafts plus one bonus token. Rejected drafts' KV
         slots are rewound (num_computed_tokens drops) and simply overwritten by later steps.
+        With async scheduling the next step may already be scheduled (and a request of this one
+        preempted by it): this step's placeholders become tokens.
         """
         finished = []
         for sched in scheduler_output.scheduled:
             request = sched.request
             if request.is_finished:  # aborted or stopped while the step ran
                 continue
-            request.num_computed_tokens += sched.num_new_tokens
             request.spec_token_ids = []
             new_token_ids = list(sampled_token_ids.get(request.request_id, ())) if sched.needs_sample else []
+            if sched.needs_sample and request.num_output_placeholders:
+                request.num_output_placeholders -= 1
             if sched.spec_token_ids:
                 self._rewind_rejected(request, sched, new_token_ids)
             for token_id in new_token_ids:
                 request.append_output_token_ids(token_id)
                 if self._check_stop(request, token_id):
                     break
-            # Invariant for a live request: the last known token still has to be computed.
-            request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+            # Invariant for a live request: the last known (or still unknown) token has to be computed.
+            request.num_computed_tokens = min(request.num_computed_tokens,
+                                              request.num_tokens + request.num_output_placeholders - 1)
             self.kv_cache_manager.cache_computed_blocks(request)
             if request.is_finished:
-                self.running.remove(request)
+                self._dequeue(request)
                 self._free(request)
                 finished.append(request)
         return finished
@@ -337,11 +364,18 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None:
                 continue
-            (self.running if request.status == RequestStatus.RUNNING else self.waiting).remove(request)
+            self._dequeue(request)
             request.status = status
             self._free(request)
             finished.append(request)
         return finished
+
+    def _dequeue(self, request: Request) -> None:
+        """Take a request out of the running or the waiting queue, whichever holds it."""
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
 
     def abort_requests(self, request_ids: str | Iterable[str]) -> list[Request]:
         """Abort requests (unknown or finished ids are ignored); their KV blocks are freed at once."""

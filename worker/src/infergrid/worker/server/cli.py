@@ -47,6 +47,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     eng.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                      help="reuse KV blocks of shared prompt prefixes (default on)")
+    eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                     help="schedule the next step while the GPU runs this one (default on; "
+                          "off with speculative decoding)")
     eng.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to shard the model over")
     eng.add_argument("--speculative-method", choices=["ngram", "draft"], default=None, help="speculative decoding")
     eng.add_argument("--num-speculative-tokens", type=int, default=0, help="draft tokens per step")
@@ -65,7 +68,8 @@ def engine_config_from_args(args: argparse.Namespace) -> Any:
         model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
-        enable_prefix_caching=args.enable_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
+        enable_prefix_caching=args.enable_prefix_caching, async_scheduling=args.async_scheduling,
+        tensor_parallel_size=args.tensor_parallel_size,
         speculative_method=args.speculative_method, num_speculative_tokens=args.num_speculative_tokens,
         draft_model=args.draft_model, device=args.device, seed=args.seed,
         num_gpu_blocks_override=args.num_gpu_blocks_override,
