@@ -8,12 +8,11 @@ is identical with async scheduling on and off, and the engine really runs one st
 from __future__ import annotations
 
 import pytest
+from test_scheduler import EOS, make_request, make_scheduler, plan
 
 from infergrid.worker import LLM, SamplingParams
 from infergrid.worker.engine.request import RequestStatus
 from infergrid.worker.engine.scheduler import PLACEHOLDER_TOKEN_ID
-
-from test_scheduler import EOS, make_request, make_scheduler, plan
 
 
 def test_next_step_decodes_a_placeholder_until_max_tokens():

@@ -33,11 +33,14 @@ import torch
 from infergrid.worker import envs
 from infergrid.worker.config import EngineConfig
 from infergrid.worker.distributed import debug
-from infergrid.worker.distributed.communication import tensor_parallel_barrier, tensor_parallel_min
+from infergrid.worker.distributed.communication import (
+    tensor_parallel_barrier,
+    tensor_parallel_broadcast,
+    tensor_parallel_min,
+)
 from infergrid.worker.distributed.messages import GraphKind, GraphPlan, StepHeader
 from infergrid.worker.distributed.parallel_state import kv_head_layout
 from infergrid.worker.engine.kv_cache import determine_num_blocks
-from infergrid.worker.distributed.communication import tensor_parallel_broadcast
 from infergrid.worker.engine.scheduler import PLACEHOLDER_TOKEN_ID, ScheduledRequest, SchedulerOutput
 from infergrid.worker.layers.attention import AttentionMetadata, get_attention_backend
 from infergrid.worker.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
