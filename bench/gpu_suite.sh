@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call, for a lent GPU machine (see bench/README.md):
-#   bash bench/gpu_suite.sh [OUT_DIR]          (2+ GPUs: also the tensor-parallel tests and bench)
+#   bash bench/gpu_suite.sh [OUT_DIR] [PART]   (2+ GPUs: also the tensor-parallel tests and bench)
+# PART: all (default) | single (one-GPU tests and benches) | tp (tensor-parallel tests and bench), so
+# that the whole set fits in calls of at most 10 minutes.
 # The machine needs python3 with torch + transformers; `make gpu-wheels` puts pytest etc. in build/gpu-wheels
 # (installed into /tmp/site). Each step has its own time limit so one hang cannot eat the session;
 # logs, JSON results and profiles land in OUT_DIR (default $OUT, else /tmp/infergrid-gpu).
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/infergrid-gpu}}
+part=${2:-all}
 mkdir -p "$out"
 if ls build/gpu-wheels/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site build/gpu-wheels/*.whl
@@ -21,13 +24,15 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the log, print 
   echo "   exit $? (log: $out/$name.log)"
   grep -E "^\||passed|failed|->|TP=|^E " "$out/$name.log" | grep -v collective | tail -30
 }
-tests=(tests/worker/test_gpu_engine.py tests/worker/test_spec_decode_gpu.py)
-[ "$gpus" -ge 2 ] && tests+=(tests/worker/test_tensor_parallel_gpu.py)
-step gpu_tests 420 python3 -m pytest -p no:cacheprovider -m gpu "${tests[@]}" -q --timeout 150
-step spec_decode 300 python3 bench/bench_spec_decode.py --max-tokens 128 --repeats 3 --out "$out/spec_decode.json"
-if [ "$gpus" -ge 2 ]; then
-  step tensor_parallel 420 python3 bench/bench_tensor_parallel.py --child-timeout 180 --decode-tokens 64 \
-    --profile-dir "$out" --out "$out/tensor_parallel.json"
-  gzip -f "$out"/trace_tp*.json 2>/dev/null
+if [ "$part" != tp ]; then
+  step gpu_tests 300 python3 -m pytest -p no:cacheprovider -m gpu tests/worker/test_gpu_engine.py \
+    tests/worker/test_spec_decode_gpu.py -q --timeout 150
+  step spec_decode 300 python3 bench/bench_spec_decode.py --max-tokens 128 --repeats 5 --out "$out/spec_decode.json"
 fi
-step prefix_cache 400 python3 bench/bench_prefix_cache.py --out "$out/prefix_cache.json"
+if [ "$part" != single ] && [ "$gpus" -ge 2 ]; then
+  step tensor_parallel 400 python3 bench/bench_tensor_parallel.py --child-timeout 150 --decode-tokens 64 \
+    --sync-baseline --profile-dir "$out" --out "$out/tensor_parallel.json"
+  gzip -f "$out"/trace_tp*.json 2>/dev/null
+  step tp_tests 180 python3 -m pytest -p no:cacheprovider -m gpu tests/worker/test_tensor_parallel_gpu.py -q --timeout 120
+fi
+[ "$part" = all ] && step prefix_cache 400 python3 bench/bench_prefix_cache.py --out "$out/prefix_cache.json"

@@ -141,3 +141,28 @@ def test_engine_runs_one_step_ahead(tiny_llama):
     (out,) = engine.step()  # nothing left to launch: the last token comes out now
     assert len(out.outputs[0].token_ids) == 3 and out.finished
     assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_speculative_engine_pipelines_while_no_request_speculates(tiny_model, monkeypatch, method):
+    """A random draft is switched off after its first tries: the steps between probes run ahead
+    of their tokens, the probe steps do not, and the greedy text is the plain engine's."""
+    from infergrid.worker.engine.llm_engine import LLMEngine
+    from infergrid.worker.spec_decode.cost_model import StepCostModel
+
+    monkeypatch.setattr(StepCostModel, "draft_token_cost", lambda self, batch_size, measured=True: 0.1)
+    spec = dict(speculative_method=method, num_speculative_tokens=3)
+    if method == "draft":
+        spec["draft_model"] = tiny_model("llama_draft")
+    kwargs = dict(dtype="float32", max_model_len=256, max_num_seqs=8, block_size=8)
+    llm = LLM(tiny_model("llama"), **kwargs, **spec)
+    decisions: list[bool] = []
+    can_pipeline = LLMEngine._can_pipeline
+    monkeypatch.setattr(LLMEngine, "_can_pipeline", lambda self: decisions.append(can_pipeline(self)) or decisions[-1])
+    params = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
+    spec_tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    plain = LLM(tiny_model("llama"), **kwargs)
+    assert spec_tokens == [o.outputs[0].token_ids for o in plain.generate(PROMPTS, params)]
+    stats = llm.llm_engine.get_stats()
+    assert stats.spec_decode_num_drafts_total > 0  # it did speculate (first tries, probes)
+    assert 0.3 * len(decisions) < sum(decisions) < len(decisions)

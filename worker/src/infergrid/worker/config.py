@@ -101,12 +101,6 @@ class EngineConfig:
             raise ValueError("speculative_method 'draft' does not support tensor_parallel_size > 1 yet "
                              "(use speculative_method 'ngram')")
 
-    @property
-    def is_async_scheduling(self) -> bool:
-        """Whether the engine schedules step N+1 while step N runs (engine/llm_engine.py). Not with
-        speculative decoding: the next step's drafts are proposed from the tokens just sampled."""
-        return self.async_scheduling and self.speculative_method is None
-
     def get_max_num_batched_tokens(self) -> int:
         """The per-step token budget: the explicit value, else a default large enough for a full
         decode batch (every sequence plus its speculative tokens)."""

@@ -8,7 +8,9 @@ With async scheduling (the default without speculative decoding) a step is pipel
 so the host's scheduling, input preparation and output processing overlap the GPU's work instead
 of leaving it idle between steps. Step N+1 is scheduled before N's tokens are known (see the
 scheduler's placeholders); the previous step is finished first when the next one needs its tokens on
-the host (penalties) or nothing is left to launch.
+the host (penalties) or nothing is left to launch. With speculative decoding a step is pipelined
+only while no request speculates (adaptive k switched every one off, no probe due): otherwise the
+next step's drafts are proposed from its tokens, so it runs synchronously.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class _LaunchedStep:
     scheduler_output: SchedulerOutput
     output: PendingRunnerOutput
     start: float  # perf_counter() when it was scheduled
+    is_pipelined: bool  # the next step is scheduled before this one's tokens are known
 
 
 def child_request_ids(request_id: str, n: int) -> list[str]:
@@ -168,17 +171,29 @@ class LLMEngine:
         """Schedule a batch and run it; returns outputs of requests that changed. With async
         scheduling, the outputs are the previous step's, and this step is left running."""
         start = time.perf_counter()
-        scheduler_output = self.scheduler.schedule()
+        is_pipelined = self._can_pipeline()
+        scheduler_output = self.scheduler.schedule(pipelined=is_pipelined)
         outputs: list[RequestOutput] = []
         if self._in_flight is not None and (scheduler_output.is_empty or _reads_output_tokens(scheduler_output)):
             outputs += self._finish_in_flight()
-        launched = _LaunchedStep(scheduler_output, self.model_executor.execute_model(scheduler_output), start)
+        pending = self.model_executor.execute_model(scheduler_output)
+        launched = _LaunchedStep(scheduler_output, pending, start, is_pipelined)
         outputs += self._finish_in_flight()
-        if self.scheduler.async_scheduling and not scheduler_output.is_empty:
+        if is_pipelined and not scheduler_output.is_empty:
             self._in_flight = launched
         else:
             outputs += self._finish_step(launched)
         return outputs
+
+    def _can_pipeline(self) -> bool:
+        """Whether the step about to be scheduled may run ahead of its tokens (see the module docstring)."""
+        if not self.scheduler.async_scheduling:
+            return False
+        spec = self.model_runner.spec_decoder
+        if spec is None:
+            return True
+        # Its propose() call comes after the one of the step in flight, if any.
+        return spec.is_quiet(self.scheduler.requests.keys(), steps_ahead=int(self._in_flight is not None))
 
     def _finish_in_flight(self) -> list[RequestOutput]:
         step, self._in_flight = self._in_flight, None
@@ -195,12 +210,17 @@ class LLMEngine:
             scheduled, runner_output, [*scheduler_output.expired_requests, *finished]
         )
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        if self.config.speculative_method is not None:
-            drafts = self.model_runner.propose_draft_token_ids(
-                scheduler_output, runner_output.sampled_token_ids, time.perf_counter() - step.start
-            )
+        if self.config.speculative_method is not None and scheduled:
+            # (a pipelined step's wall time spans the next one's launch: no cost sample for adaptive k)
+            seconds = None if step.is_pipelined else time.perf_counter() - step.start
+            drafts = self.model_runner.propose_draft_token_ids(scheduler_output, runner_output.sampled_token_ids,
+                                                               seconds)
+            if drafts and step.is_pipelined:
+                raise RuntimeError(f"drafts proposed after a pipelined step (for {sorted(drafts)[:3]}): "
+                                   "speculative decoding was not quiet")
             self.scheduler.update_draft_token_ids(drafts)
-        self._record_step(scheduled, num_outputs_before)
+        if scheduled:
+            self._record_step(scheduled, num_outputs_before)
         return outputs
 
     def _record_step(self, scheduled: list[Request], num_outputs_before: list[int]) -> None:

@@ -162,7 +162,7 @@ class ModelRunner:
         self.num_steps = 0  # steps prepared (rank 0) or followed (other ranks); the step id is the count
         # Async scheduling: the last step's sampled tokens on the device (on every rank) and, on rank 0,
         # each request's row in them (where its placeholder input token comes from).
-        self.is_async = config.is_async_scheduling
+        self.is_async = config.async_scheduling
         self._prev_sampled: torch.Tensor | None = None
         self._prev_rows: dict[str, int] = {}
         # Speculative decoding (proposers, verifier) lives on the rank that samples.

@@ -130,7 +130,7 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.get_max_num_batched_tokens()
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.async_scheduling = config.is_async_scheduling
+        self.async_scheduling = config.async_scheduling
         self.clock = clock
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
@@ -181,8 +181,11 @@ class Scheduler:
         return max_tokens
 
     # -- one step ----------------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
-        """Pick this step's batch within the token budget and max_num_seqs."""
+    def schedule(self, pipelined: bool | None = None) -> SchedulerOutput:
+        """Pick this step's batch within the token budget and max_num_seqs. `pipelined` (default:
+        async_scheduling): the next step may be scheduled before this one's tokens are known, so its
+        sampling requests get output placeholders."""
+        pipelined = self.async_scheduling if pipelined is None else pipelined
         out = SchedulerOutput(finished_req_ids=self._finished_req_ids)
         self._finished_req_ids = set()
         out.expired_requests = self._expire_deadlines()
@@ -227,7 +230,7 @@ class Scheduler:
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         for sched in out.scheduled:  # their KV is written by this step (rejected drafts are rewound later)
             sched.request.num_computed_tokens += sched.num_new_tokens
-            if self.async_scheduling and sched.needs_sample:
+            if pipelined and sched.needs_sample:
                 sched.request.num_output_placeholders += 1
         return out
 
@@ -349,7 +352,8 @@ class Scheduler:
         """Attach speculative drafts (after update_from_output) to be verified next step."""
         for req_id, drafts in draft_token_ids.items():
             request = self.requests.get(req_id)
-            if request is not None and request.status == RequestStatus.RUNNING:
+            # (none after a token still unknown: the drafts would not continue it)
+            if request is not None and request.status == RequestStatus.RUNNING and not request.num_output_placeholders:
                 request.spec_token_ids = list(drafts)
 
     # -- finishing from outside --------------------------------------------------------------------

@@ -48,8 +48,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                      help="reuse KV blocks of shared prompt prefixes (default on)")
     eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
-                     help="schedule the next step while the GPU runs this one (default on; "
-                          "off with speculative decoding)")
+                     help="schedule the next step while the GPU runs this one (default on; with "
+                          "speculative decoding only while no request speculates)")
     eng.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to shard the model over")
     eng.add_argument("--speculative-method", choices=["ngram", "draft"], default=None, help="speculative decoding")
     eng.add_argument("--num-speculative-tokens", type=int, default=0, help="draft tokens per step")

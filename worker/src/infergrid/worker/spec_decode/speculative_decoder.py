@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -118,6 +118,12 @@ class SpeculativeDecoder:
         )
 
     # -- proposing ---------------------------------------------------------------------------------
+    def is_quiet(self, req_ids: Set[str], steps_ahead: int = 0) -> bool:
+        """True when the propose() call `steps_ahead` calls from now, for requests among `req_ids`,
+        will return no drafts (so the engine may pipeline that step): nothing drafted is pending, and
+        every request is off with no probe due (adaptive.py)."""
+        return not self.drafted and self.adaptive.can_skip(self.num_steps + steps_ahead, req_ids)
+
     def propose(
         self,
         scheduler_output: SchedulerOutput,
