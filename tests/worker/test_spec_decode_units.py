@@ -313,3 +313,33 @@ def test_ngram_falls_back_to_the_vectorized_search_for_a_token_that_recurs_every
     tokens += [8, 7, x]  # now "x 8 7 x"... "8 7 x" recurs (3 tokens back): found by the fallback too
     assert NgramProposer().propose(tokens, 2, "r") == [8, 7] and len(calls) == 2
     assert ngram_proposer.DEFAULT_MIN_N == 2
+
+
+def test_pipelined_steps_raise_the_bar_for_speculation():
+    """Where a step without speculation runs pipelined in 0.7 of a synchronous step's time, a
+    request must beat 1 / 0.7 tokens per synchronous step: rate 0.3 pays at rho 1, not at 0.7."""
+    cost = StepCostModel(0.0)
+    assert cost.plain_goodput() == 1.0
+    for _ in range(40):
+        cost.observe_step(1, 0.010)
+        cost.observe_step(5, 0.0102)
+    cost.observe_pipelined_step(1, 0.007)
+    assert cost.pipelined_ratio < 1.0
+    for _ in range(60):
+        cost.observe_pipelined_step(1, 0.007)
+    assert cost.plain_goodput() == pytest.approx(1 / 0.7, rel=0.05)
+    assert cost.plain_goodput(measured=False) == 1.0
+    c = cost.draft_token_cost(1)
+    assert best_num_drafts(0.3, 4, c) > 0
+    assert best_num_drafts(0.3, 4, c, cost.plain_goodput()) == 0
+    assert best_num_drafts(0.9, 4, c, cost.plain_goodput()) > 0
+
+
+def test_a_request_without_a_draft_goes_off_with_backoff():
+    a = AdaptiveNumDrafts(max_k=4)
+    assert a.num_drafts("r", 0.1, 8) == 1  # a new request's first probe
+    a.no_draft("r", 8)  # the n-gram lookup found nothing
+    assert a.can_skip(9, {"r"}) and not a.can_skip(16, {"r"})
+    assert a.num_drafts("r", 0.1, 16) == 1
+    a.no_draft("r", 16)
+    assert a.can_skip(31, {"r"}) and not a.can_skip(32, {"r"})  # the wait doubled

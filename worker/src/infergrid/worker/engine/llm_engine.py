@@ -104,6 +104,7 @@ class LLMEngine:
         self.num_steps_total = 0
         self.last_step_time = time.monotonic()
         self._in_flight: _LaunchedStep | None = None  # async scheduling: launched, not finished yet
+        self._last_finish: tuple[float, bool] = (0.0, False)  # perf_counter() of the last finish, pipelined?
 
     # -- requests ----------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -210,9 +211,14 @@ class LLMEngine:
             scheduled, runner_output, [*scheduler_output.expired_requests, *finished]
         )
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        now = time.perf_counter()
         if self.config.speculative_method is not None and scheduled:
-            # (a pipelined step's wall time spans the next one's launch: no cost sample for adaptive k)
-            seconds = None if step.is_pipelined else time.perf_counter() - step.start
+            # A pipelined step's wall time spans the next one's launch: its cost sample is the time
+            # since the previous pipelined step finished.
+            seconds = None if step.is_pipelined else now - step.start
+            last, last_pipelined = self._last_finish
+            if step.is_pipelined and last_pipelined:
+                self.model_runner.spec_decoder.observe_pipelined_step(scheduler_output, now - last)  # type: ignore[union-attr]
             drafts = self.model_runner.propose_draft_token_ids(scheduler_output, runner_output.sampled_token_ids,
                                                                seconds)
             if drafts and step.is_pipelined:
@@ -221,6 +227,7 @@ class LLMEngine:
             self.scheduler.update_draft_token_ids(drafts)
         if scheduled:
             self._record_step(scheduled, num_outputs_before)
+            self._last_finish = (now, step.is_pipelined)
         return outputs
 
     def _record_step(self, scheduled: list[Request], num_outputs_before: list[int]) -> None:

@@ -44,9 +44,10 @@ def expected_tokens(rate: float, k: int) -> float:
     return (1.0 - rate ** (k + 1)) / (1.0 - rate)
 
 
-def best_num_drafts(rate: float, max_k: int, draft_cost: float) -> int:
-    """argmax over k in 0..max_k of expected_tokens(rate, k) / (1 + k * draft_cost); 0 = off."""
-    best_k, best = 0, 1.0
+def best_num_drafts(rate: float, max_k: int, draft_cost: float, plain_goodput: float = 1.0) -> int:
+    """argmax over k in 0..max_k of expected_tokens(rate, k) / (1 + k * draft_cost); 0 = off, whose
+    goodput is `plain_goodput` (above 1 where steps without speculation run pipelined)."""
+    best_k, best = 0, plain_goodput
     for k in range(1, max_k + 1):
         goodput = expected_tokens(rate, k) / (1.0 + k * draft_cost)
         if goodput > best * (1.0 + 1e-9):
@@ -96,7 +97,7 @@ class AdaptiveNumDrafts:
         self._states: dict[str, _RequestState] = {}
         self._quiet_until: int | None = None  # engine steps before it: every known request off (None: stale)
 
-    def num_drafts(self, req_id: str, draft_cost: float, step: int | None) -> int:
+    def num_drafts(self, req_id: str, draft_cost: float, step: int | None, plain_goodput: float = 1.0) -> int:
         """Drafts to propose for this request now (call once per step in which it sampled).
 
         `draft_cost` is c above at this step's batch size. `step` is the engine's step count, so that
@@ -129,12 +130,25 @@ class AdaptiveNumDrafts:
             if state.probe_accepted == 0:  # rejected: off again, twice as long
                 state.next_probe, state.wait = _next_multiple(step, state.wait), min(2 * state.wait, MAX_BACKOFF)
                 return 0
-        k = best_num_drafts(state.accepted / state.trials, self.max_k, draft_cost)
+        k = best_num_drafts(state.accepted / state.trials, self.max_k, draft_cost, plain_goodput)
         if k:
             state.wait = MIN_BACKOFF
         else:
             state.next_probe, state.wait = _next_multiple(step, state.wait), min(2 * state.wait, MAX_BACKOFF)
         return k
+
+    def no_draft(self, req_id: str, step: int | None) -> None:
+        """The proposer found nothing to propose for a request that asked for drafts (no n-gram
+        match): like a rejected probe, it goes off and its wait doubles (a step that verifies
+        nothing still costs the pipelining every step without speculation gets)."""
+        state = self._states.get(req_id)
+        if state is None or not self.enabled:
+            return
+        if step is None:
+            step = state.num_steps
+        state.probing = False
+        state.next_probe, state.wait = _next_multiple(step, state.wait), min(2 * state.wait, MAX_BACKOFF)
+        self._quiet_until = None
 
     def can_skip(self, step: int, req_ids: Set[str]) -> bool:
         """True when calling num_drafts(req_id, any cost, step) for every one of `req_ids` would return 0

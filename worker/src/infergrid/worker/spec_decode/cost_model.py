@@ -17,6 +17,12 @@ a and b are fitted online to the engine's decode steps (least squares with expon
 weights, pulled toward b = a / DEFAULT_FIXED_COST_TOKENS when recent steps barely differ in size);
 the proposer's share is an average of steady-state measurements, starting from a static estimate.
 `measured=False` gives the defaults alone: for decisions that must not depend on timing.
+
+Async scheduling: a step in which nothing speculates is pipelined (the host's work overlaps the
+GPU's), a speculating step is not. `pipelined_ratio` (rho) is a pipelined decode step's time over the
+fitted synchronous time at its size (an average of measurements; 1 until there are some), so a
+request off speculation emits 1 / rho tokens per synchronous step's time, which is what its drafts
+must beat (adaptive.best_num_drafts' `plain_goodput`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ DEFAULT_FIXED_COST_TOKENS = 32
 PRIOR_TOKEN_VARIANCE = 4.0  # how much spread in step sizes (tokens^2) it takes to trust the data's slope
 STEP_DECAY = 0.95  # per step: the fit follows about the last 20 decode steps (a batch size changes)
 PROPOSER_DECAY = 0.9
+PIPELINED_DECAY = 0.9
+MIN_PIPELINED_RATIO = 0.3
 MAX_STEP_SAMPLE = 3.0  # a step slower than 3x the prediction (a GC pause, a compile) counts as 3x
 
 
@@ -40,6 +48,7 @@ class StepCostModel:
 
     def __init__(self, proposer_cost: float) -> None:
         self.default_proposer_cost = self.proposer_cost = proposer_cost
+        self.pipelined_ratio = 1.0
         self._w = self._n = self._t = self._nn = self._nt = 0.0  # decayed weight and sums
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
@@ -59,6 +68,18 @@ class StepCostModel:
         if step_seconds > 0:
             sample = seconds_per_pass / step_seconds
             self.proposer_cost = PROPOSER_DECAY * self.proposer_cost + (1 - PROPOSER_DECAY) * sample
+
+    def observe_pipelined_step(self, num_tokens: int, seconds: float) -> None:
+        """A pipelined decode step of `num_tokens` tokens took `seconds` (finish to finish)."""
+        if self._w == 0:
+            return
+        a, b = self.coefficients()
+        sample = max(MIN_PIPELINED_RATIO, min(1.0, seconds / (a + b * num_tokens)))
+        self.pipelined_ratio = PIPELINED_DECAY * self.pipelined_ratio + (1 - PIPELINED_DECAY) * sample
+
+    def plain_goodput(self, measured: bool = True) -> float:
+        """Tokens a request off speculation emits per synchronous step's time (1 / rho)."""
+        return 1.0 / self.pipelined_ratio if measured else 1.0
 
     def coefficients(self) -> tuple[float, float]:
         """(a, b) of step_seconds(N) = a + b * N; before any step, the default ratio in step units."""

@@ -118,6 +118,11 @@ class SpeculativeDecoder:
         )
 
     # -- proposing ---------------------------------------------------------------------------------
+    def observe_pipelined_step(self, scheduler_output: SchedulerOutput, seconds: float) -> None:
+        """A pipelined step took `seconds` (from the previous step's finish to its own)."""
+        if scheduler_output.num_batched_tokens == len(scheduler_output.scheduled):  # a decode step
+            self.cost.observe_pipelined_step(scheduler_output.num_batched_tokens, seconds)
+
     def is_quiet(self, req_ids: Set[str], steps_ahead: int = 0) -> bool:
         """True when the propose() call `steps_ahead` calls from now, for requests among `req_ids`,
         will return no drafts (so the engine may pipeline that step): nothing drafted is pending, and
@@ -145,10 +150,11 @@ class SpeculativeDecoder:
         # Every request off and none due for a probe: nothing to observe, nothing to propose.
         if not self.drafted and adaptive.can_skip(step, sampled_token_ids.keys()):
             return {}
-        cost = self.cost.draft_token_cost(num_sampled)
+        cost, plain = self.cost.draft_token_cost(num_sampled), self.cost.plain_goodput()
         # NOTE: a seeded sampled request's random draws depend on its drafts, so its drafts must not
         # depend on timing or on other requests: default costs, its own step count.
         seeded_cost = self.cost.draft_token_cost(num_sampled, measured=False)
+        seeded_plain = self.cost.plain_goodput(measured=False)
         candidates = []
         for sched in scheduler_output.scheduled:
             req_id = sched.request_id
@@ -163,24 +169,28 @@ class SpeculativeDecoder:
             if request.status != RequestStatus.RUNNING:
                 continue
             params = request.sampling_params
-            if params.seed is not None and not params.is_greedy:
-                k = adaptive.num_drafts(req_id, seeded_cost, None)
+            own_clock = params.seed is not None and not params.is_greedy
+            if own_clock:
+                k = adaptive.num_drafts(req_id, seeded_cost, None, seeded_plain)
             else:
-                k = adaptive.num_drafts(req_id, cost, step)
+                k = adaptive.num_drafts(req_id, cost, step, plain)
             if k:
                 # Drafts past prompt + max_tokens - 1 positions would be trimmed by the scheduler anyway.
                 k = min(k, request.max_tokens - request.num_output_tokens - 1)  # type: ignore[operator]
                 if k > 0:
-                    candidates.append((sched, k))
+                    candidates.append((sched, k, own_clock))
         if not candidates:
             return {}
         start = time.perf_counter()
-        drafts, num_caught_up = self._propose(candidates)
+        drafts, num_caught_up = self._propose([(sched, k) for sched, k, _ in candidates])
+        for sched, _, own_clock in candidates:
+            if sched.request_id not in drafts:  # nothing to propose (no n-gram match): off for a while
+                adaptive.no_draft(sched.request_id, None if own_clock else step)
         self.drafted.update(drafts)
         # Time per draft position, in steps that caught up no more than a step's worth of tokens
         # (a first proposal or a probe catches up on many: not the per-step cost).
         if step_seconds is not None and num_caught_up <= len(candidates) * (self.max_k + 2):
-            max_k = max(k for _, k in candidates)
+            max_k = max(k for _, k, _ in candidates)
             self.cost.observe_proposer((time.perf_counter() - start) / max_k, step_seconds)
         return drafts
 
