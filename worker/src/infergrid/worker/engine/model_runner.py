@@ -486,8 +486,10 @@ class ModelRunner:
         params: list[SamplingParams] = [r.sched.request.sampling_params for r in rows]
         floats = self._float_tensor
         greedy = [p.is_greedy for p in params]
-        temperature = floats([0.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)])
-        meta = SamplingMetadata(temperature=temperature, all_greedy=all(greedy))
+        all_greedy = all(greedy)
+        temperature = None if all_greedy else floats([0.0 if g else p.temperature
+                                                      for g, p in zip(greedy, params, strict=True)])
+        meta = SamplingMetadata(temperature=temperature, all_greedy=all_greedy)
         if not meta.all_greedy:
             if any(p.top_p < 1.0 for p in params):
                 meta.top_p = floats([p.top_p for p in params])

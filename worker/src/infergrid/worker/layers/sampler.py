@@ -20,7 +20,7 @@ _NEG_INF = float("-inf")
 class SamplingMetadata:
     """Per-row sampling inputs for one step; optional tensors are None when no row needs them."""
 
-    temperature: torch.Tensor  # [B] float32; 0 = greedy
+    temperature: torch.Tensor | None  # [B] float32, 0 = greedy; None when all_greedy (never read then)
     all_greedy: bool
     top_p: torch.Tensor | None = None  # [B] float32, 1.0 = off
     top_k: torch.Tensor | None = None  # [B] int64, vocab_size = off
@@ -123,6 +123,7 @@ class Sampler(torch.nn.Module):
         logits = self.apply_processors(logits, meta)
         sampled = logits.argmax(dim=-1)
         if not meta.all_greedy:
+            assert meta.temperature is not None
             is_greedy = meta.temperature <= 0
             random = random_sample(self.random_probs(logits, meta), meta.generators)
             sampled = torch.where(is_greedy, sampled, random)
@@ -137,6 +138,7 @@ class Sampler(torch.nn.Module):
         greedy = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
         if meta.all_greedy:
             return greedy
+        assert meta.temperature is not None
         return torch.where((meta.temperature <= 0)[:, None], greedy, self.random_probs(logits, meta))
 
     @staticmethod
@@ -151,6 +153,7 @@ class Sampler(torch.nn.Module):
     @staticmethod
     def random_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """Temperature (greedy rows use 1), min_p, top_k, top_p, softmax: [B, V] probabilities."""
+        assert meta.temperature is not None
         is_greedy = meta.temperature <= 0
         temperature = torch.where(is_greedy, torch.ones_like(meta.temperature), meta.temperature)
         scaled = logits / temperature[:, None]

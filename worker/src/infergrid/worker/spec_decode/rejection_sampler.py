@@ -108,6 +108,7 @@ class RejectionSampler(torch.nn.Module):
             tokens = self.sampler.apply_processors(logits, meta).argmax(dim=-1)
         else:
             probs = self.sampler.compute_probs(logits, meta)
+            assert meta.temperature is not None
             is_greedy = meta.temperature <= 0
             tokens, _ = rejection_sample(
                 probs, draft_token_ids, is_greedy, meta.generators, draft_prob_rows, draft_probs

@@ -110,7 +110,8 @@ class SpeculativeDecoder:
                     prob_rows.append(i)
                     probs.append(proposal.probs[j])
         dev = logits.device
-        draft_token_ids = torch.tensor(draft_ids, dtype=torch.int64, device=dev)
+        draft_token_ids = torch.tensor(draft_ids, dtype=torch.int64)  # (pinned, async: no wait for the GPU)
+        draft_token_ids = draft_token_ids.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else draft_token_ids
         if not prob_rows:
             return self.rejection_sampler(logits, meta, draft_token_ids)
         return self.rejection_sampler(
