@@ -48,7 +48,9 @@ def test_eos_in_flight_drops_the_step_after_it():
     assert sched.schedule().finished_req_ids == {"a"}
 
 
-def test_preempted_while_its_token_is_in_flight():
+def _preempt_b_with_a_token_in_flight():
+    """a and b fill the 4 usable blocks of a tiny pool, pipelined; the next schedule() preempts b
+    while its last token is in flight. Returns (sched, a, b, the step in flight, the new step)."""
     sched = make_scheduler(num_blocks=5, enable_prefix_caching=False)  # 4 usable blocks of 4 tokens
     a = make_request("a", num_prompt=4, max_tokens=8, arrival=0.0)
     b = make_request("b", num_prompt=4, max_tokens=8, arrival=1.0)
@@ -60,6 +62,11 @@ def test_preempted_while_its_token_is_in_flight():
         sched.update_from_output(prev, {"a": [token], "b": [token + 100]})
         prev = out
     out = sched.schedule()  # both need a third block: b goes, with its last token still in flight
+    return sched, a, b, prev, out
+
+
+def test_preempted_while_its_token_is_in_flight():
+    sched, a, b, prev, out = _preempt_b_with_a_token_in_flight()
     assert out.preempted_req_ids == ["b"] and plan(out) == [("a", 1)]
     assert b.status == RequestStatus.PREEMPTED and b.num_output_placeholders == 1
     sched.update_from_output(prev, {"a": [14], "b": [114]})
@@ -72,17 +79,7 @@ def test_preempted_while_its_token_is_in_flight():
 
 
 def test_eos_of_a_preempted_request_finishes_it_in_the_waiting_queue():
-    sched = make_scheduler(num_blocks=5, enable_prefix_caching=False)
-    a = make_request("a", num_prompt=4, max_tokens=8, arrival=0.0)
-    b = make_request("b", num_prompt=4, max_tokens=8, arrival=1.0)
-    sched.add_request(a)
-    sched.add_request(b)
-    prev = sched.schedule()
-    for token in range(10, 14):
-        out = sched.schedule()
-        sched.update_from_output(prev, {"a": [token], "b": [token + 100]})
-        prev = out
-    out = sched.schedule()
+    sched, a, b, prev, out = _preempt_b_with_a_token_in_flight()
     assert out.preempted_req_ids == ["b"]
     assert sched.update_from_output(prev, {"a": [14], "b": [EOS]}) == [b]
     assert b.finish_reason == "stop" and sched.waiting == [] and sched.running == [a]
