@@ -142,8 +142,9 @@ def test_engine_runs_one_step_ahead(tiny_llama):
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_speculative_engine_pipelines_while_no_request_speculates(tiny_model, monkeypatch, method):
-    """A random draft is switched off after its first tries: the steps between probes run ahead
-    of their tokens, the probe steps do not, and the greedy text is the plain engine's."""
+    """A random draft is switched off after its first tries: from then on the steps run ahead of
+    their tokens (hindsight checks need no synchronous step), and the greedy text is the plain
+    engine's."""
     from infergrid.worker.engine.llm_engine import LLMEngine
     from infergrid.worker.spec_decode.cost_model import StepCostModel
 
@@ -161,5 +162,5 @@ def test_speculative_engine_pipelines_while_no_request_speculates(tiny_model, mo
     plain = LLM(tiny_model("llama"), **kwargs)
     assert spec_tokens == [o.outputs[0].token_ids for o in plain.generate(PROMPTS, params)]
     stats = llm.llm_engine.get_stats()
-    assert stats.spec_decode_num_drafts_total > 0  # it did speculate (first tries, probes)
-    assert 0.3 * len(decisions) < sum(decisions) < len(decisions)
+    assert stats.spec_decode_num_drafts_total > 0  # it did speculate (first tries)
+    assert 0.6 * len(decisions) < sum(decisions) < len(decisions)

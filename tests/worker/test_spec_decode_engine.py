@@ -152,11 +152,19 @@ def test_adaptive_k_switches_a_useless_draft_off(models, monkeypatch):
     llm.generate(PROMPTS, greedy(96))
     s = llm.llm_engine.get_stats()
     num_sampling_steps = 96 * len(PROMPTS)  # one verification per generated token at chance acceptance
-    # Off after the first rejections, with rare one-token probes (8, 16, 32, 64 steps apart).
+    # Off after the first rejections; then only hindsight checks, 8, 16, 32, 64 steps apart.
     assert s.spec_decode_num_draft_tokens_total < 0.1 * 3 * num_sampling_steps
-    # The draft model runs only in steps in which a request proposes (not for requests at k = 0):
-    # the first probes, a few steps until rejections add up, the probes (all on the same steps).
-    assert len(ran) <= 0.3 * s.num_steps_total and {0, 8, 16, 32, 64} <= ran
+    # The draft model runs only in steps in which a request proposes or is checked (not for
+    # requests at k = 0): the first tries (new requests start on at the default prior), a few
+    # steps until rejections add up, then the checks (on the same steps for all requests).
+    assert len(ran) <= 0.3 * s.num_steps_total and {8, 16, 32, 64} <= ran and min(ran) <= 2
+    # The engine learned that this draft fails: new requests start off, with no first tries.
+    assert llm.llm_engine.model_runner.spec_decoder.adaptive.engine_rate() < 0.1
+    ran.clear()
+    drafts_before = s.spec_decode_num_drafts_total
+    llm.generate(PROMPTS, greedy(40))
+    assert llm.llm_engine.get_stats().spec_decode_num_drafts_total == drafts_before
+    assert ran and min(ran) - s.num_steps_total >= 8  # its first check
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft=target"])
@@ -278,3 +286,27 @@ async def test_async_streaming_with_speculation(models):
         assert sum(stats.spec_decode_num_accepted_tokens_per_pos) == stats.spec_decode_num_accepted_tokens_total
     finally:
         await engine.shutdown(drain_timeout=5)
+
+
+def test_hindsight_check_scores_the_draft_against_the_emitted_tokens(models):
+    """A check runs the draft over a request's emitted tokens: a draft equal to the target would have
+    proposed every greedy token (score = window), a random one about none; for a sampled request the
+    score is the sum of q(emitted token), strictly between 0 and the window."""
+    from infergrid.worker.spec_decode.draft_proposer import DraftRequest
+
+    scores = {}
+    for name in ("draft=target", "draft=random"):
+        llm = LLM(models["target"], **BASE, **spec_args(name, models))
+        engine = llm.llm_engine
+        engine.add_request("g", PROMPTS[0], greedy(30, ignore_eos=True))
+        engine.add_request("s", PROMPTS[1], SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True))
+        for _ in range(14):
+            engine.step()
+        decoder = engine.model_runner.spec_decoder
+        running = {r.request_id: r for r in engine.scheduler.running}
+        checks = [(DraftRequest(r, engine.scheduler.kv_cache_manager.get_block_ids(r), 0), 8) for r in running.values()]
+        assert all(r.num_output_tokens >= 8 for r in running.values())
+        scores[name] = decoder.draft.look_back(checks).result()
+    assert scores["draft=target"]["g"] == (8.0, 8)
+    assert scores["draft=random"]["g"][0] <= 1.0
+    assert 0.0 < scores["draft=target"]["s"][0] < 8.0 and scores["draft=target"]["s"][1] == 8

@@ -11,12 +11,13 @@ import random
 import pytest
 
 from infergrid.worker import LLM, SamplingParams
-from infergrid.worker.spec_decode.adaptive import AdaptiveNumDrafts
+from infergrid.worker.spec_decode.adaptive import CHECK, AdaptiveNumDrafts
 from infergrid.worker.spec_decode.cost_model import StepCostModel
 
 
 def _states(a: AdaptiveNumDrafts) -> dict:
-    return {k: (s.accepted, s.trials, s.next_probe, s.wait, s.num_steps) for k, s in a._states.items()}
+    return {k: (s.accepted, s.trials, s.on_from, s.next_check, s.wait, s.num_steps, s.checking)
+            for k, s in a._states.items()}
 
 
 def test_can_skip_only_when_asking_every_request_would_change_nothing():
@@ -38,8 +39,11 @@ def test_can_skip_only_when_asking_every_request_would_change_nothing():
             assert _states(probe) == before
             continue
         for r in ids:
-            k = a.num_drafts(r, 0.2, None if r[0] == "s" else step)
-            if k:
+            own = None if r[0] == "s" else step
+            k = a.num_drafts(r, 0.2, own)
+            if k == CHECK:
+                a.observe_check(r, 8 if rng.random() < 0.05 else 0, 8, 0.2, own)
+            elif k:
                 a.observe(r, k, k if rng.random() < 0.05 else 0)
     assert num_skips > 0.3 * num_checks  # the shortcut is the common case once requests are off
     assert not AdaptiveNumDrafts(max_k=2, enabled=False).can_skip(1, set())

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from infergrid.worker.spec_decode.adaptive import (
+    CHECK,
     MAX_BACKOFF,
     MIN_BACKOFF,
     AdaptiveNumDrafts,
@@ -52,66 +53,81 @@ def test_expected_tokens_and_best_k():
     assert best_num_drafts(0.9, 8, 0.3) < 8  # an expensive draft stops earlier
 
 
-def test_adaptive_turns_off_probes_with_backoff_and_comes_back():
+def test_adaptive_starts_on_switches_off_and_comes_back_through_hindsight_checks():
     a = AdaptiveNumDrafts(max_k=4)
-    assert [a.num_drafts("r", 0.1, step) for step in (5, 6, 7, 8)] == [0, 0, 0, 1]  # new: probe at a multiple of 8
-    a.observe("r", 1, 1)
-    assert a.num_drafts("r", 0.1, 9) == 4  # optimistic prior, confirmed
+    assert a.num_drafts("r", 0.1, 5) == 0 and a.is_on("r")  # new, at the prior: on from the next step
+    assert a.any_on and not a.can_skip(6, {"r"})
+    assert a.num_drafts("r", 0.1, 6) == 4
     for _ in range(6):
         a.observe("r", 4, 0)
     assert a.acceptance_rate("r") < 0.1
-    ks = {}
-    for step in range(10, 33):
-        ks[step] = a.num_drafts("r", 0.1, step)
-        if ks[step] and step < 32:
-            a.observe("r", 1, 0)  # the probe at 16 rejected: off at once, the next wait twice as long
-    assert [step for step, k in ks.items() if k] == [16, 32]  # probes on the grid: 8, then 16 apart
-    assert set(ks.values()) == {0, 1}
-    assert a.num_drafts("r", 0.1, 33) == 1  # the probe at 32 is not verified yet: still pending
-    for _ in range(3):
-        a.observe("r", 1, 1)  # the probe at 32 (and more) accepted: the text became predictable
-    assert a.num_drafts("r", 0.1, 34) >= 2
+    assert a.num_drafts("r", 0.1, 7) == 0 and not a.is_on("r") and not a.any_on  # off at once
+    assert a.can_skip(7, {"r"}) and not a.can_skip(8, {"r"})
+    assert a.num_drafts("r", 0.1, 8) == CHECK  # its check falls on the grid
+    a.observe_check("r", 0, 8, 0.1, 8)  # the proposer would have missed every emitted token
+    assert not a.is_on("r") and a.can_skip(9, {"r"})
+    checks = [step for step in range(9, 300) if a.num_drafts("r", 0.1, step) == CHECK
+              and a.observe_check("r", 0, 8, 0.1, step) is None]
+    assert checks == [16, 32, 64, 128, 256]  # the wait doubles
+    assert a.num_drafts("r", 0.1, 512) == CHECK
+    a.observe_check("r", 8, 8, 0.1, 512, now=False)  # the text became predictable
+    assert a.is_on("r") and a.num_drafts("r", 0.1, 513) == 0  # after a pipelined step: two steps on
+    assert a.num_drafts("r", 0.1, 514) >= 1
     a.remove("r")
-    assert a.acceptance_rate("r") == pytest.approx(0.7)
+    assert not a.any_on and a.acceptance_rate("r") == pytest.approx(0.7)
     assert AdaptiveNumDrafts(max_k=3, enabled=False).num_drafts("x", 5.0, 0) == 3
 
 
 def _simulate(a: AdaptiveNumDrafts, draft_cost: float, acceptance: int, num_steps: int) -> list[int]:
-    """k per step for one request (arriving at step 0) whose drafts are all accepted (1) or all rejected (0)."""
+    """k per step (CHECK for a hindsight check) for one request arriving at step 0 whose drafts are
+    all accepted (1) or all rejected (0)."""
     ks = []
     for step in range(num_steps):
         k = a.num_drafts("r", draft_cost, step)
         ks.append(k)
-        if k:
+        if k == CHECK:
+            a.observe_check("r", 8 * acceptance, 8, draft_cost, step)
+        elif k:
             a.observe("r", k, k * acceptance)
     return ks
 
 
 @pytest.mark.parametrize(("draft_cost", "max_steps_on"), [(0.3, 2), (0.05, 6)])
-def test_adaptive_switches_off_fast_and_probes_rarely_at_acceptance_zero(draft_cost, max_steps_on):
-    """A draft model (c ~ 0.3) is off after 2 failed verifications (the first is the new request's
-    probe), cheap n-gram drafts (c ~ 0.05) after 6; then one-draft probes with doubling gaps, at
-    most every MAX_BACKOFF steps."""
+def test_adaptive_switches_off_fast_and_checks_rarely_at_acceptance_zero(draft_cost, max_steps_on):
+    """A draft model (c ~ 0.3) is off after 2 failed verifications, cheap n-gram drafts (c ~ 0.05)
+    after 6; then only hindsight checks (no drafts) with doubling gaps, at most every MAX_BACKOFF."""
     ks = _simulate(AdaptiveNumDrafts(max_k=4), draft_cost, acceptance=0, num_steps=3000)
-    on = [i for i, k in enumerate(ks) if k]
-    first_off = ks.index(0, 1)
-    assert ks[0] == 1 and first_off <= max_steps_on and all(ks[:first_off])
-    probes = [i for i in on if i > first_off]
-    assert all(ks[i] == 1 for i in probes)
-    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    on = [i for i, k in enumerate(ks) if k > 0]
+    assert ks[0] == 0 and on[0] == 1 and len(on) <= max_steps_on and on == list(range(1, 1 + len(on)))
+    checks = [i for i, k in enumerate(ks) if k == CHECK]
+    gaps = [b - a for a, b in zip(checks, checks[1:], strict=False)]
     assert gaps[:6] == [8, 16, 32, 64, 128, 256] and set(gaps[6:]) == {MAX_BACKOFF}
-    assert all(p % MIN_BACKOFF == 0 for p in probes)  # on the shared grid
-    assert sum(ks) <= 4 * max_steps_on + len(probes) and len(probes) <= 16  # over 3,000 steps
+    assert all(c % MIN_BACKOFF == 0 for c in checks)  # on the shared grid
+    assert len(checks) <= 16  # over 3,000 steps
 
 
 @pytest.mark.parametrize("draft_cost", [0.05, 0.3, 0.8])
 def test_adaptive_stays_on_at_acceptance_one(draft_cost):
-    """Even where a draft token costs most of a step (large batch), perfect drafts pay: never off
-    after the first probe, and max_k within a few steps."""
+    """Even where a draft token costs most of a step (large batch), perfect drafts pay: on from the
+    first step (from the first check where the prior does not pay), and max_k within a few steps."""
     ks = _simulate(AdaptiveNumDrafts(max_k=4), draft_cost, acceptance=1, num_steps=500)
-    assert ks[0] == 1 and min(ks) >= 1 and ks[6:] == [4] * 494
-    # Where a draft token costs a whole step, not even perfect drafts pay: nothing is proposed.
+    first = next(i for i, k in enumerate(ks) if k > 0)
+    assert first == (1 if draft_cost < 0.5 else 9)  # (the check at step 8 switches it on)
+    assert min(ks[first:]) >= 1 and ks[first + 6:] == [4] * (494 - first)
+    # Where a draft token costs a whole step, not even perfect drafts pay: nothing is proposed or checked.
     assert _simulate(AdaptiveNumDrafts(max_k=4), 1.0, acceptance=1, num_steps=500) == [0] * 500
+
+
+def test_new_requests_start_from_the_engine_wide_rate_seeded_ones_from_the_default():
+    a = AdaptiveNumDrafts(max_k=4)
+    for i in range(20):
+        a.num_drafts(f"bad{i}", 0.1, 0)
+        a.num_drafts(f"bad{i}", 0.1, 1)
+        a.observe(f"bad{i}", 4, 0)
+    assert a.engine_rate() < 0.1
+    assert a.num_drafts("new", 0.1, 2) == 0 and not a.is_on("new")  # starts off, checked later
+    assert a.num_drafts("seeded", 0.1, None) == 0 and a.is_on("seeded")  # its own history only
+    assert [a.num_drafts("seeded", 0.1, None) for _ in range(2)] == [0, 4]  # two own steps later
 
 
 def test_step_cost_model_fits_online_and_falls_back_to_the_default():
@@ -148,18 +164,50 @@ def test_batch_aware_decision_flips_at_large_batch():
     a = AdaptiveNumDrafts(max_k=4, prior_rate=0.6, prior_weight=1000.0)  # the rate stays 0.6
 
     def decide(req_id: str, batch_size: int) -> int:
-        assert a.num_drafts(req_id, model.draft_token_cost(batch_size), 0) == 1  # a new request's probe
-        a.observe(req_id, 1, 1)  # accepted: the estimate decides from here
+        a.num_drafts(req_id, model.draft_token_cost(batch_size), 0)  # new: on or off from the prior
         return a.num_drafts(req_id, model.draft_token_cost(batch_size), 1)
 
     assert decide("r1", 1) == 4
     assert 1 <= decide("r32", 32) < 4
-    assert decide("r256", 256) == 0
-    # Off at a large batch, it comes back at its next probe once the batch is small.
-    ks = [a.num_drafts("r256", model.draft_token_cost(1), step) for step in range(2, 2 + MIN_BACKOFF - 1)]
-    assert ks == [0] * (MIN_BACKOFF - 2) + [1]  # the probe at step 8
-    a.observe("r256", 1, 1)
+    assert decide("r256", 256) == 0 and not a.is_on("r256")
+    # Off at a large batch, it comes back at its next check once the batch is small.
+    ks = [a.num_drafts("r256", model.draft_token_cost(1), step) for step in range(2, 9)]
+    assert ks == [0] * 6 + [CHECK]  # the check at step 8
+    a.observe_check("r256", 5, 8, model.draft_token_cost(1), 8)
     assert a.num_drafts("r256", model.draft_token_cost(1), 9) == 4
+
+
+def test_a_speculating_step_must_pay_for_the_whole_batch_losing_its_pipelining():
+    """rho = 0.7: a step without drafts runs pipelined in 0.7 of a synchronous step. One perfect
+    drafter in a batch of 32 does not pay for the 31 others' loss; 32 good drafters do; at batch
+    1 the check is the single request's (best_num_drafts against 1 / rho)."""
+    cost = StepCostModel(0.05)
+    for i in range(100):
+        n = (1, 5, 32, 160)[i % 4]
+        cost.observe_step(n, 1e-3 + n * 1e-3 / 64)
+    for _ in range(80):
+        cost.observe_pipelined_step(32, 0.7 * (1e-3 + 32e-3 / 64))
+    assert cost.plain_goodput() == pytest.approx(1 / 0.7, rel=0.05)
+    c32 = cost.draft_token_cost(32)
+    assert not cost.speculation_pays(32, c32, expected_tokens(1.0, 4) - 1, 4, 4)
+    assert cost.speculation_pays(32, c32, 32 * (expected_tokens(0.9, 4) - 1), 32 * 4, 4)
+    c1 = cost.draft_token_cost(1)
+    for rate in (0.2, 0.4, 0.6, 0.9):
+        k = best_num_drafts(rate, 4, c1, cost.plain_goodput())
+        assert cost.speculation_pays(1, c1, expected_tokens(rate, max(k, 1)) - 1, max(k, 1), max(k, 1)) == (k > 0)
+
+
+def test_ngram_hindsight_asks_what_the_lookup_would_have_proposed_then():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        tokens = rng.integers(0, 4, size=int(rng.integers(3, 60))).tolist()
+        live = NgramProposer()
+        live.propose(tokens, 3, "r")  # its index covers every token
+        for end in range(1, len(tokens) + 1):
+            assert live.propose(tokens, 3, "r", end=end) == NgramProposer().propose(tokens[:end], 3)
+    loop = [5, 1, 2, 3, 1, 2, 3, 1, 2, 3]
+    assert NgramProposer().hindsight(loop, 4, "r") == 4  # "3 1" -> 2, "1 2" -> 3, ...
+    assert NgramProposer().hindsight(loop, 9) == 4  # "3 1" first recurs at the end of position 7
 
 
 class _FakeSched:
@@ -337,9 +385,11 @@ def test_pipelined_steps_raise_the_bar_for_speculation():
 
 def test_a_request_without_a_draft_goes_off_with_backoff():
     a = AdaptiveNumDrafts(max_k=4)
-    assert a.num_drafts("r", 0.1, 8) == 1  # a new request's first probe
-    a.no_draft("r", 8)  # the n-gram lookup found nothing
-    assert a.can_skip(9, {"r"}) and not a.can_skip(16, {"r"})
-    assert a.num_drafts("r", 0.1, 16) == 1
-    a.no_draft("r", 16)
+    a.num_drafts("r", 0.1, 7)
+    assert a.num_drafts("r", 0.1, 8) == 4
+    a.switch_off("r", 8)  # the n-gram lookup found nothing
+    assert not a.any_on and a.can_skip(15, {"r"}) and not a.can_skip(16, {"r"})
+    assert a.num_drafts("r", 0.1, 16) == CHECK
+    a.observe_check("r", 8, 8, 0.1, 16)  # on again, the lookup finds nothing again
+    a.switch_off("r", 17)
     assert a.can_skip(31, {"r"}) and not a.can_skip(32, {"r"})  # the wait doubled

@@ -9,8 +9,8 @@ so the host's scheduling, input preparation and output processing overlap the GP
 of leaving it idle between steps. Step N+1 is scheduled before N's tokens are known (see the
 scheduler's placeholders); the previous step is finished first when the next one needs its tokens on
 the host (penalties) or nothing is left to launch. With speculative decoding a step is pipelined
-only while no request speculates (adaptive k switched every one off, no probe due): otherwise the
-next step's drafts are proposed from its tokens, so it runs synchronously.
+only while no request speculates (adaptive k switched every one off): otherwise the next step's
+drafts are proposed from its tokens, so it runs synchronously.
 """
 
 from __future__ import annotations
@@ -193,8 +193,7 @@ class LLMEngine:
         spec = self.model_runner.spec_decoder
         if spec is None:
             return True
-        # Its propose() call comes after the one of the step in flight, if any.
-        return spec.is_quiet(self.scheduler.requests.keys(), steps_ahead=int(self._in_flight is not None))
+        return spec.is_quiet()
 
     def _finish_in_flight(self) -> list[RequestOutput]:
         step, self._in_flight = self._in_flight, None
@@ -220,10 +219,7 @@ class LLMEngine:
             if step.is_pipelined and last_pipelined:
                 self.model_runner.spec_decoder.observe_pipelined_step(scheduler_output, now - last)  # type: ignore[union-attr]
             drafts = self.model_runner.propose_draft_token_ids(scheduler_output, runner_output.sampled_token_ids,
-                                                               seconds)
-            if drafts and step.is_pipelined:
-                raise RuntimeError(f"drafts proposed after a pipelined step (for {sorted(drafts)[:3]}): "
-                                   "speculative decoding was not quiet")
+                                                               seconds, step.is_pipelined)
             self.scheduler.update_draft_token_ids(drafts)
         if scheduled:
             self._record_step(scheduled, num_outputs_before)

@@ -8,22 +8,27 @@ that a draft token is accepted. With acceptance rate a and k drafts a step emits
 
 for a cost of about 1 + k * c steps, where c is one draft token's cost relative to the request's
 share of a step; c grows with the batch size (cost_model.py), so the same acceptance can pay at
-batch 1 and not at batch 64. k is the argmax of E / cost over 0..max_k, re-chosen every step.
+batch 1 and not at batch 64. k is the argmax of E / cost over 0..max_k, re-chosen every step
+(whether the step as a whole pays against running pipelined is the speculative decoder's
+batch-level check: cost_model.StepCostModel.speculation_pays).
 
-k = 0 switches a request off: it proposes nothing (no host work, no draft-model pass) until its
-next probe, one draft. A probe whose draft is accepted turns it (back) on, and k follows the
-estimate from there; a rejected probe switches it off at once (an estimate still near the prior
-would keep a hopeless request drafting for a few more steps) and doubles the wait; a probe not
-verified yet (the draft model still catching up on a long prompt) stays pending (MIN_BACKOFF, 2x, ... MAX_BACKOFF), so a request whose drafts keep failing costs a
-one-draft probe every MAX_BACKOFF steps, and one whose text becomes predictable (a loop, a quoted
-passage) gets speculation back. A new request starts off, its first probe due at the next multiple
-of MIN_BACKOFF steps.
+k = 0 switches a request off: it proposes nothing (no host work, no draft-model pass, and with
+every request off the engine pipelines its steps). An off request is *checked in hindsight* at
+its next check step: the proposer is run over the request's last few emitted tokens (the n-gram
+lookup on the host, the draft model as one catch-up pass queued behind the running step) and the
+share of positions at which it would have proposed the token the target then emitted is observed
+like a verification (speculative_decoder.py). A check needs no draft to be verified, so it never
+makes a step synchronous: a request whose drafts keep failing costs one cheap check every
+MAX_BACKOFF steps (the wait doubles from MIN_BACKOFF after each check that leaves it off), and one
+whose text becomes predictable (a loop, a quoted passage) gets speculation back. Check steps are
+multiples of the wait, so checks of different requests fall on the same steps.
 
-Probes fall on steps that are multiples of the wait, so requests probe together: a probe's cost is
-mostly per step (a draft-model pass, the verification path for the whole batch), and a large batch
-of unrelated requests (arriving every few steps) would otherwise pay it nearly every step. Where
-c >= 1 not even perfect drafts pay ((k + 1) / (1 + k c) <= 1), and a due probe waits for the next
-multiple of MIN_BACKOFF instead.
+A request switched on proposes from `on_from` on: at once after a synchronous step, two steps later
+after a pipelined one (its next step is already running without drafts; the one after it is
+scheduled synchronously, because a request is on). A new request starts from the engine's recent
+acceptance (a draft model that has been failing every request starts off, one that has been
+accepted starts on at once); a seeded sampled request starts from the default prior and counts its
+own steps, so that its drafts depend on nothing but its own history.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from dataclasses import dataclass
 DEFAULT_DECAY = 0.8
 DEFAULT_PRIOR_RATE = 0.7
 DEFAULT_PRIOR_WEIGHT = 1.0
+ENGINE_PRIOR_DECAY = 0.98  # per observation: the engine-wide rate follows the last ~50 verifications/checks
 MIN_BACKOFF, MAX_BACKOFF = 8, 256
+CHECK = -1  # num_drafts(): the request is due for a hindsight check (observe_check() takes the result)
 
 
 def expected_tokens(rate: float, k: int) -> float:
@@ -59,12 +66,12 @@ def best_num_drafts(rate: float, max_k: int, draft_cost: float, plain_goodput: f
 class _RequestState:
     accepted: float
     trials: float
-    next_probe: int  # while off: the step of the next probe; -1 while on
+    on_from: int  # while on: the first step at which it proposes; -1 while off
+    next_check: int  # while off: the step of its next hindsight check
     wait: int = MIN_BACKOFF  # how long the next switch-off lasts, at least
     num_steps: int = 0  # the request's own clock (num_drafts without a step)
     has_own_clock: bool = False
-    probing: bool = False  # its last draft was a probe, not yet judged
-    probe_accepted: int = -1  # drafts the probe's verification accepted (-1: not verified yet)
+    checking: bool = False  # a check was asked for and its result is not in yet
 
 
 def _next_multiple(step: int, n: int) -> int:
@@ -78,7 +85,7 @@ class AdaptiveNumDrafts:
         max_k: num_speculative_tokens (the most drafts per step).
         decay: EWMA factor per verification (older observations fade).
         prior_rate / prior_weight: the starting estimate and how many trials it is worth.
-        enabled: False = always max_k (no adaptation).
+        enabled: False = always max_k (no adaptation, no checks).
     """
 
     def __init__(
@@ -95,88 +102,150 @@ class AdaptiveNumDrafts:
         self.prior_rate, self.prior_weight = prior_rate, prior_weight
         self.enabled = enabled
         self._states: dict[str, _RequestState] = {}
-        self._quiet_until: int | None = None  # engine steps before it: every known request off (None: stale)
+        self._engine_accepted, self._engine_trials = prior_rate, 1.0  # the engine-wide rate (new requests' prior)
+        self._num_on = 0
+        self._next_event: int | None = None  # the earliest check step of an off request (None: stale)
 
-    def num_drafts(self, req_id: str, draft_cost: float, step: int | None, plain_goodput: float = 1.0) -> int:
-        """Drafts to propose for this request now (call once per step in which it sampled).
+    # -- decisions ---------------------------------------------------------------------------------
+    def num_drafts(self, req_id: str, draft_cost: float, step: int | None, plain_goodput: float = 1.0,
+                   now: bool = True) -> int:
+        """Drafts to propose for this request now (call once per step in which it sampled), or CHECK.
 
         `draft_cost` is c above at this step's batch size. `step` is the engine's step count, so that
-        different requests' probes fall on the same steps; None counts the request's own steps
+        different requests' checks fall on the same steps; None counts the request's own steps
         instead, so that its drafts depend on nothing but its own history and `draft_cost` (a seeded
-        sampled request's random draws depend on its drafts)."""
+        sampled request's random draws depend on its drafts). `now`: whether the step just finished
+        was synchronous (drafts proposed now can be verified by the next step)."""
         if not self.enabled:
             return self.max_k
-        self._quiet_until = None
         state = self._states.get(req_id)
-        if state is None:
-            first_probe = 0 if step is None else -(-step // MIN_BACKOFF) * MIN_BACKOFF
-            state = self._states[req_id] = _RequestState(self.prior_rate * self.prior_weight, self.prior_weight,
-                                                         first_probe, has_own_clock=step is None)
+        if state is None:  # on (proposing from a later step) or off, from the prior alone
+            state = self._new_state(req_id, step)
+            self._decide(state, draft_cost, step, plain_goodput, now, is_new=True)
         if step is None:
             step = state.num_steps
             state.num_steps += 1
-        if state.next_probe >= 0:  # off
-            if step < state.next_probe:
+        if state.on_from < 0:  # off
+            if step < state.next_check or state.checking:
                 return 0
             if draft_cost >= 1.0:  # not even perfect drafts would pay now: look again later
-                state.next_probe = _next_multiple(step, MIN_BACKOFF)
+                self._switch_off(state, _next_multiple(step, MIN_BACKOFF), double=False)
                 return 0
-            state.next_probe, state.probing, state.probe_accepted = -1, True, -1
-            return 1  # the probe; the next call decides with its result
-        if state.probing:
-            if state.probe_accepted < 0:  # not verified (the draft model still catching up, no n-gram match)
-                return 1
-            state.probing = False
-            if state.probe_accepted == 0:  # rejected: off again, twice as long
-                state.next_probe, state.wait = _next_multiple(step, state.wait), min(2 * state.wait, MAX_BACKOFF)
-                return 0
+            state.checking = True
+            return CHECK
+        if step < state.on_from:  # just switched on: its next step runs without drafts
+            return 0
         k = best_num_drafts(state.accepted / state.trials, self.max_k, draft_cost, plain_goodput)
-        if k:
-            state.wait = MIN_BACKOFF
-        else:
-            state.next_probe, state.wait = _next_multiple(step, state.wait), min(2 * state.wait, MAX_BACKOFF)
+        if not k:
+            self._switch_off(state, _next_multiple(step, state.wait))
         return k
 
-    def no_draft(self, req_id: str, step: int | None) -> None:
-        """The proposer found nothing to propose for a request that asked for drafts (no n-gram
-        match): like a rejected probe, it goes off and its wait doubles (a step that verifies
-        nothing still costs the pipelining every step without speculation gets)."""
+    def observe_check(self, req_id: str, num_matched: float, num_positions: int, draft_cost: float,
+                      step: int | None, plain_goodput: float = 1.0, now: bool = True) -> None:
+        """The result of a hindsight check: at `num_positions` positions the proposer would have
+        proposed the emitted token `num_matched` times (a probability sum for sampled requests).
+        Updates the estimate and switches the request on or off (a new check then waits longer)."""
         state = self._states.get(req_id)
         if state is None or not self.enabled:
             return
-        if step is None:
-            step = state.num_steps
-        state.probing = False
-        state.next_probe, state.wait = _next_multiple(step, state.wait), min(2 * state.wait, MAX_BACKOFF)
-        self._quiet_until = None
-
-    def can_skip(self, step: int, req_ids: Set[str]) -> bool:
-        """True when calling num_drafts(req_id, any cost, step) for every one of `req_ids` would return 0
-        and change nothing: all are known, all off on the engine's clock, none due for a probe.
-        O(1) per step while that lasts (the bound is recomputed after a num_drafts call)."""
-        if not self.enabled:
-            return False
-        if self._quiet_until is None:
-            self._quiet_until = min(
-                (s.next_probe if s.next_probe >= 0 and not s.has_own_clock else -1 for s in self._states.values()),
-                default=1 << 62,
-            )
-        return step < self._quiet_until and self._states.keys() >= req_ids
+        state.checking = False
+        if num_positions > 0:
+            self._observe(state, num_matched, num_positions)
+        self._decide(state, draft_cost, step, plain_goodput, now)
 
     def observe(self, req_id: str, num_drafts: int, num_accepted: int) -> None:
         """Record one verification: `num_accepted` of `num_drafts` drafts were accepted."""
         state = self._states.get(req_id)
         if state is None or num_drafts <= 0:
             return
-        if state.probing:
-            state.probe_accepted = num_accepted
         rejected = 1 if num_accepted < num_drafts else 0
-        state.accepted = self.decay * state.accepted + num_accepted
-        state.trials = self.decay * state.trials + num_accepted + rejected
+        self._observe(state, num_accepted, num_accepted + rejected)
+        if num_accepted:  # it pays off: the next switch-off starts from the shortest wait again
+            state.wait = MIN_BACKOFF
+
+    def switch_off(self, req_id: str, step: int | None) -> None:
+        """Switch an on request off, its wait doubled: the proposer found nothing to propose (no n-gram
+        match), or the step as a whole would not pay (the batch-level check)."""
+        state = self._states.get(req_id)
+        if state is None or not self.enabled or state.on_from < 0:
+            return
+        self._switch_off(state, _next_multiple(state.num_steps if step is None else step, state.wait))
+
+    def remove(self, req_id: str) -> None:
+        state = self._states.pop(req_id, None)
+        if state is not None and state.on_from >= 0:
+            self._num_on -= 1
+        self._next_event = None
+
+    # -- queries -----------------------------------------------------------------------------------
+    @property
+    def any_on(self) -> bool:
+        """Whether some request may propose drafts (the engine must not pipeline its next step)."""
+        return not self.enabled or self._num_on > 0
+
+    def can_skip(self, step: int, req_ids: Set[str]) -> bool:
+        """True when calling num_drafts(req_id, any cost, step) for every one of `req_ids` would return 0
+        and change nothing: all are known, all off on the engine's clock, none due for a check.
+        O(1) per step while that lasts (the bound is recomputed after a state changes)."""
+        if not self.enabled or self._num_on:
+            return False
+        if self._next_event is None:
+            self._next_event = min(
+                (-1 if s.has_own_clock else s.next_check for s in self._states.values()), default=1 << 62
+            )
+        return step < self._next_event and self._states.keys() >= req_ids
 
     def acceptance_rate(self, req_id: str) -> float:
         state = self._states.get(req_id)
         return self.prior_rate if state is None else state.accepted / state.trials
 
-    def remove(self, req_id: str) -> None:
-        self._states.pop(req_id, None)
+    def engine_rate(self) -> float:
+        """The engine-wide acceptance of recent verifications and checks (new requests' prior)."""
+        return self._engine_accepted / self._engine_trials
+
+    def is_on(self, req_id: str) -> bool:
+        state = self._states.get(req_id)
+        return state is not None and state.on_from >= 0
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _new_state(self, req_id: str, step: int | None) -> _RequestState:
+        rate = self.prior_rate if step is None else self.engine_rate()
+        first_check = MIN_BACKOFF if step is None else _next_multiple(step + MIN_BACKOFF // 2, MIN_BACKOFF)
+        state = _RequestState(rate * self.prior_weight, self.prior_weight, -1, first_check, has_own_clock=step is None)
+        self._states[req_id] = state
+        self._next_event = None
+        return state
+
+    def _observe(self, state: _RequestState, accepted: float, trials: float) -> None:
+        state.accepted = self.decay * state.accepted + accepted
+        state.trials = self.decay * state.trials + trials
+        if not state.has_own_clock:
+            self._engine_accepted = ENGINE_PRIOR_DECAY * self._engine_accepted + accepted
+            self._engine_trials = ENGINE_PRIOR_DECAY * self._engine_trials + trials
+
+    def _decide(self, state: _RequestState, draft_cost: float, step: int | None, plain_goodput: float, now: bool,
+                is_new: bool = False) -> None:
+        """On or off from the estimate (after a check, or for a new request).
+
+        NOTE: switched on at engine step s, a request proposes from s + 1 when the step just finished
+        was synchronous (the next one is scheduled after this call, seeing it on), else from s + 2. On
+        its own clock it skips its next two own steps whatever the engine did: its first drafts then
+        come at the same own step in any batch."""
+        k = 0 if draft_cost >= 1.0 else best_num_drafts(state.accepted / state.trials, self.max_k, draft_cost,
+                                                         plain_goodput)
+        if not k:
+            if not is_new:
+                self._switch_off(state, _next_multiple(state.num_steps if step is None else step, state.wait))
+            return
+        if state.on_from < 0:
+            self._num_on += 1
+            self._next_event = None
+        state.on_from = state.num_steps + 2 if step is None else step + (1 if now else 2)
+
+    def _switch_off(self, state: _RequestState, next_check: int, double: bool = True) -> None:
+        if state.on_from >= 0:
+            self._num_on -= 1
+        state.on_from, state.next_check = -1, next_check
+        if double:
+            state.wait = min(2 * state.wait, MAX_BACKOFF)
+        self._next_event = None

@@ -22,7 +22,9 @@ Async scheduling: a step in which nothing speculates is pipelined (the host's wo
 GPU's), a speculating step is not. `pipelined_ratio` (rho) is a pipelined decode step's time over the
 fitted synchronous time at its size (an average of measurements; 1 until there are some), so a
 request off speculation emits 1 / rho tokens per synchronous step's time, which is what its drafts
-must beat (adaptive.best_num_drafts' `plain_goodput`).
+must beat (adaptive.best_num_drafts' `plain_goodput`). Batch-wide, a speculating step makes every
+request in it lose the pipelining, not only the ones that draft: `speculation_pays` weighs the
+drafters' extra tokens against that, for the whole step.
 """
 
 from __future__ import annotations
@@ -80,6 +82,20 @@ class StepCostModel:
     def plain_goodput(self, measured: bool = True) -> float:
         """Tokens a request off speculation emits per synchronous step's time (1 / rho)."""
         return 1.0 / self.pipelined_ratio if measured else 1.0
+
+    def speculation_pays(self, batch_size: int, draft_cost: float, extra_tokens: float, num_draft_tokens: int,
+                         max_k: int) -> bool:
+        """Whether a synchronous step of `batch_size` requests whose drafters are expected to emit
+        `extra_tokens` more than one token each beats running the step without drafts, pipelined.
+        `draft_cost` is c at this batch size (draft_token_cost): its verification part is paid per
+        draft token (`num_draft_tokens` in all), its proposer part per draft position (`max_k`):
+
+            (B + extra) / (1 + verify * drafts / B + proposer * max_k)  >  B / rho
+        """
+        proposer = min(self.proposer_cost, draft_cost)
+        verify = draft_cost - proposer
+        relative_time = 1.0 + verify * num_draft_tokens / batch_size + proposer * max_k
+        return (batch_size + extra_tokens) / relative_time > batch_size * self.plain_goodput()
 
     def coefficients(self) -> tuple[float, float]:
         """(a, b) of step_seconds(N) = a + b * N; before any step, the default ratio in step units."""

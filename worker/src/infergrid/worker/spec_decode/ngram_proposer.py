@@ -15,6 +15,7 @@ accepts draft i with probability p(draft i), which is exactly "sample from p, ke
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import numpy as np
@@ -67,9 +68,11 @@ class NgramProposer:
         self.min_n, self.max_n, self.max_lookback = min_n, max_n, max_lookback
         self._indexes: dict[str, _TokenIndex] = {}
 
-    def propose(self, token_ids: Sequence[int], k: int, request_id: str | None = None) -> list[int]:
-        """Up to k draft tokens continuing `token_ids` (empty when no n-gram suffix recurs)."""
-        num = len(token_ids)
+    def propose(self, token_ids: Sequence[int], k: int, request_id: str | None = None,
+                end: int | None = None) -> list[int]:
+        """Up to k draft tokens continuing `token_ids[:end]` (empty when no n-gram suffix recurs).
+        `end` below len(token_ids) asks what would have been proposed then (hindsight checks)."""
+        num = len(token_ids) if end is None else end
         if k <= 0 or num < self.min_n + 1:
             return []
         index = _TokenIndex() if request_id is None else self._indexes.setdefault(request_id, _TokenIndex())
@@ -77,13 +80,14 @@ class NgramProposer:
         candidates = index.positions.get(token_ids[num - 1])
         if not candidates:
             return []
-        lo = max(0, num - self.max_lookback)  # the window searched: token_ids[lo:]
+        stop = len(candidates) if end is None else bisect.bisect_left(candidates, num - 1)
+        lo = max(0, num - self.max_lookback)  # the window searched: token_ids[lo:num]
         best_len, best_end = 0, -1
-        for checked, e in enumerate(reversed(candidates)):
+        for checked, e in enumerate(candidates[i] for i in range(stop - 1, -1, -1)):
             if e < lo:
                 break
             if checked == MAX_SCALAR_CANDIDATES:
-                return self._propose_vectorized(np.asarray(token_ids[lo:], dtype=np.int64), k)
+                return self._propose_vectorized(np.asarray(token_ids[lo:num], dtype=np.int64), k)
             n = 1  # tokens matched, ending at e and at num - 1
             while n < self.max_n and e - n >= lo and token_ids[e - n] == token_ids[num - 1 - n]:
                 n += 1
@@ -96,6 +100,16 @@ class NgramProposer:
         start = best_end + 1
         period = num - start  # past the end the copy repeats (a loop proposes a full k)
         return [token_ids[start + i % period] for i in range(k)]
+
+    def hindsight(self, token_ids: Sequence[int], num_positions: int, request_id: str | None = None) -> int:
+        """At how many of the last `num_positions` positions the lookup would have proposed the token
+        that came next (a hindsight check of adaptive k; for a sampled request, the chance of that
+        equals the chance that the verifier accepts the draft)."""
+        num = len(token_ids)
+        return sum(
+            1 for t in range(max(1, num - num_positions), num)
+            if self.propose(token_ids, 1, request_id, end=t) == [token_ids[t]]
+        )
 
     def _propose_vectorized(self, tokens: np.ndarray, k: int) -> list[int]:
         """The same search over a window as one numpy pass per n."""

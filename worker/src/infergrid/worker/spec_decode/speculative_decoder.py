@@ -8,20 +8,25 @@ preempted and prefix-hit requests):
     execute_model()   one target forward pass; a request with drafts samples at every draft
                       position + 1; `verify` = lossless rejection sampling (rejection_sampler.py)
     update_from_output()  appends accepted drafts + one token and rewinds the rejected drafts' KV
-    propose()         observes acceptance (adaptive.py) and the step's time (cost_model.py), then
-                      proposes up to k tokens for every request that sampled and speculates:
-                      n-gram lookup or the draft model
+    propose()         observes acceptance (adaptive.py) and the step's time (cost_model.py), runs
+                      the hindsight checks due for requests that are off, then proposes up to k
+                      tokens for every request that sampled and speculates (n-gram lookup or the
+                      draft model), if the step as a whole pays (`_pays`)
 
 The proposals (and, for a sampled draft, their distributions q) wait for the next step. A request
 at k = 0 costs a dictionary lookup per step here: no lookup, no draft-model pass, no draft rows; a
-step in which every request is off with no probe due skips even that (AdaptiveNumDrafts.can_skip).
+step in which every request is off with no check due skips even that (AdaptiveNumDrafts.can_skip),
+and the engine pipelines such steps (LLMEngine with async scheduling). Checks never make a step
+synchronous: the n-gram one is a host lookup over tokens already known, the draft model's is one
+catch-up pass queued on the device behind the running step, its scores read CHECK_RESULT_DELAY
+steps later.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,16 +35,20 @@ from infergrid.worker import envs
 from infergrid.worker.engine.request import RequestStatus
 from infergrid.worker.engine.scheduler import ScheduledRequest, SchedulerOutput
 from infergrid.worker.layers.sampler import SamplerOutput, SamplingMetadata
-from infergrid.worker.spec_decode.adaptive import AdaptiveNumDrafts
+from infergrid.worker.spec_decode.adaptive import CHECK, AdaptiveNumDrafts, best_num_drafts, expected_tokens
 from infergrid.worker.spec_decode.cost_model import StepCostModel
 from infergrid.worker.spec_decode.ngram_proposer import NgramProposer
 from infergrid.worker.spec_decode.rejection_sampler import NO_DRAFT, RejectionSampler
 
 if TYPE_CHECKING:
     from infergrid.worker.engine.model_runner import ModelRunner
-    from infergrid.worker.spec_decode.draft_proposer import DraftProposer, Proposal
+    from infergrid.worker.engine.request import Request
+    from infergrid.worker.spec_decode.draft_proposer import DraftProposer, PendingCheck, Proposal
 
 logger = logging.getLogger(__name__)
+
+HINDSIGHT_WINDOW = 8  # emitted tokens a hindsight check scores (at most)
+CHECK_RESULT_DELAY = 2  # steps until a draft-model check's scores are applied (the device is past them)
 
 
 class SpeculativeDecoder:
@@ -66,7 +75,9 @@ class SpeculativeDecoder:
         self.cost = StepCostModel(proposer_cost)
         self.adaptive = AdaptiveNumDrafts(self.max_k, enabled=envs.spec_decode_adaptive())
         self.proposals: dict[str, Proposal] = {}  # draft method, sampled requests: drafts + q
-        self.num_steps = 0  # propose() calls: the step count adaptive k aligns probes to
+        # Draft-model hindsight checks on their way: (step to apply at, scores, their requests).
+        self._pending_checks: list[tuple[int, PendingCheck, dict[str, Request]]] = []
+        self.num_steps = 0  # propose() calls: the step count adaptive k aligns checks to
         # Requests given drafts that have not sampled since (a superset of those with drafts to verify).
         self.drafted: set[str] = set()
         logger.info("speculative decoding: %s, up to %d tokens per step (proposer cost %.3f per token, adaptive %s)",
@@ -124,21 +135,24 @@ class SpeculativeDecoder:
         if scheduler_output.num_batched_tokens == len(scheduler_output.scheduled):  # a decode step
             self.cost.observe_pipelined_step(scheduler_output.num_batched_tokens, seconds)
 
-    def is_quiet(self, req_ids: Set[str], steps_ahead: int = 0) -> bool:
-        """True when the propose() call `steps_ahead` calls from now, for requests among `req_ids`,
-        will return no drafts (so the engine may pipeline that step): nothing drafted is pending, and
-        every request is off with no probe due (adaptive.py)."""
-        return not self.drafted and self.adaptive.can_skip(self.num_steps + steps_ahead, req_ids)
+    def is_quiet(self) -> bool:
+        """True when no request will propose drafts until some request is switched on (in a propose()
+        call, which then gives its first drafts two steps later at the earliest after a pipelined
+        step): the engine may pipeline the step it is about to schedule."""
+        return not self.drafted and not self.adaptive.any_on
 
     def propose(
         self,
         scheduler_output: SchedulerOutput,
         sampled_token_ids: Mapping[str, Sequence[int]],
         step_seconds: float | None = None,
+        pipelined: bool = False,
     ) -> dict[str, list[int]]:
-        """After the scheduler applied this step (which took `step_seconds`, proposing excluded):
-        learn from the verified drafts and propose the next drafts for every running request that
-        sampled and speculates. Returns request id -> drafts."""
+        """After the scheduler applied this step (which took `step_seconds`, proposing excluded; it
+        ran `pipelined` ahead of its tokens or not): learn from the verified drafts and the hindsight
+        checks, run the checks now due, and propose the next drafts for every running request that
+        sampled and speculates, if the step as a whole pays. Returns request id -> drafts (none after
+        a pipelined step: the next step is already running)."""
         if self.draft is not None:
             self.draft.note_target_writes(scheduler_output)
         num_sampled = len(sampled_token_ids)
@@ -148,15 +162,23 @@ class SpeculativeDecoder:
             self.cost.observe_step(scheduler_output.num_batched_tokens, step_seconds)
         adaptive, proposals, step = self.adaptive, self.proposals, self.num_steps
         self.num_steps += 1
-        # Every request off and none due for a probe: nothing to observe, nothing to propose.
-        if not self.drafted and adaptive.can_skip(step, sampled_token_ids.keys()):
+        now = not pipelined
+        # Every request off, no check due or in flight: nothing to observe, nothing to propose.
+        if not self.drafted and not self._pending_checks and adaptive.can_skip(step, sampled_token_ids.keys()):
             return {}
-        cost, plain = self.cost.draft_token_cost(num_sampled), self.cost.plain_goodput()
+        cost, plain = self.cost.draft_token_cost(max(1, num_sampled)), self.cost.plain_goodput()
         # NOTE: a seeded sampled request's random draws depend on its drafts, so its drafts must not
-        # depend on timing or on other requests: default costs, its own step count.
-        seeded_cost = self.cost.draft_token_cost(num_sampled, measured=False)
-        seeded_plain = self.cost.plain_goodput(measured=False)
-        candidates = []
+        # depend on timing or on other requests: default costs, its own step count, no batch check.
+        seeded_cost = self.cost.draft_token_cost(max(1, num_sampled), measured=False)
+
+        def decide_args(request: Request) -> tuple[float, int | None, float]:
+            """(c, step, what a check's drafts must beat alone: 1 / rho)"""
+            return (seeded_cost, None, 1.0) if _own_clock(request) else (cost, step, plain)
+
+        self._collect_checks(step, decide_args, now)
+        wanted: list[tuple[ScheduledRequest, int]] = []
+        checks: list[ScheduledRequest] = []
+        sampling: list[ScheduledRequest] = []
         for sched in scheduler_output.scheduled:
             req_id = sched.request_id
             if not sched.needs_sample or req_id not in sampled_token_ids:
@@ -169,31 +191,91 @@ class SpeculativeDecoder:
             request = sched.request
             if request.status != RequestStatus.RUNNING:
                 continue
-            params = request.sampling_params
-            own_clock = params.seed is not None and not params.is_greedy
-            if own_clock:
-                k = adaptive.num_drafts(req_id, seeded_cost, None, seeded_plain)
-            else:
-                k = adaptive.num_drafts(req_id, cost, step, plain)
-            if k:
+            sampling.append(sched)
+            c, own_step, _ = decide_args(request)
+            # Marginal: in a synchronous step (the batch-level check below decides that) drafts need
+            # only beat 1 token per step.
+            k = adaptive.num_drafts(req_id, c, own_step, 1.0, now)
+            if k == CHECK:
+                checks.append(sched)
+            elif k:
                 # Drafts past prompt + max_tokens - 1 positions would be trimmed by the scheduler anyway.
                 k = min(k, request.max_tokens - request.num_output_tokens - 1)  # type: ignore[operator]
                 if k > 0:
-                    candidates.append((sched, k, own_clock))
-        if not candidates:
+                    wanted.append((sched, k))
+        if checks:
+            self._check(checks, decide_args, step, now)
+        if adaptive.any_on and not self._pays(sampling, dict((s.request_id, k) for s, k in wanted), cost, step):
             return {}
+        if not wanted:
+            return {}
+        if pipelined:
+            raise RuntimeError(f"requests {[s.request_id for s, _ in wanted][:3]} want drafts after a pipelined "
+                               "step: adaptive k switched them on too early")
         start = time.perf_counter()
-        drafts, num_caught_up = self._propose([(sched, k) for sched, k, _ in candidates])
-        for sched, _, own_clock in candidates:
+        drafts, num_caught_up = self._propose(wanted)
+        for sched, _ in wanted:
             if sched.request_id not in drafts:  # nothing to propose (no n-gram match): off for a while
-                adaptive.no_draft(sched.request_id, None if own_clock else step)
+                adaptive.switch_off(sched.request_id, decide_args(sched.request)[1])
         self.drafted.update(drafts)
         # Time per draft position, in steps that caught up no more than a step's worth of tokens
-        # (a first proposal or a probe catches up on many: not the per-step cost).
-        if step_seconds is not None and num_caught_up <= len(candidates) * (self.max_k + 2):
-            max_k = max(k for _, k, _ in candidates)
+        # (a first proposal catches up on a whole prompt: not the per-step cost).
+        if step_seconds is not None and num_caught_up <= len(wanted) * (self.max_k + 2):
+            max_k = max(k for _, k in wanted)
             self.cost.observe_proposer((time.perf_counter() - start) / max_k, step_seconds)
         return drafts
+
+    def _pays(self, sampling: list[ScheduledRequest], wanted: dict[str, int], draft_cost: float, step: int) -> bool:
+        """The batch-level check, over the requests of this step that are on (`wanted`: those that
+        propose now, with their k; the others just switched on, at their estimated k). A speculating
+        step is synchronous for every request in it, so the drafters' expected extra tokens must beat
+        the pipelining the whole batch gives up (cost_model.speculation_pays). If they do not, the
+        drafters (those on the engine's clock) go off until their next hindsight check: this step
+        and the next ones run pipelined, without drafts."""
+        adaptive = self.adaptive
+        if not adaptive.enabled:
+            return True
+        on: list[tuple[str, int]] = []
+        for sched in sampling:
+            req_id = sched.request_id
+            if not adaptive.is_on(req_id):
+                continue
+            if _own_clock(sched.request):  # synchronous anyway
+                return True
+            rate = adaptive.acceptance_rate(req_id)
+            on.append((req_id, wanted.get(req_id) or best_num_drafts(rate, self.max_k, draft_cost)))
+        on = [(req_id, k) for req_id, k in on if k]
+        if not on:
+            return True
+        extra = sum(expected_tokens(adaptive.acceptance_rate(req_id), k) - 1.0 for req_id, k in on)
+        if self.cost.speculation_pays(len(sampling), draft_cost, extra, sum(k for _, k in on), max(k for _, k in on)):
+            return True
+        for req_id, _ in on:
+            adaptive.switch_off(req_id, step)
+        return False
+
+    def _check(self, checks: list[ScheduledRequest], decide_args: Callable, step: int, now: bool) -> None:
+        """Hindsight checks of off requests (adaptive.py): n-gram at once, the draft model queued."""
+        if self.ngram is not None:
+            for sched in checks:
+                request = sched.request
+                window = min(HINDSIGHT_WINDOW, request.num_output_tokens)
+                matched = self.ngram.hindsight(request.all_token_ids, window, sched.request_id)
+                self.adaptive.observe_check(sched.request_id, matched, window, *decide_args(request), now)
+            return
+        assert self.draft is not None
+        from infergrid.worker.spec_decode.draft_proposer import DraftRequest
+
+        pending = self.draft.look_back([(DraftRequest(s.request, s.block_ids, 0), HINDSIGHT_WINDOW) for s in checks])
+        self._pending_checks.append((step + CHECK_RESULT_DELAY, pending, {s.request_id: s.request for s in checks}))
+
+    def _collect_checks(self, step: int, decide_args: Callable, now: bool) -> None:
+        """Apply the draft model's hindsight checks queued CHECK_RESULT_DELAY steps ago (the steps since
+        waited for the device, so this does not; and a fixed delay keeps the decisions deterministic)."""
+        while self._pending_checks and self._pending_checks[0][0] <= step:
+            _, pending, requests = self._pending_checks.pop(0)
+            for req_id, (matched, window) in pending.result().items():
+                self.adaptive.observe_check(req_id, matched, window, *decide_args(requests[req_id]), now)
 
     def _propose(self, candidates: list[tuple[ScheduledRequest, int]]) -> tuple[dict[str, list[int]], int]:
         """Drafts for (request, k) pairs, and the tokens the draft model caught up on to make them."""
@@ -212,3 +294,8 @@ class SpeculativeDecoder:
         self.proposals.update(proposals)
         drafts = {req_id: p.token_ids for req_id, p in proposals.items()}
         return drafts, self.draft.num_catch_up_tokens_total - num_caught_up
+
+
+def _own_clock(request: Request) -> bool:
+    """A seeded sampled request decides on its own clock and default costs (see propose())."""
+    return request.sampling_params.seed is not None and not request.sampling_params.is_greedy
