@@ -232,7 +232,8 @@ def test_abort_with_pending_drafts_and_max_model_len_edge(models, monkeypatch):
     assert len(edge.token_ids) == 64 - len(prompt_ids) and edge.finish_reason == "length"
     assert edge.token_ids[:40] == expected[0]
     assert engine.scheduler.kv_cache_manager.get_usage() == 0.0
-    assert "a" not in engine.model_runner.spec_decoder.proposals
+    decoder = engine.model_runner.spec_decoder
+    assert "a" not in decoder.drafted and "a" not in decoder.adaptive._states  # forgotten
 
 
 def test_seeded_sampling_with_speculation_is_reproducible(models, monkeypatch):

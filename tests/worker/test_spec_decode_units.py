@@ -12,6 +12,7 @@ from infergrid.worker.spec_decode.adaptive import (
     CHECK,
     MAX_BACKOFF,
     MIN_BACKOFF,
+    NEW_OFF_WAIT,
     AdaptiveNumDrafts,
     best_num_drafts,
     expected_tokens,
@@ -112,7 +113,7 @@ def test_adaptive_stays_on_at_acceptance_one(draft_cost):
     first step (from the first check where the prior does not pay), and max_k within a few steps."""
     ks = _simulate(AdaptiveNumDrafts(max_k=4), draft_cost, acceptance=1, num_steps=500)
     first = next(i for i, k in enumerate(ks) if k > 0)
-    assert first == (1 if draft_cost < 0.5 else 9)  # (the check at step 8 switches it on)
+    assert first == (1 if draft_cost < 0.5 else NEW_OFF_WAIT + 1)  # (its first check switches it on)
     assert min(ks[first:]) >= 1 and ks[first + 6:] == [4] * (494 - first)
     # Where a draft token costs a whole step, not even perfect drafts pay: nothing is proposed or checked.
     assert _simulate(AdaptiveNumDrafts(max_k=4), 1.0, acceptance=1, num_steps=500) == [0] * 500
@@ -126,6 +127,7 @@ def test_new_requests_start_from_the_engine_wide_rate_seeded_ones_from_the_defau
         a.observe(f"bad{i}", 4, 0)
     assert a.engine_rate() < 0.1
     assert a.num_drafts("new", 0.1, 2) == 0 and not a.is_on("new")  # starts off, checked later
+    assert [a.num_drafts("new", 0.1, step) for step in range(3, NEW_OFF_WAIT + 1)][-2:] == [0, CHECK]
     assert a.num_drafts("seeded", 0.1, None) == 0 and a.is_on("seeded")  # its own history only
     assert [a.num_drafts("seeded", 0.1, None) for _ in range(2)] == [0, 4]  # two own steps later
 
@@ -171,10 +173,10 @@ def test_batch_aware_decision_flips_at_large_batch():
     assert 1 <= decide("r32", 32) < 4
     assert decide("r256", 256) == 0 and not a.is_on("r256")
     # Off at a large batch, it comes back at its next check once the batch is small.
-    ks = [a.num_drafts("r256", model.draft_token_cost(1), step) for step in range(2, 9)]
-    assert ks == [0] * 6 + [CHECK]  # the check at step 8
-    a.observe_check("r256", 5, 8, model.draft_token_cost(1), 8)
-    assert a.num_drafts("r256", model.draft_token_cost(1), 9) == 4
+    ks = [a.num_drafts("r256", model.draft_token_cost(1), step) for step in range(2, NEW_OFF_WAIT + 1)]
+    assert ks == [0] * (NEW_OFF_WAIT - 2) + [CHECK]  # (new and off: its first check comes later)
+    a.observe_check("r256", 5, 8, model.draft_token_cost(1), NEW_OFF_WAIT)
+    assert a.num_drafts("r256", model.draft_token_cost(1), NEW_OFF_WAIT + 1) == 4
 
 
 def test_a_speculating_step_must_pay_for_the_whole_batch_losing_its_pipelining():

@@ -102,6 +102,7 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.num_steps_total = 0
+        self.num_pipelined_steps_total = 0  # steps scheduled before the previous one's tokens were known
         self.last_step_time = time.monotonic()
         self._in_flight: _LaunchedStep | None = None  # async scheduling: launched, not finished yet
         self._last_finish: tuple[float, bool] = (0.0, False)  # perf_counter() of the last finish, pipelined?
@@ -223,6 +224,7 @@ class LLMEngine:
             self.scheduler.update_draft_token_ids(drafts)
         if scheduled:
             self._record_step(scheduled, num_outputs_before)
+            self.num_pipelined_steps_total += step.is_pipelined
             self._last_finish = (now, step.is_pipelined)
         return outputs
 

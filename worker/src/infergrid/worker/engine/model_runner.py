@@ -41,7 +41,12 @@ from infergrid.worker.distributed.communication import (
 from infergrid.worker.distributed.messages import GraphKind, GraphPlan, StepHeader
 from infergrid.worker.distributed.parallel_state import kv_head_layout
 from infergrid.worker.engine.kv_cache import determine_num_blocks
-from infergrid.worker.engine.scheduler import PLACEHOLDER_TOKEN_ID, ScheduledRequest, SchedulerOutput
+from infergrid.worker.engine.scheduler import (
+    DRAFT_PLACEHOLDER_ID,
+    PLACEHOLDER_TOKEN_ID,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from infergrid.worker.layers.attention import AttentionMetadata, get_attention_backend
 from infergrid.worker.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from infergrid.worker.loader import load_model, resolve_dtype
@@ -378,6 +383,7 @@ class ModelRunner:
         seq_lens = starts + q_lens
         max_query_len = int(q_lens.max())
         placeholders = np.flatnonzero(input_ids == PLACEHOLDER_TOKEN_ID)
+        device_drafts = np.flatnonzero(input_ids == DRAFT_PLACEHOLDER_ID)
         try:  # each placeholder's row in the previous step's sampled tokens
             placeholder_rows = [self._prev_rows[scheduled[i].request_id] for i in seq_of_token[placeholders].tolist()]
         except KeyError as exc:
@@ -397,7 +403,15 @@ class ModelRunner:
                               np.asarray(placeholder_rows, dtype=np.int64)])
         if self.step_broadcaster is not None:  # first: the other ranks start while this one uploads
             self.step_broadcaster(header, flat)
-        return self._batch_from_flat(header, self._upload(flat))
+        batch = self._batch_from_flat(header, self._upload(flat))
+        if device_drafts.size:  # drafts the draft model left on the device (rank 0 alone: no TP with it)
+            assert self.spec_decoder is not None
+            seqs = seq_of_token[device_drafts]
+            spec_lens = np.fromiter((len(s.spec_token_ids) for s in scheduled), dtype=np.int64, count=num_seqs)
+            self.spec_decoder.fill_drafts(batch.input_ids, device_drafts,
+                                          [scheduled[i].request_id for i in seqs.tolist()],
+                                          device_drafts - (qsl[1:][seqs] - spec_lens[seqs]))
+        return batch
 
     def decode_batch(
         self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
@@ -499,8 +513,9 @@ class ModelRunner:
             if any(p.min_p > 0 for p in params):
                 meta.min_p = floats([p.min_p for p in params])
         if any(p.has_penalties for p in params):  # (the engine resolves the previous step first: no placeholders)
+            # (rows without penalties need no history: their drafts may still be on the device)
             meta.output_token_ids = [r.sched.request.output_token_ids + r.sched.spec_token_ids[: r.draft_index]
-                                     for r in rows]
+                                     if p.has_penalties else [] for r, p in zip(rows, params, strict=True)]
             if any(p.presence_penalty for p in params):
                 meta.presence_penalty = floats([p.presence_penalty for p in params])
             if any(p.frequency_penalty for p in params):
@@ -542,16 +557,16 @@ class ModelRunner:
 
 def _make_output(rows: list[_SampleRow], sampled_t: torch.Tensor, lp_ids_t: torch.Tensor | None,
                  lp_vals_t: torch.Tensor | None, ranks_t: torch.Tensor | None) -> ModelRunnerOutput:
-    """Per request: its sampled tokens up to and including the first rejected draft (host tensors)."""
+    """Per request: its sampled tokens up to and including the first rejected draft (host tensors;
+    the verifier set the rows after it to -1)."""
     sampled = sampled_t.tolist()
     lp_ids = lp_ids_t.tolist() if lp_ids_t is not None else None
     lp_vals = lp_vals_t.tolist() if lp_vals_t is not None else None
     ranks = ranks_t.tolist() if ranks_t is not None else None
     result = ModelRunnerOutput()
-    rejected: set[str] = set()
     for i, row in enumerate(rows):
         req_id = row.sched.request_id
-        if req_id in rejected:
+        if sampled[i] < 0:
             continue
         tokens = result.sampled_token_ids.setdefault(req_id, [])
         tokens.append(sampled[i])
@@ -559,9 +574,6 @@ def _make_output(rows: list[_SampleRow], sampled_t: torch.Tensor, lp_ids_t: torc
             k = row.sched.request.sampling_params.logprobs
             entry = TokenLogprobs(lp_ids[i][: 1 + k], lp_vals[i][: 1 + k], ranks[i])  # type: ignore[index]
             result.logprobs.setdefault(req_id, []).append(entry)
-        drafts = row.sched.spec_token_ids
-        if row.draft_index < len(drafts) and sampled[i] != drafts[row.draft_index]:
-            rejected.add(req_id)
     return result
 
 

@@ -36,6 +36,8 @@ from infergrid.worker.engine.request import Request, RequestStatus
 
 # Input token of a position whose token the previous step is still sampling (async scheduling).
 PLACEHOLDER_TOKEN_ID = -1
+# A draft the draft model proposed and left on the device: the model runner fills it in there.
+DRAFT_PLACEHOLDER_ID = -2
 
 
 @dataclass(slots=True)

@@ -27,8 +27,9 @@ A request switched on proposes from `on_from` on: at once after a synchronous st
 after a pipelined one (its next step is already running without drafts; the one after it is
 scheduled synchronously, because a request is on). A new request starts from the engine's recent
 acceptance (a draft model that has been failing every request starts off, one that has been
-accepted starts on at once); a seeded sampled request starts from the default prior and counts its
-own steps, so that its drafts depend on nothing but its own history.
+accepted starts on at once, and one that starts off gets its first check NEW_OFF_WAIT steps on); a
+seeded sampled request starts from the default prior and counts its own steps, so that its drafts
+depend on nothing but its own history.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ DEFAULT_PRIOR_RATE = 0.7
 DEFAULT_PRIOR_WEIGHT = 1.0
 ENGINE_PRIOR_DECAY = 0.98  # per observation: the engine-wide rate follows the last ~50 verifications/checks
 MIN_BACKOFF, MAX_BACKOFF = 8, 256
+NEW_OFF_WAIT = 4 * MIN_BACKOFF  # the first check of a new request that starts off on the engine's rate
 CHECK = -1  # num_drafts(): the request is due for a hindsight check (observe_check() takes the result)
 
 
@@ -236,6 +238,9 @@ class AdaptiveNumDrafts:
         if not k:
             if not is_new:
                 self._switch_off(state, _next_multiple(state.num_steps if step is None else step, state.wait))
+            elif step is not None:  # the engine's recent requests failed: this one is checked later too
+                state.wait = NEW_OFF_WAIT
+                state.next_check = _next_multiple(step + MIN_BACKOFF // 2, NEW_OFF_WAIT)
             return
         if state.on_from < 0:
             self._num_on += 1

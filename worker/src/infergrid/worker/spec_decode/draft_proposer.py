@@ -67,11 +67,24 @@ class DraftRequest:
 
 
 @dataclass
-class Proposal:
-    """Drafts of one request and, for sampled (non-greedy) requests, their draft distributions [k, V]."""
+class DraftBatch:
+    """One proposal step's drafts, left on the device: the target's next step reads them there (its
+    input ids and the verifier's draft ids), so proposing never waits for the draft model."""
 
-    token_ids: list[int]
-    probs: torch.Tensor | None
+    tokens: torch.Tensor  # int64 [rows, max drafts]: row i's first num_drafts[req] entries are its drafts
+    rows: dict[str, int]  # request id -> row
+    num_drafts: dict[str, int]
+    probs: dict[str, torch.Tensor]  # sampled (non-greedy) requests: their draft distributions q [k, V]
+    requests: dict[str, Request]
+
+    def source_index(self, request_id: str, j: int) -> int:
+        """Index of request's draft j in tokens.view(-1)."""
+        return self.rows[request_id] * self.tokens.shape[1] + j
+
+    def to_host(self) -> dict[str, list[int]]:
+        """The drafts' values (waits for the draft model)."""
+        values = self.tokens.tolist()
+        return {req_id: values[row][: self.num_drafts[req_id]] for req_id, row in self.rows.items()}
 
 
 def model_cost(cfg: ModelConfig) -> int:
@@ -194,14 +207,14 @@ class DraftProposer:
             self.generators.pop(req_id, None)
 
     @torch.inference_mode()
-    def propose(self, requests: list[DraftRequest]) -> dict[str, Proposal]:
+    def propose(self, requests: list[DraftRequest]) -> DraftBatch | None:
         """Catch up and propose for every request (see the module docstring). A request whose
         catch-up does not fit this step's token cap catches up partly and proposes next time.
 
-        NOTE: no pass waits for the host. Each pass's drafts stay on the device as the next pass's
-        input ids, the inputs of passes 2..k are uploaded at once, and all drafts come back in one
-        copy at the end. Proposing rows are ordered by number of drafts (most first, stably), so the
-        rows that still draft at pass j are a prefix of pass j-1's rows."""
+        NOTE: nothing here waits for the device. Each pass's drafts stay on the device as the next
+        pass's input ids, the inputs of passes 2..k are uploaded at once, and the drafts stay there
+        for the target's next step (DraftBatch). Proposing rows are ordered by number of drafts (most
+        first, stably), so the rows that still draft at pass j are a prefix of pass j-1's rows."""
         bs = self.block_size
         budget = self.max_catch_up_tokens
         first: list[ScheduledRequest] = []
@@ -232,13 +245,13 @@ class DraftProposer:
         proposing.sort(key=lambda p: -p[0].num_drafts)
         first += [sched for _, _, sched in proposing]
         if not first:
-            return {}
+            return None
         self.num_catch_up_tokens_total += sum(s.num_new_tokens for s in first)
         runner = self.runner
         batch = runner._prepare_inputs(first)
         hidden = runner._forward(batch)
         if not proposing:
-            return {}
+            return None
         num_drafts = [dr.num_drafts for dr, _, _ in proposing]
         later = self._later_passes([dr.request.num_tokens for dr, _, _ in proposing],
                                    [table for _, table, _ in proposing], num_drafts) if num_drafts[0] > 1 else None
@@ -255,14 +268,17 @@ class DraftProposer:
             tokens, probs = sampler.sample(runner.model.compute_logits(runner._forward(batch)), num_rows)
             pass_tokens.append(tokens)
             pass_probs.append(probs)
-        flat = torch.cat(pass_tokens).tolist()  # the one device -> host copy of a proposal step
-        offsets = np.cumsum([0] + [t.shape[0] for t in pass_tokens]).tolist()
-        proposals = {}
-        for i, (dr, _, _) in enumerate(proposing):
-            drafts = [flat[offsets[j] + i] for j in range(dr.num_drafts)]
-            rows = [pass_probs[j][i] for j in range(dr.num_drafts)] if not sampler.greedy[i] else []
-            proposals[dr.request.request_id] = Proposal(drafts, torch.stack(rows) if rows else None)
-        return proposals
+        drafts = torch.empty((len(proposing), len(pass_tokens)), dtype=torch.int64, device=runner.device)
+        for j, t in enumerate(pass_tokens):
+            drafts[: t.shape[0], j] = t
+        ids = [dr.request.request_id for dr, _, _ in proposing]
+        probs = {
+            req_id: torch.stack([pass_probs[j][i] for j in range(dr.num_drafts)])  # type: ignore[index]
+            for i, (req_id, (dr, _, _)) in enumerate(zip(ids, proposing, strict=True)) if not sampler.greedy[i]
+        }
+        return DraftBatch(drafts, {req_id: i for i, req_id in enumerate(ids)},
+                          {req_id: dr.num_drafts for req_id, (dr, _, _) in zip(ids, proposing, strict=True)}, probs,
+                          {dr.request.request_id: dr.request for dr, _, _ in proposing})
 
     @torch.inference_mode()
     def look_back(self, checks: list[tuple[DraftRequest, int]]) -> PendingCheck:

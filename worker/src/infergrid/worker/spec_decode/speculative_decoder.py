@@ -29,11 +29,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from infergrid.worker import envs
 from infergrid.worker.engine.request import RequestStatus
-from infergrid.worker.engine.scheduler import ScheduledRequest, SchedulerOutput
+from infergrid.worker.engine.scheduler import DRAFT_PLACEHOLDER_ID, ScheduledRequest, SchedulerOutput
 from infergrid.worker.layers.sampler import SamplerOutput, SamplingMetadata
 from infergrid.worker.spec_decode.adaptive import CHECK, AdaptiveNumDrafts, best_num_drafts, expected_tokens
 from infergrid.worker.spec_decode.cost_model import StepCostModel
@@ -43,7 +44,7 @@ from infergrid.worker.spec_decode.rejection_sampler import NO_DRAFT, RejectionSa
 if TYPE_CHECKING:
     from infergrid.worker.engine.model_runner import ModelRunner
     from infergrid.worker.engine.request import Request
-    from infergrid.worker.spec_decode.draft_proposer import DraftProposer, PendingCheck, Proposal
+    from infergrid.worker.spec_decode.draft_proposer import DraftBatch, DraftProposer, PendingCheck
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,9 @@ class SpeculativeDecoder:
             raise ValueError(f"speculative_method must be 'ngram' or 'draft', got {self.method!r}")
         self.cost = StepCostModel(proposer_cost)
         self.adaptive = AdaptiveNumDrafts(self.max_k, enabled=envs.spec_decode_adaptive())
-        self.proposals: dict[str, Proposal] = {}  # draft method, sampled requests: drafts + q
+        # Draft method: the last proposal step's drafts, on the device (requests' spec_token_ids hold
+        # DRAFT_PLACEHOLDER_ID for them) and, for sampled requests, their distributions q.
+        self.draft_batch: DraftBatch | None = None
         # Draft-model hindsight checks on their way: (step to apply at, scores, their requests).
         self._pending_checks: list[tuple[int, PendingCheck, dict[str, Request]]] = []
         self.num_steps = 0  # propose() calls: the step count adaptive k aligns checks to
@@ -95,7 +98,6 @@ class SpeculativeDecoder:
     def remove_requests(self, request_ids: set[str]) -> None:
         for req_id in request_ids:
             self.adaptive.remove(req_id)
-            self.proposals.pop(req_id, None)
             self.drafted.discard(req_id)
             if self.ngram is not None:
                 self.ngram.remove(req_id)
@@ -105,29 +107,55 @@ class SpeculativeDecoder:
     # -- verification ------------------------------------------------------------------------------
     def verify(self, logits: torch.Tensor, meta: SamplingMetadata, rows: Sequence[Any]) -> SamplerOutput:
         """Rejection-sample a batch whose rows (model runner `_SampleRow`s: `.sched`, `.draft_index`)
-        include draft positions; every row gets the token it emits if its request gets that far."""
-        draft_ids: list[int] = []
+        include draft positions. A row's sampled token is -1 where its request does not get that far
+        (a draft before it was rejected), else the token it emits."""
+        host_ids: list[int] = []
+        sources: list[int] = []  # index into the draft batch's tokens, -1 where host_ids has the draft
+        segment_start: list[int] = []  # each row's request's first row
         prob_rows: list[int] = []
         probs: list[torch.Tensor] = []
+        batch = self.draft_batch
         for i, row in enumerate(rows):
             spec = row.sched.spec_token_ids
             j = row.draft_index
-            draft_ids.append(spec[j] if j < len(spec) else NO_DRAFT)
-            if j < len(spec):
-                proposal = self.proposals.get(row.sched.request_id)
-                if proposal is not None and proposal.probs is not None:
-                    if proposal.token_ids[: len(spec)] != list(spec):
-                        raise RuntimeError(f"request {row.sched.request_id!r}: drafts differ from the proposal")
-                    prob_rows.append(i)
-                    probs.append(proposal.probs[j])
+            segment_start.append(i - j)
+            draft = spec[j] if j < len(spec) else NO_DRAFT
+            on_device = draft == DRAFT_PLACEHOLDER_ID
+            if on_device and (batch is None or row.sched.request_id not in batch.rows):
+                raise RuntimeError(f"request {row.sched.request_id!r}: a draft on the device, but no proposal")
+            host_ids.append(NO_DRAFT if on_device else draft)
+            sources.append(batch.source_index(row.sched.request_id, j) if on_device else -1)  # type: ignore[union-attr]
+            q = batch.probs.get(row.sched.request_id) if batch is not None and j < len(spec) else None
+            if q is not None:
+                prob_rows.append(i)
+                probs.append(q[j])
         dev = logits.device
-        draft_token_ids = torch.tensor(draft_ids, dtype=torch.int64)  # (pinned, async: no wait for the GPU)
-        draft_token_ids = draft_token_ids.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else draft_token_ids
+        draft_token_ids = _upload(host_ids, dev)
+        if batch is not None and any(src >= 0 for src in sources):
+            src = _upload(sources, dev)
+            draft_token_ids = torch.where(src >= 0, batch.tokens.view(-1)[src.clamp(min=0)], draft_token_ids)
         if not prob_rows:
-            return self.rejection_sampler(logits, meta, draft_token_ids)
-        return self.rejection_sampler(
-            logits, meta, draft_token_ids, torch.tensor(prob_rows, dtype=torch.int64, device=dev), torch.stack(probs)
-        )
+            out = self.rejection_sampler(logits, meta, draft_token_ids)
+        else:
+            out = self.rejection_sampler(logits, meta, draft_token_ids,
+                                         torch.tensor(prob_rows, dtype=torch.int64, device=dev), torch.stack(probs))
+        # A row is emitted when no row of its request before it was rejected (sampled != draft).
+        rejected = (out.sampled != draft_token_ids).to(torch.int64)
+        before = torch.cumsum(rejected, 0) - rejected  # rejections before each row, all requests
+        before = before - before[_upload(segment_start, dev)]
+        out.sampled = torch.where(before == 0, out.sampled, -1)
+        return out
+
+    def fill_drafts(self, input_ids: torch.Tensor, positions: np.ndarray, request_ids: list[str],
+                    draft_indices: np.ndarray) -> None:
+        """The target's input ids at `positions` are DRAFT_PLACEHOLDER_IDs: set them, on the device,
+        to draft `draft_indices[i]` of request `request_ids[i]` from the last proposal step."""
+        batch = self.draft_batch
+        if batch is None:
+            raise RuntimeError("input ids with drafts on the device, but no proposal")
+        src = [batch.source_index(r, int(j)) for r, j in zip(request_ids, draft_indices.tolist(), strict=True)]
+        dev = input_ids.device
+        input_ids[_upload(positions.tolist(), dev)] = batch.tokens.view(-1)[_upload(src, dev)]
 
     # -- proposing ---------------------------------------------------------------------------------
     def observe_pipelined_step(self, scheduler_output: SchedulerOutput, seconds: float) -> None:
@@ -160,7 +188,7 @@ class SpeculativeDecoder:
         if (step_seconds is not None and num_sampled == len(scheduler_output.scheduled)
                 and scheduler_output.num_batched_tokens <= num_sampled * (1 + self.max_k)):
             self.cost.observe_step(scheduler_output.num_batched_tokens, step_seconds)
-        adaptive, proposals, step = self.adaptive, self.proposals, self.num_steps
+        adaptive, step = self.adaptive, self.num_steps
         self.num_steps += 1
         now = not pipelined
         # Every request off, no check due or in flight: nothing to observe, nothing to propose.
@@ -186,8 +214,6 @@ class SpeculativeDecoder:
             self.drafted.discard(req_id)
             if sched.spec_token_ids:
                 adaptive.observe(req_id, len(sched.spec_token_ids), len(sampled_token_ids[req_id]) - 1)
-            if proposals:
-                proposals.pop(req_id, None)
             request = sched.request
             if request.status != RequestStatus.RUNNING:
                 continue
@@ -289,11 +315,38 @@ class SpeculativeDecoder:
         assert self.draft is not None
         from infergrid.worker.spec_decode.draft_proposer import DraftRequest
 
+        self._keep_unverified_drafts()
         num_caught_up = self.draft.num_catch_up_tokens_total
-        proposals = self.draft.propose([DraftRequest(s.request, s.block_ids, k) for s, k in candidates])
-        self.proposals.update(proposals)
-        drafts = {req_id: p.token_ids for req_id, p in proposals.items()}
-        return drafts, self.draft.num_catch_up_tokens_total - num_caught_up
+        batch = self.draft.propose([DraftRequest(s.request, s.block_ids, k) for s, k in candidates])
+        self.draft_batch = batch
+        caught_up = self.draft.num_catch_up_tokens_total - num_caught_up
+        if batch is None:
+            return {}, caught_up
+        if any(s.request.sampling_params.has_penalties for s, _ in candidates if s.request_id in batch.rows):
+            # Penalties at draft positions count the drafts before them (on the host): wait for them.
+            return batch.to_host(), caught_up
+        return {req_id: [DRAFT_PLACEHOLDER_ID] * n for req_id, n in batch.num_drafts.items()}, caught_up
+
+    def _keep_unverified_drafts(self) -> None:
+        """Requests still holding drafts of the batch about to be replaced (not scheduled since: a
+        full token budget) get their values on the host (a wait, but a rare one)."""
+        old = self.draft_batch
+        if old is None:
+            return
+        stale = [req_id for req_id in self.drafted if req_id in old.rows]
+        if not stale:
+            return
+        values = old.to_host()
+        for req_id in stale:
+            request = old.requests.get(req_id)
+            if request is not None and DRAFT_PLACEHOLDER_ID in request.spec_token_ids:
+                request.spec_token_ids = values[req_id][: len(request.spec_token_ids)]
+
+
+def _upload(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small host list -> int64 device tensor without waiting for the device (pinned, async)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def _own_clock(request: Request) -> bool:
