@@ -26,7 +26,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the log, print 
 }
 if [ "$part" != tp ]; then
   step gpu_tests 300 python3 -m pytest -p no:cacheprovider -m gpu tests/worker/test_gpu_engine.py \
-    tests/worker/test_spec_decode_gpu.py -q --timeout 150
+    tests/worker/test_spec_decode_gpu.py tests/worker/test_host_staging.py -q --timeout 150
   step spec_decode 300 python3 bench/bench_spec_decode.py --max-tokens 128 --repeats 5 --out "$out/spec_decode.json"
 fi
 if [ "$part" != single ] && [ "$gpus" -ge 2 ]; then

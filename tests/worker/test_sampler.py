@@ -13,6 +13,7 @@ from infergrid.worker.layers.sampler import (
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
+    argmax_rows,
 )
 
 NEG_INF = float("-inf")
@@ -126,3 +127,13 @@ def test_logprobs_are_raw_with_ranks():
     assert out.logprob_token_ids[0].tolist() == [sampled, 0, 1]
     torch.testing.assert_close(out.logprobs[0], raw[[sampled, 0, 1]])
     assert out.sampled_ranks.item() == sampled + 1  # logits are sorted descending by id
+
+
+@pytest.mark.parametrize("vocab", [128256, 384, 1000, 4096])
+@pytest.mark.parametrize("rows", [1, 3, 70])
+def test_two_stage_argmax_equals_argmax_ties_included(vocab, rows):
+    g = torch.Generator().manual_seed(vocab + rows)
+    ties = torch.randint(0, 5, (rows, vocab), generator=g).float()  # many equal maxima: the first wins
+    noise = torch.randn(rows, vocab, generator=g)
+    for x in (ties, noise):
+        assert torch.equal(argmax_rows(x), x.argmax(dim=-1))

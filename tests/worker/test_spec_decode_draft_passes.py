@@ -154,5 +154,7 @@ def test_sync_free_passes_propose_what_the_pass_by_pass_loop_proposes(tiny_model
     assert seen["calls"] > 10 and seen["mixed_k"] > 0 and seen["sampled"] > 0
     if budget is not None:
         assert seen["catch_up_only"] > 0
-    if graphs:  # passes 2..k replay the draft's decode graphs, pass 1 its multi-token graphs
+    if graphs:  # passes 2..k replay the draft's decode graphs (one loop graph when all rows are greedy
+        # and draft k), pass 1 its multi-token graphs
         assert d.runner.cuda_graphs.num_replays > 0 and d.runner.multi_token_graphs.num_replays > 0
+        assert d.loop_graphs is not None and d.loop_graphs.num_replays > 0

@@ -207,12 +207,10 @@ class LLMEngine:
         num_outputs_before = [s.request.num_output_tokens for s in scheduler_output.scheduled]
         finished = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
         scheduled = [s.request for s in scheduler_output.scheduled]
-        outputs, stopped = self.output_processor.process(
-            scheduled, runner_output, [*scheduler_output.expired_requests, *finished]
-        )
-        self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         now = time.perf_counter()
         if self.config.speculative_method is not None and scheduled:
+            # NOTE: before the outputs are made, so that the draft model runs on the device while the
+            # host detokenizes (a request a stop string ends there had its drafts proposed for nothing).
             # A pipelined step's wall time spans the next one's launch: its cost sample is the time
             # since the previous pipelined step finished.
             seconds = None if step.is_pipelined else now - step.start
@@ -221,6 +219,11 @@ class LLMEngine:
                 self.model_runner.spec_decoder.observe_pipelined_step(scheduler_output, now - last)  # type: ignore[union-attr]
             drafts = self.model_runner.propose_draft_token_ids(scheduler_output, runner_output.sampled_token_ids,
                                                                seconds, step.is_pipelined)
+        outputs, stopped = self.output_processor.process(
+            scheduled, runner_output, [*scheduler_output.expired_requests, *finished]
+        )
+        self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        if self.config.speculative_method is not None and scheduled:
             self.scheduler.update_draft_token_ids(drafts)
         if scheduled:
             self._record_step(scheduled, num_outputs_before)

@@ -40,6 +40,7 @@ from infergrid.worker.distributed.communication import (
 )
 from infergrid.worker.distributed.messages import GraphKind, GraphPlan, StepHeader
 from infergrid.worker.distributed.parallel_state import kv_head_layout
+from infergrid.worker.engine.host_staging import PinnedStaging
 from infergrid.worker.engine.kv_cache import determine_num_blocks
 from infergrid.worker.engine.scheduler import (
     DRAFT_PLACEHOLDER_ID,
@@ -169,6 +170,7 @@ class ModelRunner:
         # each request's row in them (where its placeholder input token comes from).
         self.is_async = config.async_scheduling
         self._prev_sampled: torch.Tensor | None = None
+        self._staging = PinnedStaging(self.device) if self.device.type == "cuda" else None
         self._prev_rows: dict[str, int] = {}
         # Speculative decoding (proposers, verifier) lives on the rank that samples.
         self.spec_decoder: SpeculativeDecoder | None = None
@@ -540,8 +542,8 @@ class ModelRunner:
         return meta
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """A small host tensor on the device without waiting for the device (a pinned, async copy)."""
-        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+        """A small host tensor on the device without waiting for the device (host_staging.py)."""
+        return self._staging.to_device(t) if self._staging is not None else t
 
     def _float_tensor(self, values: list[float]) -> torch.Tensor:
         return self._to_device(torch.tensor(values, dtype=torch.float32))

@@ -22,8 +22,10 @@ num_tokens tokens (the last, just sampled, has no KV anywhere yet):
 
 Passes 2..k are decode passes of the same rows (fewer at the end when requests ask for fewer drafts):
 their inputs are built and uploaded once, each pass reads the previous pass's drafts on the device,
-and the host waits only once, for all the drafts, after the last pass (the draft model's CUDA graphs
-replay back to back).
+and the host never waits: the drafts stay on the device for the target's next step (DraftBatch).
+When every row is greedy and drafts k tokens, passes 2..k are one CUDA graph replay
+(draft_loop_graph.py), LM heads and argmaxes included; otherwise the draft model's decode graphs
+replay back to back.
 
 Draft KV at positions past the target's computed tokens is speculative: it goes to the request's own
 (uncached, unshared) blocks or, past the end of its block table, to scratch blocks, and is never
@@ -38,6 +40,7 @@ import dataclasses
 import itertools
 import logging
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,9 +51,10 @@ from infergrid.worker.engine.kv_cache import kv_block_bytes
 from infergrid.worker.engine.model_runner import ModelRunner
 from infergrid.worker.engine.request import Request
 from infergrid.worker.engine.scheduler import ScheduledRequest, SchedulerOutput
-from infergrid.worker.layers.sampler import Sampler, SamplingMetadata, random_sample
+from infergrid.worker.layers.sampler import Sampler, SamplingMetadata, argmax_rows, random_sample
 from infergrid.worker.loader import resolve_model_path
 from infergrid.worker.model_config import ModelConfig
+from infergrid.worker.spec_decode.draft_loop_graph import DraftLoopGraphRunner
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +141,7 @@ class DraftProposer:
         # Tokens a pass may catch up (bounds the draft's activation memory like the target's budget).
         self.max_catch_up_tokens = config.get_max_num_batched_tokens()
         self.num_catch_up_tokens_total = 0  # tokens the draft computed to catch up with the target
+        self.loop_graphs: DraftLoopGraphRunner | None = None  # with CUDA graphs (draft_loop_graph.py)
 
     # -- KV cache ----------------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -158,6 +163,9 @@ class DraftProposer:
             # Pass 1 in the steady state: the last computed token, the accepted drafts and the bonus.
             runner.multi_token_graphs = MultiTokenCUDAGraphRunner(runner, self.max_k + 2)
             runner.multi_token_graphs.capture()
+            if self.max_k > 1:  # passes 2..k of greedy steps in one replay
+                self.loop_graphs = DraftLoopGraphRunner(runner, self.max_k)
+                self.loop_graphs.capture()
 
     # -- validity ----------------------------------------------------------------------------------
     def note_target_writes(self, scheduler_output: SchedulerOutput) -> None:
@@ -257,6 +265,12 @@ class DraftProposer:
                                    [table for _, table, _ in proposing], num_drafts) if num_drafts[0] > 1 else None
         sampler = _DraftSampler(self, [dr.request for dr, _, _ in proposing])
         tokens, probs = sampler.sample(runner.model.compute_logits(hidden[batch.logits_indices]), len(proposing))
+        ids = [dr.request.request_id for dr, _, _ in proposing]
+        loop = self.loop_graphs
+        if (later is not None and loop is not None and sampler.all_greedy_upto[-1] and num_drafts[-1] == self.max_k
+                and loop.fits(len(proposing), later.block_tables.shape[1])):
+            drafts = loop.run(tokens, later.positions, later.slot_mapping, later.seq_lens, later.block_tables)
+            return self._batch(proposing, drafts, {})
         pass_tokens, pass_probs = [tokens], [probs]
         for j, (num_rows, max_seq_len) in enumerate(later.rows if later is not None else [], start=1):
             assert later is not None
@@ -271,14 +285,20 @@ class DraftProposer:
         drafts = torch.empty((len(proposing), len(pass_tokens)), dtype=torch.int64, device=runner.device)
         for j, t in enumerate(pass_tokens):
             drafts[: t.shape[0], j] = t
-        ids = [dr.request.request_id for dr, _, _ in proposing]
         probs = {
             req_id: torch.stack([pass_probs[j][i] for j in range(dr.num_drafts)])  # type: ignore[index]
             for i, (req_id, (dr, _, _)) in enumerate(zip(ids, proposing, strict=True)) if not sampler.greedy[i]
         }
-        return DraftBatch(drafts, {req_id: i for i, req_id in enumerate(ids)},
-                          {req_id: dr.num_drafts for req_id, (dr, _, _) in zip(ids, proposing, strict=True)}, probs,
-                          {dr.request.request_id: dr.request for dr, _, _ in proposing})
+        return self._batch(proposing, drafts, probs)
+
+    @staticmethod
+    def _batch(proposing: list[tuple[DraftRequest, list[int], ScheduledRequest]], drafts: torch.Tensor,
+               probs: dict[str, torch.Tensor]) -> DraftBatch:
+        return DraftBatch(
+            drafts, {dr.request.request_id: i for i, (dr, _, _) in enumerate(proposing)},
+            {dr.request.request_id: dr.num_drafts for dr, _, _ in proposing}, probs,
+            {dr.request.request_id: dr.request for dr, _, _ in proposing},
+        )
 
     @torch.inference_mode()
     def look_back(self, checks: list[tuple[DraftRequest, int]]) -> PendingCheck:
@@ -322,15 +342,15 @@ class DraftProposer:
                 owners += [i] * window
                 inv_temps += [0.0 if params.is_greedy else 1.0 / params.temperature] * window
                 greedy += [params.is_greedy] * window
-        dev = runner.device
-        rows_t, targets_t, owners_t = (_upload(x, torch.int64, dev) for x in (rows, targets, owners))
+        up = runner._to_device
+        rows_t, targets_t, owners_t = (_upload(x, torch.int64, up) for x in (rows, targets, owners))
         logits = runner.model.compute_logits(hidden[rows_t]).float()
         matched = (logits.argmax(dim=-1) == targets_t).float()
         if not all(greedy):
-            probs = torch.softmax(logits * _upload(inv_temps, torch.float32, dev)[:, None], dim=-1)
+            probs = torch.softmax(logits * _upload(inv_temps, torch.float32, up)[:, None], dim=-1)
             q = probs.gather(1, targets_t[:, None])[:, 0]
-            matched = torch.where(_upload(greedy, torch.bool, dev), matched, q)
-        sums = torch.zeros(len(scored), dtype=torch.float32, device=dev).index_add_(0, owners_t, matched)
+            matched = torch.where(_upload(greedy, torch.bool, up), matched, q)
+        sums = torch.zeros(len(scored), dtype=torch.float32, device=runner.device).index_add_(0, owners_t, matched)
         return PendingCheck(scored, sums)
 
     def _later_passes(self, num_tokens: list[int], tables: list[list[int]], num_drafts: list[int]) -> _LaterPasses:
@@ -420,18 +440,18 @@ class _DraftSampler:
         self.sampler = proposer.sampler
         if all(self.greedy):
             return
-        dev = proposer.runner.device
+        up = proposer.runner._to_device
         vocab = proposer.model_config.vocab_size
         self.any_top_p = list(itertools.accumulate((p.top_p < 1.0 for p in params), operator.or_))
         self.any_top_k = list(itertools.accumulate((p.top_k > 0 for p in params), operator.or_))
         self.any_min_p = list(itertools.accumulate((p.min_p > 0 for p in params), operator.or_))
         self.temperature = _upload([0.0 if g else p.temperature for g, p in zip(self.greedy, params, strict=True)],
-                                   torch.float32, dev)
-        self.is_greedy = _upload(self.greedy, torch.bool, dev)
-        self.top_p = _upload([p.top_p for p in params], torch.float32, dev) if self.any_top_p[-1] else None
-        self.top_k = _upload([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64, dev) \
+                                   torch.float32, up)
+        self.is_greedy = _upload(self.greedy, torch.bool, up)
+        self.top_p = _upload([p.top_p for p in params], torch.float32, up) if self.any_top_p[-1] else None
+        self.top_k = _upload([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64, up) \
             if self.any_top_k[-1] else None
-        self.min_p = _upload([p.min_p for p in params], torch.float32, dev) if self.any_min_p[-1] else None
+        self.min_p = _upload([p.min_p for p in params], torch.float32, up) if self.any_min_p[-1] else None
         self.generators = {
             i: proposer._generator(r.request_id, p.seed)
             for i, (r, p) in enumerate(zip(requests, params, strict=True)) if p.seed is not None and not p.is_greedy
@@ -441,7 +461,7 @@ class _DraftSampler:
         """logits [num_rows, V] of the first num_rows requests -> (tokens [num_rows], q [num_rows, V] or
         None when those rows are all greedy)."""
         if self.all_greedy_upto[num_rows - 1]:
-            return logits.argmax(dim=-1), None
+            return argmax_rows(logits), None
         last = num_rows - 1
         meta = SamplingMetadata(
             temperature=self.temperature[:num_rows], all_greedy=False,
@@ -456,7 +476,6 @@ class _DraftSampler:
         return sampled, probs
 
 
-def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list -> device tensor without waiting for the device (pinned, async copy)."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+def _upload(values: list, dtype: torch.dtype, to_device: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """A small host list -> device tensor without waiting for the device (the runner's staging)."""
+    return to_device(torch.tensor(values, dtype=dtype))

@@ -22,7 +22,13 @@ from __future__ import annotations
 
 import torch
 
-from infergrid.worker.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, random_sample
+from infergrid.worker.layers.sampler import (
+    Sampler,
+    SamplerOutput,
+    SamplingMetadata,
+    argmax_rows,
+    random_sample,
+)
 
 NO_DRAFT = -1
 
@@ -105,7 +111,7 @@ class RejectionSampler(torch.nn.Module):
     ) -> SamplerOutput:
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
         if meta.all_greedy:  # p is one-hot at the argmax: every row emits it (drafts match or stop)
-            tokens = self.sampler.apply_processors(logits, meta).argmax(dim=-1)
+            tokens = argmax_rows(self.sampler.apply_processors(logits, meta))
         else:
             probs = self.sampler.compute_probs(logits, meta)
             assert meta.temperature is not None

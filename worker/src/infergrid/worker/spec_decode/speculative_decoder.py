@@ -60,6 +60,7 @@ class SpeculativeDecoder:
         self.method = config.speculative_method
         self.max_k = config.num_speculative_tokens
         self.device = runner.device
+        self._to_device = runner._to_device
         self.rejection_sampler = RejectionSampler(runner.sampler)
         self.ngram: NgramProposer | None = None
         self.draft: DraftProposer | None = None
@@ -85,6 +86,10 @@ class SpeculativeDecoder:
         self.drafted: set[str] = set()
         logger.info("speculative decoding: %s, up to %d tokens per step (proposer cost %.3f per token, adaptive %s)",
                     self.method, self.max_k, proposer_cost, self.adaptive.enabled)
+
+    def _upload(self, values: list[int]) -> torch.Tensor:
+        """A small host list -> int64 device tensor, without waiting for the device."""
+        return self._to_device(torch.tensor(values, dtype=torch.int64))
 
     # -- memory ------------------------------------------------------------------------------------
     def extra_kv_block_bytes(self) -> int:
@@ -129,20 +134,19 @@ class SpeculativeDecoder:
             if q is not None:
                 prob_rows.append(i)
                 probs.append(q[j])
-        dev = logits.device
-        draft_token_ids = _upload(host_ids, dev)
+        draft_token_ids = self._upload(host_ids)
         if batch is not None and any(src >= 0 for src in sources):
-            src = _upload(sources, dev)
+            src = self._upload(sources)
             draft_token_ids = torch.where(src >= 0, batch.tokens.view(-1)[src.clamp(min=0)], draft_token_ids)
         if not prob_rows:
             out = self.rejection_sampler(logits, meta, draft_token_ids)
         else:
             out = self.rejection_sampler(logits, meta, draft_token_ids,
-                                         torch.tensor(prob_rows, dtype=torch.int64, device=dev), torch.stack(probs))
+                                         self._upload(prob_rows), torch.stack(probs))
         # A row is emitted when no row of its request before it was rejected (sampled != draft).
         rejected = (out.sampled != draft_token_ids).to(torch.int64)
         before = torch.cumsum(rejected, 0) - rejected  # rejections before each row, all requests
-        before = before - before[_upload(segment_start, dev)]
+        before = before - before[self._upload(segment_start)]
         out.sampled = torch.where(before == 0, out.sampled, -1)
         return out
 
@@ -154,8 +158,7 @@ class SpeculativeDecoder:
         if batch is None:
             raise RuntimeError("input ids with drafts on the device, but no proposal")
         src = [batch.source_index(r, int(j)) for r, j in zip(request_ids, draft_indices.tolist(), strict=True)]
-        dev = input_ids.device
-        input_ids[_upload(positions.tolist(), dev)] = batch.tokens.view(-1)[_upload(src, dev)]
+        input_ids[self._upload(positions.tolist())] = batch.tokens.view(-1)[self._upload(src)]
 
     # -- proposing ---------------------------------------------------------------------------------
     def observe_pipelined_step(self, scheduler_output: SchedulerOutput, seconds: float) -> None:
@@ -343,10 +346,6 @@ class SpeculativeDecoder:
                 request.spec_token_ids = values[req_id][: len(request.spec_token_ids)]
 
 
-def _upload(values: list[int], device: torch.device) -> torch.Tensor:
-    """A small host list -> int64 device tensor without waiting for the device (pinned, async)."""
-    t = torch.tensor(values, dtype=torch.int64)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def _own_clock(request: Request) -> bool:
