@@ -47,3 +47,14 @@ def test_spec_decode_bench_runs_on_cpu(tmp_path):
         for mode in ("copy:ngram", "copy:draft"):  # a model that repeats its input is easy to predict
             assert rows[(mode, bs)]["acceptance_rate"] >= 0.9
             assert rows[(mode, bs)]["num_steps"] < rows[("copy:off", bs)]["num_steps"]
+
+
+def test_spec_step_trace_runs_on_cpu(tmp_path):
+    env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=str(REPO / "worker/src"))
+    cmd = [sys.executable, "bench/trace_spec_step.py", "--mode", "copy:draft", "--shape", "tiny", "--tokens", "8",
+           "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "copy:draft: 8 tokens" in proc.stdout and "Self CPU time total" in proc.stdout
+    assert (tmp_path / "trace.json.gz").stat().st_size > 1000
