@@ -106,6 +106,7 @@ class LLMEngine:
         self.last_step_time = time.monotonic()
         self._in_flight: _LaunchedStep | None = None  # async scheduling: launched, not finished yet
         self._last_finish: tuple[float, bool] = (0.0, False)  # perf_counter() of the last finish, pipelined?
+        self._output_seconds = 0.0  # the last step's output processing
 
     # -- requests ----------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -212,16 +213,19 @@ class LLMEngine:
             # NOTE: before the outputs are made, so that the draft model runs on the device while the
             # host detokenizes (a request a stop string ends there had its drafts proposed for nothing).
             # A pipelined step's wall time spans the next one's launch: its cost sample is the time
-            # since the previous pipelined step finished.
-            seconds = None if step.is_pipelined else now - step.start
+            # since the previous pipelined step finished. A synchronous one's is its own time plus its
+            # outputs' (not made yet: the last step's stand in), as a pipelined step's includes them.
+            seconds = None if step.is_pipelined else now - step.start + self._output_seconds
             last, last_pipelined = self._last_finish
             if step.is_pipelined and last_pipelined:
                 self.model_runner.spec_decoder.observe_pipelined_step(scheduler_output, now - last)  # type: ignore[union-attr]
             drafts = self.model_runner.propose_draft_token_ids(scheduler_output, runner_output.sampled_token_ids,
                                                                seconds, step.is_pipelined)
+        outputs_start = time.perf_counter()
         outputs, stopped = self.output_processor.process(
             scheduled, runner_output, [*scheduler_output.expired_requests, *finished]
         )
+        self._output_seconds = time.perf_counter() - outputs_start
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         if self.config.speculative_method is not None and scheduled:
             self.scheduler.update_draft_token_ids(drafts)
