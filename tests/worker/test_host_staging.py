@@ -12,7 +12,6 @@ from infergrid.worker.engine.host_staging import PinnedStaging
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_uploads_survive_many_wraps_behind_queued_work():
     dev = torch.device("cuda")
     staging = PinnedStaging(dev, num_bytes=1 << 16)  # 32 KiB halves: a wrap every few dozen uploads

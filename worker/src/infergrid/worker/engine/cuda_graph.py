@@ -69,12 +69,16 @@ _LIVE: weakref.WeakSet[GraphSet] = weakref.WeakSet()
 
 
 class GraphSet:
-    """Graphs keyed by an int (a padded batch size, or a subclass's packed key), captured with
-    `capture_all`; `release` destroys them."""
+    """A runner's graphs keyed by an int (a padded batch size, or a subclass's packed key), captured
+    with `capture_all` for batches of up to `max_batch_size` sequences (buckets `batch_sizes`);
+    `release` destroys them."""
 
     kind = "graphs"
 
-    def __init__(self) -> None:
+    def __init__(self, runner: ModelRunner, max_batch_size: int | None = None) -> None:
+        self.runner = runner
+        self.max_batch_size = max_batch_size or default_max_batch_size(runner.config.max_num_seqs)
+        self.batch_sizes = graph_batch_sizes(self.max_batch_size)
         self.graphs: dict[int, Any] = {}
         self.num_replays = 0
         _LIVE.add(self)
@@ -127,16 +131,24 @@ def release_all_graphs() -> None:
         graph_set.release()
 
 
+def decode_metadata(runner: ModelRunner, slot_mapping: torch.Tensor, query_start_loc: torch.Tensor,
+                    seq_lens: torch.Tensor, block_tables: torch.Tensor) -> AttentionMetadata:
+    """Attention metadata of a captured decode pass (one query token per sequence) over static
+    buffers; the kernels' grid is sized for the runner's max_model_len."""
+    return AttentionMetadata(
+        slot_mapping=slot_mapping, query_start_loc=query_start_loc, seq_lens=seq_lens,
+        block_tables=block_tables, max_query_len=1, max_seq_len=runner.max_model_len,
+        block_size=runner.block_size,
+    )
+
+
 class CUDAGraphRunner(GraphSet):
     """Captures and replays the model's forward pass for decode batches."""
 
     kind = "decode"
 
     def __init__(self, runner: ModelRunner, max_batch_size: int | None = None) -> None:
-        super().__init__()
-        self.runner = runner
-        self.max_batch_size = max_batch_size or default_max_batch_size(runner.config.max_num_seqs)
-        self.batch_sizes = graph_batch_sizes(self.max_batch_size)
+        super().__init__(runner, max_batch_size)
         dev, n = runner.device, self.max_batch_size
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
@@ -146,19 +158,10 @@ class CUDAGraphRunner(GraphSet):
         self.block_tables = torch.full((n, runner.max_blocks_per_seq), NULL_BLOCK_ID, dtype=torch.int32, device=dev)
         self.hidden = torch.zeros(n, runner.model_config.hidden_size, dtype=runner.dtype, device=dev)
 
-    def _meta(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bs],
-            query_start_loc=self.query_start_loc[: bs + 1],
-            seq_lens=self.seq_lens[:bs],
-            block_tables=self.block_tables[:bs],
-            max_query_len=1,
-            max_seq_len=self.runner.max_model_len,
-            block_size=self.runner.block_size,
-        )
-
     def _make_forward(self, bs: int) -> Callable[[], None]:
-        model, backend, meta = self.runner.model, self.runner.backend, self._meta(bs)
+        model, backend = self.runner.model, self.runner.backend
+        meta = decode_metadata(self.runner, self.slot_mapping[:bs], self.query_start_loc[: bs + 1],
+                               self.seq_lens[:bs], self.block_tables[:bs])
 
         def forward() -> None:
             backend.prepare(meta)  # no device work for the triton backend (capturable)

@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from infergrid.worker.engine.block_pool import NULL_BLOCK_ID
-from infergrid.worker.engine.cuda_graph import GraphSet, default_max_batch_size, graph_batch_sizes
-from infergrid.worker.layers.attention import AttentionMetadata
+from infergrid.worker.engine.cuda_graph import GraphSet, decode_metadata
 from infergrid.worker.layers.sampler import argmax_rows
 
 if TYPE_CHECKING:
@@ -45,11 +44,8 @@ class DraftLoopGraphRunner(GraphSet):
     def __init__(self, runner: ModelRunner, num_drafts: int, max_batch_size: int | None = None) -> None:
         if num_drafts < 2:
             raise ValueError(f"num_drafts must be >= 2 (one draft has no later passes), got {num_drafts}")
-        super().__init__()
-        self.runner = runner
+        super().__init__(runner, max_batch_size)
         self.num_drafts = num_drafts
-        self.max_batch_size = max_batch_size or default_max_batch_size(runner.config.max_num_seqs)
-        self.batch_sizes = graph_batch_sizes(self.max_batch_size)
         dev, n, p = runner.device, self.max_batch_size, num_drafts - 1
         self.drafts = torch.zeros(n, num_drafts, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(p, n, dtype=torch.int64, device=dev)
@@ -62,11 +58,8 @@ class DraftLoopGraphRunner(GraphSet):
         runner = self.runner
         model, backend = runner.model, runner.backend
         metas = [
-            AttentionMetadata(
-                slot_mapping=self.slot_mapping[j, :bs], query_start_loc=self.query_start_loc[: bs + 1],
-                seq_lens=self.seq_lens[j, :bs], block_tables=self.block_tables[:bs], max_query_len=1,
-                max_seq_len=runner.max_model_len, block_size=runner.block_size,
-            )
+            decode_metadata(runner, self.slot_mapping[j, :bs], self.query_start_loc[: bs + 1],
+                            self.seq_lens[j, :bs], self.block_tables[:bs])
             for j in range(self.num_drafts - 1)
         ]
 

@@ -59,7 +59,6 @@ class SpeculativeDecoder:
         config = runner.config
         self.method = config.speculative_method
         self.max_k = config.num_speculative_tokens
-        self.device = runner.device
         self._to_device = runner._to_device
         self.rejection_sampler = RejectionSampler(runner.sampler)
         self.ngram: NgramProposer | None = None
@@ -264,7 +263,7 @@ class SpeculativeDecoder:
         adaptive = self.adaptive
         if not adaptive.enabled:
             return True
-        on: list[tuple[str, int]] = []
+        on: list[tuple[str, int, float]] = []  # request, k, expected extra tokens
         for sched in sampling:
             req_id = sched.request_id
             if not adaptive.is_on(req_id):
@@ -272,14 +271,16 @@ class SpeculativeDecoder:
             if _own_clock(sched.request):  # synchronous anyway
                 return True
             rate = adaptive.acceptance_rate(req_id)
-            on.append((req_id, wanted.get(req_id) or best_num_drafts(rate, self.max_k, draft_cost)))
-        on = [(req_id, k) for req_id, k in on if k]
+            k = wanted.get(req_id) or best_num_drafts(rate, self.max_k, draft_cost)
+            if k:
+                on.append((req_id, k, expected_tokens(rate, k) - 1.0))
         if not on:
             return True
-        extra = sum(expected_tokens(adaptive.acceptance_rate(req_id), k) - 1.0 for req_id, k in on)
-        if self.cost.speculation_pays(len(sampling), draft_cost, extra, sum(k for _, k in on), max(k for _, k in on)):
+        extra = sum(gain for _, _, gain in on)
+        if self.cost.speculation_pays(len(sampling), draft_cost, extra, sum(k for _, k, _ in on),
+                                      max(k for _, k, _ in on)):
             return True
-        for req_id, _ in on:
+        for req_id, _, _ in on:
             adaptive.switch_off(req_id, step)
         return False
 
@@ -344,8 +345,6 @@ class SpeculativeDecoder:
             request = old.requests.get(req_id)
             if request is not None and DRAFT_PLACEHOLDER_ID in request.spec_token_ids:
                 request.spec_token_ids = values[req_id][: len(request.spec_token_ids)]
-
-
 
 
 def _own_clock(request: Request) -> bool:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from infergrid.worker.engine.block_pool import NULL_BLOCK_ID
-from infergrid.worker.engine.cuda_graph import GraphSet, default_max_batch_size, graph_batch_sizes
+from infergrid.worker.engine.cuda_graph import GraphSet
 from infergrid.worker.layers.attention import AttentionMetadata
 
 if TYPE_CHECKING:
@@ -62,11 +62,8 @@ class MultiTokenCUDAGraphRunner(GraphSet):
     def __init__(self, runner: ModelRunner, max_query_len: int, max_batch_size: int | None = None) -> None:
         if max_query_len < 2:
             raise ValueError(f"max_query_len must be >= 2 (decode batches have their own graphs), got {max_query_len}")
-        super().__init__()
-        self.runner = runner
+        super().__init__(runner, max_batch_size)
         self.max_query_len = q = max_query_len
-        self.max_batch_size = max_batch_size or default_max_batch_size(runner.config.max_num_seqs)
-        self.batch_sizes = graph_batch_sizes(self.max_batch_size)
         self.keys = [pack_key(bs, t) for bs in self.batch_sizes for t in token_capacities(bs, max_query_len)]
         dev, n = runner.device, self.max_batch_size
         self.input_ids = torch.zeros(n * q, dtype=torch.int64, device=dev)
