@@ -320,7 +320,10 @@ class ModelRunner:
         if self.is_async:
             self._prev_sampled = tensor_parallel_broadcast(out.sampled)
         self._end_step(batch.step_id)
-        return PendingRunnerOutput(rows, out)
+        pending = PendingRunnerOutput(rows, out)  # (its copy to the host is queued before the drafts)
+        if self.spec_decoder is not None and any(r.draft_index for r in rows):
+            self.spec_decoder.propose_ahead(rows, out.sampled)
+        return pending
 
     def propose_draft_token_ids(
         self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, list[int]],

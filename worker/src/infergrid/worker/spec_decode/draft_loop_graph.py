@@ -9,12 +9,11 @@ of a draft that pays), DraftProposer runs them as one graph per batch bucket:
                     block_tables [bs, W]
     graph:          for j in 1 .. k-1:  hidden = model(drafts[:, j-1], positions[j-1], pass j's metadata)
                                         drafts[:, j] = argmax(lm_head(hidden))
-    static output:  drafts [bs, k]
+    static output:  drafts [bs, k] (`run` returns a copy: drafts may wait a step or two to be verified)
 
 so the later passes cost one replay instead of k - 1 (each with its input copies, an eager LM head
 and an argmax). Padded rows are dummy sequences of length 1 writing to the null block, as in
-engine/cuda_graph.py. The output is a static buffer: the next replay overwrites it, so a proposal
-step's drafts must be consumed (verified, or copied to the host) before the next proposal step.
+engine/cuda_graph.py.
 """
 
 from __future__ import annotations
@@ -84,7 +83,7 @@ class DraftLoopGraphRunner(GraphSet):
     def run(self, first_drafts: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
             seq_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
         """first_drafts [n]; positions, slot_mapping [k - 1, n] int64; seq_lens [k - 1, n] int32;
-        block_tables [n, W] int32 -> drafts [n, k] (a view of the static output)."""
+        block_tables [n, W] int32 -> drafts [n, k] (a copy of the static output)."""
         n = first_drafts.shape[0]
         bs = next(b for b in self.batch_sizes if b >= n)
         width = block_tables.shape[1]
@@ -99,4 +98,4 @@ class DraftLoopGraphRunner(GraphSet):
             self.seq_lens[:, n:bs].fill_(1)
             self.block_tables[n:bs, 0].fill_(NULL_BLOCK_ID)
         self.replay(bs)
-        return self.drafts[:n]
+        return self.drafts[:n].clone()

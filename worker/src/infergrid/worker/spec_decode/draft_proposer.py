@@ -71,6 +71,35 @@ class DraftRequest:
 
 
 @dataclass
+class AheadRequest:
+    """A greedy request verifying drafts in the step just launched (`DraftProposer.propose_ahead`)."""
+
+    request: Request
+    block_ids: list[int]
+    num_computed_tokens: int  # the step's first position: the request's last known token
+    num_drafts: int  # drafts being verified
+    first_row: int  # its first row in the step's sampled tokens (num_drafts + 1 rows)
+
+
+@dataclass
+class AheadDrafts:
+    """Drafts proposed ahead of the verification they follow: max_k per request, on the device."""
+
+    tokens: torch.Tensor  # int64 [rows, max_k]
+    requests: dict[str, tuple[int, AheadRequest, int]]  # request id -> (row, what it assumed, catch-up start)
+
+    def matches(self, request: Request) -> bool:
+        """Whether the verification left `request` as the drafts assumed: running on, with its tokens
+        appended (any number of accepted drafts) and nothing else changed."""
+        entry = self.requests.get(request.request_id)
+        if entry is None or entry[1].request is not request:
+            return False
+        ahead = entry[1]
+        num_new = request.num_tokens - ahead.num_computed_tokens - 1  # accepted drafts + 1
+        return 1 <= num_new <= ahead.num_drafts + 1 and request.num_computed_tokens == request.num_tokens - 1
+
+
+@dataclass
 class DraftBatch:
     """One proposal step's drafts, left on the device: the target's next step reads them there (its
     input ids and the verifier's draft ids), so proposing never waits for the draft model."""
@@ -290,6 +319,117 @@ class DraftProposer:
             for i, (req_id, (dr, _, _)) in enumerate(zip(ids, proposing, strict=True)) if not sampler.greedy[i]
         }
         return self._batch(proposing, drafts, probs)
+
+    @torch.inference_mode()
+    def propose_ahead(self, requests: list[AheadRequest], sampled: torch.Tensor) -> AheadDrafts | None:
+        """Propose max_k drafts for each greedy request of the verification just launched, queued
+        behind it on the device, before anyone knows how many of its drafts it accepts: pass 1 takes
+        the request's last known token and all num_drafts + 1 tokens the target samples (the rows
+        after a rejection are -1: any token will do), and reads its logits at the last token the
+        target emits; passes 2..k start right after it (module docstring). `sampled`: the
+        verification's sampled tokens, one row per (request, draft position)."""
+        bs, k = self.block_size, self.max_k
+        budget, scratch = self.max_catch_up_tokens, self.num_target_blocks
+        scheds: list[ScheduledRequest] = []
+        kept: list[tuple[AheadRequest, list[int], int]] = []
+        fill_pos: list[int] = []  # pass 1's input rows the target's sampled tokens go to
+        fill_src: list[int] = []  # ... and their rows in `sampled`
+        owners: list[int] = []
+        emitted_at: list[int] = []  # pass 1's input row of each request's first sampled token
+        offset = 0
+        for ar in requests:
+            c0, kn = ar.num_computed_tokens, ar.num_drafts
+            start = self.valid_prefix(ar.block_ids, c0)
+            known = ar.request.all_token_ids[start : c0 + 1]
+            num_new = len(known) + kn + 1
+            if num_new > budget or c0 + kn + k >= self.runner.max_model_len:  # (near the end: positions)
+                continue
+            if ar.request.max_tokens is not None and ar.request.num_output_tokens + kn + 2 >= ar.request.max_tokens:
+                continue  # if every draft is accepted, the request wants no more drafts
+            budget -= num_new
+            table = list(ar.block_ids)  # covers c0 + kn; the last pass writes at c0 + kn + k at most
+            while len(table) <= (c0 + kn + k) // bs:
+                table.append(scratch)
+                scratch += 1
+            scheds.append(self._sched(ar.request, start, [*known, *([0] * (kn + 1))], table, needs_sample=False))
+            fill_pos += range(offset + len(known), offset + num_new)
+            fill_src += range(ar.first_row, ar.first_row + kn + 1)
+            owners += [len(kept)] * (kn + 1)
+            emitted_at.append(offset + len(known))
+            kept.append((ar, table, start))
+            offset += num_new
+        if not kept:
+            return None
+        self.num_catch_up_tokens_total += offset
+        runner, n = self.runner, len(kept)
+        batch = runner._prepare_inputs(scheds)
+        width = max(len(t) for _, t, _ in kept)
+        tables = np.zeros((n, width), dtype=np.int64)
+        for i, (_, t, _) in enumerate(kept):
+            tables[i, : len(t)] = t
+        flat = runner._upload_flat([np.asarray(x, dtype=np.int64) for x in (fill_pos, fill_src, owners, emitted_at)]
+                                   + [np.asarray([ar.num_computed_tokens for ar, _, _ in kept]), tables])
+        pos_t, src_t, owners_t, emitted_t, c0_t, tables_t = flat.split([len(fill_pos)] * 3 + [n, n, tables.size])
+        values = sampled[src_t]
+        batch.input_ids[pos_t] = values.clamp(min=0)
+        accepted = torch.zeros(n, dtype=torch.int64, device=runner.device).index_add_(
+            0, owners_t, (values >= 0).to(torch.int64)) - 1
+        hidden = runner._forward(batch)
+        first = argmax_rows(runner.model.compute_logits(hidden[emitted_t + accepted]))
+        max_seq_len = max(ar.num_computed_tokens + ar.num_drafts for ar, _, _ in kept) + k + 1
+        # The last token the target emits is at c0 + 1 + accepted; d1 goes right after it.
+        drafts = self._greedy_passes(first, c0_t + accepted + 2, tables_t.view(n, width), max_seq_len)
+        return AheadDrafts(drafts, {ar.request.request_id: (i, ar, start) for i, (ar, _, start) in enumerate(kept)})
+
+    def use_ahead(self, ahead: AheadDrafts, requests: list[DraftRequest], batch: DraftBatch | None) -> DraftBatch:
+        """The drafts `propose_ahead` made for `requests` (each `ahead.matches` it; their draft KV is
+        now valid up to their computed tokens), merged with `batch`, the other requests' proposals."""
+        rows = []
+        for dr in requests:
+            row, ar, start = ahead.requests[dr.request.request_id]
+            self._mark_valid(ar.block_ids, start, dr.request.num_computed_tokens)
+            rows.append(row)
+        tokens = ahead.tokens
+        if rows != list(range(tokens.shape[0])):
+            tokens = tokens[self.runner._upload(np.asarray(rows, dtype=np.int64))]
+        merged = DraftBatch(tokens, {dr.request.request_id: i for i, dr in enumerate(requests)},
+                            {dr.request.request_id: dr.num_drafts for dr in requests}, {},
+                            {dr.request.request_id: dr.request for dr in requests})
+        if batch is None:
+            return merged
+        other = batch.tokens
+        if other.shape[1] < tokens.shape[1]:
+            other = torch.nn.functional.pad(other, (0, tokens.shape[1] - other.shape[1]))
+        merged.tokens = torch.cat([tokens, other])
+        merged.rows.update({req_id: len(requests) + row for req_id, row in batch.rows.items()})
+        merged.num_drafts.update(batch.num_drafts)
+        merged.probs.update(batch.probs)
+        merged.requests.update(batch.requests)
+        return merged
+
+    def _greedy_passes(self, first: torch.Tensor, start: torch.Tensor, tables: torch.Tensor,
+                       max_seq_len: int) -> torch.Tensor:
+        """Greedy passes 2..k of rows whose first drafts are `first` [n], the first of them at
+        positions `start` [n] (device tensors both); `tables` [n, W] int64 block tables covering
+        them; `max_seq_len` bounds their lengths. Returns drafts [n, k]."""
+        n, k, bs = first.shape[0], self.max_k, self.block_size
+        if k == 1:
+            return first[:, None]
+        runner = self.runner
+        positions = start[None, :] + torch.arange(k - 1, device=runner.device)[:, None]  # [k - 1, n]
+        slots = (tables.gather(1, (positions // bs).T).T * bs + positions % bs).contiguous()
+        seq_lens = (positions + 1).to(torch.int32)
+        tables32 = tables.to(torch.int32)
+        loop = self.loop_graphs
+        if loop is not None and loop.fits(n, tables.shape[1]):
+            return loop.run(first, positions, slots, seq_lens, tables32)
+        query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=runner.device)
+        drafts = [first]
+        for j in range(k - 1):
+            batch = runner.decode_batch(drafts[-1], positions[j], slots[j], query_start_loc, seq_lens[j], tables32,
+                                        max_seq_len)
+            drafts.append(argmax_rows(runner.model.compute_logits(runner._forward(batch))))
+        return torch.stack(drafts, dim=1)
 
     @staticmethod
     def _batch(proposing: list[tuple[DraftRequest, list[int], ScheduledRequest]], drafts: torch.Tensor,

@@ -44,7 +44,12 @@ from infergrid.worker.spec_decode.rejection_sampler import NO_DRAFT, RejectionSa
 if TYPE_CHECKING:
     from infergrid.worker.engine.model_runner import ModelRunner
     from infergrid.worker.engine.request import Request
-    from infergrid.worker.spec_decode.draft_proposer import DraftBatch, DraftProposer, PendingCheck
+    from infergrid.worker.spec_decode.draft_proposer import (
+        AheadDrafts,
+        DraftBatch,
+        DraftProposer,
+        PendingCheck,
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +83,12 @@ class SpeculativeDecoder:
         # Draft method: the last proposal step's drafts, on the device (requests' spec_token_ids hold
         # DRAFT_PLACEHOLDER_ID for them) and, for sampled requests, their distributions q.
         self.draft_batch: DraftBatch | None = None
+        # Draft method: drafts proposed ahead of the verification running now (propose_ahead).
+        self.ahead: AheadDrafts | None = None
+        self._ahead_seconds = 0.0  # host time propose_ahead took (the proposer's, within the step)
         # Draft-model hindsight checks on their way: (step to apply at, scores, their requests).
         self._pending_checks: list[tuple[int, PendingCheck, dict[str, Request]]] = []
+        self.num_ahead_proposals_total = 0  # requests whose drafts were proposed ahead (draft model)
         self.num_steps = 0  # propose() calls: the step count adaptive k aligns checks to
         # Requests given drafts that have not sampled since (a superset of those with drafts to verify).
         self.drafted: set[str] = set()
@@ -160,6 +169,29 @@ class SpeculativeDecoder:
         input_ids[self._upload(positions.tolist())] = batch.tokens.view(-1)[self._upload(src)]
 
     # -- proposing ---------------------------------------------------------------------------------
+    def propose_ahead(self, rows: Sequence[Any], sampled: torch.Tensor) -> None:
+        """Right after a verification is launched (rows and sampled tokens as in `verify`): the draft
+        model proposes the next drafts of its greedy requests (no penalties) at once, queued behind
+        it, for whatever number of drafts it accepts (DraftProposer.propose_ahead). `propose` then
+        takes them for the requests that still want drafts, and the device runs the draft model
+        while the host applies the step's result, instead of waiting for it."""
+        self.ahead = None
+        if self.draft is None:
+            return
+        from infergrid.worker.spec_decode.draft_proposer import AheadRequest
+
+        start = time.perf_counter()
+        requests = []
+        for i, row in enumerate(rows):
+            sched = row.sched
+            params = sched.request.sampling_params
+            if row.draft_index == 0 and sched.spec_token_ids and params.is_greedy and not params.has_penalties:
+                requests.append(AheadRequest(sched.request, sched.block_ids, sched.num_computed_tokens,
+                                             len(sched.spec_token_ids), i))
+        if requests:
+            self.ahead = self.draft.propose_ahead(requests, sampled)
+            self._ahead_seconds = time.perf_counter() - start
+
     def observe_pipelined_step(self, scheduler_output: SchedulerOutput, seconds: float) -> None:
         """A pipelined step took `seconds` (from the previous step's finish to its own)."""
         if scheduler_output.num_batched_tokens == len(scheduler_output.scheduled):  # a decode step
@@ -183,6 +215,11 @@ class SpeculativeDecoder:
         checks, run the checks now due, and propose the next drafts for every running request that
         sampled and speculates, if the step as a whole pays. Returns request id -> drafts (none after
         a pipelined step: the next step is already running)."""
+        ahead, self.ahead = self.ahead, None
+        # The drafts proposed ahead were the proposer's work inside this step: its time is the proposer's.
+        ahead_seconds, self._ahead_seconds = self._ahead_seconds, 0.0
+        if step_seconds is not None:
+            step_seconds = max(0.0, step_seconds - ahead_seconds)
         if self.draft is not None:
             self.draft.note_target_writes(scheduler_output)
         num_sampled = len(sampled_token_ids)
@@ -241,7 +278,7 @@ class SpeculativeDecoder:
             raise RuntimeError(f"requests {[s.request_id for s, _ in wanted][:3]} want drafts after a pipelined "
                                "step: adaptive k switched them on too early")
         start = time.perf_counter()
-        drafts, num_caught_up = self._propose(wanted)
+        drafts, num_caught_up = self._propose(wanted, ahead)
         for sched, _ in wanted:
             if sched.request_id not in drafts:  # nothing to propose (no n-gram match): off for a while
                 adaptive.switch_off(sched.request_id, decide_args(sched.request)[1])
@@ -250,7 +287,7 @@ class SpeculativeDecoder:
         # (a first proposal catches up on a whole prompt: not the per-step cost).
         if step_seconds is not None and num_caught_up <= len(wanted) * (self.max_k + 2):
             max_k = max(k for _, k in wanted)
-            self.cost.observe_proposer((time.perf_counter() - start) / max_k, step_seconds)
+            self.cost.observe_proposer((time.perf_counter() - start + ahead_seconds) / max_k, step_seconds)
         return drafts
 
     def _pays(self, sampling: list[ScheduledRequest], wanted: dict[str, int], draft_cost: float, step: int) -> bool:
@@ -307,8 +344,10 @@ class SpeculativeDecoder:
             for req_id, (matched, window) in pending.result().items():
                 self.adaptive.observe_check(req_id, matched, window, *decide_args(requests[req_id]), now)
 
-    def _propose(self, candidates: list[tuple[ScheduledRequest, int]]) -> tuple[dict[str, list[int]], int]:
-        """Drafts for (request, k) pairs, and the tokens the draft model caught up on to make them."""
+    def _propose(self, candidates: list[tuple[ScheduledRequest, int]],
+                 ahead: AheadDrafts | None = None) -> tuple[dict[str, list[int]], int]:
+        """Drafts for (request, k) pairs, and the tokens the draft model caught up on to make them
+        (those proposed `ahead` are taken from there)."""
         if self.ngram is not None:
             drafts = {}
             for sched, k in candidates:
@@ -321,7 +360,15 @@ class SpeculativeDecoder:
 
         self._keep_unverified_drafts()
         num_caught_up = self.draft.num_catch_up_tokens_total
-        batch = self.draft.propose([DraftRequest(s.request, s.block_ids, k) for s, k in candidates])
+        requests = [DraftRequest(s.request, s.block_ids, k) for s, k in candidates]
+        is_ready = [ahead is not None and ahead.matches(dr.request) for dr in requests]
+        ready = [dr for dr, r in zip(requests, is_ready, strict=True) if r]
+        rest = [dr for dr, r in zip(requests, is_ready, strict=True) if not r]
+        batch = self.draft.propose(rest) if rest else None
+        if ready:
+            assert ahead is not None
+            batch = self.draft.use_ahead(ahead, ready, batch)
+            self.num_ahead_proposals_total += len(ready)
         self.draft_batch = batch
         caught_up = self.draft.num_catch_up_tokens_total - num_caught_up
         if batch is None:

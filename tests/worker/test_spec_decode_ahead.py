@@ -1,0 +1,107 @@
+"""Drafts proposed ahead (DraftProposer.propose_ahead): the draft model proposes a greedy request's
+next drafts right behind the verification, before anyone knows how many drafts it accepts. Whatever
+the verification accepts (none, some, all), those drafts are exactly the ones the pass-by-pass loop
+proposes once the result is known; greedy output stays identical to no speculation; requests
+that cannot use them (sampled, penalties, stopped, near the end of the context) fall back to the
+normal proposal."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from spec_prompts import PROMPTS
+from test_spec_decode_draft_passes import reference_propose
+
+from infergrid.worker import LLM, SamplingParams
+from infergrid.worker.spec_decode.draft_proposer import DraftRequest
+
+BASE = dict(dtype="float32", max_model_len=128, max_num_seqs=8, block_size=4)
+
+
+@pytest.fixture(scope="module")
+def noisy_draft(tiny_model, tmp_path_factory) -> str:
+    """The target with noise on its weights: a draft whose drafts are accepted some of the time."""
+    target = tiny_model("llama")
+    out = str(tmp_path_factory.mktemp("noisy-draft"))
+    shutil.copytree(target, out, dirs_exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    for path in glob.glob(os.path.join(out, "*.safetensors")):
+        tensors = load_file(path)
+        noisy = {name: t + 0.6 * t.std() * torch.randn(t.shape, generator=gen) if t.dim() > 1 else t
+                 for name, t in tensors.items()}
+        save_file(noisy, path, metadata={"format": "pt"})
+    return out
+
+
+def _llm(target: str, draft: str, **extra) -> LLM:
+    return LLM(target, **BASE, speculative_method="draft", num_speculative_tokens=4, draft_model=draft, **extra)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_draft, monkeypatch, graphs):
+    """`graphs`: the CUDA-graph code path on CPU (stand-in graphs replay the forward on static buffers)."""
+    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
+    monkeypatch.setenv("INFERGRID_EMULATE_CUDA_GRAPHS", "1" if graphs else "0")
+    llm = _llm(tiny_model("llama"), noisy_draft)
+    decoder = llm.llm_engine.model_runner.spec_decoder
+    d = decoder.draft
+    use_ahead = d.use_ahead
+    accepted = Counter()  # drafts accepted in the verification the ahead drafts followed
+
+    def checked(ahead, requests, batch):
+        kv, valid, caught_up = d.runner.kv_cache.clone(), d.valid.copy(), d.num_catch_up_tokens_total
+        expected = reference_propose(d, [DraftRequest(dr.request, dr.block_ids, dr.num_drafts) for dr in requests])
+        d.runner.kv_cache.copy_(kv)
+        d.valid[:], d.num_catch_up_tokens_total = valid, caught_up
+        got = use_ahead(ahead, requests, batch)
+        values = got.to_host()
+        for dr in requests:
+            req = dr.request
+            assert values[req.request_id] == expected[req.request_id][0]
+            _, assumed, _ = ahead.requests[req.request_id]
+            accepted[(req.num_tokens - assumed.num_computed_tokens - 2, assumed.num_drafts)] += 1
+        return got
+
+    d.use_ahead = checked
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    outs = llm.generate(PROMPTS, params)
+    assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
+    assert decoder.num_ahead_proposals_total == sum(accepted.values()) > 20
+    # Every outcome of a verification: no draft accepted, some, all of them.
+    assert any(a == 0 for a, _ in accepted) and any(0 < a < k for a, k in accepted)
+    assert any(a == k for a, k in accepted)
+    if graphs:
+        assert d.loop_graphs is not None and d.loop_graphs.num_replays > 0
+
+
+def test_greedy_identical_with_drafts_proposed_ahead(tiny_model, noisy_draft, monkeypatch):
+    """Mixed batches: greedy requests take drafts proposed ahead, the sampled one and the one with
+    penalties the normal proposal, in the same steps; a small context limit cuts requests short."""
+    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=60),
+        SamplingParams(temperature=0.0, max_tokens=33, repetition_penalty=1.3),
+        SamplingParams(temperature=0.9, max_tokens=30, seed=5, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=45, stop=["e"]),
+        SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True),  # up to max_model_len
+        SamplingParams(temperature=0.0, max_tokens=21),
+    ]
+    limits = dict(max_model_len=96)
+    baseline = LLM(tiny_model("llama"), **{**BASE, **limits}).generate(PROMPTS, params)
+    llm = LLM(tiny_model("llama"), **{**BASE, **limits}, speculative_method="draft", num_speculative_tokens=4,
+              draft_model=noisy_draft)
+    outs = llm.generate(PROMPTS, params)
+    for out, base, p in zip(outs, baseline, params, strict=True):
+        if p.is_greedy:
+            assert out.outputs[0].token_ids == base.outputs[0].token_ids
+            assert out.outputs[0].finish_reason == base.outputs[0].finish_reason
+    decoder = llm.llm_engine.model_runner.spec_decoder
+    assert decoder.num_ahead_proposals_total > 0
+    stats = llm.llm_engine.get_stats()
+    assert 0 < stats.spec_decode_num_accepted_tokens_total < stats.spec_decode_num_draft_tokens_total
