@@ -88,18 +88,19 @@ def _sample(d: DraftProposer, logits: torch.Tensor, requests) -> tuple[list[int]
     if all(greedy):
         return logits.argmax(dim=-1).tolist(), [None] * len(requests)
     temperature = [0.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)]
-    meta = SamplingMetadata(temperature=torch.tensor(temperature), all_greedy=False)
+    dev = logits.device
+    meta = SamplingMetadata(temperature=torch.tensor(temperature, device=dev), all_greedy=False)
     if any(p.top_p < 1.0 for p in params):
-        meta.top_p = torch.tensor([p.top_p for p in params])
+        meta.top_p = torch.tensor([p.top_p for p in params], device=dev)
     if any(p.top_k > 0 for p in params):
-        meta.top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[1] for p in params])
+        meta.top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[1] for p in params], device=dev)
     if any(p.min_p > 0 for p in params):
-        meta.min_p = torch.tensor([p.min_p for p in params])
+        meta.min_p = torch.tensor([p.min_p for p in params], device=dev)
     for i, (r, p) in enumerate(zip(requests, params, strict=True)):
         if p.seed is not None and not greedy[i]:
             meta.generators[i] = d._generator(r.request_id, p.seed)
     probs = d.sampler.compute_probs(logits, meta)
-    sampled = torch.where(torch.tensor(greedy), logits.argmax(dim=-1), random_sample(probs, meta.generators))
+    sampled = torch.where(torch.tensor(greedy, device=dev), logits.argmax(dim=-1), random_sample(probs, meta.generators))
     return sampled.tolist(), [None if g else probs[i] for i, g in enumerate(greedy)]
 
 
