@@ -20,6 +20,16 @@ num_tokens tokens (the last, just sampled, has no KV anywhere yet):
     pass 1:    catch-up tokens [valid prefix .. num_tokens) in one varlen pass -> logits -> d1
     pass j>1:  d_{j-1} at position num_tokens - 2 + j (a decode pass)        -> logits -> d_j
 
+Proposed ahead (`propose_ahead`, greedy requests without penalties that verify drafts): the same
+passes are queued right behind the target's verification, before anyone knows how many drafts it
+accepts. Pass 1 takes the request's last known token and every token the target samples for it
+(num_drafts + 1, those after a rejection -1, replaced by any token) and reads its logits at the last
+token the target emits, found on the device from the number of non-negative samples; passes 2..k
+start right after that token. Draft KV written past it is speculative like any other. When the
+result is known, `use_ahead` hands out those drafts to the requests whose state is what they assumed
+(`AheadDrafts.matches`) and marks their draft KV valid up to the computed tokens; the others propose
+as below. So the device drafts while the host applies the step's result and schedules the next.
+
 Passes 2..k are decode passes of the same rows (fewer at the end when requests ask for fewer drafts):
 their inputs are built and uploaded once, each pass reads the previous pass's drafts on the device,
 and the host never waits: the drafts stay on the device for the target's next step (DraftBatch).
