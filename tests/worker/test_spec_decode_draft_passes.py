@@ -121,6 +121,7 @@ def test_sync_free_passes_propose_what_the_pass_by_pass_loop_proposes(tiny_model
         kv, valid, caught_up = d.runner.kv_cache.clone(), d.valid.copy(), d.num_catch_up_tokens_total
         gens = {k: g.get_state() for k, g in d.generators.items()}
         rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state() if d.runner.device.type == "cuda" else None  # (on a GPU machine)
         expected = reference_propose(d, requests)
         d.runner.kv_cache.copy_(kv)
         d.valid[:], d.num_catch_up_tokens_total = valid, caught_up
@@ -128,6 +129,8 @@ def test_sync_free_passes_propose_what_the_pass_by_pass_loop_proposes(tiny_model
         for k, state in gens.items():
             d.generators[k].set_state(state)
         torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng)
         num_copies = []
         monkeypatch.setattr(torch.Tensor, "tolist", lambda t: num_copies.append(1) or tolist(t))
         try:

@@ -125,7 +125,7 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     if groups is None or num_rows * groups > 8192:  # (a large batch fills the GPU anyway)
         return x.argmax(dim=-1)
     width = vocab // groups
-    values, within = x.view(num_rows, groups, width).max(dim=-1)
+    values, within = x.reshape(num_rows, groups, width).max(dim=-1)
     group = values.argmax(dim=-1, keepdim=True)
     return group[:, 0] * width + within.gather(1, group)[:, 0]
 
@@ -136,7 +136,7 @@ class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
         logits = self.apply_processors(logits, meta)
-        sampled = logits.argmax(dim=-1)
+        sampled = argmax_rows(logits)
         if not meta.all_greedy:
             assert meta.temperature is not None
             is_greedy = meta.temperature <= 0
@@ -150,7 +150,7 @@ class Sampler(torch.nn.Module):
         """The distribution `forward` samples each row from, [B, V] float32: greedy rows are one-hot
         at their argmax. Speculative decoding verifies drafts against it (spec_decode/)."""
         logits = self.apply_processors(logits, meta)
-        greedy = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        greedy = torch.zeros_like(logits).scatter_(1, argmax_rows(logits)[:, None], 1.0)
         if meta.all_greedy:
             return greedy
         assert meta.temperature is not None
