@@ -193,6 +193,7 @@ def test_preemption_chunked_prefill_and_prefix_hits(models, method, monkeypatch)
     assert s.spec_decode_num_draft_tokens_total > 0
     if method == "draft=target":
         assert acceptance(llm) >= 0.97
+        assert llm.llm_engine.model_runner.spec_decoder.num_ahead_proposals_total > 0  # proposed ahead
     check_counters(llm)
 
 
@@ -234,6 +235,7 @@ def test_abort_with_pending_drafts_and_max_model_len_edge(models, monkeypatch):
     assert engine.scheduler.kv_cache_manager.get_usage() == 0.0
     decoder = engine.model_runner.spec_decoder
     assert "a" not in decoder.drafted and "a" not in decoder.adaptive._states  # forgotten
+    assert decoder.num_ahead_proposals_total > 0
 
 
 def test_seeded_sampling_with_speculation_is_reproducible(models, monkeypatch):
