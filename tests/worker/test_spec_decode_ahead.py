@@ -1,9 +1,9 @@
-"""Drafts proposed ahead (DraftProposer.propose_ahead): the draft model proposes a greedy request's
-next drafts right behind the verification, before anyone knows how many drafts it accepts. Whatever
+"""Drafts proposed ahead (DraftProposer.propose_ahead): the draft model proposes a request's next
+drafts right behind the verification, before anyone knows how many drafts it accepts. Whatever
 the verification accepts (none, some, all), those drafts are exactly the ones the pass-by-pass loop
-proposes once the result is known; greedy output stays identical to no speculation; requests
-that cannot use them (sampled, penalties, stopped, near the end of the context) fall back to the
-normal proposal."""
+proposes once the result is known (sampled ones too, with their distributions, from the same random
+draws); greedy output stays identical to no speculation; requests that cannot use them (seeded,
+penalties, stopped, near the end of the context) fall back to the normal proposal."""
 
 from __future__ import annotations
 
@@ -43,36 +43,66 @@ def _llm(target: str, draft: str, **extra) -> LLM:
     return LLM(target, **BASE, speculative_method="draft", num_speculative_tokens=4, draft_model=draft, **extra)
 
 
+PARAMS = [  # greedy and unseeded sampled requests propose ahead, in the same batches
+    SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+    SamplingParams(temperature=0.8, top_k=50, max_tokens=36, ignore_eos=True),
+    SamplingParams(temperature=0.0, max_tokens=33, ignore_eos=True),
+    SamplingParams(temperature=1.0, top_p=0.9, min_p=0.02, max_tokens=40, ignore_eos=True),
+    SamplingParams(temperature=0.0, max_tokens=29, ignore_eos=True),
+    SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+]
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_draft, monkeypatch, graphs):
-    """`graphs`: the CUDA-graph code path on CPU (stand-in graphs replay the forward on static buffers)."""
+    """`graphs`: the CUDA-graph code path on CPU (stand-in graphs replay the forward on static buffers).
+    Greedy drafts must be equal always; sampled drafts and their distributions q when the loop
+    replays the same random draws (the same rows, each drafting k tokens, from the same RNG state)."""
     monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
     monkeypatch.setenv("INFERGRID_EMULATE_CUDA_GRAPHS", "1" if graphs else "0")
     llm = _llm(tiny_model("llama"), noisy_draft)
     decoder = llm.llm_engine.model_runner.spec_decoder
     d = decoder.draft
-    use_ahead = d.use_ahead
+    propose_ahead, use_ahead = d.propose_ahead, d.use_ahead
+    rng_at_ahead = {}
     accepted = Counter()  # drafts accepted in the verification the ahead drafts followed
+    seen = Counter()
+
+    def recorded(requests, sampled):
+        rng_at_ahead["state"] = torch.get_rng_state()
+        return propose_ahead(requests, sampled)
 
     def checked(ahead, requests, batch):
         kv, valid, caught_up = d.runner.kv_cache.clone(), d.valid.copy(), d.num_catch_up_tokens_total
+        rng = torch.get_rng_state()
+        torch.set_rng_state(rng_at_ahead["state"])
         expected = reference_propose(d, [DraftRequest(dr.request, dr.block_ids, dr.num_drafts) for dr in requests])
+        torch.set_rng_state(rng)
         d.runner.kv_cache.copy_(kv)
         d.valid[:], d.num_catch_up_tokens_total = valid, caught_up
         got = use_ahead(ahead, requests, batch)
         values = got.to_host()
+        same_draws = (len(requests) == len(ahead.requests) and all(dr.num_drafts == d.max_k for dr in requests)
+                      and [ahead.requests[dr.request.request_id][0] for dr in requests] == list(range(len(requests))))
         for dr in requests:
             req = dr.request
-            assert values[req.request_id] == expected[req.request_id][0]
+            drafts, q = expected[req.request_id]
+            if req.sampling_params.is_greedy:
+                assert values[req.request_id] == drafts
+                seen["greedy"] += 1
+            elif same_draws:
+                assert values[req.request_id] == drafts
+                assert torch.allclose(got.probs[req.request_id][: dr.num_drafts], q, atol=1e-5)
+                seen["sampled"] += 1
             _, assumed, _ = ahead.requests[req.request_id]
             accepted[(req.num_tokens - assumed.num_computed_tokens - 2, assumed.num_drafts)] += 1
         return got
 
-    d.use_ahead = checked
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    outs = llm.generate(PROMPTS, params)
-    assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
+    d.propose_ahead, d.use_ahead = recorded, checked
+    outs = llm.generate(PROMPTS, PARAMS)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in PARAMS]
     assert decoder.num_ahead_proposals_total == sum(accepted.values()) > 20
+    assert seen["greedy"] > 10 and seen["sampled"] > 5
     # Every outcome of a verification: no draft accepted, some, all of them.
     assert any(a == 0 for a, _ in accepted) and any(0 < a < k for a, k in accepted)
     assert any(a == k for a, k in accepted)

@@ -20,7 +20,7 @@ num_tokens tokens (the last, just sampled, has no KV anywhere yet):
     pass 1:    catch-up tokens [valid prefix .. num_tokens) in one varlen pass -> logits -> d1
     pass j>1:  d_{j-1} at position num_tokens - 2 + j (a decode pass)        -> logits -> d_j
 
-Proposed ahead (`propose_ahead`, greedy requests without penalties that verify drafts): the same
+Proposed ahead (`propose_ahead`: requests that verify drafts, without penalties or a seed): the same
 passes are queued right behind the target's verification, before anyone knows how many drafts it
 accepts. Pass 1 takes the request's last known token and every token the target samples for it
 (num_drafts + 1, those after a rejection -1, replaced by any token) and reads its logits at the last
@@ -82,7 +82,7 @@ class DraftRequest:
 
 @dataclass
 class AheadRequest:
-    """A greedy request verifying drafts in the step just launched (`DraftProposer.propose_ahead`)."""
+    """A request verifying drafts in the step just launched (`DraftProposer.propose_ahead`)."""
 
     request: Request
     block_ids: list[int]
@@ -97,6 +97,7 @@ class AheadDrafts:
 
     tokens: torch.Tensor  # int64 [rows, max_k]
     requests: dict[str, tuple[int, AheadRequest, int]]  # request id -> (row, what it assumed, catch-up start)
+    probs: dict[str, torch.Tensor]  # sampled requests: their draft distributions q [max_k, V]
 
     def matches(self, request: Request) -> bool:
         """Whether the verification left `request` as the drafts assumed: running on, with its tokens
@@ -332,7 +333,7 @@ class DraftProposer:
 
     @torch.inference_mode()
     def propose_ahead(self, requests: list[AheadRequest], sampled: torch.Tensor) -> AheadDrafts | None:
-        """Propose max_k drafts for each greedy request of the verification just launched, queued
+        """Propose max_k drafts for each request of the verification just launched, queued
         behind it on the device, before anyone knows how many of its drafts it accepts: pass 1 takes
         the request's last known token and all num_drafts + 1 tokens the target samples (the rows
         after a rejection are -1: any token will do), and reads its logits at the last token the
@@ -385,11 +386,14 @@ class DraftProposer:
         accepted = torch.zeros(n, dtype=torch.int64, device=runner.device).index_add_(
             0, owners_t, (values >= 0).to(torch.int64)) - 1
         hidden = runner._forward(batch)
-        first = argmax_rows(runner.model.compute_logits(hidden[emitted_t + accepted]))
+        sampler = _DraftSampler(self, [ar.request for ar, _, _ in kept])
+        first, q = sampler.sample(runner.model.compute_logits(hidden[emitted_t + accepted]), n)
         max_seq_len = max(ar.num_computed_tokens + ar.num_drafts for ar, _, _ in kept) + k + 1
         # The last token the target emits is at c0 + 1 + accepted; d1 goes right after it.
-        drafts = self._greedy_passes(first, c0_t + accepted + 2, tables_t.view(n, width), max_seq_len)
-        return AheadDrafts(drafts, {ar.request.request_id: (i, ar, start) for i, (ar, _, start) in enumerate(kept)})
+        drafts, probs = self._passes_from(first, q, sampler, c0_t + accepted + 2, tables_t.view(n, width),
+                                          max_seq_len)
+        return AheadDrafts(drafts, {ar.request.request_id: (i, ar, start) for i, (ar, _, start) in enumerate(kept)},
+                           {kept[i][0].request.request_id: p for i, p in probs.items()})
 
     def use_ahead(self, ahead: AheadDrafts, requests: list[DraftRequest], batch: DraftBatch | None) -> DraftBatch:
         """The drafts `propose_ahead` made for `requests` (each `ahead.matches` it; their draft KV is
@@ -402,8 +406,10 @@ class DraftProposer:
         tokens = ahead.tokens
         if rows != list(range(tokens.shape[0])):
             tokens = tokens[self.runner._upload(np.asarray(rows, dtype=np.int64))]
-        merged = DraftBatch(tokens, {dr.request.request_id: i for i, dr in enumerate(requests)},
-                            {dr.request.request_id: dr.num_drafts for dr in requests}, {},
+        ids = [dr.request.request_id for dr in requests]
+        merged = DraftBatch(tokens, {req_id: i for i, req_id in enumerate(ids)},
+                            {dr.request.request_id: dr.num_drafts for dr in requests},
+                            {req_id: ahead.probs[req_id] for req_id in ids if req_id in ahead.probs},
                             {dr.request.request_id: dr.request for dr in requests})
         if batch is None:
             return merged
@@ -417,29 +423,33 @@ class DraftProposer:
         merged.requests.update(batch.requests)
         return merged
 
-    def _greedy_passes(self, first: torch.Tensor, start: torch.Tensor, tables: torch.Tensor,
-                       max_seq_len: int) -> torch.Tensor:
-        """Greedy passes 2..k of rows whose first drafts are `first` [n], the first of them at
-        positions `start` [n] (device tensors both); `tables` [n, W] int64 block tables covering
-        them; `max_seq_len` bounds their lengths. Returns drafts [n, k]."""
+    def _passes_from(self, first: torch.Tensor, q: torch.Tensor | None, sampler: _DraftSampler,
+                     start: torch.Tensor, tables: torch.Tensor,
+                     max_seq_len: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Passes 2..k of n rows that all draft k tokens, whose first drafts are `first` [n] (sampled
+        from `q` [n, V], None when all rows are greedy) and go at positions `start` [n] (device
+        tensors both); `tables` [n, W] int64 block tables covering them; `max_seq_len` bounds their
+        lengths. Returns drafts [n, k] and, per sampled row, its draft distributions [k, V]."""
         n, k, bs = first.shape[0], self.max_k, self.block_size
-        if k == 1:
-            return first[:, None]
         runner = self.runner
+        pass_probs = [q]
         positions = start[None, :] + torch.arange(k - 1, device=runner.device)[:, None]  # [k - 1, n]
         slots = (tables.gather(1, (positions // bs).T).T * bs + positions % bs).contiguous()
         seq_lens = (positions + 1).to(torch.int32)
         tables32 = tables.to(torch.int32)
         loop = self.loop_graphs
-        if loop is not None and loop.fits(n, tables.shape[1]):
-            return loop.run(first, positions, slots, seq_lens, tables32)
+        if q is None and k > 1 and loop is not None and loop.fits(n, tables.shape[1]):
+            return loop.run(first, positions, slots, seq_lens, tables32), {}
         query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=runner.device)
         drafts = [first]
         for j in range(k - 1):
             batch = runner.decode_batch(drafts[-1], positions[j], slots[j], query_start_loc, seq_lens[j], tables32,
                                         max_seq_len)
-            drafts.append(argmax_rows(runner.model.compute_logits(runner._forward(batch))))
-        return torch.stack(drafts, dim=1)
+            tokens, q = sampler.sample(runner.model.compute_logits(runner._forward(batch)), n)
+            drafts.append(tokens)
+            pass_probs.append(q)
+        probs = {i: torch.stack([p[i] for p in pass_probs]) for i in range(n) if not sampler.greedy[i]}  # type: ignore[index]
+        return torch.stack(drafts, dim=1), probs
 
     @staticmethod
     def _batch(proposing: list[tuple[DraftRequest, list[int], ScheduledRequest]], drafts: torch.Tensor,

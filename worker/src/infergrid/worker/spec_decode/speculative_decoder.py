@@ -173,7 +173,7 @@ class SpeculativeDecoder:
     # -- proposing ---------------------------------------------------------------------------------
     def propose_ahead(self, rows: Sequence[Any], sampled: torch.Tensor) -> None:
         """Right after a verification is launched (rows and sampled tokens as in `verify`): the draft
-        model proposes the next drafts of its greedy requests (no penalties) at once, queued behind
+        model proposes the next drafts of its requests (no penalties, no seed) at once, queued behind
         it, for whatever number of drafts it accepts (DraftProposer.propose_ahead). `propose` then
         takes them for the requests that still want drafts, and the device runs the draft model
         while the host applies the step's result, instead of waiting for it."""
@@ -187,7 +187,10 @@ class SpeculativeDecoder:
         for i, row in enumerate(rows):
             sched = row.sched
             params = sched.request.sampling_params
-            if row.draft_index == 0 and sched.spec_token_ids and params.is_greedy and not params.has_penalties:
+            # NOTE: not a seeded sampled request: its draft draws must not depend on whether the
+            # drafts were proposed ahead (which depends on the batch: the catch-up budget).
+            if (row.draft_index == 0 and sched.spec_token_ids and not params.has_penalties
+                    and (params.is_greedy or params.seed is None)):
                 requests.append(AheadRequest(sched.request, sched.block_ids, sched.num_computed_tokens,
                                              len(sched.spec_token_ids), i))
         if requests:
