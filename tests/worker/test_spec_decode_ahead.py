@@ -68,16 +68,24 @@ def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_dra
     accepted = Counter()  # drafts accepted in the verification the ahead drafts followed
     seen = Counter()
 
+    def rng_state():  # (the CUDA generator's too, on a GPU machine)
+        return torch.get_rng_state(), torch.cuda.get_rng_state() if d.runner.device.type == "cuda" else None
+
+    def set_rng_state(state):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1])
+
     def recorded(requests, sampled):
-        rng_at_ahead["state"] = torch.get_rng_state()
+        rng_at_ahead["state"] = rng_state()
         return propose_ahead(requests, sampled)
 
     def checked(ahead, requests, batch):
         kv, valid, caught_up = d.runner.kv_cache.clone(), d.valid.copy(), d.num_catch_up_tokens_total
-        rng = torch.get_rng_state()
-        torch.set_rng_state(rng_at_ahead["state"])
+        rng = rng_state()
+        set_rng_state(rng_at_ahead["state"])
         expected = reference_propose(d, [DraftRequest(dr.request, dr.block_ids, dr.num_drafts) for dr in requests])
-        torch.set_rng_state(rng)
+        set_rng_state(rng)
         d.runner.kv_cache.copy_(kv)
         d.valid[:], d.num_catch_up_tokens_total = valid, caught_up
         got = use_ahead(ahead, requests, batch)
