@@ -53,11 +53,16 @@ PARAMS = [  # greedy and unseeded sampled requests propose ahead, in the same ba
 ]
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_draft, monkeypatch, graphs):
-    """`graphs`: the CUDA-graph code path on CPU (stand-in graphs replay the forward on static buffers).
-    Greedy drafts must be equal always; sampled drafts and their distributions q when the loop
-    replays the same random draws (the same rows, each drafting k tokens, from the same RNG state)."""
+GREEDY_PARAMS = [SamplingParams(temperature=0.0, max_tokens=40 - 3 * i, ignore_eos=True) for i in range(6)]
+
+
+@pytest.mark.parametrize(("graphs", "params"), [(False, PARAMS), (True, PARAMS), (True, GREEDY_PARAMS)],
+                         ids=["eager", "graphs", "graphs-greedy"])
+def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_draft, monkeypatch, graphs, params):
+    """`graphs`: the CUDA-graph code path on CPU (stand-in graphs replay the forward on static buffers);
+    an all-greedy batch in the steady state proposes in one replay (ahead_graph.py). Greedy drafts
+    must be equal always; sampled drafts and their distributions q when the loop replays the same
+    random draws (the same rows, each drafting k tokens, from the same RNG state)."""
     monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
     monkeypatch.setenv("INFERGRID_EMULATE_CUDA_GRAPHS", "1" if graphs else "0")
     llm = _llm(tiny_model("llama"), noisy_draft)
@@ -107,15 +112,17 @@ def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_dra
         return got
 
     d.propose_ahead, d.use_ahead = recorded, checked
-    outs = llm.generate(PROMPTS, PARAMS)
-    assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in PARAMS]
+    outs = llm.generate(PROMPTS, params)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
     assert decoder.num_ahead_proposals_total == sum(accepted.values()) > 20
-    assert seen["greedy"] > 10 and seen["sampled"] > 5
+    assert seen["greedy"] > 10 and (seen["sampled"] > 5 or params is GREEDY_PARAMS)
     # Every outcome of a verification: no draft accepted, some, all of them.
     assert any(a == 0 for a, _ in accepted) and any(0 < a < k for a, k in accepted)
     assert any(a == k for a, k in accepted)
     if graphs:
         assert d.loop_graphs is not None and d.loop_graphs.num_replays > 0
+    if params is GREEDY_PARAMS:
+        assert d.ahead_graphs is not None and d.ahead_graphs.num_replays > 0
 
 
 def test_greedy_identical_with_drafts_proposed_ahead(tiny_model, noisy_draft, monkeypatch):

@@ -29,6 +29,8 @@ start right after that token. Draft KV written past it is speculative like any o
 result is known, `use_ahead` hands out those drafts to the requests whose state is what they assumed
 (`AheadDrafts.matches`) and marks their draft KV valid up to the computed tokens; the others propose
 as below. So the device drafts while the host applies the step's result and schedules the next.
+In the steady state (greedy, k drafts verified, draft KV valid up to the last known token) the whole
+proposal is one CUDA graph replay (ahead_graph.py).
 
 Passes 2..k are decode passes of the same rows (fewer at the end when requests ask for fewer drafts):
 their inputs are built and uploaded once, each pass reads the previous pass's drafts on the device,
@@ -64,6 +66,7 @@ from infergrid.worker.engine.scheduler import ScheduledRequest, SchedulerOutput
 from infergrid.worker.layers.sampler import Sampler, SamplingMetadata, argmax_rows, random_sample
 from infergrid.worker.loader import resolve_model_path
 from infergrid.worker.model_config import ModelConfig
+from infergrid.worker.spec_decode.ahead_graph import AheadGraphRunner
 from infergrid.worker.spec_decode.draft_loop_graph import DraftLoopGraphRunner
 
 logger = logging.getLogger(__name__)
@@ -182,6 +185,7 @@ class DraftProposer:
         self.max_catch_up_tokens = config.get_max_num_batched_tokens()
         self.num_catch_up_tokens_total = 0  # tokens the draft computed to catch up with the target
         self.loop_graphs: DraftLoopGraphRunner | None = None  # with CUDA graphs (draft_loop_graph.py)
+        self.ahead_graphs: AheadGraphRunner | None = None  # with CUDA graphs (ahead_graph.py)
 
     # -- KV cache ----------------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -206,6 +210,8 @@ class DraftProposer:
             if self.max_k > 1:  # passes 2..k of greedy steps in one replay
                 self.loop_graphs = DraftLoopGraphRunner(runner, self.max_k)
                 self.loop_graphs.capture()
+            self.ahead_graphs = AheadGraphRunner(runner, self.max_k)  # steady-state proposals made ahead
+            self.ahead_graphs.capture()
 
     # -- validity ----------------------------------------------------------------------------------
     def note_target_writes(self, scheduler_output: SchedulerOutput) -> None:
@@ -373,11 +379,22 @@ class DraftProposer:
             return None
         self.num_catch_up_tokens_total += offset
         runner, n = self.runner, len(kept)
-        batch = runner._prepare_inputs(scheds)
         width = max(len(t) for _, t, _ in kept)
         tables = np.zeros((n, width), dtype=np.int64)
         for i, (_, t, _) in enumerate(kept):
             tables[i, : len(t)] = t
+        assumed = {ar.request.request_id: (i, ar, start) for i, (ar, _, start) in enumerate(kept)}
+        graphs = self.ahead_graphs
+        if (graphs is not None and graphs.fits(n, width) and all(
+                start == ar.num_computed_tokens and ar.num_drafts == k and ar.request.sampling_params.is_greedy
+                for ar, _, start in kept)):  # the steady state: one replay (ahead_graph.py)
+            flat = runner._upload_flat([
+                np.asarray([ar.request.all_token_ids[ar.num_computed_tokens] for ar, _, _ in kept]),
+                np.asarray([ar.num_computed_tokens for ar, _, _ in kept]), np.asarray(fill_src), tables])
+            last_t, c0_t, src_t, tables_t = flat.split([n, n, n * (k + 1), tables.size])
+            drafts = graphs.run(last_t, c0_t, sampled[src_t].view(n, k + 1), tables_t.view(n, width).to(torch.int32))
+            return AheadDrafts(drafts, assumed, {})
+        batch = runner._prepare_inputs(scheds)
         flat = runner._upload_flat([np.asarray(x, dtype=np.int64) for x in (fill_pos, fill_src, owners, emitted_at)]
                                    + [np.asarray([ar.num_computed_tokens for ar, _, _ in kept]), tables])
         pos_t, src_t, owners_t, emitted_t, c0_t, tables_t = flat.split([len(fill_pos)] * 3 + [n, n, tables.size])
@@ -392,8 +409,7 @@ class DraftProposer:
         # The last token the target emits is at c0 + 1 + accepted; d1 goes right after it.
         drafts, probs = self._passes_from(first, q, sampler, c0_t + accepted + 2, tables_t.view(n, width),
                                           max_seq_len)
-        return AheadDrafts(drafts, {ar.request.request_id: (i, ar, start) for i, (ar, _, start) in enumerate(kept)},
-                           {kept[i][0].request.request_id: p for i, p in probs.items()})
+        return AheadDrafts(drafts, assumed, {kept[i][0].request.request_id: p for i, p in probs.items()})
 
     def use_ahead(self, ahead: AheadDrafts, requests: list[DraftRequest], batch: DraftBatch | None) -> DraftBatch:
         """The drafts `propose_ahead` made for `requests` (each `ahead.matches` it; their draft KV is
