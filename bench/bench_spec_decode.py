@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                 errors[mode + " (eager)"] = traceback.format_exc()
                 print(f"mode {mode} failed in eager mode too:\n{errors[mode + ' (eager)']}", file=sys.stderr)
     results = run_interleaved(args, engines, prompts)
+    states = {mode: engine.model_runner.spec_decoder.describe() for mode, (engine, _) in engines.items()
+              if engine.model_runner.spec_decoder is not None}
     off = {(r.mode.startswith("copy:"), r.batch_size): r for r in results if r.mode in ("off", "copy:off")}
     for r in results:
         base = off.get((r.mode.startswith("copy:"), r.batch_size))
@@ -367,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.draft_model or f'random {args.draft_layers}-layer'}; tok/s: median of {args.repeats} interleaved repeats"
     )
     verdicts = print_table(header, results)
+    for mode, state in states.items():
+        print(f"{mode}: {state}")
     report: dict[str, Any] = {
         "bench": "spec_decode",
         "device": device,
@@ -377,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint_seconds": checkpoint_s,
         "results": [{k: v for k, v in asdict(r).items() if k != "outputs"} for r in results],
         "verdicts": verdicts,
+        "speculation_state": states,
         "errors": errors,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -395,3 +395,14 @@ def test_a_request_without_a_draft_goes_off_with_backoff():
     a.observe_check("r", 8, 8, 0.1, 16)  # on again, the lookup finds nothing again
     a.switch_off("r", 17)
     assert a.can_skip(31, {"r"}) and not a.can_skip(32, {"r"})  # the wait doubled
+
+
+def test_a_proposer_stall_counts_as_three_times_the_estimate_at_most():
+    """A draft pass that compiled a kernel (seconds instead of a millisecond) must not price the draft
+    model out for good: switched off, it would propose nothing that could correct the estimate."""
+    model = StepCostModel(proposer_cost=0.3)
+    model.observe_proposer(seconds_per_pass=0.5, step_seconds=2e-3)  # 250 steps' worth
+    assert model.proposer_cost == pytest.approx(0.9 * 0.3 + 0.1 * 0.9)
+    ngram = StepCostModel(proposer_cost=0.0)  # a free proposer's samples are capped at 0.3
+    ngram.observe_proposer(seconds_per_pass=1.0, step_seconds=1e-3)
+    assert ngram.proposer_cost == pytest.approx(0.1 * 0.3)

@@ -38,6 +38,7 @@ PROPOSER_DECAY = 0.9
 PIPELINED_DECAY = 0.9
 MIN_PIPELINED_RATIO = 0.3
 MAX_STEP_SAMPLE = 3.0  # a step slower than 3x the prediction (a GC pause, a compile) counts as 3x
+MIN_PROPOSER_LIMIT = 0.1  # ... and a proposer sample as 3x max(the estimate, the default, this)
 
 
 class StepCostModel:
@@ -66,9 +67,14 @@ class StepCostModel:
         self._nt = d * self._nt + num_tokens * seconds
 
     def observe_proposer(self, seconds_per_pass: float, step_seconds: float) -> None:
-        """The proposer took `seconds_per_pass` per draft position in a step of `step_seconds`."""
+        """The proposer took `seconds_per_pass` per draft position in a step of `step_seconds`.
+
+        NOTE: a sample counts as MAX_STEP_SAMPLE times the estimate at most (a kernel compiled on
+        first use, a GC pause): an inflated estimate would switch speculation off, and then nothing
+        is proposed that could measure it again."""
         if step_seconds > 0:
-            sample = seconds_per_pass / step_seconds
+            limit = MAX_STEP_SAMPLE * max(self.proposer_cost, self.default_proposer_cost, MIN_PROPOSER_LIMIT)
+            sample = min(seconds_per_pass / step_seconds, limit)
             self.proposer_cost = PROPOSER_DECAY * self.proposer_cost + (1 - PROPOSER_DECAY) * sample
 
     def observe_pipelined_step(self, num_tokens: int, seconds: float) -> None:

@@ -295,6 +295,13 @@ class SpeculativeDecoder:
             self.cost.observe_proposer((time.perf_counter() - start + ahead_seconds) / max_k, step_seconds)
         return drafts
 
+    def describe(self) -> str:
+        """The estimates behind the decisions (for benchmarks and debugging)."""
+        a, b = self.cost.coefficients()
+        return (f"step = {1e3 * a:.3f} ms + {1e3 * b:.4f} ms/token, pipelined ratio {self.cost.pipelined_ratio:.2f}, "
+                f"proposer {self.cost.proposer_cost:.3f} of a step per draft, engine acceptance "
+                f"{self.adaptive.engine_rate():.2f}, {len(self.drafted)} drafted, any on: {self.adaptive.any_on}")
+
     def _pays(self, sampling: list[ScheduledRequest], wanted: dict[str, int], draft_cost: float, step: int) -> bool:
         """The batch-level check, over the requests of this step that are on (`wanted`: those that
         propose now, with their k; the others just switched on, at their estimated k). A speculating
@@ -322,6 +329,7 @@ class SpeculativeDecoder:
         if self.cost.speculation_pays(len(sampling), draft_cost, extra, sum(k for _, k, _ in on),
                                       max(k for _, k, _ in on)):
             return True
+        logger.debug("step %d: speculation does not pay for the batch (%s)", step, self.describe())
         for req_id, _, _ in on:
             adaptive.switch_off(req_id, step)
         return False
