@@ -189,13 +189,13 @@ def test_a_speculating_step_must_pay_for_the_whole_batch_losing_its_pipelining()
         cost.observe_step(n, 1e-3 + n * 1e-3 / 64)
     for _ in range(80):
         cost.observe_pipelined_step(32, 0.7 * (1e-3 + 32e-3 / 64))
-    assert cost.plain_goodput() == pytest.approx(1 / 0.7, rel=0.05)
+    assert cost.plain_goodput(32) == pytest.approx(1 / 0.7, rel=0.05)
     c32 = cost.draft_token_cost(32)
     assert not cost.speculation_pays(32, c32, expected_tokens(1.0, 4) - 1, 4, 4)
     assert cost.speculation_pays(32, c32, 32 * (expected_tokens(0.9, 4) - 1), 32 * 4, 4)
     c1 = cost.draft_token_cost(1)
     for rate in (0.2, 0.4, 0.6, 0.9):
-        k = best_num_drafts(rate, 4, c1, cost.plain_goodput())
+        k = best_num_drafts(rate, 4, c1, cost.plain_goodput(1))
         assert cost.speculation_pays(1, c1, expected_tokens(rate, max(k, 1)) - 1, max(k, 1), max(k, 1)) == (k > 0)
 
 
@@ -369,20 +369,25 @@ def test_pipelined_steps_raise_the_bar_for_speculation():
     """Where a step without speculation runs pipelined in 0.7 of a synchronous step's time, a
     request must beat 1 / 0.7 tokens per synchronous step: rate 0.3 pays at rho 1, not at 0.7."""
     cost = StepCostModel(0.0)
-    assert cost.plain_goodput() == 1.0
+    assert cost.plain_goodput(1) == 1.0
     for _ in range(40):
         cost.observe_step(1, 0.010)
         cost.observe_step(5, 0.0102)
     cost.observe_pipelined_step(1, 0.007)
-    assert cost.pipelined_ratio < 1.0
+    assert cost.pipelined_ratio(1) < 1.0
     for _ in range(60):
         cost.observe_pipelined_step(1, 0.007)
-    assert cost.plain_goodput() == pytest.approx(1 / 0.7, rel=0.05)
-    assert cost.plain_goodput(measured=False) == 1.0
+    assert cost.plain_goodput(1) == pytest.approx(1 / 0.7, rel=0.05)
+    assert cost.plain_goodput(1, measured=False) == 1.0
     c = cost.draft_token_cost(1)
     assert best_num_drafts(0.3, 4, c) > 0
-    assert best_num_drafts(0.3, 4, c, cost.plain_goodput()) == 0
-    assert best_num_drafts(0.9, 4, c, cost.plain_goodput()) > 0
+    assert best_num_drafts(0.3, 4, c, cost.plain_goodput(1)) == 0
+    assert best_num_drafts(0.9, 4, c, cost.plain_goodput(1)) > 0
+    # Another batch size has its own ratio: pipelined steps of 32 say nothing about batch 1.
+    for _ in range(60):
+        cost.observe_pipelined_step(32, 0.3 * (cost.coefficients()[0] + 32 * cost.coefficients()[1]))
+    assert cost.plain_goodput(32) == pytest.approx(1 / 0.3, rel=0.05)
+    assert cost.plain_goodput(1) == pytest.approx(1 / 0.7, rel=0.05) and cost.plain_goodput(2) == 1.0
 
 
 def test_a_request_without_a_draft_goes_off_with_backoff():

@@ -19,8 +19,9 @@ the proposer's share is an average of steady-state measurements, starting from a
 `measured=False` gives the defaults alone: for decisions that must not depend on timing.
 
 Async scheduling: a step in which nothing speculates is pipelined (the host's work overlaps the
-GPU's), a speculating step is not. `pipelined_ratio` (rho) is a pipelined decode step's time over the
-fitted synchronous time at its size (an average of measurements; 1 until there are some), so a
+GPU's), a speculating step is not. `pipelined_ratio(B)` (rho) is a pipelined decode step's time over the
+fitted synchronous time at its size (an average of measurements per batch-size bucket -- 1, 2-3,
+4-7, ...: how much pipelining hides differs between batch 1 and batch 64 --, 1 until there are some), so a
 request off speculation emits 1 / rho tokens per synchronous step's time, which is what its drafts
 must beat (adaptive.best_num_drafts' `plain_goodput`). Batch-wide, a speculating step makes every
 request in it lose the pipelining, not only the ones that draft: `speculation_pays` weighs the
@@ -51,7 +52,7 @@ class StepCostModel:
 
     def __init__(self, proposer_cost: float) -> None:
         self.default_proposer_cost = self.proposer_cost = proposer_cost
-        self.pipelined_ratio = 1.0
+        self._pipelined_ratios: dict[int, float] = {}  # batch-size bucket -> rho
         self._w = self._n = self._t = self._nn = self._nt = 0.0  # decayed weight and sums
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
@@ -83,11 +84,17 @@ class StepCostModel:
             return
         a, b = self.coefficients()
         sample = max(MIN_PIPELINED_RATIO, min(1.0, seconds / (a + b * num_tokens)))
-        self.pipelined_ratio = PIPELINED_DECAY * self.pipelined_ratio + (1 - PIPELINED_DECAY) * sample
+        key = _bucket(num_tokens)
+        rho = self._pipelined_ratios.get(key, 1.0)
+        self._pipelined_ratios[key] = PIPELINED_DECAY * rho + (1 - PIPELINED_DECAY) * sample
 
-    def plain_goodput(self, measured: bool = True) -> float:
+    def pipelined_ratio(self, batch_size: int) -> float:
+        """rho at this decode batch size (1 before any pipelined step of about that size)."""
+        return self._pipelined_ratios.get(_bucket(batch_size), 1.0)
+
+    def plain_goodput(self, batch_size: int, measured: bool = True) -> float:
         """Tokens a request off speculation emits per synchronous step's time (1 / rho)."""
-        return 1.0 / self.pipelined_ratio if measured else 1.0
+        return 1.0 / self.pipelined_ratio(batch_size) if measured else 1.0
 
     def speculation_pays(self, batch_size: int, draft_cost: float, extra_tokens: float, num_draft_tokens: int,
                          max_k: int) -> bool:
@@ -101,7 +108,13 @@ class StepCostModel:
         proposer = min(self.proposer_cost, draft_cost)
         verify = draft_cost - proposer
         relative_time = 1.0 + verify * num_draft_tokens / batch_size + proposer * max_k
-        return (batch_size + extra_tokens) / relative_time > batch_size * self.plain_goodput()
+        return (batch_size + extra_tokens) / relative_time > batch_size * self.plain_goodput(batch_size)
+
+    def describe(self) -> str:
+        a, b = self.coefficients()
+        rho = ", ".join(f"{2 ** (key - 1)}+: {r:.2f}" for key, r in sorted(self._pipelined_ratios.items())) or "-"
+        return (f"step = {1e3 * a:.3f} ms + {1e3 * b:.4f} ms/token, pipelined ratio by batch size {{{rho}}}, "
+                f"proposer {self.proposer_cost:.3f} of a step per draft position")
 
     def coefficients(self) -> tuple[float, float]:
         """(a, b) of step_seconds(N) = a + b * N; before any step, the default ratio in step units."""
@@ -121,3 +134,8 @@ class StepCostModel:
         step = a + b * batch_size
         verify = b * batch_size / step if step > 0 else 1.0
         return verify + (self.proposer_cost if measured else self.default_proposer_cost)
+
+
+def _bucket(batch_size: int) -> int:
+    """Batch sizes 1, 2-3, 4-7, 8-15, ... -> 1, 2, 3, 4, ..."""
+    return max(1, batch_size).bit_length()

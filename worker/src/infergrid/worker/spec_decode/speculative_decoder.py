@@ -238,7 +238,7 @@ class SpeculativeDecoder:
         # Every request off, no check due or in flight: nothing to observe, nothing to propose.
         if not self.drafted and not self._pending_checks and adaptive.can_skip(step, sampled_token_ids.keys()):
             return {}
-        cost, plain = self.cost.draft_token_cost(max(1, num_sampled)), self.cost.plain_goodput()
+        cost, plain = self.cost.draft_token_cost(max(1, num_sampled)), self.cost.plain_goodput(max(1, num_sampled))
         # NOTE: a seeded sampled request's random draws depend on its drafts, so its drafts must not
         # depend on timing or on other requests: default costs, its own step count, no batch check.
         seeded_cost = self.cost.draft_token_cost(max(1, num_sampled), measured=False)
@@ -297,10 +297,8 @@ class SpeculativeDecoder:
 
     def describe(self) -> str:
         """The estimates behind the decisions (for benchmarks and debugging)."""
-        a, b = self.cost.coefficients()
-        return (f"step = {1e3 * a:.3f} ms + {1e3 * b:.4f} ms/token, pipelined ratio {self.cost.pipelined_ratio:.2f}, "
-                f"proposer {self.cost.proposer_cost:.3f} of a step per draft, engine acceptance "
-                f"{self.adaptive.engine_rate():.2f}, {len(self.drafted)} drafted, any on: {self.adaptive.any_on}")
+        return (f"{self.cost.describe()}, engine acceptance {self.adaptive.engine_rate():.2f}, "
+                f"{len(self.drafted)} drafted, any on: {self.adaptive.any_on}")
 
     def _pays(self, sampling: list[ScheduledRequest], wanted: dict[str, int], draft_cost: float, step: int) -> bool:
         """The batch-level check, over the requests of this step that are on (`wanted`: those that
