@@ -411,3 +411,20 @@ def test_a_proposer_stall_counts_as_three_times_the_estimate_at_most():
     ngram = StepCostModel(proposer_cost=0.0)  # a free proposer's samples are capped at 0.3
     ngram.observe_proposer(seconds_per_pass=1.0, step_seconds=1e-3)
     assert ngram.proposer_cost == pytest.approx(0.1 * 0.3)
+
+
+def test_the_gpu_prior_keeps_verification_cheap_until_large_steps_are_measured():
+    """Only batch-1 steps seen (1 and 5 tokens, the difference being the draft's work): the slope is the
+    prior's. On a GPU (a step's fixed cost worth 256 tokens) verifying 4 drafts for each of 32
+    requests is a fraction of a step, so speculation gets tried at batch 32 and measured there; with
+    the CPU's 32 it would look like half a step, and a perfect draft would never be tried."""
+    gpu, cpu = StepCostModel(0.05, fixed_cost_tokens=256), StepCostModel(0.05)
+    for model in (gpu, cpu):
+        for _ in range(30):
+            model.observe_step(5, 2.2e-3)
+        model.observe_step(1, 1.8e-3)
+        for _ in range(40):
+            model.observe_pipelined_step(32, 1.4e-3)
+    assert gpu.draft_token_cost(32) < 0.4 < cpu.draft_token_cost(32)
+    assert gpu.speculation_pays(32, gpu.draft_token_cost(32), 32 * 4.0, 32 * 4, 4)
+    assert not cpu.speculation_pays(32, cpu.draft_token_cost(32), 32 * 4.0, 32 * 4, 4)

@@ -14,7 +14,8 @@ Proposing costs the proposer's time per draft position (a draft-model pass, the 
 the step's time, so c(B) = verify(B) + proposer.
 
 a and b are fitted online to the engine's decode steps (least squares with exponentially decaying
-weights, pulled toward b = a / DEFAULT_FIXED_COST_TOKENS when recent steps barely differ in size);
+weights, pulled toward b = a / fixed_cost_tokens when recent steps barely differ in size: 32 tokens
+on a CPU, GPU_FIXED_COST_TOKENS on a GPU, which decodes memory-bound up to far larger batches);
 the proposer's share is an average of steady-state measurements, starting from a static estimate.
 `measured=False` gives the defaults alone: for decisions that must not depend on timing.
 
@@ -30,9 +31,12 @@ drafters' extra tokens against that, for the whole step.
 
 from __future__ import annotations
 
-# The default: a step's fixed cost equals the cost of this many tokens (GPUs decode memory-bound up
-# to far larger batches, so this overestimates verification: conservative).
+# The default: a step's fixed cost equals the cost of this many tokens. On a GPU, where a decode step
+# reads every weight whatever its batch, far more: with steps of one size only (speculating at batch
+# 1: 1 + k tokens), 32 made verification at batch 32 look like half a step, and speculation was never
+# tried there (a 2-layer draft of a 1B model paid 1.3x at batch 32 on an H200).
 DEFAULT_FIXED_COST_TOKENS = 32
+GPU_FIXED_COST_TOKENS = 256
 PRIOR_TOKEN_VARIANCE = 4.0  # how much spread in step sizes (tokens^2) it takes to trust the data's slope
 STEP_DECAY = 0.95  # per step: the fit follows about the last 20 decode steps (a batch size changes)
 PROPOSER_DECAY = 0.9
@@ -48,10 +52,12 @@ class StepCostModel:
     Args:
         proposer_cost: the proposer's time per draft position as a fraction of a target step, before
             any measurement (the draft model's share of the weights; 0 for n-gram lookups).
+        fixed_cost_tokens: the prior: a step's fixed cost in tokens' worth of compute.
     """
 
-    def __init__(self, proposer_cost: float) -> None:
+    def __init__(self, proposer_cost: float, fixed_cost_tokens: int = DEFAULT_FIXED_COST_TOKENS) -> None:
         self.default_proposer_cost = self.proposer_cost = proposer_cost
+        self.fixed_cost_tokens = fixed_cost_tokens
         self._pipelined_ratios: dict[int, float] = {}  # batch-size bucket -> rho
         self._w = self._n = self._t = self._nn = self._nt = 0.0  # decayed weight and sums
 
@@ -119,18 +125,18 @@ class StepCostModel:
     def coefficients(self) -> tuple[float, float]:
         """(a, b) of step_seconds(N) = a + b * N; before any step, the default ratio in step units."""
         if self._w == 0:
-            return 1.0, 1.0 / DEFAULT_FIXED_COST_TOKENS
+            return 1.0, 1.0 / self.fixed_cost_tokens
         w = self._w
         mean_n, mean_t = self._n / w, self._t / w
         variance = max(0.0, self._nn / w - mean_n * mean_n)
         covariance = self._nt / w - mean_n * mean_t
-        prior_b = mean_t / (DEFAULT_FIXED_COST_TOKENS + mean_n)
+        prior_b = mean_t / (self.fixed_cost_tokens + mean_n)
         b = max(0.0, (covariance + PRIOR_TOKEN_VARIANCE * prior_b) / (variance + PRIOR_TOKEN_VARIANCE))
         return max(0.0, mean_t - b * mean_n), b
 
     def draft_token_cost(self, batch_size: int, measured: bool = True) -> float:
         """c at a decode batch of `batch_size` requests (measured=False: the defaults only)."""
-        a, b = self.coefficients() if measured else (1.0, 1.0 / DEFAULT_FIXED_COST_TOKENS)
+        a, b = self.coefficients() if measured else (1.0, 1.0 / self.fixed_cost_tokens)
         step = a + b * batch_size
         verify = b * batch_size / step if step > 0 else 1.0
         return verify + (self.proposer_cost if measured else self.default_proposer_cost)

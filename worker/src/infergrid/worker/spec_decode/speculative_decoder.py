@@ -39,7 +39,11 @@ from infergrid.worker.engine.request import RequestStatus
 from infergrid.worker.engine.scheduler import DRAFT_PLACEHOLDER_ID, ScheduledRequest, SchedulerOutput
 from infergrid.worker.layers.sampler import SamplerOutput, SamplingMetadata
 from infergrid.worker.spec_decode.adaptive import CHECK, AdaptiveNumDrafts, best_num_drafts, expected_tokens
-from infergrid.worker.spec_decode.cost_model import StepCostModel
+from infergrid.worker.spec_decode.cost_model import (
+    DEFAULT_FIXED_COST_TOKENS,
+    GPU_FIXED_COST_TOKENS,
+    StepCostModel,
+)
 from infergrid.worker.spec_decode.ngram_proposer import NgramProposer
 from infergrid.worker.spec_decode.rejection_sampler import NO_DRAFT, RejectionSampler
 
@@ -80,7 +84,8 @@ class SpeculativeDecoder:
             proposer_cost = self.draft.cost_ratio
         else:
             raise ValueError(f"speculative_method must be 'ngram' or 'draft', got {self.method!r}")
-        self.cost = StepCostModel(proposer_cost)
+        on_gpu = runner.device.type == "cuda"
+        self.cost = StepCostModel(proposer_cost, GPU_FIXED_COST_TOKENS if on_gpu else DEFAULT_FIXED_COST_TOKENS)
         self.adaptive = AdaptiveNumDrafts(self.max_k, enabled=envs.spec_decode_adaptive())
         # Draft method: the last proposal step's drafts, on the device (requests' spec_token_ids hold
         # DRAFT_PLACEHOLDER_ID for them) and, for sampled requests, their distributions q.
