@@ -2,8 +2,9 @@
 
 After its first pass (the catch-up, which gives each proposing request its first draft), a proposal
 step's passes are decode passes of the same rows: the previous pass's drafts in, their argmax out
-(draft_proposer.py). When every proposing row is greedy and drafts max_k tokens (the steady state
-of a draft that pays), DraftProposer runs them as one graph per batch bucket:
+(draft_proposer.py). When every proposing row is greedy and drafts max_k tokens (a request's first
+proposals; proposals made ahead in the steady state are one graph of their own, ahead_graph.py),
+DraftProposer runs them as one graph per batch bucket:
 
     static inputs:  drafts[:, 0] (first drafts) [bs]; positions, slot_mapping, seq_lens [k - 1, bs];
                     block_tables [bs, W]

@@ -204,7 +204,8 @@ class DraftProposer:
         if runner.cuda_graphs is not None:
             from infergrid.worker.spec_decode.verify_graph import MultiTokenCUDAGraphRunner
 
-            # Pass 1 in the steady state: the last computed token, the accepted drafts and the bonus.
+            # Pass 1 of a proposal made after the verification, and of one made ahead outside the steady
+            # state: the last computed token, the accepted (or all) drafts and the bonus.
             runner.multi_token_graphs = MultiTokenCUDAGraphRunner(runner, self.max_k + 2)
             runner.multi_token_graphs.capture()
             if self.max_k > 1:  # passes 2..k of greedy steps in one replay
