@@ -3,6 +3,7 @@
 vocabulary against `argmax_rows` (two stages). What the engine should call at decode batch sizes.
 
     PYTHONPATH=worker/src python bench/gemv_shapes.py            # a CUDA GPU
+    PYTHONPATH=worker/src python bench/gemv_shapes.py --smoke    # CPU: shapes / 16, host timing
 
 Each product cycles through enough weight copies to overflow the L2 cache (a decode step reads every
 weight once) and is timed as CUDA-graph replays with events, median of repeats. Prints a table.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,15 @@ MIN_BYTES = 400 * 2**20  # weight copies per product: past the L2 cache many tim
 
 
 def time_graph(fn, copies: int, repeats: int = 20) -> float:
-    """Median seconds of one call, from CUDA-graph replays of `copies` calls."""
+    """Median seconds of one call, from CUDA-graph replays of `copies` calls (on a CPU: plain calls)."""
+    if not torch.cuda.is_available():
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) / copies)
+        return statistics.median(times)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         for _ in range(2):
@@ -56,13 +66,15 @@ def time_graph(fn, copies: int, repeats: int = 20) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--smoke", action="store_true", help="CPU: every shape / 16, a few weight copies")
     args = p.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device("cpu" if args.smoke else "cuda")
     torch.manual_seed(0)
-    print(f"{torch.cuda.get_device_name()}; bf16; GB/s = weight bytes / time")
+    print(f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}; bf16; GB/s = weight bytes / time")
     rows = []
-    for name, n, k in SHAPES:
-        copies = max(2, -(-MIN_BYTES // (n * k * 2)))
+    scale = 16 if args.smoke else 1
+    for name, n, k in [(name, n // scale, k // scale) for name, n, k in SHAPES]:
+        copies = 2 if args.smoke else max(2, -(-MIN_BYTES // (n * k * 2)))
         weights = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         for m in args.batch:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -83,7 +95,7 @@ def main() -> int:
         print(f"| {name} | {m} | {t1:.1f} | {b1:,.0f} | {t2:.1f} | {b2:,.0f} |")
     print("| argmax over 128256 | M | torch.argmax us | argmax_rows us |")
     for m in args.batch:
-        logits = [torch.randn(m, 128256, device=dev) for _ in range(64)]
+        logits = [torch.randn(m, 128256, device=dev) for _ in range(4 if args.smoke else 64)]
         for t in logits:
             assert torch.equal(t.argmax(dim=-1), argmax_rows(t))
         t1 = time_graph(lambda logits=logits: [t.argmax(dim=-1) for t in logits], len(logits))

@@ -1,4 +1,4 @@
-"""bench/bench_prefix_cache.py stays runnable: a tiny CPU run, the way the GPU run is invoked."""
+"""The benchmarks stay runnable: tiny CPU runs, the way the GPU runs are invoked."""
 
 from __future__ import annotations
 
@@ -37,3 +37,14 @@ def test_prefix_cache_bench_runs_on_cpu(tmp_path):
     assert 0 < on["hit_rate"] < 1 and on["prefix_cache_hits"] % 16 == 0
     assert on["cached_tokens_reported"] == on["prefix_cache_hits"]
     assert report["ttft_p50_speedup"] == off["ttft_p50_s"] / on["ttft_p50_s"]
+
+
+def test_gemv_shapes_bench_runs_on_cpu():
+    """bench/gemv_shapes.py (decode-size products and argmax) stays runnable: shapes / 16 on a CPU."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO / "worker/src"))
+    proc = subprocess.run([sys.executable, "bench/gemv_shapes.py", "--smoke", "--batch", "1"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 8b/tp2 ")]
+    assert len(rows) == 5 and all(float(r.split("|")[3]) > 0 for r in rows)
+    assert "| argmax | 1 |" in proc.stdout
