@@ -67,7 +67,7 @@ from infergrid.worker.layers.sampler import Sampler, SamplingMetadata, argmax_ro
 from infergrid.worker.loader import resolve_model_path
 from infergrid.worker.model_config import ModelConfig
 from infergrid.worker.spec_decode.ahead_graph import AheadGraphRunner
-from infergrid.worker.spec_decode.draft_loop_graph import DraftLoopGraphRunner
+from infergrid.worker.spec_decode.draft_loop_graph import DraftLoopGraphRunner, slot_mapping_of
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ class DraftProposer:
         loop = self.loop_graphs
         if (later is not None and loop is not None and sampler.all_greedy_upto[-1] and num_drafts[-1] == self.max_k
                 and loop.fits(len(proposing), later.block_tables.shape[1])):
-            drafts = loop.run(tokens, later.positions, later.slot_mapping, later.seq_lens, later.block_tables)
+            drafts = loop.run(tokens, later.positions[0], later.block_tables)
             return self._batch(proposing, drafts, {})
         pass_tokens, pass_probs = [tokens], [probs]
         for j, (num_rows, max_seq_len) in enumerate(later.rows if later is not None else [], start=1):
@@ -447,16 +447,17 @@ class DraftProposer:
         from `q` [n, V], None when all rows are greedy) and go at positions `start` [n] (device
         tensors both); `tables` [n, W] int64 block tables covering them; `max_seq_len` bounds their
         lengths. Returns drafts [n, k] and, per sampled row, its draft distributions [k, V]."""
-        n, k, bs = first.shape[0], self.max_k, self.block_size
+        n, k = first.shape[0], self.max_k
         runner = self.runner
-        pass_probs = [q]
-        positions = start[None, :] + torch.arange(k - 1, device=runner.device)[:, None]  # [k - 1, n]
-        slots = (tables.gather(1, (positions // bs).T).T * bs + positions % bs).contiguous()
-        seq_lens = (positions + 1).to(torch.int32)
         tables32 = tables.to(torch.int32)
         loop = self.loop_graphs
         if q is None and k > 1 and loop is not None and loop.fits(n, tables.shape[1]):
-            return loop.run(first, positions, slots, seq_lens, tables32), {}
+            return loop.run(first, start, tables32), {}
+        pass_probs = [q]
+        positions = start[:, None] + torch.arange(k - 1, device=runner.device)  # [n, k - 1]
+        slots = slot_mapping_of(tables, positions, self.block_size).T.contiguous()
+        positions = positions.T.contiguous()
+        seq_lens = (positions + 1).to(torch.int32)
         query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=runner.device)
         drafts = [first]
         for j in range(k - 1):

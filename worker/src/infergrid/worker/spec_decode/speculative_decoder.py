@@ -7,8 +7,9 @@ preempted and prefix-hit requests):
                       scheduler budgets 1 + len(drafts) tokens for each and trims drafts to fit
     execute_model()   one target forward pass; a request with drafts samples at every draft
                       position + 1; `verify` = lossless rejection sampling (rejection_sampler.py);
-                      then `propose_ahead`: the draft model's next drafts for greedy requests,
-                      queued behind it for any number of accepted drafts (draft_proposer.py)
+                      then `propose_ahead`: the draft model's next drafts (requests without
+                      penalties or a seed), queued behind it for any number of accepted drafts
+                      (draft_proposer.py)
     update_from_output()  appends accepted drafts + one token and rewinds the rejected drafts' KV
     propose()         observes acceptance (adaptive.py) and the step's time (cost_model.py), runs
                       the hindsight checks due for requests that are off, then proposes up to k
