@@ -14,6 +14,16 @@ shape in bf16). Random weights give random text, so the workload is built to sho
   near-zero decoder-layer weights, so the model repeats its input token (text of no interest, but
   n-gram and a 2-layer copy draft then accept ~100% while every step still reads all the weights):
   the speedup at high acceptance, at the real cost of the target and the draft;
+- "agree:*" repeat off / ngram / draft at a chosen acceptance, for each --agreements p: the target is
+  a copy checkpoint whose untied LM head predicts a fixed successor of its input token (one random
+  cycle through the vocabulary), the draft one that predicts the same successor for a share p of the
+  tokens (shapes.successor_maps), and each prompt is a stretch of the target's own successor chain
+  with a share 1 - p of its tokens replaced by random ones, followed by the chain's first three
+  tokens again: the target then re-generates the stretch, which n-gram lookup finds in the prompt
+  (a replaced token is a rejected draft, like an edit in a quoted passage) and the draft predicts
+  right at a share p of the positions. Each draft token is accepted with probability ~p given
+  the ones before it, so with k drafts the acceptance rate (accepted / proposed, vLLM's) is
+  (p + p^2 + ... + p^k) / k: 0.59 for p = 0.8, k = 4; p = 0.92 gives 0.80;
 - "off-sync" / "copy:off-sync": speculation off and async scheduling off. Speculative decoding
   runs without async scheduling (its drafts are proposed from the tokens just sampled), so "off",
   which schedules the next step while the GPU runs this one, is the baseline every speedup is over;
@@ -53,13 +63,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from shapes import EOS, get_shape, make_random_checkpoint  # noqa: E402
+from shapes import EOS, get_shape, make_random_checkpoint, successor_maps  # noqa: E402
 
 from infergrid.worker.config import EngineConfig  # noqa: E402
 from infergrid.worker.engine.llm_engine import LLMEngine  # noqa: E402
 from infergrid.worker.sampling_params import SamplingParams  # noqa: E402
 
-MODES = ("off", "off-sync", "ngram", "draft", "draft=target", "copy:off", "copy:off-sync", "copy:ngram", "copy:draft")
+MODES = ("off", "off-sync", "ngram", "draft", "draft=target", "copy:off", "copy:off-sync", "copy:ngram", "copy:draft",
+         "agree:off", "agree:ngram", "agree:draft")
 COPY_LAYER_STD = 5e-4  # decoder-layer weights of the "copy" checkpoints (see shapes.make_random_checkpoint)
 TARGET_SPEEDUP_AT_HIGH_ACCEPTANCE = 2.0
 HIGH_ACCEPTANCE = 0.8
@@ -108,19 +119,43 @@ def make_prompts(num: int, prompt_len: int, phrase_len: int, vocab_size: int, se
     return prompts
 
 
+def make_agree_prompts(num: int, prompt_len: int, vocab_size: int, agreement: float, seed: int) -> list[list[int]]:
+    """Prompts of the "agree" family (module docstring): a stretch of the target's successor chain
+    from a random token with a share 1 - agreement of it replaced, then the chain's first 3 tokens."""
+    succ = successor_maps(vocab_size, seed, 1.0)[0].tolist()
+    rng = random.Random(seed + 1)
+    prompts = []
+    for _ in range(num):
+        chain = [rng.randrange(FIRST_TOKEN_ID, vocab_size)]
+        while len(chain) < prompt_len - 3:
+            chain.append(succ[chain[-1]])
+        quoted = [t if rng.random() < agreement else rng.randrange(FIRST_TOKEN_ID, vocab_size) for t in chain]
+        prompts.append(quoted + chain[:3])
+    return prompts
+
+
+def family(mode: str) -> str:
+    """The checkpoints and prompts a mode runs on: "" (random), "copy" or "agree<p>"."""
+    return mode.rpartition(":")[0]
+
+
+def method(mode: str) -> str:
+    return mode.rpartition(":")[2]
+
+
 def engine_config(args: argparse.Namespace, model: str, mode: str, draft: str | None, eager: bool) -> EngineConfig:
     spec: dict[str, Any] = {}
-    method = mode.removeprefix("copy:")
-    if method == "ngram":
+    kind = method(mode)
+    if kind == "ngram":
         spec = dict(speculative_method="ngram", num_speculative_tokens=args.num_speculative_tokens)
-    elif method in ("draft", "draft=target"):
+    elif kind in ("draft", "draft=target"):
         spec = dict(speculative_method="draft", num_speculative_tokens=args.num_speculative_tokens,
-                    draft_model=model if method == "draft=target" else draft)
+                    draft_model=model if kind == "draft=target" else draft)
     return EngineConfig(
         model=model, dtype=args.dtype, device=args.device, block_size=args.block_size,
         max_model_len=args.prompt_len + args.max_tokens + args.num_speculative_tokens + 8,
         max_num_seqs=max(args.batch_sizes),
-        enforce_eager=eager, enable_prefix_caching=False, seed=args.seed, async_scheduling=method != "off-sync",
+        enforce_eager=eager, enable_prefix_caching=False, seed=args.seed, async_scheduling=kind != "off-sync",
         **spec,
     )
 
@@ -210,14 +245,14 @@ class _Runs:
 
 
 def run_interleaved(args: argparse.Namespace, engines: dict[str, tuple[LLMEngine, bool]],
-                    prompts: list[list[int]]) -> list[BatchResult]:
+                    prompts: dict[str, list[list[int]]]) -> list[BatchResult]:
     """Repeat r of every (batch, mode) before repeat r + 1 of any: drifts in the machine's speed
     (clocks, other tenants of the host's CPUs) then hit every mode alike."""
     runs = {(mode, bs): _Runs() for mode in engines for bs in args.batch_sizes}
     for rep in range(args.repeats):
         for bs in args.batch_sizes:
             for mode, (engine, _) in engines.items():
-                runs[mode, bs].add(engine, prompts[:bs], args.max_tokens, f"b{bs}r{rep}")
+                runs[mode, bs].add(engine, prompts[family(mode)][:bs], args.max_tokens, f"b{bs}r{rep}")
     return [runs[mode, bs].result(mode, bs, eager) for mode, (_, eager) in engines.items() for bs in args.batch_sizes]
 
 
@@ -260,7 +295,7 @@ def print_table(header: str, results: list[BatchResult]) -> list[str]:
         print("| " + " | ".join(row) + " |")
     verdicts = []
     for r in results:
-        if r.mode.removeprefix("copy:") in ("off", "off-sync") or r.speedup is None:
+        if method(r.mode) in ("off", "off-sync") or r.speedup is None:
             continue
         if r.acceptance_rate is None:  # nothing verified: adaptive k kept speculation off
             ok = r.speedup >= NEVER_SLOWER
@@ -287,6 +322,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--draft-model", default=None, help="draft checkpoint for the 'draft' mode (default: random)")
     p.add_argument("--draft-layers", type=int, default=2, help="layers of the random draft (same width, vocab)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--agreements", nargs="+", type=float, default=[0.8, 0.92],
+                   help="the 'agree' modes run once for each of these draft agreements p")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=256)
@@ -308,10 +345,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.dtype is None:
         on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         args.dtype = "bfloat16" if on_cuda else "float32"
-    for prefix in ("", "copy:"):  # every mode is compared with its own target's "off" run
-        if any(m.startswith(prefix) and m.removeprefix(prefix) != "off" for m in args.modes if
-               m.startswith("copy:") == bool(prefix)) and prefix + "off" not in args.modes:
-            args.modes = [prefix + "off", *args.modes]
+    if any(not 0.0 < a <= 1.0 for a in args.agreements):
+        p.error("--agreements must be in (0, 1]")
+    modes: list[str] = []
+    for m in args.modes:  # "agree:x" -> "agree0.8:x", ...
+        modes += [f"agree{a:g}:{method(m)}" for a in args.agreements] if family(m) == "agree" else [m]
+    for fam in dict.fromkeys(family(m) for m in modes):  # every mode is compared with its family's "off" run
+        off = f"{fam}:off" if fam else "off"
+        if off not in modes:
+            modes.insert(0, off)
+    args.modes = modes
     return args
 
 
@@ -325,21 +368,33 @@ def main(argv: list[str] | None = None) -> int:
         # models then "agree"; an untied random draft agrees with the target only by chance.
         draft = make_random_checkpoint(args.shape, dtype=args.dtype, seed=args.seed + 1,
                                        num_hidden_layers=args.draft_layers, tie_word_embeddings=False)
-    copy_model = copy_draft = None
-    if any(m.startswith("copy:") for m in args.modes):  # tied embeddings, near-zero layers: repeat the input
-        copy_model = make_random_checkpoint(args.shape, dtype=args.dtype, seed=args.seed, layer_init_std=COPY_LAYER_STD,
-                                            tie_word_embeddings=True)
-        copy_draft = make_random_checkpoint(args.shape, dtype=args.dtype, seed=args.seed + 1,
-                                            layer_init_std=COPY_LAYER_STD, tie_word_embeddings=True,
-                                            num_hidden_layers=args.draft_layers)
-    checkpoint_s = time.monotonic() - t0
+    checkpoints: dict[str, tuple[str, str | None]] = {"": (model, draft)}  # family -> (target, draft)
     with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
         vocab_size = json.load(f)["vocab_size"]
-    prompts = make_prompts(max(args.batch_sizes), args.prompt_len, args.phrase_len, vocab_size, args.seed)
+    num_prompts = max(args.batch_sizes)
+    prompts = {"": make_prompts(num_prompts, args.prompt_len, args.phrase_len, vocab_size, args.seed)}
+    for fam in dict.fromkeys(family(m) for m in args.modes):
+        copy = dict(dtype=args.dtype, layer_init_std=COPY_LAYER_STD)  # near-zero layers: repeat the input
+        if fam == "copy":  # tied embeddings: predict the input token
+            checkpoints[fam] = (
+                make_random_checkpoint(args.shape, seed=args.seed, tie_word_embeddings=True, **copy),
+                make_random_checkpoint(args.shape, seed=args.seed + 1, tie_word_embeddings=True,
+                                       num_hidden_layers=args.draft_layers, **copy))
+            prompts[fam] = prompts[""]
+        elif fam.startswith("agree"):  # untied: predict a successor of the input token
+            share = float(fam.removeprefix("agree"))
+            checkpoints[fam] = (
+                make_random_checkpoint(args.shape, seed=args.seed, tie_word_embeddings=False,
+                                       head_successor=(args.seed, 1.0), **copy),
+                make_random_checkpoint(args.shape, seed=args.seed + 1, tie_word_embeddings=False,
+                                       num_hidden_layers=args.draft_layers, head_successor=(args.seed, share),
+                                       **copy))
+            prompts[fam] = make_agree_prompts(num_prompts, args.prompt_len, vocab_size, share, args.seed)
+    checkpoint_s = time.monotonic() - t0
     errors: dict[str, str] = {}
     engines: dict[str, tuple[LLMEngine, bool]] = {}
     for mode in args.modes:
-        target, mode_draft = (copy_model, copy_draft) if mode.startswith("copy:") else (model, draft)
+        target, mode_draft = checkpoints[family(mode)]
         try:
             engines[mode] = (make_engine(args, target, mode_draft, mode, args.enforce_eager), args.enforce_eager)
         except Exception:  # keep measuring the other modes; retry once without CUDA graphs
@@ -355,9 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     results = run_interleaved(args, engines, prompts)
     states = {mode: engine.model_runner.spec_decoder.describe() for mode, (engine, _) in engines.items()
               if engine.model_runner.spec_decoder is not None}
-    off = {(r.mode.startswith("copy:"), r.batch_size): r for r in results if r.mode in ("off", "copy:off")}
+    off = {(family(r.mode), r.batch_size): r for r in results if method(r.mode) == "off"}
     for r in results:
-        base = off.get((r.mode.startswith("copy:"), r.batch_size))
+        base = off.get((family(r.mode), r.batch_size))
         if base is not None:
             r.speedup = r.tokens_per_s / base.tokens_per_s  # medians of the same number of repeats
             r.token_agreement_with_off = agreement(r.outputs, base.outputs)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 PAD, BOS, EOS = 0, 1, 2
+FIRST_ORDINARY_ID = 3  # ids below are the tokenizer's specials
 _SHARD_BYTES = 2 << 30
 _INIT_STD = 0.02
 
@@ -130,8 +131,24 @@ def tensor_shapes(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
     return names
 
 
+def successor_maps(vocab_size: int, seed: int, agreement: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(succ, draft_succ): `succ` is one random cycle through the ordinary token ids (specials map to
+    themselves); `draft_succ` equals it on a random `agreement` share of the ids and differs on the
+    rest (succ after a cycle through those ids, so it is a permutation too). A "copy" checkpoint whose
+    LM head is its embedding re-indexed by a successor map (`head_successor`) predicts succ(input)."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(vocab_size - FIRST_ORDINARY_ID, generator=gen) + FIRST_ORDINARY_ID
+    succ = torch.arange(vocab_size)
+    succ[order] = torch.roll(order, -1)
+    changed = order[torch.randperm(order.numel(), generator=gen)[: round((1.0 - agreement) * order.numel())]]
+    shift = torch.arange(vocab_size)
+    if changed.numel() > 1:
+        shift[changed] = torch.roll(changed, -1)  # a cycle through the changed ids: no fixed point
+    return succ, succ[shift]
+
+
 def _write_weights(out: str, shape: Shape, dtype: torch.dtype, seed: int, device: torch.device,
-                   layer_init_std: float = _INIT_STD) -> None:
+                   layer_init_std: float = _INIT_STD, head_successor: tuple[int, float] | None = None) -> None:
     from safetensors.torch import save_file
 
     gen = torch.Generator(device=device)
@@ -148,13 +165,22 @@ def _write_weights(out: str, shape: Shape, dtype: torch.dtype, seed: int, device
         shards.append({})
         size = 0
 
+    embed: torch.Tensor | None = None
     for name, dims in tensor_shapes(shape):
         if len(dims) == 1:
             tensor = torch.ones(dims, dtype=dtype)
+        elif name == "lm_head.weight" and head_successor is not None:
+            assert embed is not None
+            succ_seed, agreement = head_successor
+            succ = successor_maps(shape.vocab_size, succ_seed, agreement)[0 if agreement >= 1.0 else 1]
+            tensor = torch.empty_like(embed)
+            tensor[succ] = embed  # logit of succ(x) = <embed[x], hidden ~ embed[x]>: the largest
         else:
             std = layer_init_std if name.startswith("model.layers.") else _INIT_STD
             tensor = torch.empty(dims, dtype=torch.float32, device=device).normal_(0.0, std, generator=gen)
             tensor = tensor.to(dtype).cpu()
+        if name == "model.embed_tokens.weight":
+            embed = tensor
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > _SHARD_BYTES:
             flush()
@@ -194,7 +220,7 @@ def default_dir(name: str, dtype: str, seed: int) -> str:
 
 def make_random_checkpoint(
     name: str, out: str | None = None, *, dtype: str = "bfloat16", seed: int = 0, device: str | None = None,
-    layer_init_std: float = _INIT_STD, **shape_overrides: Any,
+    layer_init_std: float = _INIT_STD, head_successor: tuple[int, float] | None = None, **shape_overrides: Any,
 ) -> str:
     """Write (or reuse) a random checkpoint of shape `name` at `out` (default: `default_dir`); returns it.
 
@@ -202,7 +228,11 @@ def make_random_checkpoint(
     shallow speculative draft of the same width and vocabulary; the default directory then gets a
     suffix naming them. `layer_init_std` sets the std of the decoder layers' matrices (embeddings
     keep 0.02): a tiny value (e.g. 5e-4) leaves the residual stream ~ the input embedding, so a model
-    with tied embeddings "copies" (predicts its input token), at the full shape's cost per step."""
+    with tied embeddings "copies" (predicts its input token), at the full shape's cost per step.
+    `head_successor=(seed, agreement)` (untied shapes) makes such a model predict a successor instead:
+    its LM head is its embedding re-indexed by `successor_maps(vocab, seed, agreement)` (agreement 1:
+    succ; below 1: draft_succ), so a target with agreement 1 and a draft with agreement p agree on a
+    share p of the tokens."""
     shape = get_shape(name)
     suffix = ""
     if shape_overrides:
@@ -210,10 +240,16 @@ def make_random_checkpoint(
         suffix += "".join(f"-{k}={v}" for k, v in sorted(shape_overrides.items()))
     if layer_init_std != _INIT_STD:
         suffix += f"-layerstd={layer_init_std:g}"
+    if head_successor is not None:
+        if shape.tie_word_embeddings:
+            raise ValueError("head_successor needs an untied LM head (tie_word_embeddings=False)")
+        suffix += f"-succ={head_successor[0]},{head_successor[1]:g}"
     out = out or default_dir(name, dtype, seed) + suffix
     stamp: dict[str, Any] = {"shape": asdict(shape), "dtype": dtype, "seed": seed}
     if layer_init_std != _INIT_STD:
         stamp["layer_init_std"] = layer_init_std
+    if head_successor is not None:
+        stamp["head_successor"] = list(head_successor)
     marker = os.path.join(out, ".complete.json")
     if os.path.isfile(marker):
         with open(marker, encoding="utf-8") as f:
@@ -228,7 +264,7 @@ def make_random_checkpoint(
         with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
             json.dump({"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}, f)
         _write_tokenizer(tmp, shape.vocab_size)
-        _write_weights(tmp, shape, torch_dtype, seed, dev, layer_init_std)
+        _write_weights(tmp, shape, torch_dtype, seed, dev, layer_init_std, head_successor)
         with open(os.path.join(tmp, ".complete.json"), "w", encoding="utf-8") as f:
             json.dump(stamp, f)
         shutil.rmtree(out, ignore_errors=True)

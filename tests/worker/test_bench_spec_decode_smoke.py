@@ -9,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -18,7 +21,7 @@ def test_spec_decode_bench_runs_on_cpu(tmp_path):
                PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("worker/src", "operator/src", "testbed/src")))
     env.pop("INFERGRID_SPEC_DECODE_ADAPTIVE", None)
     cmd = [sys.executable, "bench/bench_spec_decode.py", "--shape", "tiny", "--batch-sizes", "1", "4",
-           "--max-tokens", "24", "--prompt-len", "48", "--draft-layers", "1", "--out", str(out)]
+           "--max-tokens", "24", "--prompt-len", "48", "--draft-layers", "1", "--agreements", "0.8", "--out", str(out)]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - start
@@ -30,12 +33,12 @@ def test_spec_decode_bench_runs_on_cpu(tmp_path):
     assert report["device"].startswith("cpu") and not report["errors"]
     rows = {(r["mode"], r["batch_size"]): r for r in report["results"]}
     modes = ("off", "off-sync", "ngram", "draft", "draft=target", "copy:off", "copy:off-sync", "copy:ngram",
-             "copy:draft")
+             "copy:draft", "agree0.8:off", "agree0.8:ngram", "agree0.8:draft")
     assert set(rows) == {(m, b) for m in modes for b in (1, 4)}
     for (mode, bs), r in rows.items():
         assert r["output_tokens"] == 24 * bs and r["tokens_per_s"] > 0 and r["speedup"] > 0
         assert r["token_agreement_with_off"] == 1.0  # float32 on CPU: greedy output is identical
-        if mode in ("off", "copy:off"):
+        if mode.endswith("off"):
             assert r["speedup"] == 1.0 and r["num_drafts"] == 0 and r["acceptance_rate"] is None
     for bs in (1, 4):
         upper = rows[("draft=target", bs)]
@@ -47,6 +50,43 @@ def test_spec_decode_bench_runs_on_cpu(tmp_path):
         for mode in ("copy:ngram", "copy:draft"):  # a model that repeats its input is easy to predict
             assert rows[(mode, bs)]["acceptance_rate"] >= 0.9
             assert rows[(mode, bs)]["num_steps"] < rows[("copy:off", bs)]["num_steps"]
+
+
+def test_agree_modes_accept_the_chosen_share_of_drafts(tmp_path):
+    """The "agree" checkpoints and prompts give the acceptance they are built for: with k = 4 fixed
+    (adaptive k off), drafts that agree with the target on a share p = 0.8 of the tokens are accepted
+    at (p + p^2 + p^3 + p^4) / 4 = 0.59 of the proposed drafts, 1 + 4 * 0.59 = 3.36 tokens a step."""
+    out = tmp_path / "agree.json"
+    env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
+               INFERGRID_SPEC_DECODE_ADAPTIVE="0",
+               PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("worker/src", "operator/src", "testbed/src")))
+    cmd = [sys.executable, "bench/bench_spec_decode.py", "--shape", "tiny", "--batch-sizes", "4", "--max-tokens", "64",
+           "--prompt-len", "96", "--draft-layers", "1", "--repeats", "1", "--modes", "agree:draft", "agree:ngram",
+           "--agreements", "0.8", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["agree0.8:draft"]["acceptance_rate"] == pytest.approx(0.59, abs=0.12)
+    assert rows["agree1:draft"]["acceptance_rate"] >= 0.95
+    assert rows["agree1:ngram"]["acceptance_rate"] >= 0.95  # the prompt quotes the continuation
+    assert rows["agree0.8:ngram"]["acceptance_rate"] < 0.9  # ... with a fifth of its tokens replaced
+    assert all(r["token_agreement_with_off"] == 1.0 for r in rows.values())
+
+
+def test_successor_maps_agree_on_the_chosen_share():
+    sys.path.insert(0, str(REPO / "bench"))
+    from shapes import FIRST_ORDINARY_ID, successor_maps
+
+    succ, draft = successor_maps(1000, seed=3, agreement=0.8)
+    ordinary = torch.arange(FIRST_ORDINARY_ID, 1000)
+    assert sorted(succ.tolist()) == list(range(1000)) and sorted(draft.tolist()) == list(range(1000))
+    assert (succ[:FIRST_ORDINARY_ID] == torch.arange(FIRST_ORDINARY_ID)).all()
+    seen, t = set(), FIRST_ORDINARY_ID  # one cycle through every ordinary id
+    while t not in seen:
+        seen.add(t)
+        t = int(succ[t])
+    assert len(seen) == ordinary.numel()
+    assert (draft[ordinary] == succ[ordinary]).float().mean().item() == pytest.approx(0.8, abs=0.002)
 
 
 def test_spec_step_trace_runs_on_cpu(tmp_path):

@@ -23,11 +23,19 @@ MAX_BACKOFF steps (the wait doubles from MIN_BACKOFF after each check that leave
 whose text becomes predictable (a loop, a quoted passage) gets speculation back. Check steps are
 multiples of the wait, so checks of different requests fall on the same steps.
 
+A proposer that finds nothing to propose for a request that is on (no n-gram match) is a *miss*:
+the request stays on, its step just carries no drafts, and MISS_LIMIT misses in a row switch it
+off until the next multiple of MIN_BACKOFF (the wait is not doubled: a check that fails doubles it). An edit in a quoted passage gives a rejected draft and then a miss for
+each n-gram that contains the new token (2 with bigrams); the text after it matches again, and
+waiting for the next check would lose those drafts.
+
 A request switched on proposes from `on_from` on: at once after a synchronous step, two steps later
 after a pipelined one (its next step is already running without drafts; the one after it is
 scheduled synchronously, because a request is on). A new request starts from the engine's recent
 acceptance (a draft model that has been failing every request starts off, one that has been
-accepted starts on at once, and one that starts off gets its first check NEW_OFF_WAIT steps on); a
+accepted starts on at once, and one that starts off gets its first check `new_off_wait` steps on:
+NEW_OFF_WAIT for a draft model, whose first check catches up on the whole prompt, MIN_BACKOFF for
+n-gram lookup, whose checks are free); a
 seeded sampled request starts from the default prior and counts its own steps, so that its drafts
 depend on nothing but its own history.
 """
@@ -42,7 +50,8 @@ DEFAULT_PRIOR_RATE = 0.7
 DEFAULT_PRIOR_WEIGHT = 1.0
 ENGINE_PRIOR_DECAY = 0.98  # per observation: the engine-wide rate follows the last ~50 verifications/checks
 MIN_BACKOFF, MAX_BACKOFF = 8, 256
-NEW_OFF_WAIT = 4 * MIN_BACKOFF  # the first check of a new request that starts off on the engine's rate
+MISS_LIMIT = 3  # proposals in a row that found nothing before a request goes off
+NEW_OFF_WAIT = 4 * MIN_BACKOFF  # default wait for the first check of a new request that starts off
 CHECK = -1  # num_drafts(): the request is due for a hindsight check (observe_check() takes the result)
 
 
@@ -74,6 +83,7 @@ class _RequestState:
     num_steps: int = 0  # the request's own clock (num_drafts without a step)
     has_own_clock: bool = False
     checking: bool = False  # a check was asked for and its result is not in yet
+    misses: int = 0  # proposals in a row that found nothing
 
 
 def _next_multiple(step: int, n: int) -> int:
@@ -88,6 +98,8 @@ class AdaptiveNumDrafts:
         decay: EWMA factor per verification (older observations fade).
         prior_rate / prior_weight: the starting estimate and how many trials it is worth.
         enabled: False = always max_k (no adaptation, no checks).
+        new_off_wait: steps to the first check of a new request that starts off (the engine's recent
+            acceptance is low): longer where a check costs device work.
     """
 
     def __init__(
@@ -97,12 +109,13 @@ class AdaptiveNumDrafts:
         prior_rate: float = DEFAULT_PRIOR_RATE,
         prior_weight: float = DEFAULT_PRIOR_WEIGHT,
         enabled: bool = True,
+        new_off_wait: int = NEW_OFF_WAIT,
     ) -> None:
         if max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {max_k}")
         self.max_k, self.decay = max_k, decay
         self.prior_rate, self.prior_weight = prior_rate, prior_weight
-        self.enabled = enabled
+        self.enabled, self.new_off_wait = enabled, new_off_wait
         self._states: dict[str, _RequestState] = {}
         self._engine_accepted, self._engine_trials = prior_rate, 1.0  # the engine-wide rate (new requests' prior)
         self._num_on = 0
@@ -161,13 +174,25 @@ class AdaptiveNumDrafts:
         if state is None or num_drafts <= 0:
             return
         rejected = 1 if num_accepted < num_drafts else 0
+        state.misses = 0
         self._observe(state, num_accepted, num_accepted + rejected)
         if num_accepted:  # it pays off: the next switch-off starts from the shortest wait again
             state.wait = MIN_BACKOFF
 
+    def miss(self, req_id: str, step: int | None) -> None:
+        """The proposer found nothing to propose for this request (no n-gram match): the MISS_LIMIT-th
+        miss in a row switches it off until its next check, MIN_BACKOFF steps at most."""
+        state = self._states.get(req_id)
+        if state is None or not self.enabled or state.on_from < 0:
+            return
+        state.misses += 1
+        if state.misses >= MISS_LIMIT:
+            self._switch_off(state, _next_multiple(state.num_steps if step is None else step, MIN_BACKOFF),
+                             double=False)
+
     def switch_off(self, req_id: str, step: int | None) -> None:
-        """Switch an on request off, its wait doubled: the proposer found nothing to propose (no n-gram
-        match), or the step as a whole would not pay (the batch-level check)."""
+        """Switch an on request off, its wait doubled: the step as a whole would not pay (the batch-level
+        check)."""
         state = self._states.get(req_id)
         if state is None or not self.enabled or state.on_from < 0:
             return
@@ -239,8 +264,8 @@ class AdaptiveNumDrafts:
             if not is_new:
                 self._switch_off(state, _next_multiple(state.num_steps if step is None else step, state.wait))
             elif step is not None:  # the engine's recent requests failed: this one is checked later too
-                state.wait = NEW_OFF_WAIT
-                state.next_check = _next_multiple(step + MIN_BACKOFF // 2, NEW_OFF_WAIT)
+                state.wait = self.new_off_wait
+                state.next_check = _next_multiple(step + MIN_BACKOFF // 2, self.new_off_wait)
             return
         if state.on_from < 0:
             self._num_on += 1
@@ -250,6 +275,7 @@ class AdaptiveNumDrafts:
     def _switch_off(self, state: _RequestState, next_check: int, double: bool = True) -> None:
         if state.on_from >= 0:
             self._num_on -= 1
+        state.misses = 0
         state.on_from, state.next_check = -1, next_check
         if double:
             state.wait = min(2 * state.wait, MAX_BACKOFF)

@@ -39,7 +39,14 @@ from infergrid.worker import envs
 from infergrid.worker.engine.request import RequestStatus
 from infergrid.worker.engine.scheduler import DRAFT_PLACEHOLDER_ID, ScheduledRequest, SchedulerOutput
 from infergrid.worker.layers.sampler import SamplerOutput, SamplingMetadata
-from infergrid.worker.spec_decode.adaptive import CHECK, AdaptiveNumDrafts, best_num_drafts, expected_tokens
+from infergrid.worker.spec_decode.adaptive import (
+    CHECK,
+    MIN_BACKOFF,
+    NEW_OFF_WAIT,
+    AdaptiveNumDrafts,
+    best_num_drafts,
+    expected_tokens,
+)
 from infergrid.worker.spec_decode.cost_model import (
     DEFAULT_FIXED_COST_TOKENS,
     GPU_FIXED_COST_TOKENS,
@@ -87,7 +94,9 @@ class SpeculativeDecoder:
             raise ValueError(f"speculative_method must be 'ngram' or 'draft', got {self.method!r}")
         on_gpu = runner.device.type == "cuda"
         self.cost = StepCostModel(proposer_cost, GPU_FIXED_COST_TOKENS if on_gpu else DEFAULT_FIXED_COST_TOKENS)
-        self.adaptive = AdaptiveNumDrafts(self.max_k, enabled=envs.spec_decode_adaptive())
+        # n-gram checks are host lookups: a new request that starts off is checked as soon as any other.
+        self.adaptive = AdaptiveNumDrafts(self.max_k, enabled=envs.spec_decode_adaptive(),
+                                          new_off_wait=NEW_OFF_WAIT if self.draft is not None else MIN_BACKOFF)
         # Draft method: the last proposal step's drafts, on the device (requests' spec_token_ids hold
         # DRAFT_PLACEHOLDER_ID for them) and, for sampled requests, their distributions q.
         self.draft_batch: DraftBatch | None = None
@@ -291,8 +300,8 @@ class SpeculativeDecoder:
         start = time.perf_counter()
         drafts, num_caught_up = self._propose(wanted, ahead)
         for sched, _ in wanted:
-            if sched.request_id not in drafts:  # nothing to propose (no n-gram match): off for a while
-                adaptive.switch_off(sched.request_id, decide_args(sched.request)[1])
+            if sched.request_id not in drafts:  # nothing to propose (no n-gram match)
+                adaptive.miss(sched.request_id, decide_args(sched.request)[1])
         self.drafted.update(drafts)
         # Time per draft position, in steps that caught up no more than a step's worth of tokens
         # (a first proposal catches up on a whole prompt: not the per-step cost).
