@@ -106,6 +106,7 @@ class SpeculativeDecoder:
         # Draft-model hindsight checks on their way: (step to apply at, scores, their requests).
         self._pending_checks: list[tuple[int, PendingCheck, dict[str, Request]]] = []
         self.num_ahead_proposals_total = 0  # requests whose drafts were proposed ahead (draft model)
+        self.num_checks_total = 0  # hindsight checks of requests that were off
         self.num_steps = 0  # propose() calls: the step count adaptive k aligns checks to
         # Requests given drafts that have not sampled since (a superset of those with drafts to verify).
         self.drafted: set[str] = set()
@@ -312,8 +313,9 @@ class SpeculativeDecoder:
 
     def describe(self) -> str:
         """The estimates behind the decisions (for benchmarks and debugging)."""
+        caught_up = f", draft caught up {self.draft.num_catch_up_tokens_total} tokens" if self.draft else ""
         return (f"{self.cost.describe()}, engine acceptance {self.adaptive.engine_rate():.2f}, "
-                f"{len(self.drafted)} drafted, any on: {self.adaptive.any_on}")
+                f"{len(self.drafted)} drafted, any on: {self.adaptive.any_on}, {self.num_checks_total} checks{caught_up}")
 
     def _pays(self, sampling: list[ScheduledRequest], wanted: dict[str, int], draft_cost: float, step: int) -> bool:
         """The batch-level check, over the requests of this step that are on (`wanted`: those that
@@ -349,6 +351,7 @@ class SpeculativeDecoder:
 
     def _check(self, checks: list[ScheduledRequest], decide_args: Callable, step: int, now: bool) -> None:
         """Hindsight checks of off requests (adaptive.py): n-gram at once, the draft model queued."""
+        self.num_checks_total += len(checks)
         if self.ngram is not None:
             for sched in checks:
                 request = sched.request
