@@ -56,18 +56,31 @@ PARAMS = [  # greedy and unseeded sampled requests propose ahead, in the same ba
 GREEDY_PARAMS = [SamplingParams(temperature=0.0, max_tokens=40 - 3 * i, ignore_eos=True) for i in range(6)]
 
 
-@pytest.mark.parametrize(("graphs", "params"), [(False, PARAMS), (True, PARAMS), (True, GREEDY_PARAMS)],
-                         ids=["eager", "graphs", "graphs-greedy"])
-def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_draft, monkeypatch, graphs, params):
+@pytest.mark.parametrize(("graphs", "params", "varying_k"),
+                         [(False, PARAMS, False), (True, PARAMS, False), (True, GREEDY_PARAMS, False),
+                          (True, GREEDY_PARAMS, True)],
+                         ids=["eager", "graphs", "graphs-greedy", "graphs-greedy-varying-k"])
+def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_draft, monkeypatch, graphs, params,
+                                                          varying_k):
     """`graphs`: the CUDA-graph code path on CPU (stand-in graphs replay the forward on static buffers);
-    an all-greedy batch in the steady state proposes in one replay (ahead_graph.py). Greedy drafts
-    must be equal always; sampled drafts and their distributions q when the loop replays the same
-    random draws (the same rows, each drafting k tokens, from the same RNG state)."""
+    an all-greedy batch in the steady state proposes in one replay (ahead_graph.py), also when its
+    requests verify different numbers of drafts (`varying_k`, as adaptive k makes them: the replay
+    pads the sampled rows). Greedy drafts must be equal always; sampled drafts and their
+    distributions q when the loop replays the same random draws (the same rows, each drafting k
+    tokens, from the same RNG state)."""
     monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
     monkeypatch.setenv("INFERGRID_EMULATE_CUDA_GRAPHS", "1" if graphs else "0")
     llm = _llm(tiny_model("llama"), noisy_draft)
     decoder = llm.llm_engine.model_runner.spec_decoder
     d = decoder.draft
+    if varying_k:  # 1..max_k drafts, by request and step
+        calls = Counter()
+
+        def num_drafts(req_id, draft_cost, step, plain_goodput=1.0, now=True):
+            calls[req_id] += 1
+            return 1 + (calls[req_id] * 3 + sum(map(ord, req_id))) % d.max_k
+
+        monkeypatch.setattr(decoder.adaptive, "num_drafts", num_drafts)
     propose_ahead, use_ahead = d.propose_ahead, d.use_ahead
     rng_at_ahead = {}
     accepted = Counter()  # drafts accepted in the verification the ahead drafts followed
@@ -123,6 +136,8 @@ def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_dra
         assert d.loop_graphs is not None and d.loop_graphs.num_replays > 0
     if params is GREEDY_PARAMS:
         assert d.ahead_graphs is not None and d.ahead_graphs.num_replays > 0
+    if varying_k:
+        assert {k for _, k in accepted} == set(range(1, d.max_k + 1))
 
 
 def test_greedy_identical_with_drafts_proposed_ahead(tiny_model, noisy_draft, monkeypatch):

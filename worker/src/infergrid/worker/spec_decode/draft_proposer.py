@@ -167,8 +167,9 @@ class DraftProposer:
             )
         self.block_size = config.block_size
         self.max_k = config.num_speculative_tokens
-        # Per proposing request: room for positions num_tokens - 1 .. num_tokens + k - 2 past its table.
-        self.num_scratch_per_request = -(-self.max_k // self.block_size) + 1
+        # Per proposing request: room past its table for a proposal made ahead, whose pass 1 writes k + 1
+        # sampled tokens (padded to k + 1) and passes 2..k write up to k - 1 more.
+        self.num_scratch_per_request = -(-2 * self.max_k // self.block_size) + 1
         self.num_scratch_blocks = config.max_num_seqs * self.num_scratch_per_request
         dtype = config.dtype if config.dtype != "auto" else _DTYPE_NAMES.get(target.dtype, "auto")
         draft_config = dataclasses.replace(
@@ -289,7 +290,7 @@ class DraftProposer:
                 budget -= num_new
                 self._mark_valid(dr.block_ids, start, min(start + num_new, computed))
                 continue
-            last_pos = req.num_tokens + dr.num_drafts - 2
+            last_pos = req.num_tokens + self.max_k - 2  # (the loop graph drafts max_k for every row)
             table = list(dr.block_ids)
             while len(table) <= last_pos // bs:
                 table.append(scratch)
@@ -308,16 +309,19 @@ class DraftProposer:
         if not proposing:
             return None
         num_drafts = [dr.num_drafts for dr, _, _ in proposing]
-        later = self._later_passes([dr.request.num_tokens for dr, _, _ in proposing],
-                                   [table for _, table, _ in proposing], num_drafts) if num_drafts[0] > 1 else None
+        num_tokens = [dr.request.num_tokens for dr, _, _ in proposing]
+        tables = [table for _, table, _ in proposing]
         sampler = _DraftSampler(self, [dr.request for dr, _, _ in proposing])
         tokens, probs = sampler.sample(runner.model.compute_logits(hidden[batch.logits_indices]), len(proposing))
         ids = [dr.request.request_id for dr, _, _ in proposing]
         loop = self.loop_graphs
-        if (later is not None and loop is not None and sampler.all_greedy_upto[-1] and num_drafts[-1] == self.max_k
-                and loop.fits(len(proposing), later.block_tables.shape[1])):
-            drafts = loop.run(tokens, later.positions[0], later.block_tables)
-            return self._batch(proposing, drafts, {})
+        if loop is not None and num_drafts[0] == self.max_k > 1 and sampler.all_greedy_upto[-1]:
+            # One replay drafts max_k for every row: rows that want fewer verify only theirs (the
+            # passes run for the longest row anyway, and batched rows cost little more).
+            later = self._later_passes(num_tokens, tables, [self.max_k] * len(proposing))
+            if loop.fits(len(proposing), later.block_tables.shape[1]):
+                return self._batch(proposing, loop.run(tokens, later.positions[0], later.block_tables), {})
+        later = self._later_passes(num_tokens, tables, num_drafts) if num_drafts[0] > 1 else None
         pass_tokens, pass_probs = [tokens], [probs]
         for j, (num_rows, max_seq_len) in enumerate(later.rows if later is not None else [], start=1):
             assert later is not None
@@ -360,13 +364,13 @@ class DraftProposer:
             start = self.valid_prefix(ar.block_ids, c0)
             known = ar.request.all_token_ids[start : c0 + 1]
             num_new = len(known) + kn + 1
-            if num_new > budget or c0 + kn + k >= self.runner.max_model_len:  # (near the end: positions)
+            if num_new > budget or c0 + 2 * k >= self.runner.max_model_len:  # (near the end: positions)
                 continue
             if ar.request.max_tokens is not None and ar.request.num_output_tokens + kn + 2 >= ar.request.max_tokens:
                 continue  # if every draft is accepted, the request wants no more drafts
             budget -= num_new
-            table = list(ar.block_ids)  # covers c0 + kn; the last pass writes at c0 + kn + k at most
-            while len(table) <= (c0 + kn + k) // bs:
+            table = list(ar.block_ids)  # covers c0 + kn; the last pass writes at c0 + 2k at most (padded)
+            while len(table) <= (c0 + 2 * k) // bs:
                 table.append(scratch)
                 scratch += 1
             scheds.append(self._sched(ar.request, start, [*known, *([0] * (kn + 1))], table, needs_sample=False))
@@ -387,12 +391,18 @@ class DraftProposer:
         assumed = {ar.request.request_id: (i, ar, start) for i, (ar, _, start) in enumerate(kept)}
         graphs = self.ahead_graphs
         if (graphs is not None and graphs.fits(n, width) and all(
-                start == ar.num_computed_tokens and ar.num_drafts == k and ar.request.sampling_params.is_greedy
+                start == ar.num_computed_tokens and ar.request.sampling_params.is_greedy
                 for ar, _, start in kept)):  # the steady state: one replay (ahead_graph.py)
+            # k + 1 sampled rows per request: those of a request that verified fewer drafts are padded
+            # with -1 (read as rejected) from an extra entry past the step's rows.
+            pad = sampled.shape[0]
+            src = [ar.first_row + j if j <= ar.num_drafts else pad for ar, _, _ in kept for j in range(k + 1)]
             flat = runner._upload_flat([
                 np.asarray([ar.request.all_token_ids[ar.num_computed_tokens] for ar, _, _ in kept]),
-                np.asarray([ar.num_computed_tokens for ar, _, _ in kept]), np.asarray(fill_src), tables])
+                np.asarray([ar.num_computed_tokens for ar, _, _ in kept]), np.asarray(src), tables])
             last_t, c0_t, src_t, tables_t = flat.split([n, n, n * (k + 1), tables.size])
+            if pad in src:
+                sampled = torch.cat([sampled, sampled.new_full((1,), -1)])
             drafts = graphs.run(last_t, c0_t, sampled[src_t].view(n, k + 1), tables_t.view(n, width).to(torch.int32))
             return AheadDrafts(drafts, assumed, {})
         batch = runner._prepare_inputs(scheds)

@@ -107,6 +107,7 @@ class SpeculativeDecoder:
         self._pending_checks: list[tuple[int, PendingCheck, dict[str, Request]]] = []
         self.num_ahead_proposals_total = 0  # requests whose drafts were proposed ahead (draft model)
         self.num_checks_total = 0  # hindsight checks of requests that were off
+        self.num_batch_offs_total = 0  # steps whose drafters the batch-level check switched off
         self.num_steps = 0  # propose() calls: the step count adaptive k aligns checks to
         # Requests given drafts that have not sampled since (a superset of those with drafts to verify).
         self.drafted: set[str] = set()
@@ -315,7 +316,8 @@ class SpeculativeDecoder:
         """The estimates behind the decisions (for benchmarks and debugging)."""
         caught_up = f", draft caught up {self.draft.num_catch_up_tokens_total} tokens" if self.draft else ""
         return (f"{self.cost.describe()}, engine acceptance {self.adaptive.engine_rate():.2f}, "
-                f"{len(self.drafted)} drafted, any on: {self.adaptive.any_on}, {self.num_checks_total} checks{caught_up}")
+                f"{len(self.drafted)} drafted, any on: {self.adaptive.any_on}, {self.num_checks_total} checks, "
+                f"{self.num_batch_offs_total} batch-level switch-offs{caught_up}")
 
     def _pays(self, sampling: list[ScheduledRequest], wanted: dict[str, int], draft_cost: float, step: int) -> bool:
         """The batch-level check, over the requests of this step that are on (`wanted`: those that
@@ -345,6 +347,7 @@ class SpeculativeDecoder:
                                       max(k for _, k, _ in on)):
             return True
         logger.debug("step %d: speculation does not pay for the batch (%s)", step, self.describe())
+        self.num_batch_offs_total += 1
         for req_id, _, _ in on:
             adaptive.switch_off(req_id, step)
         return False
