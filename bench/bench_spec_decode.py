@@ -34,7 +34,8 @@ runs once, interleaved so that drifts in the machine's speed hit every mode alik
 once, --max-tokens greedy tokens each (ignore_eos). tok/s = generated tokens / wall time, the median of the repeats (the table also shows
 their range); speedups are ratios of medians; ms/step and steps are medians too. Acceptance rate and
 mean acceptance length (tokens emitted per verification step: 1 + accepted drafts per step) count
-the drafts of all repeats. Greedy outputs (the first repeat's) are compared with the "off" run (token
+the drafts of all repeats. Repeat r runs prompts r*B .. r*B + B - 1 (wrapping; batch 1: a different
+prompt each repeat). Greedy outputs (the first repeat's) are compared with the "off" run (token
 agreement; bf16 kernels of different batch shapes may flip near-ties, so this is reported, not asserted).
 
     PYTHONPATH=worker/src python bench/bench_spec_decode.py --out bench/results/spec_decode.json    # GPU
@@ -252,7 +253,11 @@ def run_interleaved(args: argparse.Namespace, engines: dict[str, tuple[LLMEngine
     for rep in range(args.repeats):
         for bs in args.batch_sizes:
             for mode, (engine, _) in engines.items():
-                runs[mode, bs].add(engine, prompts[family(mode)][:bs], args.max_tokens, f"b{bs}r{rep}")
+                fam = prompts[family(mode)]
+                # Repeat r takes the r-th group of bs prompts (wrapping): batch 1 then averages over
+                # prompts too, not over one prompt's luck (an "agree" prompt's acceptance varies).
+                first = rep * bs % max(1, len(fam) - bs + 1)
+                runs[mode, bs].add(engine, fam[first : first + bs], args.max_tokens, f"b{bs}r{rep}")
     return [runs[mode, bs].result(mode, bs, eager) for mode, (_, eager) in engines.items() for bs in args.batch_sizes]
 
 

@@ -23,11 +23,12 @@ MAX_BACKOFF steps (the wait doubles from MIN_BACKOFF after each check that leave
 whose text becomes predictable (a loop, a quoted passage) gets speculation back. Check steps are
 multiples of the wait, so checks of different requests fall on the same steps.
 
-A proposer that finds nothing to propose for a request that is on (no n-gram match) is a *miss*:
-the request stays on, its step just carries no drafts, and MISS_LIMIT misses in a row switch it
-off until the next multiple of MIN_BACKOFF (the wait is not doubled: a check that fails doubles it). An edit in a quoted passage gives a rejected draft and then a miss for
-each n-gram that contains the new token (2 with bigrams); the text after it matches again, and
-waiting for the next check would lose those drafts.
+A proposer that finds nothing to propose for a request that is on (no n-gram match) is a *miss*: it
+counts as a verification whose first draft was rejected (the step emits one token for the request,
+and in a batch that speculates, it pays for the synchronous step without gaining). So the rate
+covers both ways drafts fail, a request whose lookups keep missing goes off like one whose drafts
+keep failing, and one miss (an edit in a quoted passage: the text after it matches again) does not
+switch a request off on its own.
 
 A request switched on proposes from `on_from` on: at once after a synchronous step, two steps later
 after a pipelined one (its next step is already running without drafts; the one after it is
@@ -50,7 +51,6 @@ DEFAULT_PRIOR_RATE = 0.7
 DEFAULT_PRIOR_WEIGHT = 1.0
 ENGINE_PRIOR_DECAY = 0.98  # per observation: the engine-wide rate follows the last ~50 verifications/checks
 MIN_BACKOFF, MAX_BACKOFF = 8, 256
-MISS_LIMIT = 3  # proposals in a row that found nothing before a request goes off
 NEW_OFF_WAIT = 4 * MIN_BACKOFF  # default wait for the first check of a new request that starts off
 CHECK = -1  # num_drafts(): the request is due for a hindsight check (observe_check() takes the result)
 
@@ -83,7 +83,6 @@ class _RequestState:
     num_steps: int = 0  # the request's own clock (num_drafts without a step)
     has_own_clock: bool = False
     checking: bool = False  # a check was asked for and its result is not in yet
-    misses: int = 0  # proposals in a row that found nothing
 
 
 def _next_multiple(step: int, n: int) -> int:
@@ -174,21 +173,16 @@ class AdaptiveNumDrafts:
         if state is None or num_drafts <= 0:
             return
         rejected = 1 if num_accepted < num_drafts else 0
-        state.misses = 0
         self._observe(state, num_accepted, num_accepted + rejected)
         if num_accepted:  # it pays off: the next switch-off starts from the shortest wait again
             state.wait = MIN_BACKOFF
 
-    def miss(self, req_id: str, step: int | None) -> None:
-        """The proposer found nothing to propose for this request (no n-gram match): the MISS_LIMIT-th
-        miss in a row switches it off until its next check, MIN_BACKOFF steps at most."""
+    def miss(self, req_id: str) -> None:
+        """The proposer found nothing to propose for this request (no n-gram match): observed as a
+        verification whose first draft was rejected (the next num_drafts() decides on or off)."""
         state = self._states.get(req_id)
-        if state is None or not self.enabled or state.on_from < 0:
-            return
-        state.misses += 1
-        if state.misses >= MISS_LIMIT:
-            self._switch_off(state, _next_multiple(state.num_steps if step is None else step, MIN_BACKOFF),
-                             double=False)
+        if state is not None and self.enabled and state.on_from >= 0:
+            self._observe(state, 0.0, 1.0)
 
     def switch_off(self, req_id: str, step: int | None) -> None:
         """Switch an on request off, its wait doubled: the step as a whole would not pay (the batch-level
@@ -275,7 +269,6 @@ class AdaptiveNumDrafts:
     def _switch_off(self, state: _RequestState, next_check: int, double: bool = True) -> None:
         if state.on_from >= 0:
             self._num_on -= 1
-        state.misses = 0
         state.on_from, state.next_check = -1, next_check
         if double:
             state.wait = min(2 * state.wait, MAX_BACKOFF)

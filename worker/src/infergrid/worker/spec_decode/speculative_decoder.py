@@ -303,7 +303,7 @@ class SpeculativeDecoder:
         drafts, num_caught_up = self._propose(wanted, ahead)
         for sched, _ in wanted:
             if sched.request_id not in drafts:  # nothing to propose (no n-gram match)
-                adaptive.miss(sched.request_id, decide_args(sched.request)[1])
+                adaptive.miss(sched.request_id)
         self.drafted.update(drafts)
         # Time per draft position, in steps that caught up no more than a step's worth of tokens
         # (a first proposal catches up on a whole prompt: not the per-step cost).
