@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from shapes import EOS, get_shape, make_random_checkpoint  # noqa: E402
+from shapes import FIRST_TOKEN_ID, get_shape, make_random_checkpoint  # noqa: E402
 
 from infergrid.worker.config import EngineConfig  # noqa: E402
 from infergrid.worker.engine.llm_engine import LLMEngine  # noqa: E402
@@ -39,7 +39,6 @@ from infergrid.worker.outputs import RequestOutput  # noqa: E402
 from infergrid.worker.sampling_params import SamplingParams  # noqa: E402
 
 TARGET_TTFT_P50_SPEEDUP = 5.0
-FIRST_TOKEN_ID = EOS + 1  # prompts avoid the special ids
 
 
 @dataclass

@@ -64,7 +64,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from shapes import EOS, get_shape, make_random_checkpoint, successor_maps  # noqa: E402
+from shapes import FIRST_TOKEN_ID, get_shape, make_random_checkpoint, successor_maps  # noqa: E402
 
 from infergrid.worker.config import EngineConfig  # noqa: E402
 from infergrid.worker.engine.llm_engine import LLMEngine  # noqa: E402
@@ -77,7 +77,6 @@ TARGET_SPEEDUP_AT_HIGH_ACCEPTANCE = 2.0
 HIGH_ACCEPTANCE = 0.8
 LOW_ACCEPTANCE = 0.3
 NEVER_SLOWER = 0.95
-FIRST_TOKEN_ID = EOS + 1  # prompts avoid the special ids
 
 
 @dataclass

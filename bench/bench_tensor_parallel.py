@@ -39,10 +39,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from shapes import EOS, get_shape, make_random_checkpoint  # noqa: E402
+from shapes import FIRST_TOKEN_ID, get_shape, make_random_checkpoint  # noqa: E402
 
 TARGET_TP2_LATENCY_RATIO = 0.6
-FIRST_TOKEN_ID = EOS + 1  # prompts avoid the special ids
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 PAD, BOS, EOS = 0, 1, 2
-FIRST_ORDINARY_ID = 3  # ids below are the tokenizer's specials
+FIRST_TOKEN_ID = EOS + 1  # the first ordinary id (below: the tokenizer's specials)
 _SHARD_BYTES = 2 << 30
 _INIT_STD = 0.02
 
@@ -137,7 +137,7 @@ def successor_maps(vocab_size: int, seed: int, agreement: float) -> tuple[torch.
     rest (succ after a cycle through those ids, so it is a permutation too). A "copy" checkpoint whose
     LM head is its embedding re-indexed by a successor map (`head_successor`) predicts succ(input)."""
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(vocab_size - FIRST_ORDINARY_ID, generator=gen) + FIRST_ORDINARY_ID
+    order = torch.randperm(vocab_size - FIRST_TOKEN_ID, generator=gen) + FIRST_TOKEN_ID
     succ = torch.arange(vocab_size)
     succ[order] = torch.roll(order, -1)
     changed = order[torch.randperm(order.numel(), generator=gen)[: round((1.0 - agreement) * order.numel())]]
@@ -172,7 +172,7 @@ def _write_weights(out: str, shape: Shape, dtype: torch.dtype, seed: int, device
         elif name == "lm_head.weight" and head_successor is not None:
             assert embed is not None
             succ_seed, agreement = head_successor
-            succ = successor_maps(shape.vocab_size, succ_seed, agreement)[0 if agreement >= 1.0 else 1]
+            succ = successor_maps(shape.vocab_size, succ_seed, agreement)[1]  # (== succ at agreement 1)
             tensor = torch.empty_like(embed)
             tensor[succ] = embed  # logit of succ(x) = <embed[x], hidden ~ embed[x]>: the largest
         else:
@@ -230,8 +230,8 @@ def make_random_checkpoint(
     keep 0.02): a tiny value (e.g. 5e-4) leaves the residual stream ~ the input embedding, so a model
     with tied embeddings "copies" (predicts its input token), at the full shape's cost per step.
     `head_successor=(seed, agreement)` (untied shapes) makes such a model predict a successor instead:
-    its LM head is its embedding re-indexed by `successor_maps(vocab, seed, agreement)` (agreement 1:
-    succ; below 1: draft_succ), so a target with agreement 1 and a draft with agreement p agree on a
+    its LM head is its embedding re-indexed by `successor_maps(vocab, seed, agreement)[1]` (at agreement
+    1, succ), so a target with agreement 1 and a draft with agreement p agree on a
     share p of the tokens."""
     shape = get_shape(name)
     suffix = ""

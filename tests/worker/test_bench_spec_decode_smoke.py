@@ -75,13 +75,13 @@ def test_agree_modes_accept_the_chosen_share_of_drafts(tmp_path):
 
 def test_successor_maps_agree_on_the_chosen_share():
     sys.path.insert(0, str(REPO / "bench"))
-    from shapes import FIRST_ORDINARY_ID, successor_maps
+    from shapes import FIRST_TOKEN_ID, successor_maps
 
     succ, draft = successor_maps(1000, seed=3, agreement=0.8)
-    ordinary = torch.arange(FIRST_ORDINARY_ID, 1000)
+    ordinary = torch.arange(FIRST_TOKEN_ID, 1000)
     assert sorted(succ.tolist()) == list(range(1000)) and sorted(draft.tolist()) == list(range(1000))
-    assert (succ[:FIRST_ORDINARY_ID] == torch.arange(FIRST_ORDINARY_ID)).all()
-    seen, t = set(), FIRST_ORDINARY_ID  # one cycle through every ordinary id
+    assert (succ[:FIRST_TOKEN_ID] == torch.arange(FIRST_TOKEN_ID)).all()
+    seen, t = set(), FIRST_TOKEN_ID  # one cycle through every ordinary id
     while t not in seen:
         seen.add(t)
         t = int(succ[t])

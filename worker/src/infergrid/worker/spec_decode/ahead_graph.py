@@ -1,9 +1,9 @@
 """CUDA graphs of a draft model's proposal made ahead, in the steady state: all k passes in one replay.
 
 DraftProposer.propose_ahead queues the next proposal of a verification's requests right behind it
-(draft_proposer.py). In the steady state, every request is greedy, verifies k drafts and
-the draft's KV is valid up to its last known token, so pass 1 has the same shape for all of them:
-the last known token and the k + 1 tokens the target samples. Then the whole proposal reads only
+(draft_proposer.py). In the steady state, every request is greedy and the draft's KV is valid up
+to its last known token, so pass 1 has the same shape for all of them: the last known token and
+k + 1 sampled tokens (the target's; padded with -1 for a request that verified fewer drafts). Then the whole proposal reads only
 device tensors and runs as one graph per batch bucket:
 
     static inputs:  last_token, c0 (its position) [bs]; sampled [bs, k + 1] (-1 after a rejection);

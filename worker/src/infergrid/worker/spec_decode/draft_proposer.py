@@ -29,15 +29,16 @@ start right after that token. Draft KV written past it is speculative like any o
 result is known, `use_ahead` hands out those drafts to the requests whose state is what they assumed
 (`AheadDrafts.matches`) and marks their draft KV valid up to the computed tokens; the others propose
 as below. So the device drafts while the host applies the step's result and schedules the next.
-In the steady state (greedy, k drafts verified, draft KV valid up to the last known token) the whole
-proposal is one CUDA graph replay (ahead_graph.py).
+In the steady state (greedy, draft KV valid up to the last known token) the whole proposal is one
+CUDA graph replay (ahead_graph.py); requests that verified fewer than k drafts (adaptive k) have
+their sampled rows padded with -1, read as rejections.
 
 Passes 2..k are decode passes of the same rows (fewer at the end when requests ask for fewer drafts):
 their inputs are built and uploaded once, each pass reads the previous pass's drafts on the device,
 and the host never waits: the drafts stay on the device for the target's next step (DraftBatch).
-When every row is greedy and drafts k tokens, passes 2..k are one CUDA graph replay
-(draft_loop_graph.py), LM heads and argmaxes included; otherwise the draft model's decode graphs
-replay back to back.
+When every row is greedy and some row wants max_k drafts, passes 2..k are one CUDA graph replay
+(draft_loop_graph.py), LM heads and argmaxes included, drafting max_k for every row (a request that
+wants fewer verifies only its own); otherwise the draft model's decode graphs replay back to back.
 
 Draft KV at positions past the target's computed tokens is speculative: it goes to the request's own
 (uncached, unshared) blocks or, past the end of its block table, to scratch blocks, and is never
