@@ -199,6 +199,32 @@ def test_a_speculating_step_must_pay_for_the_whole_batch_losing_its_pipelining()
         assert cost.speculation_pays(1, c1, expected_tokens(rate, max(k, 1)) - 1, max(k, 1), max(k, 1)) == (k > 0)
 
 
+def test_ngram_follows_a_quoted_passage_across_its_edits_and_stops_when_the_output_leaves_it():
+    """The output rewrites a quoted passage in which every 7th token differs: the lookup alone misses
+    for two steps after each edit (the bigrams around it recur nowhere), following proposes the
+    passage's next tokens there too. An output that leaves the passage stops proposing."""
+    rng = np.random.default_rng(1)
+    chain = rng.permutation(np.arange(100, 1100))[:120].tolist()  # distinct tokens: no spurious matches
+    quoted = [t if i % 7 else 5000 + i for i, t in enumerate(chain)]
+    prompt = quoted + chain[:3]
+    follower, lookup_only = NgramProposer(), NgramProposer()
+    hits = {"follow": 0, "lookup": 0}
+    for n in range(3, 100):
+        tokens = prompt + chain[3:n]
+        hits["follow"] += follower.propose(tokens, 1, "r") == [chain[n]]
+        hits["lookup"] += lookup_only.propose(tokens, 1) == [chain[n]]
+    edits = sum(1 for n in range(3, 100) if n % 7 == 0)
+    assert hits["follow"] == 97 - edits  # wrong only where the passage itself is edited
+    assert hits["lookup"] <= 97 - 3 * edits + 1  # also the two steps after each edit
+    tokens = prompt + chain[3:40]
+    assert follower.propose(tokens, 3, "r") == quoted[40:43]
+    off_passage = tokens + rng.integers(2000, 3000, size=8).tolist()  # new text: half the window disagrees
+    assert follower.propose(off_passage[:-4], 1, "r") != []
+    assert follower.propose(off_passage, 1, "r") == []
+    assert follower.propose(off_passage + [7], 1, "r") == []  # the alignment is gone
+    follower.remove("r")
+
+
 def test_ngram_hindsight_asks_what_the_lookup_would_have_proposed_then():
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -342,9 +368,11 @@ def test_ngram_index_search_equals_the_vectorized_window_search(vocab, lookback)
             k = rng.randrange(1, 6)
             got = proposer.propose(tokens, k, f"r{req}")
             window = np.asarray(tokens[-lookback:], dtype=np.int64)
-            expected = proposer._propose_vectorized(window, k) if len(tokens) >= proposer.min_n + 1 else []
-            assert got == expected, (tokens[-12:], k)
-            assert proposer.propose(tokens, k) == expected  # stateless call
+            start = proposer._lookup_vectorized(window) if len(tokens) >= proposer.min_n + 1 else None
+            expected = [] if start is None else [int(window[start + i % (len(window) - start)]) for i in range(k)]
+            if expected:  # (with no match, the request may follow its last one)
+                assert got == expected, (tokens[-12:], k)
+            assert proposer.propose(tokens, k) == expected  # stateless call: the lookup alone
         proposer.remove(f"r{req}")
 
 
@@ -353,9 +381,9 @@ def test_ngram_falls_back_to_the_vectorized_search_for_a_token_that_recurs_every
     from infergrid.worker.spec_decode.ngram_proposer import MAX_SCALAR_CANDIDATES, NgramProposer
 
     calls = []
-    original = NgramProposer._propose_vectorized
-    monkeypatch.setattr(NgramProposer, "_propose_vectorized",
-                        lambda self, tokens, k: calls.append(len(tokens)) or original(self, tokens, k))
+    original = NgramProposer._lookup_vectorized
+    monkeypatch.setattr(NgramProposer, "_lookup_vectorized",
+                        lambda self, tokens: calls.append(len(tokens)) or original(self, tokens))
     x = 1
     tokens = [t for i in range(MAX_SCALAR_CANDIDATES + 10) for t in (x, 1000 + i)]  # x, then a new token
     tokens += [7, 8, 7, x]  # "7 x" never occurred, nor "8 7 x": only 1-token matches of x
@@ -431,3 +459,35 @@ def test_the_gpu_prior_keeps_verification_cheap_until_large_steps_are_measured()
     assert gpu.draft_token_cost(32) < 0.4 < cpu.draft_token_cost(32)
     assert gpu.speculation_pays(32, gpu.draft_token_cost(32), 32 * 4.0, 32 * 4, 4)
     assert not cpu.speculation_pays(32, cpu.draft_token_cost(32), 32 * 4.0, 32 * 4, 4)
+
+
+def test_speculating_steps_that_deliver_less_than_predicted_lower_the_next_predictions():
+    """The check predicts that 32 drafters at rate 0.9 pay against pipelined steps in 0.7 of a step;
+    the steps then emit only half the predicted tokens per second (lookups that miss, say): after a
+    few such steps the same prediction no longer pays, while batch 1's (its own kappa) still does.
+    Steps that deliver what was predicted leave kappa at 1."""
+    cost = StepCostModel(0.0)
+    for i in range(100):
+        n = (1, 5, 32, 160)[i % 4]
+        cost.observe_step(n, 1e-3 + n * 1e-3 / 64)
+    for _ in range(40):
+        cost.observe_pipelined_step(32, 0.7 * (1e-3 + 32e-3 / 64))
+    c32, c1 = cost.draft_token_cost(32), cost.draft_token_cost(1)
+    extra = 32 * (expected_tokens(0.9, 4) - 1)
+
+    def predicted_rate() -> float:  # tokens per second the paying check promised
+        assert cost._prediction is not None
+        return cost._prediction[1]
+
+    assert cost.speculation_pays(32, c32, extra, 32 * 4, 4)
+    rate = predicted_rate()
+    cost.observe_speculating_step(32, 100, 100 / rate)  # as predicted
+    assert cost.calibration(32) == pytest.approx(1.0)
+    steps = 0
+    while cost.speculation_pays(32, c32, extra, 32 * 4, 4):
+        cost.observe_speculating_step(32, 50, 100 / predicted_rate())
+        steps += 1
+    assert 2 <= steps <= 8 and cost.calibration(32) < 0.9
+    assert cost.calibration(1) == 1.0 and cost.speculation_pays(1, c1, expected_tokens(0.8, 4) - 1, 4, 4)
+    cost.observe_speculating_step(1, 3, None)  # not a comparable step: no sample
+    assert cost.calibration(1) == 1.0

@@ -21,12 +21,21 @@ the proposer's share is an average of steady-state measurements, starting from a
 
 Async scheduling: a step in which nothing speculates is pipelined (the host's work overlaps the
 GPU's), a speculating step is not. `pipelined_ratio(B)` (rho) is a pipelined decode step's time over the
-fitted synchronous time at its size (an average of measurements per batch-size bucket -- 1, 2-3,
-4-7, ...: how much pipelining hides differs between batch 1 and batch 64 --, 1 until there are some), so a
-request off speculation emits 1 / rho tokens per synchronous step's time, which is what its drafts
-must beat (adaptive.best_num_drafts' `plain_goodput`). Batch-wide, a speculating step makes every
-request in it lose the pipelining, not only the ones that draft: `speculation_pays` weighs the
-drafters' extra tokens against that, for the whole step.
+fitted synchronous time at its size (measured pipelined steps are averaged per batch-size bucket --
+1, 2-3, 4-7, ...: how much pipelining hides differs between batch 1 and batch 64 -- and priced by the
+current fit; 1 until there are some), so a request off speculation emits 1 / rho tokens per
+synchronous step's time, which is what its drafts must beat (adaptive.best_num_drafts'
+`plain_goodput`). Batch-wide, a speculating step makes every request in it lose the pipelining, not
+only the ones that draft: `speculation_pays` weighs the drafters' extra tokens against that, for the
+whole step.
+
+The batch-level prediction rests on a model (i.i.d. acceptance at each request's rate, a linear step
+time, a proposer cost per position) that can be optimistic: lookups that miss, acceptance that comes
+in runs, host work a speculating step adds. So each speculating step's *realized* goodput (tokens
+emitted per second, proposing included) is compared with what was predicted for it, and the ratio
+(kappa, averaged per batch-size bucket) scales later predictions: the check then compares what
+speculation has actually delivered, corrected for the acceptance now expected, with what pipelined
+steps actually deliver.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ STEP_DECAY = 0.95  # per step: the fit follows about the last 20 decode steps (a
 PROPOSER_DECAY = 0.9
 PIPELINED_DECAY = 0.9
 MIN_PIPELINED_RATIO = 0.3
+CALIBRATION_DECAY = 0.8  # per speculating step: kappa follows about the last 5
+MIN_CALIBRATION, MAX_CALIBRATION = 0.25, 2.0
 MAX_STEP_SAMPLE = 3.0  # a step slower than 3x the prediction (a GC pause, a compile) counts as 3x
 MIN_PROPOSER_LIMIT = 0.1  # ... and a proposer sample as 3x max(the estimate, the default, this)
 
@@ -58,7 +69,9 @@ class StepCostModel:
     def __init__(self, proposer_cost: float, fixed_cost_tokens: int = DEFAULT_FIXED_COST_TOKENS) -> None:
         self.default_proposer_cost = self.proposer_cost = proposer_cost
         self.fixed_cost_tokens = fixed_cost_tokens
-        self._pipelined_ratios: dict[int, float] = {}  # batch-size bucket -> rho
+        self._pipelined: dict[int, tuple[float, float, float]] = {}  # bucket -> decayed (weight, tokens, seconds)
+        self._calibration: dict[int, float] = {}  # bucket -> kappa
+        self._prediction: tuple[int, float] | None = None  # (batch size, tokens/s) of the step about to run
         self._w = self._n = self._t = self._nn = self._nt = 0.0  # decayed weight and sums
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
@@ -86,17 +99,20 @@ class StepCostModel:
 
     def observe_pipelined_step(self, num_tokens: int, seconds: float) -> None:
         """A pipelined decode step of `num_tokens` tokens took `seconds` (finish to finish)."""
-        if self._w == 0:
-            return
-        a, b = self.coefficients()
-        sample = max(MIN_PIPELINED_RATIO, min(1.0, seconds / (a + b * num_tokens)))
-        key = _bucket(num_tokens)
-        rho = self._pipelined_ratios.get(key, 1.0)
-        self._pipelined_ratios[key] = PIPELINED_DECAY * rho + (1 - PIPELINED_DECAY) * sample
+        key, d = _bucket(num_tokens), PIPELINED_DECAY
+        w, n, t = self._pipelined.get(key, (0.0, 0.0, 0.0))
+        self._pipelined[key] = (d * w + 1.0, d * n + num_tokens, d * t + seconds)
 
     def pipelined_ratio(self, batch_size: int) -> float:
-        """rho at this decode batch size (1 before any pipelined step of about that size)."""
-        return self._pipelined_ratios.get(_bucket(batch_size), 1.0)
+        """rho at this decode batch size: the mean pipelined step of about that size over the current
+        fit's time at its mean size (1 before any pipelined step of about that size, or any fit)."""
+        sums = self._pipelined.get(_bucket(batch_size))
+        if sums is None or self._w == 0:
+            return 1.0
+        w, n, t = sums
+        a, b = self.coefficients()
+        fitted = a + b * n / w
+        return max(MIN_PIPELINED_RATIO, min(1.0, t / w / fitted)) if fitted > 0 else 1.0
 
     def plain_goodput(self, batch_size: int, measured: bool = True) -> float:
         """Tokens a request off speculation emits per synchronous step's time (1 / rho)."""
@@ -109,17 +125,46 @@ class StepCostModel:
         `draft_cost` is c at this batch size (draft_token_cost): its verification part is paid per
         draft token (`num_draft_tokens` in all), its proposer part per draft position (`max_k`):
 
-            (B + extra) / (1 + verify * drafts / B + proposer * max_k)  >  B / rho
-        """
+            kappa * (B + extra) / (1 + verify * drafts / B + proposer * max_k)  >  B / rho
+
+        A step found to pay is remembered as the prediction that `observe_speculating_step` checks."""
         proposer = min(self.proposer_cost, draft_cost)
         verify = draft_cost - proposer
         relative_time = 1.0 + verify * num_draft_tokens / batch_size + proposer * max_k
-        return (batch_size + extra_tokens) / relative_time > batch_size * self.plain_goodput(batch_size)
+        predicted = (batch_size + extra_tokens) / relative_time  # tokens per synchronous step's time
+        pays = self.calibration(batch_size) * predicted > batch_size * self.plain_goodput(batch_size)
+        if pays and self._w > 0:
+            a, b = self.coefficients()
+            self._prediction = (batch_size, predicted / (a + b * batch_size))
+        return pays
+
+    def observe_speculating_step(self, batch_size: int, num_emitted: int, seconds: float | None) -> None:
+        """The step predicted by the last `speculation_pays` that paid ran: `batch_size` requests emitted
+        `num_emitted` tokens in `seconds` (proposing included; None: not a comparable decode step).
+        Updates kappa for its batch size."""
+        prediction, self._prediction = self._prediction, None
+        if prediction is None or seconds is None or seconds <= 0 or prediction[0] != batch_size:
+            return
+        sample = max(MIN_CALIBRATION, min(MAX_CALIBRATION, num_emitted / seconds / prediction[1]))
+        key = _bucket(batch_size)
+        kappa = self._calibration.get(key, 1.0)
+        self._calibration[key] = CALIBRATION_DECAY * kappa + (1 - CALIBRATION_DECAY) * sample
+
+    def discard_prediction(self) -> None:
+        """The step the last paying check predicted will run without drafts after all."""
+        self._prediction = None
+
+    def calibration(self, batch_size: int) -> float:
+        """kappa at this batch size: realized over predicted goodput of speculating steps (1 before any)."""
+        return self._calibration.get(_bucket(batch_size), 1.0)
 
     def describe(self) -> str:
         a, b = self.coefficients()
-        rho = ", ".join(f"{2 ** (key - 1)}+: {r:.2f}" for key, r in sorted(self._pipelined_ratios.items())) or "-"
+        rho = ", ".join(f"{2 ** (key - 1)}+: {self.pipelined_ratio(2 ** (key - 1)):.2f}"
+                        for key in sorted(self._pipelined)) or "-"
+        kappa = ", ".join(f"{2 ** (key - 1)}+: {k:.2f}" for key, k in sorted(self._calibration.items())) or "-"
         return (f"step = {1e3 * a:.3f} ms + {1e3 * b:.4f} ms/token, pipelined ratio by batch size {{{rho}}}, "
+                f"realized/predicted speculation by batch size {{{kappa}}}, "
                 f"proposer {self.proposer_cost:.3f} of a step per draft position")
 
     def coefficients(self) -> tuple[float, float]:

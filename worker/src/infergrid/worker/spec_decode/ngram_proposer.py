@@ -9,6 +9,17 @@ tokens that followed their most recent earlier occurrence are the drafts:
 A match that runs into the end of the context keeps copying with the same period, so a repeating
 loop ("x y x y") proposes a full k tokens ("x y x y").
 
+When no suffix recurs, the request *follows* its last match: the output is assumed to stay aligned
+with the passage it was copying, so the drafts are the tokens after the aligned position:
+
+    source:  ... p q r s t u v ...       output:  ... p q R s ?   (R: an edit, so "q R" and "R s"
+                                                                    recur nowhere)  ->  drafts [t, u, v]
+
+This is what rewriting a passage with a few edits looks like (a document or code edited in place,
+the use that prompt lookup serves best): without it, every edit costs the lookups of the next
+max_n tokens. A request follows while at least half of its recent tokens equal their aligned source
+tokens (FOLLOW_WINDOW); an output that has left the passage stops proposing.
+
 No model runs, so the proposal is deterministic (a one-hot draft distribution): the verifier
 accepts draft i with probability p(draft i), which is exactly "sample from p, keep while equal".
 """
@@ -25,6 +36,11 @@ DEFAULT_MAX_N = 4
 # Only the most recent tokens are searched, so a step's cost stays bounded for long contexts.
 DEFAULT_MAX_LOOKBACK = 4096
 
+
+# Following (module docstring): the recent tokens compared with the aligned source, and the least share of
+# them that must agree.
+FOLLOW_WINDOW = 8
+FOLLOW_MIN_AGREEMENT = 0.5
 
 # Candidates checked one by one (newest first) before the vectorized search takes over.
 MAX_SCALAR_CANDIDATES = 64
@@ -67,27 +83,44 @@ class NgramProposer:
             raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.min_n, self.max_n, self.max_lookback = min_n, max_n, max_lookback
         self._indexes: dict[str, _TokenIndex] = {}
+        self._offsets: dict[str, int] = {}  # request -> output position minus source position of its last match
 
     def propose(self, token_ids: Sequence[int], k: int, request_id: str | None = None,
                 end: int | None = None) -> list[int]:
-        """Up to k draft tokens continuing `token_ids[:end]` (empty when no n-gram suffix recurs).
-        `end` below len(token_ids) asks what would have been proposed then (hindsight checks)."""
+        """Up to k draft tokens continuing `token_ids[:end]` (empty when no n-gram suffix recurs and the
+        request follows no passage). `end` below len(token_ids) asks what the lookup alone would have
+        proposed then (hindsight checks: they neither follow nor move the request's alignment)."""
         num = len(token_ids) if end is None else end
         if k <= 0 or num < self.min_n + 1:
             return []
         index = _TokenIndex() if request_id is None else self._indexes.setdefault(request_id, _TokenIndex())
         index.sync(token_ids)
+        start = self._lookup(token_ids, num, index, end is not None)
+        if end is None and request_id is not None:
+            if start is None:
+                start = self._follow(token_ids, num, request_id)
+            else:
+                self._offsets[request_id] = num - start
+        if start is None:
+            return []
+        period = num - start  # past the end the copy repeats (a loop proposes a full k)
+        return [token_ids[start + i % period] for i in range(k)]
+
+    def _lookup(self, token_ids: Sequence[int], num: int, index: _TokenIndex, bounded: bool) -> int | None:
+        """Where the drafts start: after the most recent earlier occurrence of the longest suffix of
+        token_ids[:num] (min_n..max_n tokens), or None."""
         candidates = index.positions.get(token_ids[num - 1])
         if not candidates:
-            return []
-        stop = len(candidates) if end is None else bisect.bisect_left(candidates, num - 1)
+            return None
+        stop = bisect.bisect_left(candidates, num - 1) if bounded else len(candidates)
         lo = max(0, num - self.max_lookback)  # the window searched: token_ids[lo:num]
         best_len, best_end = 0, -1
         for checked, e in enumerate(candidates[i] for i in range(stop - 1, -1, -1)):
             if e < lo:
                 break
             if checked == MAX_SCALAR_CANDIDATES:
-                return self._propose_vectorized(np.asarray(token_ids[lo:num], dtype=np.int64), k)
+                start = self._lookup_vectorized(np.asarray(token_ids[lo:num], dtype=np.int64))
+                return None if start is None else lo + start
             n = 1  # tokens matched, ending at e and at num - 1
             while n < self.max_n and e - n >= lo and token_ids[e - n] == token_ids[num - 1 - n]:
                 n += 1
@@ -95,11 +128,19 @@ class NgramProposer:
                 best_len, best_end = n, e
                 if n == self.max_n:
                     break
-        if best_len < self.min_n:
-            return []
-        start = best_end + 1
-        period = num - start  # past the end the copy repeats (a loop proposes a full k)
-        return [token_ids[start + i % period] for i in range(k)]
+        return best_end + 1 if best_len >= self.min_n else None
+
+    def _follow(self, token_ids: Sequence[int], num: int, request_id: str) -> int | None:
+        """Where the drafts start if the request still follows its last match's passage, else None."""
+        offset = self._offsets.get(request_id)
+        if offset is None or not 0 < offset < num:
+            return None
+        window = range(max(offset, num - FOLLOW_WINDOW), num)
+        agree = sum(1 for t in window if token_ids[t] == token_ids[t - offset])
+        if agree < FOLLOW_MIN_AGREEMENT * len(window):
+            del self._offsets[request_id]  # the output left the passage
+            return None
+        return num - offset
 
     def hindsight(self, token_ids: Sequence[int], num_positions: int, request_id: str | None = None) -> int:
         """At how many of the last `num_positions` positions the lookup would have proposed the token
@@ -111,8 +152,8 @@ class NgramProposer:
             if self.propose(token_ids, 1, request_id, end=t) == [token_ids[t]]
         )
 
-    def _propose_vectorized(self, tokens: np.ndarray, k: int) -> list[int]:
-        """The same search over a window as one numpy pass per n."""
+    def _lookup_vectorized(self, tokens: np.ndarray) -> int | None:
+        """The same search over a window as one numpy pass per n (the start within the window)."""
         num = len(tokens)
         ends = np.flatnonzero(tokens[: num - 1] == tokens[num - 1])
         for n in range(min(self.max_n, num - 1), self.min_n - 1, -1):
@@ -122,9 +163,9 @@ class NgramProposer:
                 match &= tokens[cand - i] == tokens[num - 1 - i]
             hits = cand[match]
             if hits.size:
-                start = int(hits[-1]) + 1
-                return tokens[start + np.arange(k) % (num - start)].tolist()
-        return []
+                return int(hits[-1]) + 1
+        return None
 
     def remove(self, request_id: str) -> None:
         self._indexes.pop(request_id, None)
+        self._offsets.pop(request_id, None)

@@ -109,6 +109,7 @@ class SpeculativeDecoder:
         self.num_checks_total = 0  # hindsight checks of requests that were off
         self.num_batch_offs_total = 0  # steps whose drafters the batch-level check switched off
         self.num_steps = 0  # propose() calls: the step count adaptive k aligns checks to
+        self._last_call, self._last_call_synchronous = 0.0, False  # the previous propose() call, after its step
         # Requests given drafts that have not sampled since (a superset of those with drafts to verify).
         self.drafted: set[str] = set()
         logger.info("speculative decoding: %s, up to %d tokens per step (proposer cost %.3f per token, adaptive %s)",
@@ -246,9 +247,16 @@ class SpeculativeDecoder:
             self.draft.note_target_writes(scheduler_output)
         num_sampled = len(sampled_token_ids)
         # Decode steps only (every request samples, at most 1 + k tokens each): prefill is another regime.
-        if (step_seconds is not None and num_sampled == len(scheduler_output.scheduled)
-                and scheduler_output.num_batched_tokens <= num_sampled * (1 + self.max_k)):
+        is_decode = (num_sampled == len(scheduler_output.scheduled)
+                     and scheduler_output.num_batched_tokens <= num_sampled * (1 + self.max_k))
+        if step_seconds is not None and is_decode:
             self.cost.observe_step(scheduler_output.num_batched_tokens, step_seconds)
+        # A synchronous step's realized cost: the time since the previous synchronous step's call here.
+        called = time.perf_counter()
+        wall = called - self._last_call if not pipelined and self._last_call_synchronous else None
+        self._last_call, self._last_call_synchronous = called, not pipelined
+        self.cost.observe_speculating_step(num_sampled, sum(map(len, sampled_token_ids.values())),
+                                           wall if is_decode else None)
         adaptive, step = self.adaptive, self.num_steps
         self.num_steps += 1
         now = not pipelined
@@ -295,12 +303,15 @@ class SpeculativeDecoder:
         if adaptive.any_on and not self._pays(sampling, dict((s.request_id, k) for s, k in wanted), cost, step):
             return {}
         if not wanted:
+            self.cost.discard_prediction()
             return {}
         if pipelined:
             raise RuntimeError(f"requests {[s.request_id for s, _ in wanted][:3]} want drafts after a pipelined "
                                "step: adaptive k switched them on too early")
         start = time.perf_counter()
         drafts, num_caught_up = self._propose(wanted, ahead)
+        if not drafts:  # the step runs without drafts: not the speculating step the check predicted
+            self.cost.discard_prediction()
         for sched, _ in wanted:
             if sched.request_id not in drafts:  # nothing to propose (no n-gram match)
                 adaptive.miss(sched.request_id)
