@@ -5,7 +5,8 @@ The target is a random-weight checkpoint of a named shape (bench/shapes.py; defa
 shape in bf16). Random weights give random text, so the workload is built to show each case:
 - prompts repeat a short random phrase (n-gram lookup then has matches to propose from); whether
   the target's own continuation repeats too decides n-gram's acceptance (reported);
-- "draft" is a random --draft-layers-layer checkpoint of the same width and vocabulary: its tokens
+- "draft" is a random --draft-layers-layer checkpoint of the same vocabulary and the target's width
+  (or --draft-hidden: a narrower draft reads a smaller LM head per pass, its main cost): its tokens
   agree with the target's about as often as chance, which measures the "never slower when
   acceptance is low" target (the adaptive k switches it off);
 - "draft=target" drafts with the target itself and adaptive k off: acceptance ~1.0, the upper bound
@@ -132,6 +133,16 @@ def make_agree_prompts(num: int, prompt_len: int, vocab_size: int, agreement: fl
         quoted = [t if rng.random() < agreement else rng.randrange(FIRST_TOKEN_ID, vocab_size) for t in chain]
         prompts.append(quoted + chain[:3])
     return prompts
+
+
+def draft_shape(args: argparse.Namespace) -> dict[str, int]:
+    """Shape overrides of the random draft: --draft-layers, and --draft-hidden's width with heads of 64
+    and 4 query heads per KV head (the Llama-3.2-1B proportions)."""
+    shape: dict[str, int] = {"num_hidden_layers": args.draft_layers}
+    if args.draft_hidden:
+        h = args.draft_hidden
+        shape.update(hidden_size=h, intermediate_size=4 * h, num_attention_heads=h // 64, num_key_value_heads=h // 256)
+    return shape
 
 
 def family(mode: str) -> str:
@@ -324,7 +335,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shape", default="1b", help="random checkpoint shape from bench/shapes.py (tiny|1b|8b)")
     p.add_argument("--model", default=None, help="use this HF checkpoint directory instead of a random shape")
     p.add_argument("--draft-model", default=None, help="draft checkpoint for the 'draft' mode (default: random)")
-    p.add_argument("--draft-layers", type=int, default=2, help="layers of the random draft (same width, vocab)")
+    p.add_argument("--draft-layers", type=int, default=2, help="layers of the random draft (same vocab)")
+    p.add_argument("--draft-hidden", type=int, default=None,
+                   help="width of the random draft (default: the target's; 64-wide heads, 4 per KV head)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--agreements", nargs="+", type=float, default=[0.8, 0.92],
                    help="the 'agree' modes run once for each of these draft agreements p")
@@ -344,6 +357,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("bench", "results", "spec_decode.json"))
     args = p.parse_args(argv)
+    if args.draft_hidden is not None and (args.draft_hidden < 256 or args.draft_hidden % 256):
+        p.error("--draft-hidden must be a positive multiple of 256")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     if args.dtype is None:
@@ -371,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         # Untied: a random model with tied embeddings tends to repeat its input token, and two such
         # models then "agree"; an untied random draft agrees with the target only by chance.
         draft = make_random_checkpoint(args.shape, dtype=args.dtype, seed=args.seed + 1,
-                                       num_hidden_layers=args.draft_layers, tie_word_embeddings=False)
+                                       tie_word_embeddings=False, **draft_shape(args))
     checkpoints: dict[str, tuple[str, str | None]] = {"": (model, draft)}  # family -> (target, draft)
     with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
         vocab_size = json.load(f)["vocab_size"]
@@ -383,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoints[fam] = (
                 make_random_checkpoint(args.shape, seed=args.seed, tie_word_embeddings=True, **copy),
                 make_random_checkpoint(args.shape, seed=args.seed + 1, tie_word_embeddings=True,
-                                       num_hidden_layers=args.draft_layers, **copy))
+                                       **draft_shape(args), **copy))
             prompts[fam] = prompts[""]
         elif fam.startswith("agree"):  # untied: predict a successor of the input token
             share = float(fam.removeprefix("agree"))
@@ -391,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                 make_random_checkpoint(args.shape, seed=args.seed, tie_word_embeddings=False,
                                        head_successor=(args.seed, 1.0), **copy),
                 make_random_checkpoint(args.shape, seed=args.seed + 1, tie_word_embeddings=False,
-                                       num_hidden_layers=args.draft_layers, head_successor=(args.seed, share),
+                                       head_successor=(args.seed, share), **draft_shape(args),
                                        **copy))
             prompts[fam] = make_agree_prompts(num_prompts, args.prompt_len, vocab_size, share, args.seed)
     checkpoint_s = time.monotonic() - t0
@@ -425,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         f"speculative decoding: {args.shape if args.model is None else args.model}, {args.dtype}, {device}; "
         f"k = {args.num_speculative_tokens}, prompts of {args.prompt_len} tokens (a {args.phrase_len}-token phrase "
         f"repeated), {args.max_tokens} greedy tokens each; draft: "
-        f"{args.draft_model or f'random {args.draft_layers}-layer'}; tok/s: median of {args.repeats} interleaved repeats"
+        f"{args.draft_model or f'random {args.draft_layers}-layer'}"
+        f"{f', {args.draft_hidden} wide' if args.draft_hidden and not args.draft_model else ''}; tok/s: median of {args.repeats} interleaved repeats"
     )
     verdicts = print_table(header, results)
     for mode, state in states.items():

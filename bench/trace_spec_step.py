@@ -30,7 +30,7 @@ def main() -> int:
     sargs = sd.parse_args(["--shape", args.shape, "--batch-sizes", "1", "--modes", args.mode])
     std = dict(layer_init_std=sd.COPY_LAYER_STD, tie_word_embeddings=True) if args.mode.startswith("copy:") else {}
     model = make_random_checkpoint(args.shape, dtype=sargs.dtype, seed=0, **std)
-    draft = make_random_checkpoint(args.shape, dtype=sargs.dtype, seed=1, num_hidden_layers=sargs.draft_layers,
+    draft = make_random_checkpoint(args.shape, dtype=sargs.dtype, seed=1, **sd.draft_shape(sargs),
                                    **(std or dict(tie_word_embeddings=False)))
     engine = sd.make_engine(sargs, model, draft, args.mode, eager=False)
     prompts = sd.make_prompts(1, sargs.prompt_len, sargs.phrase_len, engine.model_config.vocab_size, 0)
