@@ -46,6 +46,12 @@ from __future__ import annotations
 # tried there (a 2-layer draft of a 1B model paid 1.3x at batch 32 on an H200).
 DEFAULT_FIXED_COST_TOKENS = 32
 GPU_FIXED_COST_TOKENS = 256
+# On a GPU a draft model's passes are queued on the device behind the verification, so their device time
+# lands in the next step's measured time (the fit); what the proposer term measures is the host's work
+# per draft position. Its prior: about what a 2-layer draft of a 1B target measured on an H200
+# (0.03-0.13 of a step). The draft's share of the weights as the prior counted the device time twice
+# and kept a draft that was switched off early off for good (the prior is only corrected by proposing).
+GPU_DRAFT_HOST_COST = 0.1
 PRIOR_TOKEN_VARIANCE = 4.0  # how much spread in step sizes (tokens^2) it takes to trust the data's slope
 STEP_DECAY = 0.95  # per step: the fit follows about the last 20 decode steps (a batch size changes)
 PROPOSER_DECAY = 0.9

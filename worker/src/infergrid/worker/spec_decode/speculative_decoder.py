@@ -49,6 +49,7 @@ from infergrid.worker.spec_decode.adaptive import (
 )
 from infergrid.worker.spec_decode.cost_model import (
     DEFAULT_FIXED_COST_TOKENS,
+    GPU_DRAFT_HOST_COST,
     GPU_FIXED_COST_TOKENS,
     StepCostModel,
 )
@@ -89,7 +90,9 @@ class SpeculativeDecoder:
             from infergrid.worker.spec_decode.draft_proposer import DraftProposer
 
             self.draft = DraftProposer(config, runner)
-            proposer_cost = self.draft.cost_ratio
+            proposer_cost = self.draft.cost_ratio  # on a CPU the host computes the passes
+            if runner.device.type == "cuda":
+                proposer_cost = min(proposer_cost, GPU_DRAFT_HOST_COST)
         else:
             raise ValueError(f"speculative_method must be 'ngram' or 'draft', got {self.method!r}")
         on_gpu = runner.device.type == "cuda"
