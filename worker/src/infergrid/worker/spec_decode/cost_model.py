@@ -40,6 +40,8 @@ steps actually deliver.
 
 from __future__ import annotations
 
+from typing import Any
+
 # The default: a step's fixed cost equals the cost of this many tokens. On a GPU, where a decode step
 # reads every weight whatever its batch, far more: with steps of one size only (speculating at batch
 # 1: 1 + k tokens), 32 made verification at batch 32 look like half a step, and speculation was never
@@ -114,9 +116,9 @@ class StepCostModel:
         self._pipelined[key] = (d * w + 1.0, d * n + num_tokens, d * t + seconds)
 
     def pipelined_ratio(self, batch_size: int) -> float:
-        """rho at this decode batch size: the mean pipelined step of about that size over the current
-        fit's time at its mean size (1 before any pipelined step of about that size, or any fit)."""
-        sums = self._pipelined.get(_bucket(batch_size))
+        """rho at this decode batch size: the mean pipelined step of about that size (or of the nearest
+        size measured) over the current fit's time at its mean size (1 before any pipelined step)."""
+        sums = _nearest(self._pipelined, batch_size)
         if sums is None or self._w == 0:
             return 1.0
         w, n, t = sums
@@ -165,8 +167,9 @@ class StepCostModel:
         self._prediction = None
 
     def calibration(self, batch_size: int) -> float:
-        """kappa at this batch size: realized over predicted goodput of speculating steps (1 before any)."""
-        return self._calibration.get(_bucket(batch_size), 1.0)
+        """kappa at this batch size (or the nearest size measured): realized over predicted goodput of
+        speculating steps (1 before any)."""
+        return _nearest(self._calibration, batch_size, 1.0)
 
     def describe(self) -> str:
         a, b = self.coefficients()
@@ -195,6 +198,16 @@ class StepCostModel:
         step = a + b * batch_size
         verify = b * batch_size / step if step > 0 else 1.0
         return verify + (self.proposer_cost if measured else self.default_proposer_cost)
+
+
+def _nearest(by_bucket: dict[int, Any], batch_size: int, default: Any = None) -> Any:
+    """The value of batch_size's bucket, else of the nearest bucket measured (the larger on a tie): the
+    tail of a batch whose requests finish one by one passes through sizes measured rarely, and
+    pipelining and calibration change smoothly with the size."""
+    if not by_bucket:
+        return default
+    key = _bucket(batch_size)
+    return by_bucket[min(by_bucket, key=lambda b: (abs(b - key), -b))]
 
 
 def _bucket(batch_size: int) -> int:
