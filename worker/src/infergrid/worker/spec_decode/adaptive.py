@@ -36,7 +36,8 @@ scheduled synchronously, because a request is on). A new request starts from the
 acceptance (a draft model that has been failing every request starts off, one that has been
 accepted starts on at once, and one that starts off gets its first check `new_off_wait` steps on:
 NEW_OFF_WAIT for a draft model, whose first check catches up on the whole prompt, MIN_BACKOFF for
-n-gram lookup, whose checks are free); a
+n-gram lookup, whose checks are free; twice that while the engine-wide rate is below
+FAILING_ENGINE_RATE); a
 seeded sampled request starts from the default prior and counts its own steps, so that its drafts
 depend on nothing but its own history.
 """
@@ -52,6 +53,7 @@ DEFAULT_PRIOR_WEIGHT = 1.0
 ENGINE_PRIOR_DECAY = 0.98  # per observation: the engine-wide rate follows the last ~50 verifications/checks
 MIN_BACKOFF, MAX_BACKOFF = 8, 256
 NEW_OFF_WAIT = 4 * MIN_BACKOFF  # default wait for the first check of a new request that starts off
+FAILING_ENGINE_RATE = 0.1  # below this engine-wide rate, a new request that starts off waits twice as long
 CHECK = -1  # num_drafts(): the request is due for a hindsight check (observe_check() takes the result)
 
 
@@ -258,8 +260,11 @@ class AdaptiveNumDrafts:
             if not is_new:
                 self._switch_off(state, _next_multiple(state.num_steps if step is None else step, state.wait))
             elif step is not None:  # the engine's recent requests failed: this one is checked later too
-                state.wait = self.new_off_wait
-                state.next_check = _next_multiple(step + MIN_BACKOFF // 2, self.new_off_wait)
+                # ... later still where nearly nothing has been accepted lately (each check of a draft
+                # model catches up on every token since the request's last pass).
+                wait = self.new_off_wait * (2 if self.engine_rate() < FAILING_ENGINE_RATE else 1)
+                state.wait = min(wait, MAX_BACKOFF)
+                state.next_check = _next_multiple(step + MIN_BACKOFF // 2, state.wait)
             return
         if state.on_from < 0:
             self._num_on += 1

@@ -113,6 +113,7 @@ class SpeculativeDecoder:
         self.num_batch_offs_total = 0  # steps whose drafters the batch-level check switched off
         self.num_steps = 0  # propose() calls: the step count adaptive k aligns checks to
         self._last_call, self._last_call_synchronous = 0.0, False  # the previous propose() call, after its step
+        self._catch_up_seen = 0  # the draft's catch-up token count at the previous propose() call
         # Requests given drafts that have not sampled since (a superset of those with drafts to verify).
         self.drafted: set[str] = set()
         logger.info("speculative decoding: %s, up to %d tokens per step (proposer cost %.3f per token, adaptive %s)",
@@ -252,6 +253,14 @@ class SpeculativeDecoder:
         # Decode steps only (every request samples, at most 1 + k tokens each): prefill is another regime.
         is_decode = (num_sampled == len(scheduler_output.scheduled)
                      and scheduler_output.num_batched_tokens <= num_sampled * (1 + self.max_k))
+        if self.draft is not None:
+            # A step whose device work included draft catch-ups beyond a step's worth (a request's first
+            # proposal after a switch-on, a hindsight check) measures a transition, not the steady
+            # state: kept out of the fit and the calibration, which would otherwise price speculation
+            # by what switching it on and off costs, and switch it off more.
+            total = self.draft.num_catch_up_tokens_total
+            caught_up, self._catch_up_seen = total - self._catch_up_seen, total
+            is_decode = is_decode and caught_up <= 2 * num_sampled * (self.max_k + 1)
         if step_seconds is not None and is_decode:
             self.cost.observe_step(scheduler_output.num_batched_tokens, step_seconds)
         # A synchronous step's realized cost: the time since the previous synchronous step's call here.
