@@ -275,13 +275,16 @@ class SpeculativeDecoder:
         # Every request off, no check due or in flight: nothing to observe, nothing to propose.
         if not self.drafted and not self._pending_checks and adaptive.can_skip(step, sampled_token_ids.keys()):
             return {}
-        cost, plain = self.cost.draft_token_cost(max(1, num_sampled)), self.cost.plain_goodput(max(1, num_sampled))
+        # What a check's drafts must beat: 1 / rho, over kappa (how the predictions of speculating steps
+        # at this size compared with what they delivered), as in the batch-level check.
+        batch = max(1, num_sampled)
+        cost, plain = self.cost.draft_token_cost(batch), self.cost.plain_goodput(batch) / self.cost.calibration(batch)
         # NOTE: a seeded sampled request's random draws depend on its drafts, so its drafts must not
         # depend on timing or on other requests: default costs, its own step count, no batch check.
         seeded_cost = self.cost.draft_token_cost(max(1, num_sampled), measured=False)
 
         def decide_args(request: Request) -> tuple[float, int | None, float]:
-            """(c, step, what a check's drafts must beat alone: 1 / rho)"""
+            """(c, step, what a check's drafts must beat alone: 1 / (rho * kappa))"""
             return (seeded_cost, None, 1.0) if _own_clock(request) else (cost, step, plain)
 
         self._collect_checks(step, decide_args, now)
