@@ -56,9 +56,10 @@ def test_engine_decisions_are_the_same_with_and_without_the_shortcut(tiny_model,
     monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "1")
     # A random draft priced at 0.1 of a step: tried, rejected, then probed now and then.
     monkeypatch.setattr(StepCostModel, "draft_token_cost", lambda self, batch_size, measured=True: 0.1)
-    # (the pipelined ratio and the calibration come from measured timings)
+    # (the pipelined ratio, the calibration and the proposer's cost come from measured timings)
     monkeypatch.setattr(StepCostModel, "calibration", lambda self, batch_size: 1.0)
     monkeypatch.setattr(StepCostModel, "pipelined_ratio", lambda self, batch_size: 1.0)
+    monkeypatch.setattr(StepCostModel, "observe_proposer", lambda self, seconds_per_pass, step_seconds: None)
     prompts = ["Hello, how are you", "Once upon a time there", "What is two plus", "The quick brown fox"]
     params = [SamplingParams(temperature=0.0, max_tokens=60 + 9 * i, ignore_eos=True) for i in range(3)]
     params.append(SamplingParams(temperature=1.0, max_tokens=20, seed=4, ignore_eos=True))  # its own clock
