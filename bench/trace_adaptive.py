@@ -33,13 +33,13 @@ def install() -> None:
     """Wraps the controller's decision points so that each records what it saw and decided."""
     pays = StepCostModel.speculation_pays
 
-    def logged_pays(self, batch_size, draft_cost, extra, num_draft_tokens, max_k, margin=0.0):
-        result = pays(self, batch_size, draft_cost, extra, num_draft_tokens, max_k, margin)
+    def logged_pays(self, batch_size, draft_cost, extra, num_draft_tokens, max_k):
+        result = pays(self, batch_size, draft_cost, extra, num_draft_tokens, max_k)
         proposer = min(self.proposer_cost, draft_cost)
         relative = 1.0 + (draft_cost - proposer) * num_draft_tokens / batch_size + proposer * max_k
         _record(self, f"pays B={batch_size} extra={extra:.2f} drafts={num_draft_tokens} k={max_k} "
                       f"predicted={(batch_size + extra) / relative:.2f} kappa={self.calibration(batch_size):.2f} "
-                      f"bar={(1 - margin) * batch_size * self.plain_goodput(batch_size):.2f} -> {result}")
+                      f"bar={batch_size * self.plain_goodput(batch_size):.2f} -> {result}")
         return result
 
     StepCostModel.speculation_pays = logged_pays  # type: ignore[method-assign]

@@ -47,9 +47,14 @@ def test_spec_decode_bench_runs_on_cpu(tmp_path):
         random_draft = rows[("draft", bs)]
         assert random_draft["acceptance_rate"] is None or random_draft["acceptance_rate"] < 0.3
         assert rows[("ngram", bs)]["num_steps"] < rows[("off", bs)]["num_steps"]
-        for mode in ("copy:ngram", "copy:draft"):  # a model that repeats its input is easy to predict
-            assert rows[(mode, bs)]["acceptance_rate"] >= 0.9
-            assert rows[(mode, bs)]["num_steps"] < rows[("copy:off", bs)]["num_steps"]
+        # A model that repeats its input is easy to predict. (On a CPU a draft model's passes are host
+        # work worth ~0.7 of a tiny target's step: adaptive k may keep it off at one of the batch sizes,
+        # depending on the machine's timings: the draft must have been verified at one of them at least.)
+        assert rows[("copy:ngram", bs)]["acceptance_rate"] >= 0.9
+        assert rows[("copy:ngram", bs)]["num_steps"] < rows[("copy:off", bs)]["num_steps"]
+        copy_draft = rows[("copy:draft", bs)]
+        assert copy_draft["acceptance_rate"] is None or copy_draft["acceptance_rate"] >= 0.9
+    assert any(rows[("copy:draft", bs)]["acceptance_rate"] is not None for bs in (1, 4))
 
 
 def test_agree_modes_accept_the_chosen_share_of_drafts(tmp_path):

@@ -61,10 +61,6 @@ PIPELINED_DECAY = 0.9
 MIN_PIPELINED_RATIO = 0.3
 CALIBRATION_DECAY = 0.8  # per speculating step: kappa follows about the last 5
 MIN_CALIBRATION, MAX_CALIBRATION = 0.25, 2.0
-# A speculating batch goes off only when predicted below (1 - this) of the bar it had to clear to go on:
-# the rate estimates are noisy (a few verifications' worth) and every switch costs (the wait until the
-# next check, the draft model's catch-up), so without a band a batch near the bar flaps on and off.
-SWITCH_OFF_MARGIN = 0.1
 MAX_STEP_SAMPLE = 3.0  # a step slower than 3x the prediction (a GC pause, a compile) counts as 3x
 MIN_PROPOSER_LIMIT = 0.1  # ... and a proposer sample as 3x max(the estimate, the default, this)
 
@@ -131,20 +127,20 @@ class StepCostModel:
         return 1.0 / self.pipelined_ratio(batch_size) if measured else 1.0
 
     def speculation_pays(self, batch_size: int, draft_cost: float, extra_tokens: float, num_draft_tokens: int,
-                         max_k: int, margin: float = 0.0) -> bool:
+                         max_k: int) -> bool:
         """Whether a synchronous step of `batch_size` requests whose drafters are expected to emit
         `extra_tokens` more than one token each beats running the step without drafts, pipelined.
         `draft_cost` is c at this batch size (draft_token_cost): its verification part is paid per
         draft token (`num_draft_tokens` in all), its proposer part per draft position (`max_k`):
 
-            kappa * (B + extra) / (1 + verify * drafts / B + proposer * max_k)  >  (1 - margin) * B / rho
+            kappa * (B + extra) / (1 + verify * drafts / B + proposer * max_k)  >  B / rho
 
-        (`margin`: SWITCH_OFF_MARGIN for a batch that speculates already). A step found to pay is remembered as the prediction that `observe_speculating_step` checks."""
+        A step found to pay is remembered as the prediction `observe_speculating_step` checks."""
         proposer = min(self.proposer_cost, draft_cost)
         verify = draft_cost - proposer
         relative_time = 1.0 + verify * num_draft_tokens / batch_size + proposer * max_k
         predicted = (batch_size + extra_tokens) / relative_time  # tokens per synchronous step's time
-        pays = self.calibration(batch_size) * predicted > (1.0 - margin) * batch_size * self.plain_goodput(batch_size)
+        pays = self.calibration(batch_size) * predicted > batch_size * self.plain_goodput(batch_size)
         if pays and self._w > 0:
             a, b = self.coefficients()
             self._prediction = (batch_size, predicted / (a + b * batch_size))
