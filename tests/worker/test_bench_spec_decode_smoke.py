@@ -103,3 +103,19 @@ def test_spec_step_trace_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "copy:draft: 8 tokens" in proc.stdout and "Self CPU time total" in proc.stdout
     assert (tmp_path / "trace.json.gz").stat().st_size > 1000
+
+
+def test_trace_adaptive_logs_the_controllers_decisions(tmp_path):
+    """bench/trace_adaptive.py wraps the controller's decision points (their signatures must keep
+    matching) and prints each run's markers and the decisions it logged."""
+    env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("worker/src", "operator/src", "testbed/src")))
+    env.pop("INFERGRID_SPEC_DECODE_ADAPTIVE", None)
+    cmd = [sys.executable, "bench/trace_adaptive.py", "--shape", "tiny", "--batch-sizes", "1", "--max-tokens", "24",
+           "--prompt-len", "48", "--repeats", "1", "--modes", "copy:ngram", "--out", str(tmp_path / "t.json"),
+           "--", "--max-lines", "50"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "== adaptive-k events:" in proc.stdout
+    assert "run b1r0 ngram: 1 prompts" in proc.stdout and "run b1r0 off: 1 prompts" in proc.stdout
+    assert "pays B=1" in proc.stdout  # n-gram on a copying model speculates: the batch-level check ran

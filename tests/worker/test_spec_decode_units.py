@@ -180,16 +180,22 @@ def test_batch_aware_decision_flips_at_large_batch():
     assert a.num_drafts("r256", model.draft_token_cost(1), NEW_OFF_WAIT + 1) == 4
 
 
+def _model_pipelining_at_0_7(proposer_cost: float, pipelined_steps: int) -> StepCostModel:
+    """A cost model fitted to steps of 1 ms + N/64 ms, whose pipelined batch-32 steps take 0.7 of that."""
+    cost = StepCostModel(proposer_cost)
+    for i in range(100):
+        n = (1, 5, 32, 160)[i % 4]
+        cost.observe_step(n, 1e-3 + n * 1e-3 / 64)
+    for _ in range(pipelined_steps):
+        cost.observe_pipelined_step(32, 0.7 * (1e-3 + 32e-3 / 64))
+    return cost
+
+
 def test_a_speculating_step_must_pay_for_the_whole_batch_losing_its_pipelining():
     """rho = 0.7: a step without drafts runs pipelined in 0.7 of a synchronous step. One perfect
     drafter in a batch of 32 does not pay for the 31 others' loss; 32 good drafters do; at batch
     1 the check is the single request's (best_num_drafts against 1 / rho)."""
-    cost = StepCostModel(0.05)
-    for i in range(100):
-        n = (1, 5, 32, 160)[i % 4]
-        cost.observe_step(n, 1e-3 + n * 1e-3 / 64)
-    for _ in range(80):
-        cost.observe_pipelined_step(32, 0.7 * (1e-3 + 32e-3 / 64))
+    cost = _model_pipelining_at_0_7(0.05, pipelined_steps=80)
     assert cost.plain_goodput(32) == pytest.approx(1 / 0.7, rel=0.05)
     c32 = cost.draft_token_cost(32)
     assert not cost.speculation_pays(32, c32, expected_tokens(1.0, 4) - 1, 4, 4)
@@ -470,12 +476,7 @@ def test_speculating_steps_that_deliver_less_than_predicted_lower_the_next_predi
     few such steps the same prediction no longer pays, while batch 1's (its own kappa) still does; a size
     not measured borrows the nearest measured size's kappa.
     Steps that deliver what was predicted leave kappa at 1."""
-    cost = StepCostModel(0.0)
-    for i in range(100):
-        n = (1, 5, 32, 160)[i % 4]
-        cost.observe_step(n, 1e-3 + n * 1e-3 / 64)
-    for _ in range(40):
-        cost.observe_pipelined_step(32, 0.7 * (1e-3 + 32e-3 / 64))
+    cost = _model_pipelining_at_0_7(0.0, pipelined_steps=40)
     c32, c1 = cost.draft_token_cost(32), cost.draft_token_cost(1)
     extra = 32 * (expected_tokens(0.9, 4) - 1)
 
