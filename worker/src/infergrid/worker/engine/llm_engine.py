@@ -215,12 +215,16 @@ class LLMEngine:
             # A pipelined step's wall time spans the next one's launch: its cost sample is the time
             # since the previous pipelined step finished. A synchronous one's is its own time plus its
             # outputs' (not made yet: the last step's stand in), as a pipelined step's includes them.
+            # A step after one of the same kind also gives its finish-to-finish time: a pipelined step's
+            # cost sample, a synchronous one's realized cost (the calibration of the batch-level check).
             seconds = None if step.is_pipelined else now - step.start + self._output_seconds
             last, last_pipelined = self._last_finish
-            if step.is_pipelined and last_pipelined:
-                self.model_runner.spec_decoder.observe_pipelined_step(scheduler_output, now - last)  # type: ignore[union-attr]
-            drafts = self.model_runner.propose_draft_token_ids(scheduler_output, runner_output.sampled_token_ids,
-                                                               seconds, step.is_pipelined)
+            since_last = now - last if last and step.is_pipelined == last_pipelined else None
+            if step.is_pipelined and since_last is not None:
+                self.model_runner.spec_decoder.observe_pipelined_step(scheduler_output, since_last)  # type: ignore[union-attr]
+            drafts = self.model_runner.propose_draft_token_ids(
+                scheduler_output, runner_output.sampled_token_ids, seconds, step.is_pipelined,
+                None if step.is_pipelined else since_last)
         outputs_start = time.perf_counter()
         outputs, stopped = self.output_processor.process(
             scheduled, runner_output, [*scheduler_output.expired_requests, *finished]

@@ -112,7 +112,6 @@ class SpeculativeDecoder:
         self.num_checks_total = 0  # hindsight checks of requests that were off
         self.num_batch_offs_total = 0  # steps whose drafters the batch-level check switched off
         self.num_steps = 0  # propose() calls: the step count adaptive k aligns checks to
-        self._last_call, self._last_call_synchronous = 0.0, False  # the previous propose() call, after its step
         self._catch_up_seen = 0  # the draft's catch-up token count at the previous propose() call
         # Requests given drafts that have not sampled since (a superset of those with drafts to verify).
         self.drafted: set[str] = set()
@@ -238,9 +237,11 @@ class SpeculativeDecoder:
         sampled_token_ids: Mapping[str, Sequence[int]],
         step_seconds: float | None = None,
         pipelined: bool = False,
+        wall_seconds: float | None = None,
     ) -> dict[str, list[int]]:
         """After the scheduler applied this step (which took `step_seconds`, proposing excluded; it
-        ran `pipelined` ahead of its tokens or not): learn from the verified drafts and the hindsight
+        ran `pipelined` ahead of its tokens or not; `wall_seconds`: finish to finish, after a synchronous
+        step, else None): learn from the verified drafts and the hindsight
         checks, run the checks now due, and propose the next drafts for every running request that
         sampled and speculates, if the step as a whole pays. Returns request id -> drafts (none after
         a pipelined step: the next step is already running)."""
@@ -265,12 +266,9 @@ class SpeculativeDecoder:
             is_decode = is_decode and caught_up <= 2 * num_sampled * (self.max_k + 1)
         if step_seconds is not None and is_decode:
             self.cost.observe_step(scheduler_output.num_batched_tokens, step_seconds)
-        # A synchronous step's realized cost: the time since the previous synchronous step's call here.
-        called = time.perf_counter()
-        wall = called - self._last_call if not pipelined and self._last_call_synchronous else None
-        self._last_call, self._last_call_synchronous = called, not pipelined
+        # A synchronous step's realized cost (finish to finish) against what the batch-level check predicted.
         self.cost.observe_speculating_step(num_sampled, sum(map(len, sampled_token_ids.values())),
-                                           wall if is_decode else None)
+                                           wall_seconds if is_decode else None)
         adaptive, step = self.adaptive, self.num_steps
         self.num_steps += 1
         now = not pipelined
