@@ -377,9 +377,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    t0 = time.monotonic()
+def build_checkpoints(args: argparse.Namespace) -> tuple[dict[str, tuple[str, str | None]], dict[str, list[list[int]]]]:
+    """Per family (see `family`) of args.modes: (target checkpoint, draft checkpoint) and the prompts."""
     model = args.model or make_random_checkpoint(args.shape, dtype=args.dtype, seed=args.seed)
     draft = args.draft_model
     if draft is None and "draft" in args.modes:
@@ -409,6 +408,13 @@ def main(argv: list[str] | None = None) -> int:
                                        head_successor=(args.seed, share), **draft_shape(args),
                                        **copy))
             prompts[fam] = make_agree_prompts(num_prompts, args.prompt_len, vocab_size, share, args.seed)
+    return checkpoints, prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    checkpoints, prompts = build_checkpoints(args)
     checkpoint_s = time.monotonic() - t0
     errors: dict[str, str] = {}
     engines: dict[str, tuple[LLMEngine, bool]] = {}

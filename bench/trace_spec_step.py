@@ -1,50 +1,156 @@
-"""Torch-profiler trace of one bench_spec_decode mode at batch 1: where a speculating step's time goes
-on the GPU and on the host (kernel table, graph-launch costs; the Chrome trace for a timeline).
+"""Torch-profiler trace of bench_spec_decode modes at batch 1: where a step's time goes on the GPU
+(busy vs idle per step, the kernel table) and on the host (the profiler's op table).
 
-    PYTHONPATH=worker/src python bench/trace_spec_step.py --mode copy:draft --out-dir $OUT
+    PYTHONPATH=worker/src python bench/trace_spec_step.py --out-dir $OUT -- --modes agree:off agree:draft \
+        --agreements 0.92 --draft-hidden 1024
 
-Writes OUT_DIR/trace.json.gz and prints the profiler's op table.
+Arguments after `--` are bench_spec_decode's (its modes, shapes and agreements). For each mode: warm
+up, then trace --tokens tokens of one request; prints wall ms per step, GPU-busy ms per step (the
+union of kernel and copy intervals: what the step would take if the GPU never waited for the host),
+the GPU-idle share, and the kernels by total time. Writes OUT_DIR/trace_<mode>.json.gz.
+
+Then, without the profiler (whose per-launch instrumentation inflates the host's share several
+times), the host's time per step by phase: perf_counter around the engine's methods (inclusive;
+`result` is the wait for the step's tokens).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import gzip
+import json
 import os
 import sys
+import time
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_spec_decode as sd  # noqa: E402
-from shapes import make_random_checkpoint  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def gpu_busy_us(events: list[dict]) -> float:
+    """Union of the GPU intervals' lengths (us)."""
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events)
+    busy, end = 0.0, float("-inf")
+    for s, e in spans:
+        if e <= end:
+            continue
+        busy += e - max(s, end)
+        end = e
+    return busy
+
+
+def analyze(path: str, steps: int, wall_ms: float, top: int) -> None:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        trace = json.load(f)
+    gpu = [e for e in trace["traceEvents"] if e.get("cat") in GPU_CATEGORIES and "dur" in e]
+    busy_ms = gpu_busy_us(gpu) / 1e3
+    print(f"  steps {steps}: wall {wall_ms / steps:.3f} ms/step, GPU busy {busy_ms / steps:.3f} ms/step, "
+          f"GPU idle {1 - busy_ms / wall_ms:.0%}; {len(gpu) / steps:.0f} GPU ops/step")
+    by_name: collections.Counter[str] = collections.Counter()
+    count: collections.Counter[str] = collections.Counter()
+    for e in gpu:
+        name = e["name"][:90]
+        by_name[name] += e["dur"]
+        count[name] += 1
+    print("  | kernel | us/step | calls/step | us/call |")
+    print("  |---|---|---|---|")
+    for name, us in by_name.most_common(top):
+        print(f"  | {name} | {us / steps:.1f} | {count[name] / steps:.1f} | {us / count[name]:.1f} |")
+
+
+def _phases(engine: Any) -> list[tuple[str, Any, str]]:
+    """(label, object, method name) of the host phases timed, in call order (nesting by indent)."""
+    from infergrid.worker.engine.model_runner import PendingRunnerOutput
+
+    runner, spec = engine.model_runner, engine.model_runner.spec_decoder
+    phases = [("step", engine, "step"), (" schedule", engine.scheduler, "schedule"),
+              (" execute_model", runner, "execute_model"), ("  sampling_metadata", runner, "_sampling_metadata"),
+              ("  prepare_inputs", runner, "_prepare_inputs"), ("  forward (launch)", runner, "_forward"),
+              ("  compute_logits", runner.model, "compute_logits"),
+              (" result (wait + tokens to lists)", PendingRunnerOutput, "result"),
+              (" update_from_output", engine.scheduler, "update_from_output"),
+              (" propose_draft_token_ids", runner, "propose_draft_token_ids"),
+              (" output_processor.process", engine.output_processor, "process"),
+              (" update_draft_token_ids", engine.scheduler, "update_draft_token_ids")]
+    if spec is not None:
+        phases[6:6] = [("   fill_drafts", spec, "fill_drafts")]
+        phases[9:9] = [("  verify", spec, "verify"), ("  propose_ahead", spec, "propose_ahead")]
+    return phases
+
+
+def time_host_phases(engine: Any, prompt: list[list[int]], max_tokens: int) -> None:
+    """Prints the host's mean time per step in each phase (see the module docstring)."""
+    totals: collections.Counter[str] = collections.Counter()
+    restore: list[tuple[Any, str, Any, bool]] = []
+
+    def timed(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                totals[label] += time.perf_counter() - t
+        return wrapper
+
+    for label, obj, name in _phases(engine):
+        own = name in vars(obj)
+        original = getattr(obj, name)
+        restore.append((obj, name, vars(obj).get(name), own))
+        setattr(obj, name, timed(label, original))  # (on a class: a function, bound as a method)
+    steps_before = engine.num_steps_total
+    try:
+        _, wall = sd.run_batch(engine, prompt, max_tokens, "phases")
+    finally:
+        for obj, name, value, own in reversed(restore):
+            if own:
+                setattr(obj, name, value)
+            else:
+                delattr(obj, name)
+    steps = engine.num_steps_total - steps_before
+    print(f"  host phases, no profiler: {steps} steps, {wall * 1e3 / steps:.3f} ms/step wall")
+    for label, _, _ in _phases(engine):
+        print(f"  {label:<36} {totals[label] * 1e6 / steps:8.1f} us/step")
 
 
 def main() -> int:
+    argv = sys.argv[1:]
+    bench_argv = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", default="copy:draft", choices=sd.MODES)
-    p.add_argument("--shape", default="1b")
-    p.add_argument("--tokens", type=int, default=64, help="tokens generated under the profiler")
+    p.add_argument("--tokens", type=int, default=64, help="tokens generated under the profiler, per mode")
+    p.add_argument("--top", type=int, default=25, help="kernels listed per mode")
     p.add_argument("--out-dir", required=True)
-    args = p.parse_args()
-    sargs = sd.parse_args(["--shape", args.shape, "--batch-sizes", "1", "--modes", args.mode])
-    std = dict(layer_init_std=sd.COPY_LAYER_STD, tie_word_embeddings=True) if args.mode.startswith("copy:") else {}
-    model = make_random_checkpoint(args.shape, dtype=sargs.dtype, seed=0, **std)
-    draft = make_random_checkpoint(args.shape, dtype=sargs.dtype, seed=1, **sd.draft_shape(sargs),
-                                   **(std or dict(tie_word_embeddings=False)))
-    engine = sd.make_engine(sargs, model, draft, args.mode, eager=False)
-    prompts = sd.make_prompts(1, sargs.prompt_len, sargs.phrase_len, engine.model_config.vocab_size, 0)
-    for rep in range(3):  # warm: kernels compiled, adaptive k settled
-        sd.run_batch(engine, prompts, sargs.max_tokens, f"w{rep}")
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        _, wall = sd.run_batch(engine, prompts, args.tokens, "traced")
-    print(f"{args.mode}: {args.tokens} tokens in {wall * 1e3:.1f} ms under the profiler")
-    path = os.path.join(args.out_dir, "trace.json")
-    prof.export_chrome_trace(path)
-    with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
-        g.write(f.read())
-    os.remove(path)
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+    args = p.parse_args(argv)
+    sargs = sd.parse_args([*bench_argv, "--batch-sizes", "1"])
+    checkpoints, prompts = sd.build_checkpoints(sargs)
+    os.makedirs(args.out_dir, exist_ok=True)
+    for mode in sargs.modes:
+        target, draft = checkpoints[sd.family(mode)]
+        engine = sd.make_engine(sargs, target, draft, mode, eager=False)
+        prompt = prompts[sd.family(mode)][:1]
+        for rep in range(3):  # warm: kernels compiled, adaptive k settled
+            sd.run_batch(engine, prompt, sargs.max_tokens, f"w{rep}")
+        steps_before = engine.num_steps_total
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            _, wall = sd.run_batch(engine, prompt, args.tokens, "traced")
+        steps = engine.num_steps_total - steps_before
+        path = os.path.join(args.out_dir, f"trace_{mode.replace(':', '_')}.json")
+        prof.export_chrome_trace(path)
+        with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
+            g.write(f.read())
+        os.remove(path)
+        print(f"{mode}: {args.tokens} tokens in {wall * 1e3:.1f} ms under the profiler")
+        analyze(path + ".gz", steps, wall * 1e3, args.top)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        time_host_phases(engine, prompt, sargs.max_tokens)
+        del engine
     return 0
 
 
