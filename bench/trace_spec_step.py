@@ -67,12 +67,15 @@ def analyze(path: str, steps: int, wall_ms: float, top: int) -> None:
 
 def _phases(engine: Any) -> list[tuple[str, Any, str]]:
     """(label, object, method name) of the host phases timed, in call order (nesting by indent)."""
+    from infergrid.worker.engine.cuda_graph import GraphSet
     from infergrid.worker.engine.model_runner import PendingRunnerOutput
 
     runner, spec = engine.model_runner, engine.model_runner.spec_decoder
     phases = [("step", engine, "step"), (" schedule", engine.scheduler, "schedule"),
               (" execute_model", runner, "execute_model"), ("  sampling_metadata", runner, "_sampling_metadata"),
-              ("  prepare_inputs", runner, "_prepare_inputs"), ("  forward (launch)", runner, "_forward"),
+              ("  prepare_inputs", runner, "_prepare_inputs"), ("   upload", runner, "_upload"),
+              ("   batch_from_flat", runner, "_batch_from_flat"), ("  forward (launch)", runner, "_forward"),
+              ("   graph replay", GraphSet, "replay"),
               ("  compute_logits", runner.model, "compute_logits"),
               (" result (wait + tokens to lists)", PendingRunnerOutput, "result"),
               (" update_from_output", engine.scheduler, "update_from_output"),
@@ -81,7 +84,8 @@ def _phases(engine: Any) -> list[tuple[str, Any, str]]:
               (" update_draft_token_ids", engine.scheduler, "update_draft_token_ids")]
     if spec is not None:
         phases[6:6] = [("   fill_drafts", spec, "fill_drafts")]
-        phases[9:9] = [("  verify", spec, "verify"), ("  propose_ahead", spec, "propose_ahead")]
+        phases[12:12] = [("  verify", spec, "verify"), ("   rejection_sampler", spec.rejection_sampler, "forward"),
+                         ("  propose_ahead", spec, "propose_ahead")]
     return phases
 
 

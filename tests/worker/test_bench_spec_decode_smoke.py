@@ -97,12 +97,17 @@ def test_successor_maps_agree_on_the_chosen_share():
 def test_spec_step_trace_runs_on_cpu(tmp_path):
     env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=str(REPO / "worker/src"))
-    cmd = [sys.executable, "bench/trace_spec_step.py", "--mode", "copy:draft", "--shape", "tiny", "--tokens", "8",
-           "--out-dir", str(tmp_path)]
+    cmd = [sys.executable, "bench/trace_spec_step.py", "--tokens", "8", "--out-dir", str(tmp_path), "--",
+           "--modes", "copy:draft", "--shape", "tiny", "--max-tokens", "16"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "copy:draft: 8 tokens" in proc.stdout and "Self CPU time total" in proc.stdout
-    assert (tmp_path / "trace.json.gz").stat().st_size > 1000
+    assert (tmp_path / "trace_copy_draft.json.gz").stat().st_size > 1000
+    # the host phases are timed (the wrappers found every method they wrap) and add up to the step
+    phases = {line.split()[0]: float(line.split()[-2]) for line in proc.stdout.splitlines()
+              if line.strip().endswith("us/step") and "copy:off" not in line}
+    assert phases["step"] > 0 and phases["execute_model"] > 0 and phases["schedule"] > 0
+    assert phases["execute_model"] + phases["schedule"] <= phases["step"]
 
 
 def test_trace_adaptive_logs_the_controllers_decisions(tmp_path):

@@ -29,6 +29,7 @@ import torch
 from infergrid.worker import envs
 from infergrid.worker.distributed import debug
 from infergrid.worker.engine.block_pool import NULL_BLOCK_ID
+from infergrid.worker.engine.graph_inputs import GraphInputs, stage_graph_inputs
 from infergrid.worker.layers.attention import AttentionMetadata
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ class CUDAGraphRunner(GraphSet):
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.full((n, runner.max_blocks_per_seq), NULL_BLOCK_ID, dtype=torch.int32, device=dev)
         self.hidden = torch.zeros(n, runner.model_config.hidden_size, dtype=runner.dtype, device=dev)
+        self.inputs = GraphInputs(self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.block_tables)
 
     def _make_forward(self, bs: int) -> Callable[[], None]:
         model, backend = self.runner.model, self.runner.backend
@@ -185,16 +187,13 @@ class CUDAGraphRunner(GraphSet):
     def run(self, batch: _BatchInputs, bs: int | None = None) -> torch.Tensor:
         """Replay the graph of `bs` (default: the smallest that fits) for a uniform decode batch;
         returns hidden states [n, hidden]."""
-        n = batch.meta.num_seqs
+        meta = batch.meta
+        n = meta.num_seqs
         bs = bs or next(b for b in self.batch_sizes if b >= n)
-        width = batch.meta.block_tables.shape[1]
-        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:n].copy_(batch.positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(batch.meta.slot_mapping, non_blocking=True)
-        self.slot_mapping[n:bs].fill_(NULL_BLOCK_ID * self.runner.block_size)
-        self.seq_lens[:n].copy_(batch.meta.seq_lens, non_blocking=True)
-        self.seq_lens[n:bs].fill_(1)
-        self.block_tables[:n, :width].copy_(batch.meta.block_tables, non_blocking=True)
-        self.block_tables[n:bs, 0].fill_(NULL_BLOCK_ID)
+        stage_graph_inputs(
+            self.inputs, input_ids=batch.input_ids, positions=batch.positions, slot_mapping=meta.slot_mapping,
+            seq_lens=meta.seq_lens, block_tables=meta.block_tables, query_start_loc=None, token_end=bs,
+            batch_size=bs, seq_pad=1, null_slot=NULL_BLOCK_ID * self.runner.block_size, pad_table_rows=True,
+        )
         self.replay(bs)
         return self.hidden[:n]

@@ -308,7 +308,7 @@ class ModelRunner:
         batch = self._prepare_inputs(scheduler_output.scheduled)
         self._prev_rows = {r.sched.request_id: i for i, r in enumerate(rows)} if self.is_async else {}
         hidden = self._forward(batch)
-        logits = None if sampling_metadata is None else self.model.compute_logits(hidden[batch.logits_indices])
+        logits = None if sampling_metadata is None else self.model.compute_logits(_logits_rows(hidden, batch))
         if sampling_metadata is None:
             self._end_step(batch.step_id)
             return PendingRunnerOutput()
@@ -451,11 +451,14 @@ class ModelRunner:
                 raise RuntimeError(f"rank {self.rank}: step {header.step_id} has placeholder input tokens, "
                                    "but no earlier step sampled")
             input_ids[placeholders] = self._prev_sampled[placeholder_rows]
+        tables = tables.view(header.num_seqs, header.num_block_columns)
+        if header.graph_kind is GraphKind.EAGER:  # (a graph's inputs are cast as they are staged: graph_inputs.py)
+            qsl, seq_lens, tables = qsl.to(torch.int32), seq_lens.to(torch.int32), tables.to(torch.int32)
         meta = AttentionMetadata(
             slot_mapping=slots,
-            query_start_loc=qsl.to(torch.int32),
-            seq_lens=seq_lens.to(torch.int32),
-            block_tables=tables.view(header.num_seqs, header.num_block_columns).to(torch.int32),
+            query_start_loc=qsl,
+            seq_lens=seq_lens,
+            block_tables=tables,
             max_query_len=header.max_query_len,
             max_seq_len=header.max_seq_len,
             block_size=self.block_size,
@@ -482,7 +485,7 @@ class ModelRunner:
         batch = self._batch_from_flat(header, self._upload(inputs))
         hidden = self._forward(batch)
         if header.num_logits:
-            self.model.compute_logits(hidden[batch.logits_indices])
+            self.model.compute_logits(_logits_rows(hidden, batch))
             if self.is_async:  # rank 0's sampled tokens: the next step's placeholder inputs
                 self._prev_sampled = tensor_parallel_broadcast(
                     torch.empty(header.num_logits, dtype=torch.int64, device=self.device))
@@ -581,6 +584,14 @@ def _make_output(rows: list[_SampleRow], sampled_t: torch.Tensor, lp_ids_t: torc
             entry = TokenLogprobs(lp_ids[i][: 1 + k], lp_vals[i][: 1 + k], ranks[i])  # type: ignore[index]
             result.logprobs.setdefault(req_id, []).append(entry)
     return result
+
+
+def _logits_rows(hidden: torch.Tensor, batch: _BatchInputs) -> torch.Tensor:
+    """The hidden states of the rows that sample. Every row, in order, when there are as many as
+    tokens (decode, verification without prefill chunks): then no gather is launched."""
+    if batch.logits_indices.shape[0] == hidden.shape[0]:
+        return hidden
+    return hidden[batch.logits_indices]
 
 
 def _concat_int64(arrays: list[np.ndarray]) -> np.ndarray:

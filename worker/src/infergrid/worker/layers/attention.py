@@ -33,9 +33,10 @@ class AttentionMetadata:
     """
 
     slot_mapping: torch.Tensor  # [T] int64
-    query_start_loc: torch.Tensor  # [B + 1] int32
-    seq_lens: torch.Tensor  # [B] int32
-    block_tables: torch.Tensor  # [B, max_blocks] int32
+    # int32 (int64 where a CUDA graph's staging casts them: engine/graph_inputs.py)
+    query_start_loc: torch.Tensor  # [B + 1]
+    seq_lens: torch.Tensor  # [B]
+    block_tables: torch.Tensor  # [B, max_blocks]
     max_query_len: int
     max_seq_len: int
     block_size: int

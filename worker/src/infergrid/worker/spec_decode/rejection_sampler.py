@@ -22,6 +22,12 @@ from __future__ import annotations
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - torch wheels for CUDA ship triton
+    triton = None
+
 from infergrid.worker.layers.sampler import (
     Sampler,
     SamplerOutput,
@@ -31,6 +37,7 @@ from infergrid.worker.layers.sampler import (
 )
 
 NO_DRAFT = -1
+CUT_BLOCK = 128
 
 
 def uniform(num_rows: int, generators: dict[int, torch.Generator], device: torch.device) -> torch.Tensor:
@@ -122,3 +129,61 @@ class RejectionSampler(torch.nn.Module):
         if raw_logprobs is None:
             return SamplerOutput(sampled=tokens)
         return Sampler.gather_logprobs(raw_logprobs, tokens, meta.max_num_logprobs or 0)
+
+
+def keep_accepted_prefix(
+    sampled: torch.Tensor, draft_token_ids: torch.Tensor, segment_starts: torch.Tensor, max_query_len: int,
+    draft_sources: torch.Tensor | None = None, device_drafts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each row's emitted token, or -1 where a row of its request before it was rejected.
+
+    Row i belongs to the request whose rows start at `segment_starts[i]` (at most `max_query_len` rows
+    each). Row j's draft is `draft_token_ids[j]` (NO_DRAFT: a bonus row), or `device_drafts.view(-1)
+    [draft_sources[j]]` where that source is >= 0 (drafts the draft model left on the device); the
+    row is rejected when it sampled something else. One Triton launch on CUDA (the same as eight
+    torch ops, whose host time the synchronous speculating step waits for); torch ops elsewhere."""
+    if draft_sources is not None:
+        assert device_drafts is not None
+    if sampled.is_cuda and triton is not None:
+        out = torch.empty_like(sampled)
+        rows = sampled.shape[0]
+        has_device = draft_sources is not None
+        _keep_accepted_prefix_kernel[(triton.cdiv(rows, CUT_BLOCK),)](
+            sampled, draft_token_ids, segment_starts, draft_sources if has_device else segment_starts,
+            device_drafts if has_device else sampled, out, rows,
+            HAS_DEVICE_DRAFTS=has_device, MAX_Q=triton.next_power_of_2(max(max_query_len, 1)), BLOCK=CUT_BLOCK,
+        )
+        return out
+    drafts = draft_token_ids
+    if draft_sources is not None:
+        drafts = torch.where(draft_sources >= 0, device_drafts.view(-1)[draft_sources.clamp(min=0)], drafts)  # type: ignore[union-attr]
+    rejected = (sampled != drafts).to(torch.int64)
+    before = torch.cumsum(rejected, 0) - rejected  # rejections before each row, all requests
+    before = before - before[segment_starts]
+    return torch.where(before == 0, sampled, -1)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _keep_accepted_prefix_kernel(
+        sampled_ptr, drafts_ptr, starts_ptr, sources_ptr, device_drafts_ptr, out_ptr, rows,
+        HAS_DEVICE_DRAFTS: tl.constexpr, MAX_Q: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        live = row < rows
+        start = tl.load(starts_ptr + row, mask=live, other=0)
+        mine = tl.load(sampled_ptr + row, mask=live, other=0)
+        any_rejected = tl.zeros([BLOCK], dtype=tl.int1)
+        for back in tl.static_range(1, MAX_Q):  # the rows of the same request before this one
+            j = row - back
+            earlier = live & (j >= start)
+            tok = tl.load(sampled_ptr + j, mask=earlier, other=0)
+            draft = tl.load(drafts_ptr + j, mask=earlier, other=0)
+            if HAS_DEVICE_DRAFTS:
+                src = tl.load(sources_ptr + j, mask=earlier, other=-1)
+                on_device = earlier & (src >= 0)
+                device_draft = tl.load(device_drafts_ptr + src, mask=on_device, other=0)
+                draft = tl.where(on_device, device_draft, draft)
+            any_rejected = any_rejected | (earlier & (tok != draft))
+        tl.store(out_ptr + row, tl.where(any_rejected, -1, mine), mask=live)

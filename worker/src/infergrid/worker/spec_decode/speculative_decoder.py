@@ -54,7 +54,7 @@ from infergrid.worker.spec_decode.cost_model import (
     StepCostModel,
 )
 from infergrid.worker.spec_decode.ngram_proposer import NgramProposer
-from infergrid.worker.spec_decode.rejection_sampler import NO_DRAFT, RejectionSampler
+from infergrid.worker.spec_decode.rejection_sampler import NO_DRAFT, RejectionSampler, keep_accepted_prefix
 
 if TYPE_CHECKING:
     from infergrid.worker.engine.model_runner import ModelRunner
@@ -169,17 +169,21 @@ class SpeculativeDecoder:
         n = len(rows)
         uploaded = self._upload(host_ids + sources + segment_start + prob_rows)
         draft_token_ids, src, starts = uploaded[:n], uploaded[n : 2 * n], uploaded[2 * n : 3 * n]
-        if batch is not None and any(s >= 0 for s in sources):
-            draft_token_ids = torch.where(src >= 0, batch.tokens.view(-1)[src.clamp(min=0)], draft_token_ids)
+        on_device = batch is not None and any(s >= 0 for s in sources)
+        max_query_len = max(row.draft_index for row in rows) + 1
+        if meta.all_greedy:  # the drafts are only compared with the target's choices (below)
+            out = self.rejection_sampler(logits, meta, draft_token_ids)
+            out.sampled = keep_accepted_prefix(out.sampled, draft_token_ids, starts, max_query_len,
+                                               src if on_device else None, batch.tokens if on_device else None)  # type: ignore[union-attr]
+            return out
+        if on_device:
+            draft_token_ids = torch.where(src >= 0, batch.tokens.view(-1)[src.clamp(min=0)], draft_token_ids)  # type: ignore[union-attr]
         if not prob_rows:
             out = self.rejection_sampler(logits, meta, draft_token_ids)
         else:
             out = self.rejection_sampler(logits, meta, draft_token_ids, uploaded[3 * n :], torch.stack(probs))
         # A row is emitted when no row of its request before it was rejected (sampled != draft).
-        rejected = (out.sampled != draft_token_ids).to(torch.int64)
-        before = torch.cumsum(rejected, 0) - rejected  # rejections before each row, all requests
-        before = before - before[starts]
-        out.sampled = torch.where(before == 0, out.sampled, -1)
+        out.sampled = keep_accepted_prefix(out.sampled, draft_token_ids, starts, max_query_len)
         return out
 
     def fill_drafts(self, input_ids: torch.Tensor, positions: np.ndarray, request_ids: list[str],

@@ -29,6 +29,7 @@ import torch
 
 from infergrid.worker.engine.block_pool import NULL_BLOCK_ID
 from infergrid.worker.engine.cuda_graph import GraphSet
+from infergrid.worker.engine.graph_inputs import GraphInputs, stage_graph_inputs
 from infergrid.worker.layers.attention import AttentionMetadata
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ class MultiTokenCUDAGraphRunner(GraphSet):
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev) * q
         self.block_tables = torch.full((n, runner.max_blocks_per_seq), NULL_BLOCK_ID, dtype=torch.int32, device=dev)
         self.hidden = torch.zeros(n * q, runner.model_config.hidden_size, dtype=runner.dtype, device=dev)
+        self.inputs = GraphInputs(self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.block_tables,
+                                  self.query_start_loc)
 
     def _meta(self, bs: int, capacity: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -128,16 +131,11 @@ class MultiTokenCUDAGraphRunner(GraphSet):
             key = self.bucket(n, t, meta.max_query_len, meta.block_tables.shape[1])
             assert key is not None, "no multi-token graph holds this batch"
         bs, cap = unpack_key(key)
-        width = meta.block_tables.shape[1]
-        self.input_ids[:t].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:t].copy_(batch.positions, non_blocking=True)
-        self.positions[t:cap].fill_(0)
-        self.slot_mapping[:t].copy_(meta.slot_mapping, non_blocking=True)
-        self.slot_mapping[t:cap].fill_(NULL_BLOCK_ID * self.runner.block_size)
-        self.query_start_loc[: n + 1].copy_(meta.query_start_loc, non_blocking=True)
-        self.query_start_loc[n + 1 : bs + 1].fill_(t)
-        self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
-        self.seq_lens[n:bs].fill_(0)
-        self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
+        stage_graph_inputs(
+            self.inputs, input_ids=batch.input_ids, positions=batch.positions, slot_mapping=meta.slot_mapping,
+            seq_lens=meta.seq_lens, block_tables=meta.block_tables, query_start_loc=meta.query_start_loc,
+            token_end=cap, batch_size=bs, seq_pad=0, null_slot=NULL_BLOCK_ID * self.runner.block_size,
+            pad_table_rows=False,
+        )
         self.replay(key)
         return self.hidden[:t]

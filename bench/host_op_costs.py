@@ -1,0 +1,93 @@
+"""Host time of the small launches a decode step is made of, on this machine: one tiny torch op, a
+pinned upload, the torch ops vs the one Triton kernel that stage a step into a CUDA graph's buffers
+(engine/graph_inputs.py), and the torch ops vs the kernel that cut a verification's rejected rows
+(spec_decode/rejection_sampler.keep_accepted_prefix). Baseline and candidates in the same run.
+
+    PYTHONPATH=worker/src python bench/host_op_costs.py        # needs CUDA
+
+Prints a table of microseconds of host time per call (median of 5 rounds of --calls calls each, the
+device drained between rounds so that no call waits for a full launch queue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from infergrid.worker.engine import graph_inputs
+from infergrid.worker.engine.graph_inputs import GraphInputs
+from infergrid.worker.engine.host_staging import PinnedStaging
+from infergrid.worker.spec_decode import rejection_sampler as rs
+
+
+def host_us(fn: Callable[[], object], calls: int) -> float:
+    rounds = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - start) / calls * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(rounds)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--batch", type=int, default=1, help="sequences in the staged step")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("needs CUDA", file=sys.stderr)
+        return 1
+    dev = torch.device("cuda")
+    n, q, width = args.batch, 5, 20
+    t = n * q
+    dst = GraphInputs(*(torch.zeros(512 * q, dtype=torch.int64, device=dev) for _ in range(3)),
+                      torch.zeros(512, dtype=torch.int32, device=dev),
+                      torch.zeros(512, 64, dtype=torch.int32, device=dev),
+                      torch.zeros(513, dtype=torch.int32, device=dev))
+    flat = torch.arange(3 * t + (n + 1) + n + n * width, device=dev)
+    ids, pos, slots = flat[:t], flat[t:2 * t], flat[2 * t:3 * t]
+    qsl = flat[3 * t:3 * t + n + 1]
+    seq_lens = flat[3 * t + n + 1:3 * t + 2 * n + 1]
+    tables = flat[3 * t + 2 * n + 1:].view(n, width)
+    stage_args = (ids, pos, slots, seq_lens, tables, qsl, t + 3, n, 0, 0, False)
+    tiny = torch.zeros(4, device=dev)
+    staging = PinnedStaging(dev)
+    host = torch.arange(64)
+    sampled = torch.randint(0, 4, (t,), device=dev)
+    drafts = torch.randint(0, 4, (t,), device=dev)
+    starts = torch.arange(t, device=dev) // q * q
+    rows = [
+        ("one tiny torch op (add_)", lambda: tiny.add_(1)),
+        ("pinned upload of 64 int64 (PinnedStaging)", lambda: staging.to_device(host)),
+        ("stage a step: torch ops", lambda: graph_inputs._stage_torch(dst, *stage_args)),
+        ("stage a step: one Triton kernel", lambda: graph_inputs._stage_triton(dst, *stage_args)),
+        ("cut rejected rows: Triton kernel", lambda: rs.keep_accepted_prefix(sampled, drafts, starts, q)),
+        ("cut rejected rows: torch ops", lambda: _cut_with_torch_ops(sampled, drafts, starts)),
+    ]
+    for _, fn in rows:  # compile / warm
+        fn()
+    print(f"host time per call, {torch.cuda.get_device_name()}, batch {n} x {q} tokens")
+    print("| call | host us |")
+    print("|---|---|")
+    for name, fn in rows:
+        print(f"| {name} | {host_us(fn, args.calls):.1f} |")
+    return 0
+
+
+def _cut_with_torch_ops(sampled: torch.Tensor, drafts: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    rejected = (sampled != drafts).to(torch.int64)
+    before = torch.cumsum(rejected, 0) - rejected
+    before = before - before[starts]
+    return torch.where(before == 0, sampled, -1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
