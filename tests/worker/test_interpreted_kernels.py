@@ -1,7 +1,8 @@
 """Triton kernels that replace a handful of torch ops on the host's critical path, run by Triton's
 interpreter on the CPU against those torch ops: the staging of a step's inputs into a CUDA graph's
 buffers (engine/graph_inputs.py) and the cut of each request's rows after its first rejected draft
-(spec_decode/rejection_sampler.keep_accepted_prefix)."""
+(spec_decode/rejection_sampler.keep_accepted_prefix), the inputs of a draft proposal made ahead
+(spec_decode/ahead_graph.AheadGraphRunner)."""
 
 import os
 import subprocess
@@ -89,6 +90,39 @@ print("cases", cases)
 """
 
 
+AHEAD_SCRIPT = r"""
+import types
+import torch
+from infergrid.worker.spec_decode.ahead_graph import AheadGraphRunner
+
+def runner(k, seed):  # the static buffers of a graph set for up to 16 requests, with stale contents
+    g = torch.Generator().manual_seed(seed)
+    r = object.__new__(AheadGraphRunner)
+    r.num_drafts, r.query_len, r.runner = k, k + 2, types.SimpleNamespace(block_size=4)
+    r.last_token, r.c0 = torch.randint(0, 99, (16,), generator=g), torch.randint(0, 99, (16,), generator=g)
+    r.sampled = torch.randint(0, 99, (16, k + 1), generator=g)
+    r.block_tables = torch.randint(0, 99, (16, 12), generator=g).to(torch.int32)
+    return r
+
+cases = 0
+for n, bs, width, k in [(1, 1, 2, 4), (3, 4, 5, 4), (5, 8, 1, 2), (16, 16, 12, 3)]:
+    g = torch.Generator().manual_seed(n)
+    num_sampled = n * (k + 1) - 2
+    src = torch.randint(0, num_sampled + 1, (n * (k + 1),), generator=g)  # num_sampled: the -1 padding row
+    flat = torch.cat([torch.randint(0, 999, (2 * n,), generator=g), src,
+                      torch.randint(0, 999, (n * width,), generator=g)])
+    sampled = torch.randint(0, 999, (num_sampled,), generator=g)
+    a, b = runner(k, 7), runner(k, 7)
+    a._stage_torch(flat, sampled, n, width, bs)
+    b._stage_triton(flat, sampled, n, width, bs)
+    for name in ("last_token", "c0", "sampled", "block_tables"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), (n, name, getattr(a, name), getattr(b, name))
+    assert (b.sampled[:n].view(-1)[src == num_sampled] == -1).all() and (b.sampled[n:bs] == -1).all()
+    cases += 1
+print("cases", cases)
+"""
+
+
 def _run(script: str) -> str:
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO / "worker/src"))
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
@@ -103,3 +137,7 @@ def test_stage_kernel_matches_the_torch_ops():
 
 def test_keep_accepted_prefix_kernel_matches_the_torch_ops():
     assert "cases 80" in _run(CUT_SCRIPT)
+
+
+def test_ahead_staging_kernel_matches_the_torch_ops():
+    assert "cases 4" in _run(AHEAD_SCRIPT)

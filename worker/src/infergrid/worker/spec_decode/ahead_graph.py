@@ -15,7 +15,8 @@ device tensors and runs as one graph per batch bucket:
     static output:  drafts [bs, k] (`run` returns a copy)
 
 Passes 2..k are the draft loop graph's (draft_loop_graph.py), this graph only puts pass 1 in front.
-The host then uploads four small arrays and launches one graph instead of ~45 kernels and two graphs
+The host uploads four small arrays in one copy, one kernel stages them into the static buffers (the
+target's sampled rows gathered, the padding written) and one graph runs: instead of ~45 kernels and two graphs
 (no measurable change in tokens/s at batch 1 on an H200, where the step is GPU-bound by then). Padded
 rows are dummy sequences at position 0 whose KV goes to the null block, as in engine/cuda_graph.py.
 """
@@ -31,6 +32,12 @@ from infergrid.worker.engine.block_pool import NULL_BLOCK_ID
 from infergrid.worker.layers.attention import AttentionMetadata
 from infergrid.worker.layers.sampler import argmax_rows
 from infergrid.worker.spec_decode.draft_loop_graph import DraftLoopGraphRunner, slot_mapping_of
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - torch wheels for CUDA ship triton
+    triton = None
 
 if TYPE_CHECKING:
     from infergrid.worker.engine.model_runner import ModelRunner
@@ -90,16 +97,72 @@ class AheadGraphRunner(DraftLoopGraphRunner):
 
         return forward
 
-    def run(self, last_token: torch.Tensor, c0: torch.Tensor, sampled: torch.Tensor,  # type: ignore[override]
-            block_tables: torch.Tensor) -> torch.Tensor:
-        """last_token, c0 [n] int64; sampled [n, k + 1] int64; block_tables [n, W] int32 ->
-        drafts [n, k] (a copy of the static output)."""
-        n = last_token.shape[0]
+    def run(self, flat: torch.Tensor, sampled: torch.Tensor, n: int, width: int) -> torch.Tensor:  # type: ignore[override]
+        """Propose for n requests: `flat` (int64, on the device) holds their last known tokens [n], those
+        tokens' positions c0 [n], for each k + 1 rows of `sampled` to take (a row past its end: -1) and
+        their block tables [n, width]; `sampled` is the verification's int64 output. Returns drafts
+        [n, k] (a copy of the static output)."""
         bs = next(b for b in self.batch_sizes if b >= n)
-        self.last_token[:n].copy_(last_token, non_blocking=True)
-        self.c0[:n].copy_(c0, non_blocking=True)
-        self.sampled[:n].copy_(sampled, non_blocking=True)
-        if n < bs:  # dummy rows: position 0
-            self.c0[n:bs].fill_(0)
-            self.sampled[n:bs].fill_(-1)
-        return self._replay_rows(n, block_tables)
+        stage = self._stage_triton if flat.is_cuda and triton is not None else self._stage_torch
+        stage(flat, sampled, n, width, bs)
+        self.replay(bs)
+        return self.drafts[:n].clone()
+
+    def _pad_width(self, width: int) -> int:
+        """Block-table columns of a dummy row to fill: its passes read positions up to q + k - 1."""
+        return max(width, (self.query_len + self.num_drafts) // self.runner.block_size + 1)
+
+    def _stage_triton(self, flat: torch.Tensor, sampled: torch.Tensor, n: int, width: int, bs: int) -> None:
+        k1, pad_width, block = self.num_drafts + 1, self._pad_width(width), 1024
+        grid = (triton.cdiv(max(bs * k1, bs * pad_width), block), 3)
+        _stage_ahead_kernel[grid](
+            flat, sampled, self.last_token, self.c0, self.sampled, self.block_tables, self.block_tables.stride(0),
+            n, bs, width, pad_width, sampled.shape[0], K1=k1, NULL_BLOCK=NULL_BLOCK_ID, BLOCK=block,
+        )
+
+    def _stage_torch(self, flat: torch.Tensor, sampled: torch.Tensor, n: int, width: int, bs: int) -> None:
+        k1 = self.num_drafts + 1
+        last_t, c0_t, src_t, tables_t = flat.split([n, n, n * k1, n * width])
+        padded = torch.cat([sampled, sampled.new_full((1,), -1)])
+        self.last_token[:n].copy_(last_t)
+        self.c0[:n].copy_(c0_t)
+        self.c0[n:bs].fill_(0)
+        self.sampled[:n].copy_(padded[src_t.clamp(max=sampled.shape[0])].view(n, k1))
+        self.sampled[n:bs].fill_(-1)
+        self.block_tables[:n, :width].copy_(tables_t.view(n, width))
+        self.block_tables[n:bs, : self._pad_width(width)].fill_(NULL_BLOCK_ID)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _stage_ahead_kernel(
+        flat_ptr, sampled_ptr, last_dst, c0_dst, sampled_dst, tab_dst, tab_stride,
+        n, bs, width, pad_width, num_sampled,
+        K1: tl.constexpr, NULL_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """AheadGraphRunner.run's inputs into the static buffers (its torch branch writes the same)."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        section = tl.program_id(1)
+        if section == 0:  # per request: last token, c0 (dummy rows: 0)
+            real = offs < n
+            last = tl.load(flat_ptr + offs, mask=real, other=0)
+            c0 = tl.load(flat_ptr + n + offs, mask=real, other=0)
+            tl.store(last_dst + offs, last, mask=real)
+            tl.store(c0_dst + offs, c0, mask=offs < bs)
+        elif section == 1:  # sampled rows (a source past the step's rows, or a dummy row: -1)
+            real = offs < n * K1
+            src = tl.load(flat_ptr + 2 * n + offs, mask=real, other=num_sampled)
+            in_step = real & (src < num_sampled)
+            tok = tl.load(sampled_ptr + src, mask=in_step, other=-1)
+            tl.store(sampled_dst + offs, tl.where(in_step, tok, -1), mask=offs < bs * K1)
+        else:  # block tables (int64 -> int32); dummy rows: the null block
+            real = offs < n * width
+            row = offs // width
+            col = offs % width
+            block = tl.load(flat_ptr + (2 + K1) * n + offs, mask=real, other=0)
+            tl.store(tab_dst + row * tab_stride + col, block.to(tab_dst.dtype.element_ty), mask=real)
+            pad_row = n + offs // pad_width
+            pad_col = offs % pad_width
+            null = tl.zeros([BLOCK], dtype=tab_dst.dtype.element_ty) + NULL_BLOCK
+            tl.store(tab_dst + pad_row * tab_stride + pad_col, null, mask=pad_row < bs)

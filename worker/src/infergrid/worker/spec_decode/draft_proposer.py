@@ -353,18 +353,11 @@ class DraftProposer:
         verification's sampled tokens, one row per (request, draft position)."""
         bs, k = self.block_size, self.max_k
         budget, scratch = self.max_catch_up_tokens, self.num_target_blocks
-        scheds: list[ScheduledRequest] = []
-        kept: list[tuple[AheadRequest, list[int], int]] = []
-        fill_pos: list[int] = []  # pass 1's input rows the target's sampled tokens go to
-        fill_src: list[int] = []  # ... and their rows in `sampled`
-        owners: list[int] = []
-        emitted_at: list[int] = []  # pass 1's input row of each request's first sampled token
-        offset = 0
+        kept: list[tuple[AheadRequest, list[int], int]] = []  # (request, block table, first position to compute)
         for ar in requests:
             c0, kn = ar.num_computed_tokens, ar.num_drafts
             start = self.valid_prefix(ar.block_ids, c0)
-            known = ar.request.all_token_ids[start : c0 + 1]
-            num_new = len(known) + kn + 1
+            num_new = c0 + 1 - start + kn + 1  # the known tokens from start, then the k_n + 1 sampled
             if num_new > budget or c0 + 2 * k >= self.runner.max_model_len:  # (near the end: positions)
                 continue
             if ar.request.max_tokens is not None and ar.request.num_output_tokens + kn + 2 >= ar.request.max_tokens:
@@ -374,16 +367,9 @@ class DraftProposer:
             while len(table) <= (c0 + 2 * k) // bs:
                 table.append(scratch)
                 scratch += 1
-            scheds.append(self._sched(ar.request, start, [*known, *([0] * (kn + 1))], table, needs_sample=False))
-            fill_pos += range(offset + len(known), offset + num_new)
-            fill_src += range(ar.first_row, ar.first_row + kn + 1)
-            owners += [len(kept)] * (kn + 1)
-            emitted_at.append(offset + len(known))
             kept.append((ar, table, start))
-            offset += num_new
         if not kept:
             return None
-        self.num_catch_up_tokens_total += offset
         runner, n = self.runner, len(kept)
         width = max(len(t) for _, t, _ in kept)
         tables = np.zeros((n, width), dtype=np.int64)
@@ -394,18 +380,32 @@ class DraftProposer:
         if (graphs is not None and graphs.fits(n, width) and all(
                 start == ar.num_computed_tokens and ar.request.sampling_params.is_greedy
                 for ar, _, start in kept)):  # the steady state: one replay (ahead_graph.py)
-            # k + 1 sampled rows per request: those of a request that verified fewer drafts are padded
-            # with -1 (read as rejected) from an extra entry past the step's rows.
+            self.num_catch_up_tokens_total += sum(ar.num_drafts + 2 for ar, _, _ in kept)
+            # k + 1 sampled rows per request: those of a request that verified fewer drafts are read
+            # as rejected (-1): their source is the row past the step's rows.
             pad = sampled.shape[0]
             src = [ar.first_row + j if j <= ar.num_drafts else pad for ar, _, _ in kept for j in range(k + 1)]
             flat = runner._upload_flat([
                 np.asarray([ar.request.all_token_ids[ar.num_computed_tokens] for ar, _, _ in kept]),
                 np.asarray([ar.num_computed_tokens for ar, _, _ in kept]), np.asarray(src), tables])
-            last_t, c0_t, src_t, tables_t = flat.split([n, n, n * (k + 1), tables.size])
-            if pad in src:
-                sampled = torch.cat([sampled, sampled.new_full((1,), -1)])
-            drafts = graphs.run(last_t, c0_t, sampled[src_t].view(n, k + 1), tables_t.view(n, width).to(torch.int32))
-            return AheadDrafts(drafts, assumed, {})
+            return AheadDrafts(graphs.run(flat, sampled, n, width), assumed, {})
+        scheds: list[ScheduledRequest] = []
+        fill_pos: list[int] = []  # pass 1's input rows the target's sampled tokens go to
+        fill_src: list[int] = []  # ... and their rows in `sampled`
+        owners: list[int] = []
+        emitted_at: list[int] = []  # pass 1's input row of each request's first sampled token
+        offset = 0
+        for ar, table, start in kept:
+            c0, kn = ar.num_computed_tokens, ar.num_drafts
+            known = ar.request.all_token_ids[start : c0 + 1]
+            num_new = len(known) + kn + 1
+            scheds.append(self._sched(ar.request, start, [*known, *([0] * (kn + 1))], table, needs_sample=False))
+            fill_pos += range(offset + len(known), offset + num_new)
+            fill_src += range(ar.first_row, ar.first_row + kn + 1)
+            owners += [len(scheds) - 1] * (kn + 1)
+            emitted_at.append(offset + len(known))
+            offset += num_new
+        self.num_catch_up_tokens_total += offset
         batch = runner._prepare_inputs(scheds)
         flat = runner._upload_flat([np.asarray(x, dtype=np.int64) for x in (fill_pos, fill_src, owners, emitted_at)]
                                    + [np.asarray([ar.num_computed_tokens for ar, _, _ in kept]), tables])
