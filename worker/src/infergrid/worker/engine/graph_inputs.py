@@ -43,7 +43,12 @@ class GraphInputs:
 
 if triton is not None:
 
-    @triton.jit
+    # NOTE: no specialization on the integer values (1, multiples of 16) or on the pointers' alignment
+    # (views at any offset of the step's flat upload): one compiled kernel serves every step, instead of
+    # a compile (hundreds of ms) whenever a batch brings a new combination.
+    @triton.jit(do_not_specialize=["n", "t", "token_end", "bs", "width", "null_slot", "seq_pad",
+                                   "tab_src_stride", "tab_dst_stride"],
+                do_not_specialize_on_alignment=["ids_src", "pos_src", "slot_src", "qsl_src", "sl_src", "tab_src"])
     def _stage_kernel(
         ids_src, pos_src, slot_src, qsl_src, sl_src, tab_src, tab_src_stride,
         ids_dst, pos_dst, slot_dst, qsl_dst, sl_dst, tab_dst, tab_dst_stride,

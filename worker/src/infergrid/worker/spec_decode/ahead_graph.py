@@ -135,7 +135,8 @@ class AheadGraphRunner(DraftLoopGraphRunner):
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["tab_stride", "n", "bs", "width", "pad_width", "num_sampled"],
+                do_not_specialize_on_alignment=["flat_ptr", "sampled_ptr"])  # (graph_inputs.py's NOTE)
     def _stage_ahead_kernel(
         flat_ptr, sampled_ptr, last_dst, c0_dst, sampled_dst, tab_dst, tab_stride,
         n, bs, width, pad_width, num_sampled,

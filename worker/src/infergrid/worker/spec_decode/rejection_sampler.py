@@ -165,7 +165,9 @@ def keep_accepted_prefix(
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows"],  # one compiled kernel for every step (graph_inputs.py's NOTE)
+                do_not_specialize_on_alignment=["sampled_ptr", "drafts_ptr", "starts_ptr", "sources_ptr",
+                                                "device_drafts_ptr"])
     def _keep_accepted_prefix_kernel(
         sampled_ptr, drafts_ptr, starts_ptr, sources_ptr, device_drafts_ptr, out_ptr, rows,
         HAS_DEVICE_DRAFTS: tl.constexpr, MAX_Q: tl.constexpr, BLOCK: tl.constexpr,
