@@ -3,10 +3,12 @@ pinned upload, the torch ops vs the one Triton kernel that stage a step into a C
 (engine/graph_inputs.py), and the torch ops vs the kernel that cut a verification's rejected rows
 (spec_decode/rejection_sampler.keep_accepted_prefix). Baseline and candidates in the same run.
 
-    PYTHONPATH=worker/src python bench/host_op_costs.py        # needs CUDA
+    PYTHONPATH=worker/src python bench/host_op_costs.py                  # GPU
+    .venv/bin/python bench/host_op_costs.py --calls 5                    # CPU smoke (torch ops only)
 
 Prints a table of microseconds of host time per call (median of 5 rounds of --calls calls each, the
-device drained between rounds so that no call waits for a full launch queue).
+device drained between rounds so that no call waits for a full launch queue). Without CUDA the
+Triton rows are skipped (the kernels need a GPU) and the torch ops run on the CPU.
 """
 
 from __future__ import annotations
@@ -25,15 +27,20 @@ from infergrid.worker.engine.host_staging import PinnedStaging
 from infergrid.worker.spec_decode import rejection_sampler as rs
 
 
+def _drain() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def host_us(fn: Callable[[], object], calls: int) -> float:
     rounds = []
     for _ in range(5):
-        torch.cuda.synchronize()
+        _drain()
         start = time.perf_counter()
         for _ in range(calls):
             fn()
         rounds.append((time.perf_counter() - start) / calls * 1e6)
-    torch.cuda.synchronize()
+    _drain()
     return statistics.median(rounds)
 
 
@@ -42,10 +49,8 @@ def main() -> int:
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--batch", type=int, default=1, help="sequences in the staged step")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("needs CUDA", file=sys.stderr)
-        return 1
-    dev = torch.device("cuda")
+    on_gpu = torch.cuda.is_available()
+    dev = torch.device("cuda" if on_gpu else "cpu")
     n, q, width = args.batch, 5, 20
     t = n * q
     dst = GraphInputs(*(torch.zeros(512 * q, dtype=torch.int64, device=dev) for _ in range(3)),
@@ -59,22 +64,26 @@ def main() -> int:
     tables = flat[3 * t + 2 * n + 1:].view(n, width)
     stage_args = (ids, pos, slots, seq_lens, tables, qsl, t + 3, n, 0, 0, False)
     tiny = torch.zeros(4, device=dev)
-    staging = PinnedStaging(dev)
     host = torch.arange(64)
     sampled = torch.randint(0, 4, (t,), device=dev)
     drafts = torch.randint(0, 4, (t,), device=dev)
     starts = torch.arange(t, device=dev) // q * q
     rows = [
         ("one tiny torch op (add_)", lambda: tiny.add_(1)),
-        ("pinned upload of 64 int64 (PinnedStaging)", lambda: staging.to_device(host)),
         ("stage a step: torch ops", lambda: graph_inputs._stage_torch(dst, *stage_args)),
-        ("stage a step: one Triton kernel", lambda: graph_inputs._stage_triton(dst, *stage_args)),
-        ("cut rejected rows: Triton kernel", lambda: rs.keep_accepted_prefix(sampled, drafts, starts, q)),
         ("cut rejected rows: torch ops", lambda: _cut_with_torch_ops(sampled, drafts, starts)),
     ]
+    if on_gpu:
+        staging = PinnedStaging(dev)
+        rows += [
+            ("pinned upload of 64 int64 (PinnedStaging)", lambda: staging.to_device(host)),
+            ("stage a step: one Triton kernel", lambda: graph_inputs._stage_triton(dst, *stage_args)),
+            ("cut rejected rows: Triton kernel", lambda: rs.keep_accepted_prefix(sampled, drafts, starts, q)),
+        ]
     for _, fn in rows:  # compile / warm
         fn()
-    print(f"host time per call, {torch.cuda.get_device_name()}, batch {n} x {q} tokens")
+    device = torch.cuda.get_device_name() if on_gpu else "CPU (torch ops only)"
+    print(f"host time per call, {device}, batch {n} x {q} tokens")
     print("| call | host us |")
     print("|---|---|")
     for name, fn in rows:

@@ -71,21 +71,20 @@ def _phases(engine: Any) -> list[tuple[str, Any, str]]:
     from infergrid.worker.engine.model_runner import PendingRunnerOutput
 
     runner, spec = engine.model_runner, engine.model_runner.spec_decoder
+    speculating = spec is not None
     phases = [("step", engine, "step"), (" schedule", engine.scheduler, "schedule"),
               (" execute_model", runner, "execute_model"), ("  sampling_metadata", runner, "_sampling_metadata"),
               ("  prepare_inputs", runner, "_prepare_inputs"), ("   upload", runner, "_upload"),
+              *([("   fill_drafts", spec, "fill_drafts")] if speculating else []),
               ("   batch_from_flat", runner, "_batch_from_flat"), ("  forward (launch)", runner, "_forward"),
-              ("   graph replay", GraphSet, "replay"),
-              ("  compute_logits", runner.model, "compute_logits"),
+              ("   graph replay", GraphSet, "replay"), ("  compute_logits", runner.model, "compute_logits"),
+              *([("  verify", spec, "verify"), ("   rejection_sampler", spec.rejection_sampler, "forward"),
+                 ("  propose_ahead", spec, "propose_ahead")] if speculating else []),
               (" result (wait + tokens to lists)", PendingRunnerOutput, "result"),
               (" update_from_output", engine.scheduler, "update_from_output"),
               (" propose_draft_token_ids", runner, "propose_draft_token_ids"),
               (" output_processor.process", engine.output_processor, "process"),
               (" update_draft_token_ids", engine.scheduler, "update_draft_token_ids")]
-    if spec is not None:
-        phases[6:6] = [("   fill_drafts", spec, "fill_drafts")]
-        phases[12:12] = [("  verify", spec, "verify"), ("   rejection_sampler", spec.rejection_sampler, "forward"),
-                         ("  propose_ahead", spec, "propose_ahead")]
     return phases
 
 

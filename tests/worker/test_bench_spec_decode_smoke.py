@@ -110,6 +110,17 @@ def test_spec_step_trace_runs_on_cpu(tmp_path):
     assert phases["execute_model"] + phases["schedule"] <= phases["step"]
 
 
+def test_host_op_costs_runs_on_cpu():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO / "worker/src"))
+    proc = subprocess.run([sys.executable, "bench/host_op_costs.py", "--calls", "3"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    costs = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in proc.stdout.splitlines()
+             if line.startswith("| ") and not line.startswith("| call")}
+    assert set(costs) == {"one tiny torch op (add_)", "stage a step: torch ops", "cut rejected rows: torch ops"}
+    assert all(us > 0 for us in costs.values())
+
+
 def test_trace_adaptive_logs_the_controllers_decisions(tmp_path):
     """bench/trace_adaptive.py wraps the controller's decision points (their signatures must keep
     matching) and prints each run's markers and the decisions it logged."""
