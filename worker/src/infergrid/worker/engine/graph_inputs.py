@@ -3,10 +3,9 @@
 A graph replays on fixed buffers (engine/cuda_graph.py, spec_decode/verify_graph.py), so every step
 first copies its inputs there: token ids, positions and slots (the padding up to the graph's token
 count: position 0, the null slot), sequence lengths and query starts (the padding: dummy
-sequences), block tables, with int64 -> int32 casts. As torch ops that is ten to fifteen small
-launches, each 10-60 us of host time on the GPU machines measured (bench/trace_spec_step.py:
-~640 us of a 2.9 ms speculating step on one H200 host) while the device waits; here it is one
-Triton launch. Without CUDA (tests, CPU workers) the same writes run as torch ops.
+sequences), block tables, with int64 -> int32 casts. As torch ops that is ~11 small launches, 111 us
+of host time on an H200 host (bench/host_op_costs.py) while a synchronous step's device waits; here it
+is one Triton launch (38 us). Without CUDA (tests, CPU workers) the same writes run as torch ops.
 
     tokens  [0, t) from the step, [t, token_end) padding
     seqs    [0, n) from the step, [n, bs) padding (seq_len `seq_pad`; query start t)
