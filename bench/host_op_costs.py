@@ -71,14 +71,15 @@ def main() -> int:
     rows = [
         ("one tiny torch op (add_)", lambda: tiny.add_(1)),
         ("stage a step: torch ops", lambda: graph_inputs._stage_torch(dst, *stage_args)),
-        ("cut rejected rows: torch ops", lambda: _cut_with_torch_ops(sampled, drafts, starts)),
+        ("cut rejected rows: torch ops", lambda: rs._keep_accepted_prefix_torch(sampled, drafts, starts, q, None, None)),
     ]
     if on_gpu:
         staging = PinnedStaging(dev)
         rows += [
             ("pinned upload of 64 int64 (PinnedStaging)", lambda: staging.to_device(host)),
             ("stage a step: one Triton kernel", lambda: graph_inputs._stage_triton(dst, *stage_args)),
-            ("cut rejected rows: Triton kernel", lambda: rs.keep_accepted_prefix(sampled, drafts, starts, q)),
+            ("cut rejected rows: Triton kernel",
+             lambda: rs._keep_accepted_prefix_triton(sampled, drafts, starts, q, None, None)),
         ]
     for _, fn in rows:  # compile / warm
         fn()
@@ -89,13 +90,6 @@ def main() -> int:
     for name, fn in rows:
         print(f"| {name} | {host_us(fn, args.calls):.1f} |")
     return 0
-
-
-def _cut_with_torch_ops(sampled: torch.Tensor, drafts: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    rejected = (sampled != drafts).to(torch.int64)
-    before = torch.cumsum(rejected, 0) - rejected
-    before = before - before[starts]
-    return torch.where(before == 0, sampled, -1)
 
 
 if __name__ == "__main__":

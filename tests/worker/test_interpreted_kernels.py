@@ -75,12 +75,9 @@ for trial in range(40):
     starts_t = torch.tensor(starts)
     for with_device in (False, True):
         extra = (sources, device_drafts) if with_device else ()
-        expected = rs.keep_accepted_prefix(sampled, drafts, starts_t, max(q_lens), *extra)  # torch ops (CPU)
-        out = torch.empty_like(sampled)
-        rs._keep_accepted_prefix_kernel[(rs.triton.cdiv(n, rs.CUT_BLOCK),)](
-            sampled, drafts, starts_t, sources if with_device else starts_t,
-            device_drafts if with_device else sampled, out, n, HAS_DEVICE_DRAFTS=with_device,
-            MAX_Q=rs.triton.next_power_of_2(max(q_lens)), BLOCK=rs.CUT_BLOCK)
+        args = (sampled, drafts, starts_t, max(q_lens), *(extra or (None, None)))
+        expected = rs._keep_accepted_prefix_torch(*args)
+        out = rs._keep_accepted_prefix_triton(*args)
         assert torch.equal(out, expected), (trial, with_device, out, expected)
         cut += int((expected == -1).sum())
         kept += int((expected >= 0).sum())

@@ -20,12 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from infergrid.worker.engine.block_pool import NULL_BLOCK_ID
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - torch wheels for CUDA ship triton
-    triton = None
+from infergrid.worker.layers.triton_guard import tl, triton
 
 
 @dataclass

@@ -31,13 +31,8 @@ import torch
 from infergrid.worker.engine.block_pool import NULL_BLOCK_ID
 from infergrid.worker.layers.attention import AttentionMetadata
 from infergrid.worker.layers.sampler import argmax_rows
+from infergrid.worker.layers.triton_guard import tl, triton
 from infergrid.worker.spec_decode.draft_loop_graph import DraftLoopGraphRunner, slot_mapping_of
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - torch wheels for CUDA ship triton
-    triton = None
 
 if TYPE_CHECKING:
     from infergrid.worker.engine.model_runner import ModelRunner

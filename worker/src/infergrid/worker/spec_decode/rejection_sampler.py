@@ -22,12 +22,6 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - torch wheels for CUDA ship triton
-    triton = None
-
 from infergrid.worker.layers.sampler import (
     Sampler,
     SamplerOutput,
@@ -35,6 +29,7 @@ from infergrid.worker.layers.sampler import (
     argmax_rows,
     random_sample,
 )
+from infergrid.worker.layers.triton_guard import tl, triton
 
 NO_DRAFT = -1
 CUT_BLOCK = 128
@@ -144,16 +139,27 @@ def keep_accepted_prefix(
     torch ops, whose host time the synchronous speculating step waits for); torch ops elsewhere."""
     if draft_sources is not None:
         assert device_drafts is not None
-    if sampled.is_cuda and triton is not None:
-        out = torch.empty_like(sampled)
-        rows = sampled.shape[0]
-        has_device = draft_sources is not None
-        _keep_accepted_prefix_kernel[(triton.cdiv(rows, CUT_BLOCK),)](
-            sampled, draft_token_ids, segment_starts, draft_sources if has_device else segment_starts,
-            device_drafts if has_device else sampled, out, rows,
-            HAS_DEVICE_DRAFTS=has_device, MAX_Q=triton.next_power_of_2(max(max_query_len, 1)), BLOCK=CUT_BLOCK,
-        )
-        return out
+    cut = _keep_accepted_prefix_triton if sampled.is_cuda and triton is not None else _keep_accepted_prefix_torch
+    return cut(sampled, draft_token_ids, segment_starts, max_query_len, draft_sources, device_drafts)
+
+
+def _keep_accepted_prefix_triton(sampled: torch.Tensor, draft_token_ids: torch.Tensor, segment_starts: torch.Tensor,
+                                 max_query_len: int, draft_sources: torch.Tensor | None,
+                                 device_drafts: torch.Tensor | None) -> torch.Tensor:
+    out = torch.empty_like(sampled)
+    rows = sampled.shape[0]
+    has_device = draft_sources is not None
+    _keep_accepted_prefix_kernel[(triton.cdiv(rows, CUT_BLOCK),)](
+        sampled, draft_token_ids, segment_starts, draft_sources if has_device else segment_starts,
+        device_drafts if has_device else sampled, out, rows,
+        HAS_DEVICE_DRAFTS=has_device, MAX_Q=triton.next_power_of_2(max(max_query_len, 1)), BLOCK=CUT_BLOCK,
+    )
+    return out
+
+
+def _keep_accepted_prefix_torch(sampled: torch.Tensor, draft_token_ids: torch.Tensor, segment_starts: torch.Tensor,
+                                max_query_len: int, draft_sources: torch.Tensor | None,
+                                device_drafts: torch.Tensor | None) -> torch.Tensor:
     drafts = draft_token_ids
     if draft_sources is not None:
         drafts = torch.where(draft_sources >= 0, device_drafts.view(-1)[draft_sources.clamp(min=0)], drafts)  # type: ignore[union-attr]
