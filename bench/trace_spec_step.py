@@ -11,7 +11,9 @@ the GPU-idle share, and the kernels by total time. Writes OUT_DIR/trace_<mode>.j
 
 Then, without the profiler (whose per-launch instrumentation inflates the host's share several
 times), the host's time per step by phase: perf_counter around the engine's methods (inclusive;
-`result` is the wait for the step's tokens).
+`result` is the wait for the step's tokens). And where the device waits for the host: a CUDA event
+at each phase's entry and exit, compared with the host's clock when it was recorded ("lag": how far
+behind the host the device reached that point; ~0 means the device had run out of work there).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_spec_decode as sd  # noqa: E402
+import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -122,6 +125,65 @@ def time_host_phases(engine: Any, prompt: list[list[int]], max_tokens: int) -> N
         print(f"  {label:<36} {totals[label] * 1e6 / steps:8.1f} us/step")
 
 
+def time_device_lag(engine: Any, prompt: list[list[int]], max_tokens: int) -> None:
+    """Prints, per phase entry/exit, how far behind the host the device reached it (see the module
+    docstring), and the device time from each such point to the next one recorded."""
+    marks: list[tuple[str, float, Any]] = []
+    restore: list[tuple[Any, str, Any, bool]] = []
+
+    def mark(label: str) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        marks.append((label, time.perf_counter(), event))
+
+    def marked(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            mark(label.strip() + " >")
+            try:
+                return fn(*a, **kw)
+            finally:
+                mark(label.strip() + " <")
+        return wrapper
+
+    for label, obj, name in _phases(engine):
+        if label.strip() in ("step", "result (wait + tokens to lists)"):
+            continue
+        own = name in vars(obj)
+        restore.append((obj, name, vars(obj).get(name), own))
+        setattr(obj, name, marked(label, getattr(obj, name)))
+    torch.cuda.synchronize()
+    mark("reference")
+    try:
+        sd.run_batch(engine, prompt, max_tokens, "lag")
+    finally:
+        for obj, name, value, own in reversed(restore):
+            if own:
+                setattr(obj, name, value)
+            else:
+                delattr(obj, name)
+    torch.cuda.synchronize()
+    _, host0, ref = marks[0]
+    lags: collections.defaultdict[str, list[float]] = collections.defaultdict(list)
+    spans: collections.defaultdict[str, list[float]] = collections.defaultdict(list)
+    times = [(label, (host0 + ref.elapsed_time(ev) / 1e3), host) for label, host, ev in marks[1:]]
+    for i, (label, gpu, host) in enumerate(times):
+        lags[label].append((gpu - host) * 1e6)
+        if i + 1 < len(times):
+            spans[label + " -> " + times[i + 1][0]].append((times[i + 1][1] - gpu) * 1e6)
+    print("  device lag behind the host at each point (us; ~0: the device waited for the host there)")
+    print("  | point | count | median lag | share < 20 us |")
+    print("  |---|---|---|---|")
+    for label, values in lags.items():
+        values.sort()
+        print(f"  | {label} | {len(values)} | {values[len(values) // 2]:.0f} | "
+              f"{sum(v < 20 for v in values) / len(values):.0%} |")
+    print("  | device time between consecutive points | count | mean us |")
+    print("  |---|---|---|")
+    for pair, values in sorted(spans.items(), key=lambda kv: -sum(kv[1])):
+        if sum(values) / max(1, len(values)) > 5:
+            print(f"  | {pair} | {len(values)} | {sum(values) / len(values):.0f} |")
+
+
 def main() -> int:
     argv = sys.argv[1:]
     bench_argv = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -153,6 +215,8 @@ def main() -> int:
         analyze(path + ".gz", steps, wall * 1e3, args.top)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
         time_host_phases(engine, prompt, sargs.max_tokens)
+        if torch.cuda.is_available():
+            time_device_lag(engine, prompt, sargs.max_tokens)
         del engine
     return 0
 

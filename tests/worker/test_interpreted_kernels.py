@@ -2,7 +2,8 @@
 interpreter on the CPU against those torch ops: the staging of a step's inputs into a CUDA graph's
 buffers (engine/graph_inputs.py) and the cut of each request's rows after its first rejected draft
 (spec_decode/rejection_sampler.keep_accepted_prefix), the inputs of a draft proposal made ahead
-(spec_decode/ahead_graph.AheadGraphRunner)."""
+(spec_decode/ahead_graph.AheadGraphRunner), the metadata of a draft graph's passes and the two-stage
+argmax (layers/argmax.py)."""
 
 import os
 import subprocess
@@ -120,6 +121,69 @@ print("cases", cases)
 """
 
 
+ARGMAX_SCRIPT = r"""
+import torch
+from infergrid.worker.layers.argmax import _argmax_rows_torch, _argmax_rows_triton
+
+g = torch.Generator().manual_seed(0)
+cases = 0
+for rows, vocab, dtype in [(1, 100, torch.float32), (3, 2048, torch.bfloat16), (5, 5000, torch.float32),
+                           (2, 128256, torch.bfloat16), (7, 4097, torch.float16)]:
+    x = torch.randint(-3, 4, (rows, vocab), generator=g).to(dtype)  # many ties: the first maximum wins
+    x[0, vocab // 2] = 9  # a unique maximum in a later chunk
+    if rows > 2:
+        x[1] = float("-inf")  # a row of -inf: index 0, as torch
+        x[2, -1] = 10  # the maximum at the very end
+    out = torch.full((rows, 3), -5, dtype=torch.int64)
+    got = _argmax_rows_triton(x, out[:, 1])  # a strided output (a column of a drafts buffer)
+    expected = x.float().argmax(dim=-1)
+    assert got.data_ptr() == out[:, 1].data_ptr() and torch.equal(out[:, 1], expected), (rows, vocab, got, expected)
+    assert (out[:, 0] == -5).all() and (out[:, 2] == -5).all()
+    assert torch.equal(_argmax_rows_triton(x, None), expected) and torch.equal(_argmax_rows_torch(x), expected)
+    cases += 1
+print("cases", cases)
+"""
+
+
+PASS_METADATA_SCRIPT = r"""
+import types
+import torch
+from infergrid.worker.spec_decode.ahead_graph import AheadGraphRunner
+
+def runner(k, seed):  # an ahead graph set's buffers for up to 8 requests, with stale contents
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape, dtype=torch.int64: torch.randint(0, 60, shape, generator=g).to(dtype)
+    r = object.__new__(AheadGraphRunner)
+    n, q = 8, k + 2
+    r.num_drafts, r.query_len, r.runner = k, q, types.SimpleNamespace(block_size=4)
+    r.last_token, r.c0, r.start = rnd(n), rnd(n), rnd(n)
+    r.sampled = torch.where(torch.rand(n, k + 1, generator=g) < 0.3, -1, rnd(n, k + 1))
+    r.sampled[0, 1:] = -1  # one accepted token (the target rejected the first draft)
+    r.sampled[1] = -1  # a dummy row
+    r.block_tables = rnd(n, 40, dtype=torch.int32)
+    r.positions, r.slot_mapping, r.seq_lens = rnd(k - 1, n), rnd(k - 1, n), rnd(k - 1, n, dtype=torch.int32)
+    r.first_input_ids, r.first_positions, r.first_slot_mapping = rnd(n * q), rnd(n * q), rnd(n * q)
+    r.first_seq_lens, r.emitted_rows = rnd(n, dtype=torch.int32), rnd(n)
+    r.offsets, r.rows = torch.arange(q), torch.arange(n) * q
+    return r
+
+names = ("first_input_ids", "first_positions", "first_slot_mapping", "first_seq_lens", "emitted_rows", "start",
+         "positions", "slot_mapping", "seq_lens")
+cases = 0
+for k, bs in [(2, 1), (4, 3), (4, 8), (5, 6)]:
+    a, b = runner(k, k * bs), runner(k, k * bs)
+    a._first_pass_metadata_torch(bs)
+    b._first_pass_metadata_triton(bs)
+    for j in range(k - 1):
+        a._pass_metadata_torch(bs, j)
+        b._pass_metadata_triton(bs, j)
+    for name in names:
+        assert torch.equal(getattr(a, name), getattr(b, name)), (k, bs, name, getattr(a, name), getattr(b, name))
+    cases += 1
+print("cases", cases)
+"""
+
+
 def _run(script: str) -> str:
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO / "worker/src"))
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
@@ -138,3 +202,11 @@ def test_keep_accepted_prefix_kernel_matches_the_torch_ops():
 
 def test_ahead_staging_kernel_matches_the_torch_ops():
     assert "cases 4" in _run(AHEAD_SCRIPT)
+
+
+def test_argmax_kernel_matches_torch():
+    assert "cases 5" in _run(ARGMAX_SCRIPT)
+
+
+def test_draft_pass_metadata_kernels_match_the_torch_ops():
+    assert "cases 4" in _run(PASS_METADATA_SCRIPT)

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
+from infergrid.worker.layers.argmax import argmax_rows
 from infergrid.worker.layers.sampler import (
     Sampler,
     SamplingMetadata,
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
-    argmax_rows,
 )
 
 NEG_INF = float("-inf")

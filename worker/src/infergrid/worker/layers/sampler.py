@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from infergrid.worker.layers.argmax import argmax_rows
+
 _NEG_INF = float("-inf")
 
 
@@ -113,21 +115,6 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
     for row, gen in generators.items():
         q[row].exponential_(generator=gen)
     return probs.div(q).argmax(dim=-1)
-
-
-def argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """x [B, V] -> [B] int64, the first index of each row's maximum, as x.argmax(dim=-1). In two
-    stages (groups of a row, then the best group) where V divides: a one-row argmax over a large
-    vocabulary is one thread block's work in PyTorch's reduction (~27 us for 128k on an H200), the
-    two stages spread it over the GPU. Ties: both stages keep the first maximum, as argmax does."""
-    num_rows, vocab = x.shape
-    groups = next((g for g in (128, 64, 32) if vocab % g == 0 and vocab // g >= 64), None)
-    if groups is None or num_rows * groups > 8192:  # (a large batch fills the GPU anyway)
-        return x.argmax(dim=-1)
-    width = vocab // groups
-    values, within = x.reshape(num_rows, groups, width).max(dim=-1)
-    group = values.argmax(dim=-1, keepdim=True)
-    return group[:, 0] * width + within.gather(1, group)[:, 0]
 
 
 class Sampler(torch.nn.Module):

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from infergrid.worker.engine.block_pool import NULL_BLOCK_ID
+from infergrid.worker.layers.argmax import argmax_rows
 from infergrid.worker.layers.attention import AttentionMetadata
-from infergrid.worker.layers.sampler import argmax_rows
 from infergrid.worker.layers.triton_guard import tl, triton
 from infergrid.worker.spec_decode.draft_loop_graph import DraftLoopGraphRunner, slot_mapping_of
 
@@ -60,6 +60,7 @@ class AheadGraphRunner(DraftLoopGraphRunner):
         self.first_query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev) * q
         self.offsets = torch.arange(q, dtype=torch.int64, device=dev)
         self.rows = torch.arange(n, dtype=torch.int64, device=dev) * q
+        self.emitted_rows = torch.zeros(n, dtype=torch.int64, device=dev)  # each request's last emitted token
 
     def _make_forward(self, bs: int) -> Callable[[], None]:
         runner = self.runner
@@ -74,23 +75,46 @@ class AheadGraphRunner(DraftLoopGraphRunner):
         later_passes = self._later_passes(bs)
 
         def forward() -> None:
-            c0 = self.c0[:bs]
-            positions = c0[:, None] + self.offsets  # [bs, q]
-            self.first_positions[:n_tok] = positions.view(-1)
-            self.first_slot_mapping[:n_tok] = slot_mapping_of(
-                self.block_tables[:bs].to(torch.int64), positions, block_size).view(-1)
-            self.first_seq_lens[:bs] = (c0 + q).to(torch.int32)
-            ids = self.first_input_ids[:n_tok].view(bs, q)
-            ids[:, 0] = self.last_token[:bs]
-            ids[:, 1:] = self.sampled[:bs].clamp(min=0)
+            self._first_pass_metadata(bs)
             backend.prepare(meta)  # no device work for the triton backend (capturable)
             hidden = model(self.first_input_ids[:n_tok], self.first_positions[:n_tok], meta)
-            accepted = (self.sampled[:bs] >= 0).sum(dim=1) - 1
-            self.drafts[:bs, 0] = argmax_rows(model.compute_logits(hidden[self.rows[:bs] + 1 + accepted]))
-            self.start[:bs] = c0 + accepted + 2  # d1's position: right after the last token emitted
+            # Logits at the last token the target emits (row 1 + accepted of each request's q rows).
+            argmax_rows(model.lm_head(hidden.index_select(0, self.emitted_rows[:bs])), out=self.drafts[:bs, 0])
             later_passes()
 
         return forward
+
+    def _first_pass_metadata(self, bs: int) -> None:
+        """Pass 1's tokens [last, sampled...] at c0 .. c0 + k + 1 with their slots and sequence lengths,
+        each request's last emitted token's row (1 + accepted: its non-negative samples - 1) and d1's
+        position (start = c0 + accepted + 2), for the first bs rows."""
+        if self.c0.is_cuda and triton is not None:
+            self._first_pass_metadata_triton(bs)
+        else:
+            self._first_pass_metadata_torch(bs)
+
+    def _first_pass_metadata_triton(self, bs: int) -> None:
+        q, tables = self.query_len, self.block_tables
+        _first_pass_kernel[(bs,)](
+            self.c0, self.last_token, self.sampled, tables, tables.stride(0), self.first_input_ids,
+            self.first_positions, self.first_slot_mapping, self.first_seq_lens, self.emitted_rows, self.start,
+            Q=q, Q_POW2=triton.next_power_of_2(q), BLOCK_SIZE=self.runner.block_size)
+
+    def _first_pass_metadata_torch(self, bs: int) -> None:
+        q, block_size = self.query_len, self.runner.block_size
+        n_tok = bs * q
+        c0 = self.c0[:bs]
+        positions = c0[:, None] + self.offsets  # [bs, q]
+        self.first_positions[:n_tok] = positions.view(-1)
+        self.first_slot_mapping[:n_tok] = slot_mapping_of(
+            self.block_tables[:bs].to(torch.int64), positions, block_size).view(-1)
+        self.first_seq_lens[:bs] = (c0 + q).to(torch.int32)
+        ids = self.first_input_ids[:n_tok].view(bs, q)
+        ids[:, 0] = self.last_token[:bs]
+        ids[:, 1:] = self.sampled[:bs].clamp(min=0)
+        accepted = (self.sampled[:bs] >= 0).sum(dim=1) - 1
+        self.emitted_rows[:bs] = self.rows[:bs] + 1 + accepted
+        self.start[:bs] = c0 + accepted + 2  # d1's position: right after the last token emitted
 
     def run(self, flat: torch.Tensor, sampled: torch.Tensor, n: int, width: int) -> torch.Tensor:  # type: ignore[override]
         """Propose for n requests: `flat` (int64, on the device) holds their last known tokens [n], those
@@ -162,3 +186,27 @@ if triton is not None:
             pad_col = offs % pad_width
             null = tl.zeros([BLOCK], dtype=tab_dst.dtype.element_ty) + NULL_BLOCK
             tl.store(tab_dst + pad_row * tab_stride + pad_col, null, mask=pad_row < bs)
+
+    @triton.jit
+    def _first_pass_kernel(
+        c0_ptr, last_ptr, sampled_ptr, tab_ptr, tab_stride, ids_ptr, pos_ptr, slot_ptr, seq_ptr, emitted_ptr, start_ptr,
+        Q: tl.constexpr, Q_POW2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    ):
+        """AheadGraphRunner._first_pass_metadata for one request (its torch branch writes the same)."""
+        row = tl.program_id(0).to(tl.int64)
+        j = tl.arange(0, Q_POW2)
+        in_q = j < Q
+        c0 = tl.load(c0_ptr + row)
+        pos = c0 + j
+        # sampled is [rows, Q - 1]: token j >= 1 is sample j - 1 (-1 after a rejection: any token will do)
+        sample = tl.load(sampled_ptr + row * (Q - 1) + j - 1, mask=in_q & (j >= 1), other=-1)
+        last = tl.load(last_ptr + row)
+        tokens = tl.where(j == 0, last, tl.maximum(sample, 0))
+        block = tl.load(tab_ptr + row * tab_stride + pos // BLOCK_SIZE, mask=in_q, other=0).to(tl.int64)
+        tl.store(ids_ptr + row * Q + j, tokens, mask=in_q)
+        tl.store(pos_ptr + row * Q + j, pos, mask=in_q)
+        tl.store(slot_ptr + row * Q + j, block * BLOCK_SIZE + pos % BLOCK_SIZE, mask=in_q)
+        tl.store(seq_ptr + row, (c0 + Q).to(tl.int32))
+        accepted = tl.sum((sample >= 0).to(tl.int64), axis=0) - 1
+        tl.store(emitted_ptr + row, row * Q + 1 + accepted)
+        tl.store(start_ptr + row, c0 + accepted + 2)

@@ -28,7 +28,8 @@ import torch
 
 from infergrid.worker.engine.block_pool import NULL_BLOCK_ID
 from infergrid.worker.engine.cuda_graph import GraphSet, decode_metadata
-from infergrid.worker.layers.sampler import argmax_rows
+from infergrid.worker.layers.argmax import argmax_rows
+from infergrid.worker.layers.triton_guard import tl, triton
 
 if TYPE_CHECKING:
     from infergrid.worker.engine.model_runner import ModelRunner
@@ -63,7 +64,7 @@ class DraftLoopGraphRunner(GraphSet):
     def _later_passes(self, bs: int) -> Callable[[], None]:
         """Passes 2..k of the first bs rows, from drafts[:, 0], start and block_tables (capturable)."""
         runner = self.runner
-        model, backend, block_size = runner.model, runner.backend, runner.block_size
+        model, backend = runner.model, runner.backend
         metas = [
             decode_metadata(runner, self.slot_mapping[j, :bs], self.query_start_loc[: bs + 1],
                             self.seq_lens[j, :bs], self.block_tables[:bs])
@@ -71,17 +72,34 @@ class DraftLoopGraphRunner(GraphSet):
         ]
 
         def passes() -> None:
-            tables = self.block_tables[:bs].to(torch.int64)
             for j, meta in enumerate(metas):
-                positions = self.start[:bs] + j
-                self.positions[j, :bs] = positions
-                self.slot_mapping[j, :bs] = slot_mapping_of(tables, positions[:, None], block_size)[:, 0]
-                self.seq_lens[j, :bs] = (positions + 1).to(torch.int32)
+                self._pass_metadata(bs, j)
                 backend.prepare(meta)  # no device work for the triton backend (capturable)
                 hidden = model(self.drafts[:bs, j], self.positions[j, :bs], meta)
-                self.drafts[:bs, j + 1] = argmax_rows(model.compute_logits(hidden))
+                # (argmax of the LM head's own dtype: the float32 cast of compute_logits changes no maximum)
+                argmax_rows(model.lm_head(hidden), out=self.drafts[:bs, j + 1])
 
         return passes
+
+    def _pass_metadata(self, bs: int, j: int) -> None:
+        """Pass j + 2's positions (start + j), KV slots and sequence lengths of the first bs rows."""
+        if self.start.is_cuda and triton is not None:
+            self._pass_metadata_triton(bs, j)
+        else:
+            self._pass_metadata_torch(bs, j)
+
+    def _pass_metadata_triton(self, bs: int, j: int) -> None:
+        tables = self.block_tables
+        _pass_metadata_kernel[(triton.cdiv(bs, 128),)](
+            self.start, tables, tables.stride(0), self.positions[j], self.slot_mapping[j], self.seq_lens[j],
+            j, bs, BLOCK_SIZE=self.runner.block_size, BLOCK=128)
+
+    def _pass_metadata_torch(self, bs: int, j: int) -> None:
+        positions = self.start[:bs] + j
+        self.positions[j, :bs] = positions
+        tables = self.block_tables[:bs].to(torch.int64)
+        self.slot_mapping[j, :bs] = slot_mapping_of(tables, positions[:, None], self.runner.block_size)[:, 0]
+        self.seq_lens[j, :bs] = (positions + 1).to(torch.int32)
 
     def _make_forward(self, bs: int) -> Callable[[], None]:
         return self._later_passes(bs)
@@ -113,3 +131,18 @@ class DraftLoopGraphRunner(GraphSet):
         self.drafts[:n, 0].copy_(first_drafts, non_blocking=True)
         self.start[:n].copy_(start, non_blocking=True)
         return self._replay_rows(n, block_tables)
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["tab_stride", "j", "bs"])
+    def _pass_metadata_kernel(start_ptr, tab_ptr, tab_stride, pos_ptr, slot_ptr, seq_ptr, j, bs,
+                              BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+        """DraftLoopGraphRunner._pass_metadata (its torch branch writes the same): one launch for ~8 ops."""
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        real = rows < bs
+        pos = tl.load(start_ptr + rows, mask=real, other=0) + j
+        block = tl.load(tab_ptr + rows * tab_stride + pos // BLOCK_SIZE, mask=real, other=0).to(tl.int64)
+        tl.store(pos_ptr + rows, pos, mask=real)
+        tl.store(slot_ptr + rows, block * BLOCK_SIZE + pos % BLOCK_SIZE, mask=real)
+        tl.store(seq_ptr + rows, (pos + 1).to(tl.int32), mask=real)

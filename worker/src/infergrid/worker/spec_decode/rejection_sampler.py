@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import torch
 
+from infergrid.worker.layers.argmax import argmax_rows
 from infergrid.worker.layers.sampler import (
     Sampler,
     SamplerOutput,
     SamplingMetadata,
-    argmax_rows,
     random_sample,
 )
 from infergrid.worker.layers.triton_guard import tl, triton
