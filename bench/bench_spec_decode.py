@@ -9,6 +9,8 @@ shape in bf16). Random weights give random text, so the workload is built to sho
   (or --draft-hidden: a narrower draft reads a smaller LM head per pass, its main cost): its tokens
   agree with the target's about as often as chance, which measures the "never slower when
   acceptance is low" target (the adaptive k switches it off);
+- "draft-fp8" ("copy:draft-fp8", "agree:draft-fp8"): the same draft with its LM head in FP8
+  (--draft-lm-head-dtype fp8: half the bytes of its largest weight per pass);
 - "draft=target" drafts with the target itself and adaptive k off: acceptance ~1.0, the upper bound
   of the acceptance length (a draft as big as the target is no speedup, by construction);
 - "copy:*" repeat off / ngram / draft on "copy" checkpoints of the same shapes: tied embeddings and
@@ -72,7 +74,7 @@ from infergrid.worker.engine.llm_engine import LLMEngine  # noqa: E402
 from infergrid.worker.sampling_params import SamplingParams  # noqa: E402
 
 MODES = ("off", "off-sync", "ngram", "draft", "draft=target", "copy:off", "copy:off-sync", "copy:ngram", "copy:draft",
-         "agree:off", "agree:ngram", "agree:draft")
+         "agree:off", "agree:ngram", "agree:draft", "draft-fp8", "copy:draft-fp8", "agree:draft-fp8")
 COPY_LAYER_STD = 5e-4  # decoder-layer weights of the "copy" checkpoints (see shapes.make_random_checkpoint)
 TARGET_SPEEDUP_AT_HIGH_ACCEPTANCE = 2.0
 HIGH_ACCEPTANCE = 0.8
@@ -159,9 +161,10 @@ def engine_config(args: argparse.Namespace, model: str, mode: str, draft: str | 
     kind = method(mode)
     if kind == "ngram":
         spec = dict(speculative_method="ngram", num_speculative_tokens=args.num_speculative_tokens)
-    elif kind in ("draft", "draft=target"):
+    elif kind in ("draft", "draft=target", "draft-fp8"):
         spec = dict(speculative_method="draft", num_speculative_tokens=args.num_speculative_tokens,
-                    draft_model=model if kind == "draft=target" else draft)
+                    draft_model=model if kind == "draft=target" else draft,
+                    draft_lm_head_dtype="fp8" if kind == "draft-fp8" else None)
     return EngineConfig(
         model=model, dtype=args.dtype, device=args.device, block_size=args.block_size,
         max_model_len=args.prompt_len + args.max_tokens + args.num_speculative_tokens + 8,
@@ -381,7 +384,7 @@ def build_checkpoints(args: argparse.Namespace) -> tuple[dict[str, tuple[str, st
     """Per family (see `family`) of args.modes: (target checkpoint, draft checkpoint) and the prompts."""
     model = args.model or make_random_checkpoint(args.shape, dtype=args.dtype, seed=args.seed)
     draft = args.draft_model
-    if draft is None and "draft" in args.modes:
+    if draft is None and ("draft" in args.modes or "draft-fp8" in args.modes):
         # Untied: a random model with tied embeddings tends to repeat its input token, and two such
         # models then "agree"; an untied random draft agrees with the target only by chance.
         draft = make_random_checkpoint(args.shape, dtype=args.dtype, seed=args.seed + 1,

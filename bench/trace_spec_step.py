@@ -86,6 +86,12 @@ def _phases(engine: Any) -> list[tuple[str, Any, str]]:
               (" result (wait + tokens to lists)", PendingRunnerOutput, "result"),
               (" update_from_output", engine.scheduler, "update_from_output"),
               (" propose_draft_token_ids", runner, "propose_draft_token_ids"),
+              *([("  collect checks", spec, "_collect_checks"), ("  checks", spec, "_check"),
+                 ("  _propose", spec, "_propose")] if speculating else []),
+              *([("   draft prepare_inputs", spec.draft.runner, "_prepare_inputs"),
+                 ("   draft forward", spec.draft.runner, "_forward"),
+                 ("   draft compute_logits", spec.draft.runner.model, "compute_logits")]
+                if speculating and spec.draft is not None else []),
               (" output_processor.process", engine.output_processor, "process"),
               (" update_draft_token_ids", engine.scheduler, "update_draft_token_ids")]
     return phases
@@ -94,6 +100,7 @@ def _phases(engine: Any) -> list[tuple[str, Any, str]]:
 def time_host_phases(engine: Any, prompt: list[list[int]], max_tokens: int) -> None:
     """Prints the host's mean time per step in each phase (see the module docstring)."""
     totals: collections.Counter[str] = collections.Counter()
+    calls: collections.defaultdict[str, list[float]] = collections.defaultdict(list)
     restore: list[tuple[Any, str, Any, bool]] = []
 
     def timed(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -103,6 +110,7 @@ def time_host_phases(engine: Any, prompt: list[list[int]], max_tokens: int) -> N
                 return fn(*a, **kw)
             finally:
                 totals[label] += time.perf_counter() - t
+                calls[label].append(time.perf_counter() - t)
         return wrapper
 
     for label, obj, name in _phases(engine):
@@ -122,7 +130,12 @@ def time_host_phases(engine: Any, prompt: list[list[int]], max_tokens: int) -> N
     steps = engine.num_steps_total - steps_before
     print(f"  host phases, no profiler: {steps} steps, {wall * 1e3 / steps:.3f} ms/step wall")
     for label, _, _ in _phases(engine):
-        print(f"  {label:<36} {totals[label] * 1e6 / steps:8.1f} us/step")
+        times = sorted(calls[label])
+        spread = (f"  ({len(times)} calls, median {times[len(times) // 2] * 1e6:.0f} us, max {times[-1] * 1e6:.0f} us)"
+                  if times and len(times) < steps // 2 else "")
+        print(f"  {label:<36} {totals[label] * 1e6 / steps:8.1f} us/step{spread}")
+    if engine.model_runner.spec_decoder is not None:
+        print(f"  speculative decoding: {engine.model_runner.spec_decoder.describe()}")
 
 
 def time_device_lag(engine: Any, prompt: list[list[int]], max_tokens: int) -> None:

@@ -88,12 +88,13 @@ def check_counters(llm: LLM) -> None:
 
 
 @pytest.mark.parametrize("adaptive", ["0", "1"])
-@pytest.mark.parametrize("method", ["ngram", "draft=target", "draft=random"])
+@pytest.mark.parametrize("method", ["ngram", "draft=target", "draft=random", "draft=target, fp8 head"])
 def test_greedy_identical_in_mixed_batches(models, baseline, method, adaptive, monkeypatch):
     monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", adaptive)
     if adaptive == "1" and method != "ngram":
         cheap_drafts(monkeypatch)
-    llm = LLM(models["target"], **BASE, **spec_args(method, models))
+    fp8 = dict(draft_lm_head_dtype="fp8") if method.endswith("fp8 head") else {}
+    llm = LLM(models["target"], **BASE, **spec_args(method.split(",")[0], models), **fp8)
     outs = llm.generate(PROMPTS, MIXED_PARAMS)
     assert _greedy_ids(outs) == _greedy_ids(baseline)
     for out, params in zip(outs, MIXED_PARAMS, strict=True):

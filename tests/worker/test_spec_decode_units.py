@@ -129,6 +129,11 @@ def test_new_requests_start_from_the_engine_wide_rate_seeded_ones_from_the_defau
     assert a.num_drafts("new", 0.1, 2) == 0 and not a.is_on("new")  # starts off, checked later
     # ... twice as late as NEW_OFF_WAIT: nearly nothing has been accepted lately
     assert [a.num_drafts("new", 0.1, step) for step in range(3, 2 * NEW_OFF_WAIT + 1)][-2:] == [0, CHECK]
+    # A draft model's (failing_off_wait = MAX_BACKOFF): at the next multiple of MAX_BACKOFF
+    d = AdaptiveNumDrafts(max_k=4, failing_off_wait=MAX_BACKOFF)
+    d._engine_accepted, d._engine_trials = 0.05, 1.0
+    assert d.num_drafts("new", 0.1, 2) == 0
+    assert [d.num_drafts("new", 0.1, step) for step in range(3, MAX_BACKOFF + 1)][-2:] == [0, CHECK]
     assert a.num_drafts("seeded", 0.1, None) == 0 and a.is_on("seeded")  # its own history only
     assert [a.num_drafts("seeded", 0.1, None) for _ in range(2)] == [0, 4]  # two own steps later
 
@@ -350,6 +355,11 @@ def test_config_and_draft_compatibility_errors(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="'draft' does not support tensor_parallel_size > 1"):
         EngineConfig(model="m", speculative_method="draft", num_speculative_tokens=2, draft_model="d",
                      tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="draft_lm_head_dtype must be None or 'fp8', got 'int4'"):
+        EngineConfig(model="m", speculative_method="draft", num_speculative_tokens=2, draft_model="d",
+                     draft_lm_head_dtype="int4")
+    with pytest.raises(ValueError, match="draft_lm_head_dtype is only used when speculative_method is 'draft'"):
+        EngineConfig(model="m", speculative_method="ngram", num_speculative_tokens=2, draft_lm_head_dtype="fp8")
     with pytest.raises(ValueError, match="draft_model vocabulary"):  # a different tokenizer
         LLM(tiny_model("llama"), dtype="float32", max_model_len=64, speculative_method="draft",
             num_speculative_tokens=2, draft_model=make_tiny_model(str(tmp_path / "v512"), vocab_size=512))
@@ -499,3 +509,21 @@ def test_speculating_steps_that_deliver_less_than_predicted_lower_the_next_predi
     assert cost.calibration(16) == cost.calibration(32)  # not measured: the nearest size's
     cost.observe_speculating_step(1, 3, None)  # not a comparable step: no sample
     assert cost.calibration(1) == pytest.approx(1.0)
+
+
+def test_fp8_lm_head_rounds_the_weights_and_keeps_the_argmax_mostly():
+    """The draft's FP8 head (layers/fp8_lm_head.py; on a CPU: its weights dequantized): logits within
+    FP8's rounding of the bf16 head's, the same top token for nearly every row."""
+    import torch
+
+    from infergrid.worker.layers.fp8_lm_head import Fp8LMHead
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(4096, 256, generator=g) * 0.05
+    hidden = torch.randn(64, 256, generator=g)
+    head = Fp8LMHead(weight)
+    assert not head.use_fp8_gemm and head.weight.dtype == weight.dtype
+    exact, quantized = hidden @ weight.t(), head(hidden)
+    assert not torch.equal(exact, quantized)  # rounded...
+    assert (quantized - exact).abs().max() < 0.05 * exact.abs().max()  # ... to within a few percent
+    assert (quantized.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9

@@ -51,6 +51,7 @@ class EngineConfig:
     speculative_method: str | None = None
     num_speculative_tokens: int = 0
     draft_model: str | None = None
+    draft_lm_head_dtype: str | None = None  # "fp8": the draft's LM head in FP8 (layers/fp8_lm_head.py)
     device: str | None = None
     seed: int = 0
     num_gpu_blocks_override: int | None = None
@@ -97,6 +98,10 @@ class EngineConfig:
             raise ValueError("draft_model must be set when speculative_method is 'draft'")
         if method != "draft" and self.draft_model is not None:
             raise ValueError("draft_model is only used when speculative_method is 'draft'")
+        if self.draft_lm_head_dtype not in (None, "fp8"):
+            raise ValueError(f"draft_lm_head_dtype must be None or 'fp8', got {self.draft_lm_head_dtype!r}")
+        if method != "draft" and self.draft_lm_head_dtype is not None:
+            raise ValueError("draft_lm_head_dtype is only used when speculative_method is 'draft'")
         if method == "draft" and self.tensor_parallel_size > 1:
             raise ValueError("speculative_method 'draft' does not support tensor_parallel_size > 1 yet "
                              "(use speculative_method 'ngram')")

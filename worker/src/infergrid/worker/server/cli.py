@@ -54,6 +54,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     eng.add_argument("--speculative-method", choices=["ngram", "draft"], default=None, help="speculative decoding")
     eng.add_argument("--num-speculative-tokens", type=int, default=0, help="draft tokens per step")
     eng.add_argument("--draft-model", default=None, help="draft model directory (--speculative-method draft)")
+    eng.add_argument("--draft-lm-head-dtype", choices=["fp8"], default=None,
+                     help="the draft model's LM head in FP8 (half its bytes per pass; the target verifies)")
     eng.add_argument("--num-gpu-blocks-override", type=int, default=None, help="force the KV pool size (tests)")
     eng.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     eng.add_argument("--seed", type=int, default=0, help="engine seed")
@@ -71,7 +73,7 @@ def engine_config_from_args(args: argparse.Namespace) -> Any:
         enable_prefix_caching=args.enable_prefix_caching, async_scheduling=args.async_scheduling,
         tensor_parallel_size=args.tensor_parallel_size,
         speculative_method=args.speculative_method, num_speculative_tokens=args.num_speculative_tokens,
-        draft_model=args.draft_model, device=args.device, seed=args.seed,
+        draft_model=args.draft_model, draft_lm_head_dtype=args.draft_lm_head_dtype, device=args.device, seed=args.seed,
         num_gpu_blocks_override=args.num_gpu_blocks_override,
     )
 

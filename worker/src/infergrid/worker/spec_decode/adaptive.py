@@ -36,8 +36,12 @@ scheduled synchronously, because a request is on). A new request starts from the
 acceptance (a draft model that has been failing every request starts off, one that has been
 accepted starts on at once, and one that starts off gets its first check `new_off_wait` steps on:
 NEW_OFF_WAIT for a draft model, whose first check catches up on the whole prompt, MIN_BACKOFF for
-n-gram lookup, whose checks are free; twice that while the engine-wide rate is below
-FAILING_ENGINE_RATE); a
+n-gram lookup, whose checks are free; `failing_off_wait` while the engine-wide rate is below
+FAILING_ENGINE_RATE: MAX_BACKOFF for a draft model, whose checks then cost without finding anything
+(an eager catch-up pass over the request's tokens: ~1.3-2 ms of host time on an H200 host, so ~2 of
+them per 128-token request made a random draft 0.96x at batch 1; at MAX_BACKOFF about one in two
+such requests is checked, and whatever runs across a multiple of MAX_BACKOFF engine steps still is,
+so a workload that turns predictable is found again); a
 seeded sampled request starts from the default prior and counts its own steps, so that its drafts
 depend on nothing but its own history.
 """
@@ -53,7 +57,7 @@ DEFAULT_PRIOR_WEIGHT = 1.0
 ENGINE_PRIOR_DECAY = 0.98  # per observation: the engine-wide rate follows the last ~50 verifications/checks
 MIN_BACKOFF, MAX_BACKOFF = 8, 256
 NEW_OFF_WAIT = 4 * MIN_BACKOFF  # default wait for the first check of a new request that starts off
-FAILING_ENGINE_RATE = 0.1  # below this engine-wide rate, a new request that starts off waits twice as long
+FAILING_ENGINE_RATE = 0.1  # below this engine-wide rate, a new request that starts off waits failing_off_wait
 CHECK = -1  # num_drafts(): the request is due for a hindsight check (observe_check() takes the result)
 
 
@@ -101,6 +105,8 @@ class AdaptiveNumDrafts:
         enabled: False = always max_k (no adaptation, no checks).
         new_off_wait: steps to the first check of a new request that starts off (the engine's recent
             acceptance is low): longer where a check costs device work.
+        failing_off_wait: the same while the engine-wide rate is below FAILING_ENGINE_RATE (default
+            twice new_off_wait).
     """
 
     def __init__(
@@ -111,12 +117,14 @@ class AdaptiveNumDrafts:
         prior_weight: float = DEFAULT_PRIOR_WEIGHT,
         enabled: bool = True,
         new_off_wait: int = NEW_OFF_WAIT,
+        failing_off_wait: int | None = None,
     ) -> None:
         if max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {max_k}")
         self.max_k, self.decay = max_k, decay
         self.prior_rate, self.prior_weight = prior_rate, prior_weight
         self.enabled, self.new_off_wait = enabled, new_off_wait
+        self.failing_off_wait = 2 * new_off_wait if failing_off_wait is None else failing_off_wait
         self._states: dict[str, _RequestState] = {}
         self._engine_accepted, self._engine_trials = prior_rate, 1.0  # the engine-wide rate (new requests' prior)
         self._num_on = 0
@@ -262,7 +270,7 @@ class AdaptiveNumDrafts:
             elif step is not None:  # the engine's recent requests failed: this one is checked later too
                 # ... later still where nearly nothing has been accepted lately (each check of a draft
                 # model catches up on every token since the request's last pass).
-                wait = self.new_off_wait * (2 if self.engine_rate() < FAILING_ENGINE_RATE else 1)
+                wait = self.failing_off_wait if self.engine_rate() < FAILING_ENGINE_RATE else self.new_off_wait
                 state.wait = min(wait, MAX_BACKOFF)
                 state.next_check = _next_multiple(step + MIN_BACKOFF // 2, state.wait)
             return

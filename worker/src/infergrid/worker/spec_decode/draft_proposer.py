@@ -65,6 +65,7 @@ from infergrid.worker.engine.model_runner import ModelRunner
 from infergrid.worker.engine.request import Request
 from infergrid.worker.engine.scheduler import ScheduledRequest, SchedulerOutput
 from infergrid.worker.layers.argmax import argmax_rows
+from infergrid.worker.layers.fp8_lm_head import Fp8LMHead
 from infergrid.worker.layers.sampler import Sampler, SamplingMetadata, random_sample
 from infergrid.worker.loader import resolve_model_path
 from infergrid.worker.model_config import ModelConfig
@@ -176,9 +177,11 @@ class DraftProposer:
         dtype = config.dtype if config.dtype != "auto" else _DTYPE_NAMES.get(target.dtype, "auto")
         draft_config = dataclasses.replace(
             config, model=path, dtype=dtype, speculative_method=None, num_speculative_tokens=0,
-            draft_model=None, tensor_parallel_size=1,
+            draft_model=None, draft_lm_head_dtype=None, tensor_parallel_size=1,
         )
         self.runner = ModelRunner(draft_config, path, self.model_config, target.max_model_len, target.eos_token_ids)
+        if config.draft_lm_head_dtype == "fp8":  # (before any CUDA graph is captured)
+            self.runner.model.lm_head = Fp8LMHead(self.runner.model.lm_head.weight)
         self.cost_ratio = model_cost(self.model_config) / model_cost(target_cfg)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}

@@ -41,6 +41,7 @@ from infergrid.worker.engine.scheduler import DRAFT_PLACEHOLDER_ID, ScheduledReq
 from infergrid.worker.layers.sampler import SamplerOutput, SamplingMetadata
 from infergrid.worker.spec_decode.adaptive import (
     CHECK,
+    MAX_BACKOFF,
     MIN_BACKOFF,
     NEW_OFF_WAIT,
     AdaptiveNumDrafts,
@@ -98,8 +99,10 @@ class SpeculativeDecoder:
         on_gpu = runner.device.type == "cuda"
         self.cost = StepCostModel(proposer_cost, GPU_FIXED_COST_TOKENS if on_gpu else DEFAULT_FIXED_COST_TOKENS)
         # n-gram checks are host lookups: a new request that starts off is checked as soon as any other.
+        # A draft model's checks cost an eager catch-up pass: while it keeps failing, new requests wait longest.
         self.adaptive = AdaptiveNumDrafts(self.max_k, enabled=envs.spec_decode_adaptive(),
-                                          new_off_wait=NEW_OFF_WAIT if self.draft is not None else MIN_BACKOFF)
+                                          new_off_wait=NEW_OFF_WAIT if self.draft is not None else MIN_BACKOFF,
+                                          failing_off_wait=MAX_BACKOFF if self.draft is not None else None)
         # Draft method: the last proposal step's drafts, on the device (requests' spec_token_ids hold
         # DRAFT_PLACEHOLDER_ID for them) and, for sampled requests, their distributions q.
         self.draft_batch: DraftBatch | None = None
