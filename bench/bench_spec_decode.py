@@ -393,7 +393,7 @@ def build_checkpoints(args: argparse.Namespace) -> tuple[dict[str, tuple[str, st
     checkpoints: dict[str, tuple[str, str | None]] = {"": (model, draft)}  # family -> (target, draft)
     with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
         vocab_size = json.load(f)["vocab_size"]
-    num_prompts = max(args.batch_sizes)
+    num_prompts = max(*args.batch_sizes, args.repeats)  # (batch 1: a different prompt each repeat)
     prompts = {"": make_prompts(num_prompts, args.prompt_len, args.phrase_len, vocab_size, args.seed)}
     for fam in dict.fromkeys(family(m) for m in args.modes):
         copy = dict(dtype=args.dtype, layer_init_std=COPY_LAYER_STD)  # near-zero layers: repeat the input

@@ -33,7 +33,8 @@ def test_spec_decode_bench_runs_on_cpu(tmp_path):
     assert report["device"].startswith("cpu") and not report["errors"]
     rows = {(r["mode"], r["batch_size"]): r for r in report["results"]}
     modes = ("off", "off-sync", "ngram", "draft", "draft=target", "copy:off", "copy:off-sync", "copy:ngram",
-             "copy:draft", "agree0.8:off", "agree0.8:ngram", "agree0.8:draft")
+             "copy:draft", "agree0.8:off", "agree0.8:ngram", "agree0.8:draft", "draft-fp8", "copy:draft-fp8",
+             "agree0.8:draft-fp8")
     assert set(rows) == {(m, b) for m in modes for b in (1, 4)}
     for (mode, bs), r in rows.items():
         assert r["output_tokens"] == 24 * bs and r["tokens_per_s"] > 0 and r["speedup"] > 0
@@ -119,6 +120,16 @@ def test_host_op_costs_runs_on_cpu():
              if line.startswith("| ") and not line.startswith("| call")}
     assert set(costs) == {"one tiny torch op (add_)", "stage a step: torch ops", "cut rejected rows: torch ops"}
     assert all(us > 0 for us in costs.values())
+
+
+def test_fp8_lm_head_gemm_runs_on_cpu():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO / "worker/src"))
+    proc = subprocess.run([sys.executable, "bench/fp8_lm_head_gemm.py", "--hidden", "64", "--vocab", "512",
+                           "--rows", "1", "3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "M |" not in line]
+    assert [int(r[0]) for r in rows] == [1, 3]
+    assert all(float(r[1]) > 0 and float(r[3]) > 0 and 0.0 <= float(r[6]) <= 1.0 for r in rows)
 
 
 def test_trace_adaptive_logs_the_controllers_decisions(tmp_path):
