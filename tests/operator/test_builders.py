@@ -150,6 +150,10 @@ def test_draft_model_gets_its_own_mount_and_flag():
     assert flag_value(argv, "--draft-model") == "/model-cache/draft"
     assert flag_value(argv, "--speculative-method") == "draft"
     assert flag_value(argv, "--num-speculative-tokens") == "4"
+    assert "--draft-lm-head-dtype" not in argv
+    fp8 = deployment_of(model={"source": "hf://org/big"}, engine={"speculative": {
+        "method": "draft", "draft": {"model": {"source": "hf://org/small"}, "lmHeadDtype": "fp8"}}})
+    assert flag_value(full_command(fp8), "--draft-lm-head-dtype") == "fp8"
 
 
 

@@ -40,6 +40,9 @@ INVALID = [
     ("draft-unknown-scheme", {**VALID, "engine": {"speculative": {
         "method": "draft", "draft": {"model": {"source": "ftp://x/y"}}}}},
      "spec.engine.speculative.draft.model.source"),
+    ("draft-head-int4", {**VALID, "engine": {"speculative": {
+        "method": "draft", "draft": {"model": {"source": "hf://org/small"}, "lmHeadDtype": "int4"}}}},
+     "spec.engine.speculative.draft.lmHeadDtype"),
     ("typo-field", {**VALID, "replcas": 2}, "spec.replcas"),
     ("bad-cpu-quantity", {**VALID, "resources": {"cpu": "lots"}}, "spec.resources.cpu"),
 ]

@@ -25,6 +25,12 @@ def test_every_engine_field_maps_to_its_vllm_flag():
     ]
 
 
+def test_draft_lm_head_dtype_maps_to_its_flag():
+    spec = SpeculativeSpec(method="draft", num_tokens=4, draft_lm_head_dtype="fp8")
+    args = build_engine_args(EngineSpec(speculative=spec), draft_model_path="/mnt/draft")
+    assert args[-4:] == ["--draft-model", "/mnt/draft", "--draft-lm-head-dtype", "fp8"]
+
+
 def test_ngram_speculation_has_no_draft_model():
     args = build_engine_args(EngineSpec(speculative=SpeculativeSpec(method="ngram", num_tokens=3)))
     assert args[-4:] == ["--speculative-method", "ngram", "--num-speculative-tokens", "3"]

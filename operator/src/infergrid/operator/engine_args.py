@@ -28,6 +28,8 @@ def build_engine_args(engine: EngineSpec, draft_model_path: str | None = None) -
         args += ["--speculative-method", spec.method, "--num-speculative-tokens", str(spec.num_tokens)]
         if spec.method == "draft" and draft_model_path:
             args += ["--draft-model", draft_model_path]
+        if spec.method == "draft" and spec.draft_lm_head_dtype:
+            args += ["--draft-lm-head-dtype", spec.draft_lm_head_dtype]
     return args
 
 

@@ -31,6 +31,7 @@ class SpeculativeSpec:
     method: str = "none"
     num_tokens: int = 4
     draft_source: ModelSource | None = None
+    draft_lm_head_dtype: str | None = None  # "fp8" (draft.lmHeadDtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +153,7 @@ def _parse_engine(engine: Mapping[str, Any]) -> EngineSpec:
             method=spec.get("method", "none"),
             num_tokens=int(spec.get("numTokens", 4)),
             draft_source=ModelSource.parse(draft["source"], revision=draft.get("revision")) if draft else None,
+            draft_lm_head_dtype=(spec.get("draft") or {}).get("lmHeadDtype"),
         ),
     )
 
