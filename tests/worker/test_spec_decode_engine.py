@@ -11,6 +11,7 @@ from spec_prompts import PROMPTS
 
 from infergrid.worker import LLM, SamplingParams
 from infergrid.worker.engine.request import RequestStatus
+from infergrid.worker.spec_decode.adaptive import MAX_BACKOFF
 from infergrid.worker.spec_decode.cost_model import StepCostModel
 
 BASE = dict(dtype="float32", max_model_len=256, max_num_seqs=8, block_size=8)
@@ -165,7 +166,14 @@ def test_adaptive_k_switches_a_useless_draft_off(models, monkeypatch):
     drafts_before = s.spec_decode_num_drafts_total
     llm.generate(PROMPTS, greedy(40))
     assert llm.llm_engine.get_stats().spec_decode_num_drafts_total == drafts_before
-    assert ran and min(ran) - s.num_steps_total >= 8  # its first check
+    # ... and, since a draft model's check is an eager catch-up pass that keeps finding nothing, their
+    # first checks wait MAX_BACKOFF steps, on the multiples of MAX_BACKOFF: none in 40 steps.
+    assert not ran
+    to_next_multiple = MAX_BACKOFF - llm.llm_engine.model_runner.spec_decoder.num_steps % MAX_BACKOFF
+    assert to_next_multiple > 16  # (else a request that starts now waits for the multiple after)
+    llm.generate(PROMPTS, greedy(to_next_multiple + 8))
+    assert ran and all(step % MAX_BACKOFF == 0 for step in ran)
+    assert llm.llm_engine.get_stats().spec_decode_num_drafts_total == drafts_before
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft=target"])
