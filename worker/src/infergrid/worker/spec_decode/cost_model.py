@@ -14,9 +14,16 @@ Proposing costs the proposer's time per draft position (a draft-model pass, the 
 the step's time, so c(B) = verify(B) + proposer.
 
 a and b are fitted online to the engine's decode steps (least squares with exponentially decaying
-weights, pulled toward b = a / fixed_cost_tokens when recent steps barely differ in size: 32 tokens
-on a CPU, GPU_FIXED_COST_TOKENS on a GPU, which decodes memory-bound up to far larger batches);
-the proposer's share is an average of steady-state measurements, starting from a static estimate.
+weights), pulled toward a prior, b = a / fixed_cost_tokens (32 tokens on a CPU,
+GPU_FIXED_COST_TOKENS on a GPU, which decodes memory-bound up to far larger batches), twice: where
+recent steps barely differ in size (PRIOR_TOKEN_VARIANCE), and where the slope is noisy, by its
+standard error (the residual scatter of the step times over the spread of their sizes, at least
+TIMING_NOISE_FLOOR of a step) against a prior known to within 100%. So steps of equal size keep the
+prior, noise-free or widely spread sizes are fitted, and noisy steps of nearly equal sizes (a batch
+of 32 in which a few requests carry drafts) stay near the prior: their
+raw slope once priced a draft token at a whole step on a noisy H200 host (0.009 ms + 0.087 ms/token),
+and nothing corrected it, since only synchronous steps feed the fit and none ran after that.
+The proposer's share is an average of steady-state measurements, starting from a static estimate.
 `measured=False` gives the defaults alone: for decisions that must not depend on timing.
 
 Async scheduling: a step in which nothing speculates is pipelined (the host's work overlaps the
@@ -55,6 +62,7 @@ GPU_FIXED_COST_TOKENS = 256
 # and kept a draft that was switched off early off for good (the prior is only corrected by proposing).
 GPU_DRAFT_HOST_COST = 0.1
 PRIOR_TOKEN_VARIANCE = 4.0  # how much spread in step sizes (tokens^2) it takes to trust the data's slope
+TIMING_NOISE_FLOOR = 0.02  # a step time's scatter is taken to be at least 2% of the mean step
 STEP_DECAY = 0.95  # per step: the fit follows about the last 20 decode steps (a batch size changes)
 PROPOSER_DECAY = 0.9
 PIPELINED_DECAY = 0.9
@@ -80,7 +88,7 @@ class StepCostModel:
         self._pipelined: dict[int, tuple[float, float, float]] = {}  # bucket -> decayed (weight, tokens, seconds)
         self._calibration: dict[int, float] = {}  # bucket -> kappa
         self._prediction: tuple[int, float] | None = None  # (batch size, tokens/s) of the step about to run
-        self._w = self._n = self._t = self._nn = self._nt = 0.0  # decayed weight and sums
+        self._w = self._n = self._t = self._nn = self._nt = self._tt = 0.0  # decayed weight and sums
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """One decode step (no prefill chunk) of `num_tokens` tokens (drafts included) took `seconds`."""
@@ -93,6 +101,7 @@ class StepCostModel:
         self._t = d * self._t + seconds
         self._nn = d * self._nn + num_tokens * num_tokens
         self._nt = d * self._nt + num_tokens * seconds
+        self._tt = d * self._tt + seconds * seconds
 
     def observe_proposer(self, seconds_per_pass: float, step_seconds: float) -> None:
         """The proposer took `seconds_per_pass` per draft position in a step of `step_seconds`.
@@ -182,10 +191,23 @@ class StepCostModel:
             return 1.0, 1.0 / self.fixed_cost_tokens
         w = self._w
         mean_n, mean_t = self._n / w, self._t / w
-        variance = max(0.0, self._nn / w - mean_n * mean_n)
+        var_n = max(0.0, self._nn / w - mean_n * mean_n)
         covariance = self._nt / w - mean_n * mean_t
         prior_b = mean_t / (self.fixed_cost_tokens + mean_n)
-        b = max(0.0, (covariance + PRIOR_TOKEN_VARIANCE * prior_b) / (variance + PRIOR_TOKEN_VARIANCE))
+        # The slope, pulled toward the prior where the sizes barely differ ...
+        b = (covariance + PRIOR_TOKEN_VARIANCE * prior_b) / (var_n + PRIOR_TOKEN_VARIANCE)
+        # ... and where it is noisy: its standard error (residual scatter, unbiased: w - 2 degrees of
+        # freedom) against a prior known to within 100%.
+        if w <= 3.0 or var_n == 0.0:
+            b = prior_b
+        elif prior_b > 0.0:
+            var_t = max(0.0, self._tt / w - mean_t * mean_t)
+            residual = max(var_t - covariance * covariance / var_n, 0.0) * w / (w - 2.0)
+            residual = max(residual, (TIMING_NOISE_FLOOR * mean_t) ** 2)
+            data_precision = w * var_n / residual  # 1 / (the slope's standard error)^2
+            prior_precision = 1.0 / (prior_b * prior_b)
+            b = (data_precision * b + prior_precision * prior_b) / (data_precision + prior_precision)
+        b = max(0.0, b)
         return max(0.0, mean_t - b * mean_n), b
 
     def draft_token_cost(self, batch_size: int, measured: bool = True) -> float:
