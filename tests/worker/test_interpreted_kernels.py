@@ -3,7 +3,7 @@ interpreter on the CPU against those torch ops: the staging of a step's inputs i
 buffers (engine/graph_inputs.py) and the cut of each request's rows after its first rejected draft
 (spec_decode/rejection_sampler.keep_accepted_prefix), the inputs of a draft proposal made ahead
 (spec_decode/ahead_graph.AheadGraphRunner), the metadata of a draft graph's passes and the two-stage
-argmax (layers/argmax.py)."""
+argmax (layers/argmax.py); and the paged-attention kernel's context splits against plain attention."""
 
 import os
 import subprocess
@@ -184,6 +184,72 @@ print("cases", cases)
 """
 
 
+ATTENTION_SCRIPT = r"""
+import numpy as np
+import torch
+from triton.runtime import interpreter
+
+# Triton 3.6's interpreter loads a scalar as a 1-element array, which a loop bound cannot take
+# (`range(0, n, B)` with a loaded n): read its element.
+patch_tensor = interpreter._patch_lang_tensor
+def patched(tensor, scope):
+    patch_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+interpreter._patch_lang_tensor = patched
+
+from infergrid.worker.layers import triton_attention as ta
+
+ta._num_sms = lambda device: 132  # (an H100's, for the split count; the interpreter has no GPU)
+combines = []  # launches of the kernel that merges a context's splits
+
+class Spy:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        combines.append(grid)
+        return self.kernel[grid]
+
+ta._combine_splits_kernel = Spy(ta._combine_splits_kernel)
+g = torch.Generator().manual_seed(0)
+heads, kv_heads, dim, page, num_blocks = 8, 2, 32, 16, 128
+k_cache = torch.randn(num_blocks, page, kv_heads, dim, generator=g)
+v_cache = torch.randn(num_blocks, page, kv_heads, dim, generator=g)
+
+def reference(q, tables, seq_lens, q_lens):
+    out, start = torch.empty_like(q), 0
+    for i, (n, ql) in enumerate(zip(seq_lens.tolist(), q_lens)):
+        pos = torch.arange(n)
+        keys = k_cache[tables[i, pos // page], pos % page].repeat_interleave(heads // kv_heads, dim=1)
+        vals = v_cache[tables[i, pos // page], pos % page].repeat_interleave(heads // kv_heads, dim=1)
+        qi = q[start:start + ql]  # [ql, H, D] at positions n - ql ..
+        s = torch.einsum("qhd,khd->hqk", qi, keys) / dim ** 0.5
+        s = s.masked_fill(pos[None, None, :] > (n - ql + torch.arange(ql))[None, :, None], float("-inf"))
+        out[start:start + ql] = torch.einsum("hqk,khd->qhd", s.softmax(-1), vals)
+        start += ql
+    return out
+
+cases = splits = 0
+for q_lens, seq_lens in [([1], [300]), ([5], [257]), ([5, 3, 1], [130, 64, 5]), ([8, 2], [200, 9]),
+                         ([4] * 6, [100, 120, 17, 64, 65, 250]), ([20, 1], [300, 40])]:
+    n = len(q_lens)
+    tables = torch.randperm(num_blocks, generator=g)[: n * 20].view(n, 20).to(torch.int32)
+    q = torch.randn(sum(q_lens), heads, dim, generator=g)
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    got = ta.paged_attention(q, k_cache, v_cache, tables, sl, qsl, max(q_lens), dim ** -0.5)
+    expected = reference(q, tables, sl, q_lens)
+    assert torch.isfinite(got).all() and torch.allclose(got, expected, atol=1e-4), (q_lens, (got - expected).abs().max())
+    split = bool(combines)
+    assert split == (max(q_lens) <= 8), (q_lens, split)  # decode and verification-sized queries split
+    splits += split and max(q_lens) > 1
+    combines.clear()
+    cases += 1
+assert splits == 4
+print("cases", cases)
+"""
+
+
 def _run(script: str) -> str:
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO / "worker/src"))
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
@@ -210,3 +276,10 @@ def test_argmax_kernel_matches_torch():
 
 def test_draft_pass_metadata_kernels_match_the_torch_ops():
     assert "cases 4" in _run(PASS_METADATA_SCRIPT)
+
+
+def test_paged_attention_splits_short_queries_exactly():
+    """Verification-sized queries (1 + k tokens) split the context over several programs like decode
+    (layers/triton_attention.py); rows that see no key of a split (a split after their position)
+    must contribute nothing, not NaN."""
+    assert "cases 6" in _run(ATTENTION_SCRIPT)

@@ -20,6 +20,9 @@ from infergrid.worker.layers.attention import AttentionMetadata
 from infergrid.worker.layers.torch_attention import TorchAttentionBackend
 
 
+MAX_SPLIT_QUERY_LEN = 8  # queries up to this long (decode, verification of up to 7 drafts) split the context
+
+
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
@@ -42,7 +45,7 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    # axis 0: query tile, or (NUM_SPLITS > 1, decode only) the split of the context
+    # axis 0: query tile, or (NUM_SPLITS > 1: every query in one tile) the split of the context
     if NUM_SPLITS == 1:
         tile = tl.program_id(0)
         split = 0
@@ -93,8 +96,11 @@ def _paged_attention_kernel(
         visible = k_valid[None, :] & (kpos[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
+        # A row that sees no key of this chunk yet (a split after its position): exp(-inf - -inf) would
+        # be NaN, so such a row keeps l = 0 and acc = 0 (and m = -inf: the combine gives it weight 0).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + v_offs[:, None] + d[None, :], mask=k_valid[:, None] & d_valid[None, :], other=0.0)
         if IEEE:
@@ -152,11 +158,15 @@ def paged_attention(
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     num_seqs = seq_lens.shape[0]
-    block_m = 1 if max_query_len == 1 else max(1, 64 // group)
+    # Decode and short queries (speculative verification: 1 + k tokens) take one query tile, whose
+    # context is split over several programs when the batch alone leaves the GPU idle (flash-decoding);
+    # longer queries (prefill) tile the queries instead.
+    short = max_query_len <= MAX_SPLIT_QUERY_LEN
+    block_m = triton.next_power_of_2(max_query_len) if short else max(1, 64 // group)
     block_q = max(16, triton.next_power_of_2(block_m * group))
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     block_n = 64 if head_dim_pad <= 128 else 32
-    num_splits = num_decode_splits(num_seqs, num_kv_heads, q.device) if max_query_len == 1 else 1
+    num_splits = num_decode_splits(num_seqs, num_kv_heads, q.device) if short else 1
     if num_splits > 1:
         part_acc = torch.empty((num_tokens, num_heads, num_splits, head_dim_pad), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((num_tokens, num_heads, num_splits, 2), dtype=torch.float32, device=q.device)
