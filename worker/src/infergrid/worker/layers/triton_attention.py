@@ -19,7 +19,6 @@ import triton.language as tl
 from infergrid.worker.layers.attention import AttentionMetadata
 from infergrid.worker.layers.torch_attention import TorchAttentionBackend
 
-
 MAX_SPLIT_QUERY_LEN = 8  # queries up to this long (decode, verification of up to 7 drafts) split the context
 
 
