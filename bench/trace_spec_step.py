@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import gzip
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -97,11 +98,29 @@ def _phases(engine: Any) -> list[tuple[str, Any, str]]:
     return phases
 
 
+@contextlib.contextmanager
+def _wrapped_phases(engine: Any, wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]],
+                    skip: tuple[str, ...] = ()) -> Iterator[None]:
+    """Within the block, every phase method of `_phases` (but the labels in `skip`) is `wrap(label, method)`."""
+    restore: list[tuple[Any, str, Any, bool]] = []
+    for label, obj, name in _phases(engine):
+        if label.strip() in skip:
+            continue
+        restore.append((obj, name, vars(obj).get(name), name in vars(obj)))
+        setattr(obj, name, wrap(label, getattr(obj, name)))  # (on a class: a function, bound as a method)
+    try:
+        yield
+    finally:
+        for obj, name, value, own in reversed(restore):
+            if own:
+                setattr(obj, name, value)
+            else:
+                delattr(obj, name)
+
+
 def time_host_phases(engine: Any, prompt: list[list[int]], max_tokens: int) -> None:
     """Prints the host's mean time per step in each phase (see the module docstring)."""
-    totals: collections.Counter[str] = collections.Counter()
     calls: collections.defaultdict[str, list[float]] = collections.defaultdict(list)
-    restore: list[tuple[Any, str, Any, bool]] = []
 
     def timed(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*a: Any, **kw: Any) -> Any:
@@ -109,31 +128,19 @@ def time_host_phases(engine: Any, prompt: list[list[int]], max_tokens: int) -> N
             try:
                 return fn(*a, **kw)
             finally:
-                totals[label] += time.perf_counter() - t
                 calls[label].append(time.perf_counter() - t)
         return wrapper
 
-    for label, obj, name in _phases(engine):
-        own = name in vars(obj)
-        original = getattr(obj, name)
-        restore.append((obj, name, vars(obj).get(name), own))
-        setattr(obj, name, timed(label, original))  # (on a class: a function, bound as a method)
     steps_before = engine.num_steps_total
-    try:
+    with _wrapped_phases(engine, timed):
         _, wall = sd.run_batch(engine, prompt, max_tokens, "phases")
-    finally:
-        for obj, name, value, own in reversed(restore):
-            if own:
-                setattr(obj, name, value)
-            else:
-                delattr(obj, name)
     steps = engine.num_steps_total - steps_before
     print(f"  host phases, no profiler: {steps} steps, {wall * 1e3 / steps:.3f} ms/step wall")
     for label, _, _ in _phases(engine):
         times = sorted(calls[label])
         spread = (f"  ({len(times)} calls, median {times[len(times) // 2] * 1e6:.0f} us, max {times[-1] * 1e6:.0f} us)"
                   if times and len(times) < steps // 2 else "")
-        print(f"  {label:<36} {totals[label] * 1e6 / steps:8.1f} us/step{spread}")
+        print(f"  {label:<36} {sum(times) * 1e6 / steps:8.1f} us/step{spread}")
     if engine.model_runner.spec_decoder is not None:
         print(f"  speculative decoding: {engine.model_runner.spec_decoder.describe()}")
 
@@ -142,7 +149,6 @@ def time_device_lag(engine: Any, prompt: list[list[int]], max_tokens: int) -> No
     """Prints, per phase entry/exit, how far behind the host the device reached it (see the module
     docstring), and the device time from each such point to the next one recorded."""
     marks: list[tuple[str, float, Any]] = []
-    restore: list[tuple[Any, str, Any, bool]] = []
 
     def mark(label: str) -> None:
         event = torch.cuda.Event(enable_timing=True)
@@ -158,22 +164,10 @@ def time_device_lag(engine: Any, prompt: list[list[int]], max_tokens: int) -> No
                 mark(label.strip() + " <")
         return wrapper
 
-    for label, obj, name in _phases(engine):
-        if label.strip() in ("step", "result (wait + tokens to lists)"):
-            continue
-        own = name in vars(obj)
-        restore.append((obj, name, vars(obj).get(name), own))
-        setattr(obj, name, marked(label, getattr(obj, name)))
     torch.cuda.synchronize()
     mark("reference")
-    try:
+    with _wrapped_phases(engine, marked, skip=("step", "result (wait + tokens to lists)")):
         sd.run_batch(engine, prompt, max_tokens, "lag")
-    finally:
-        for obj, name, value, own in reversed(restore):
-            if own:
-                setattr(obj, name, value)
-            else:
-                delattr(obj, name)
     torch.cuda.synchronize()
     _, host0, ref = marks[0]
     lags: collections.defaultdict[str, list[float]] = collections.defaultdict(list)

@@ -35,7 +35,6 @@ class Fp8LMHead(torch.nn.Module):
         w = weight.detach().float()
         scale = (w.abs().max() / FP8_MAX).clamp(min=1e-12)
         quantized = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        self.num_embeddings = weight.shape[0]
         self.out_dtype = weight.dtype
         # (the FP8 GEMM wants both of the weight's dimensions divisible by 16)
         self.use_fp8_gemm = has_fp8_gemm(weight.device) and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
