@@ -35,7 +35,10 @@ Each mode gets its own engine (same arguments except the speculative ones; all a
 pools sized for the largest batch) and a warm-up. Then, --repeats times, every (batch size B, mode)
 runs once, interleaved so that drifts in the machine's speed hit every mode alike: B requests at
 once, --max-tokens greedy tokens each (ignore_eos). tok/s = generated tokens / wall time, the median of the repeats (the table also shows
-their range); speedups are ratios of medians; ms/step and steps are medians too. Acceptance rate and
+their range). A speedup is paired: each repeat's tok/s over its family's "off" tok/s in the same repeat
+(run next to it), then the median of those ratios (the table shows their range too): the machines'
+speed drifts between repeats (batch 32 "off" once went 20,072 -> 13,575 tok/s within a run), which
+a ratio of medians would fold in, a same-repeat ratio mostly not. ms/step and steps are medians. Acceptance rate and
 mean acceptance length (tokens emitted per verification step: 1 + accepted drafts per step) count
 the drafts of all repeats. Repeat r runs prompts r*B .. r*B + B - 1 (wrapping; batch 1: a different
 prompt each repeat). Greedy outputs (the first repeat's) are compared with the "off" run (token
@@ -103,7 +106,8 @@ class BatchResult:
     mean_acceptance_length: float | None
     accepted_per_pos: list[int]
     pipelined_share: float  # of the steps, those scheduled ahead of the previous step's tokens
-    speedup: float | None = None
+    speedup: float | None = None  # median of speedup_all
+    speedup_all: list[float] = field(default_factory=list)  # per repeat: tok/s over "off"'s in the same repeat
     token_agreement_with_off: float | None = None
     enforce_eager: bool = False
     outputs: list[list[int]] = field(default_factory=list, repr=False)  # the first repeat's
@@ -111,6 +115,10 @@ class BatchResult:
     @property
     def tokens_per_s_range(self) -> str:
         return f"{min(self.tokens_per_s_all):,.0f}-{max(self.tokens_per_s_all):,.0f}"
+
+    @property
+    def speedup_range(self) -> str:
+        return f"{min(self.speedup_all):.2f}-{max(self.speedup_all):.2f}" if self.speedup_all else "-"
 
 
 def make_prompts(num: int, prompt_len: int, phrase_len: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -295,6 +303,11 @@ def device_name(device: str | None) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def paired_speedups(result: BatchResult, base: BatchResult) -> list[float]:
+    """Each repeat's tok/s over the baseline's in the same repeat (the repeats are interleaved)."""
+    return [t / b for t, b in zip(result.tokens_per_s_all, base.tokens_per_s_all, strict=True)]
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -302,13 +315,13 @@ def _fmt(value: float | None, spec: str) -> str:
 def print_table(header: str, results: list[BatchResult]) -> list[str]:
     """Prints the table; returns the verdict lines."""
     print(header)
-    cols = ("mode", "batch", "tok/s (median)", "tok/s range", "speedup", "ms/step", "accept rate",
+    cols = ("mode", "batch", "tok/s (median)", "tok/s range", "speedup", "speedup range", "ms/step", "accept rate",
             "mean accept len", "steps", "pipelined", "agree w/ off")
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("---" for _ in cols) + "|")
     for r in results:
         row = (r.mode + (" (eager)" if r.enforce_eager else ""), str(r.batch_size), f"{r.tokens_per_s:,.1f}",
-               r.tokens_per_s_range, _fmt(r.speedup, ".2f") + ("x" if r.speedup is not None else ""),
+               r.tokens_per_s_range, _fmt(r.speedup, ".2f") + ("x" if r.speedup is not None else ""), r.speedup_range,
                f"{r.ms_per_step:.2f}", _fmt(r.acceptance_rate, ".3f"), _fmt(r.mean_acceptance_length, ".2f"), str(r.num_steps),
                f"{r.pipelined_share:.0%}", _fmt(r.token_agreement_with_off, ".3f"))
         print("| " + " | ".join(row) + " |")
@@ -449,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         base = off.get((family(r.mode), r.batch_size))
         if base is not None:
-            r.speedup = r.tokens_per_s / base.tokens_per_s  # medians of the same number of repeats
+            r.speedup_all = paired_speedups(r, base)
+            r.speedup = statistics.median(r.speedup_all)
             r.token_agreement_with_off = agreement(r.outputs, base.outputs)
     device = device_name(args.device)
     header = (
@@ -457,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         f"k = {args.num_speculative_tokens}, prompts of {args.prompt_len} tokens (a {args.phrase_len}-token phrase "
         f"repeated), {args.max_tokens} greedy tokens each; draft: "
         f"{args.draft_model or f'random {args.draft_layers}-layer'}"
-        f"{f', {args.draft_hidden} wide' if args.draft_hidden and not args.draft_model else ''}; tok/s: median of {args.repeats} interleaved repeats"
+        f"{f', {args.draft_hidden} wide' if args.draft_hidden and not args.draft_model else ''}; tok/s: median of {args.repeats} interleaved repeats; speedup: median of same-repeat ratios"
     )
     verdicts = print_table(header, results)
     for mode, state in states.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +39,8 @@ def test_spec_decode_bench_runs_on_cpu(tmp_path):
     assert set(rows) == {(m, b) for m in modes for b in (1, 4)}
     for (mode, bs), r in rows.items():
         assert r["output_tokens"] == 24 * bs and r["tokens_per_s"] > 0 and r["speedup"] > 0
+        # paired: one ratio per repeat, over the family's "off" in the same repeat
+        assert len(r["speedup_all"]) == r["repeats"] and r["speedup"] == statistics.median(r["speedup_all"])
         assert r["token_agreement_with_off"] == 1.0  # float32 on CPU: greedy output is identical
         if mode.endswith("off"):
             assert r["speedup"] == 1.0 and r["num_drafts"] == 0 and r["acceptance_rate"] is None
