@@ -13,6 +13,7 @@ from infergrid.worker import LLM, SamplingParams
 from infergrid.worker.engine.request import RequestStatus
 from infergrid.worker.spec_decode.adaptive import MAX_BACKOFF
 from infergrid.worker.spec_decode.cost_model import StepCostModel
+from infergrid.worker.spec_decode.goodput_guard import GoodputGuard
 
 BASE = dict(dtype="float32", max_model_len=256, max_num_seqs=8, block_size=8)
 
@@ -41,6 +42,13 @@ def cheap_drafts(monkeypatch) -> None:
     """The tiny drafts are as big as the target, so they never pay (a draft token costs c >= 1 step)
     and the adaptive policy never proposes; price one at 0.1 of a step to exercise adaptive k."""
     monkeypatch.setattr(StepCostModel, "draft_token_cost", lambda self, batch_size, measured=True: 0.1)
+    open_guard(monkeypatch)
+
+
+def open_guard(monkeypatch) -> None:
+    """The goodput guard never blocks: what it measures on this machine would decide when (its own
+    tests: test_spec_decode_units.py, test_async_scheduling.py)."""
+    monkeypatch.setattr(GoodputGuard, "blocks", lambda self, batch_size, step: False)
 
 
 def draft_model_steps(llm: LLM) -> set[int]:
@@ -94,6 +102,7 @@ def test_greedy_identical_in_mixed_batches(models, baseline, method, adaptive, m
     monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", adaptive)
     if adaptive == "1" and method != "ngram":
         cheap_drafts(monkeypatch)
+    open_guard(monkeypatch)  # (the steps speculation saves are asserted below)
     fp8 = dict(draft_lm_head_dtype="fp8") if method.endswith("fp8 head") else {}
     llm = LLM(models["target"], **BASE, **spec_args(method.split(",")[0], models), **fp8)
     outs = llm.generate(PROMPTS, MIXED_PARAMS)

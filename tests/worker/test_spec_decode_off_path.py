@@ -13,6 +13,7 @@ import pytest
 from infergrid.worker import LLM, SamplingParams
 from infergrid.worker.spec_decode.adaptive import CHECK, AdaptiveNumDrafts
 from infergrid.worker.spec_decode.cost_model import StepCostModel
+from infergrid.worker.spec_decode.goodput_guard import GoodputGuard
 
 
 def _states(a: AdaptiveNumDrafts) -> dict:
@@ -60,6 +61,7 @@ def test_engine_decisions_are_the_same_with_and_without_the_shortcut(tiny_model,
     monkeypatch.setattr(StepCostModel, "calibration", lambda self, batch_size: 1.0)
     monkeypatch.setattr(StepCostModel, "pipelined_ratio", lambda self, batch_size: 1.0)
     monkeypatch.setattr(StepCostModel, "observe_proposer", lambda self, seconds_per_pass, step_seconds: None)
+    monkeypatch.setattr(GoodputGuard, "blocks", lambda self, batch_size, step: False)  # (measured goodput)
     prompts = ["Hello, how are you", "Once upon a time there", "What is two plus", "The quick brown fox"]
     params = [SamplingParams(temperature=0.0, max_tokens=60 + 9 * i, ignore_eos=True) for i in range(3)]
     params.append(SamplingParams(temperature=1.0, max_tokens=20, seed=4, ignore_eos=True))  # its own clock

@@ -218,13 +218,16 @@ class LLMEngine:
             # A step after one of the same kind also gives its finish-to-finish time: a pipelined step's
             # cost sample, a synchronous one's realized cost (the calibration of the batch-level check).
             seconds = None if step.is_pipelined else now - step.start + self._output_seconds
+            # Any step after another also gives the time since its finish (what speculation delivered
+            # against pipelined steps, switches included: spec_decode/goodput_guard.py).
             last, last_pipelined = self._last_finish
-            since_last = now - last if last and step.is_pipelined == last_pipelined else None
+            gap = now - last if last else None
+            since_last = gap if step.is_pipelined == last_pipelined else None
             if step.is_pipelined and since_last is not None:
                 self.model_runner.spec_decoder.observe_pipelined_step(scheduler_output, since_last)  # type: ignore[union-attr]
             drafts = self.model_runner.propose_draft_token_ids(
                 scheduler_output, runner_output.sampled_token_ids, seconds, step.is_pipelined,
-                None if step.is_pipelined else since_last)
+                None if step.is_pipelined else since_last, gap)
         outputs_start = time.perf_counter()
         outputs, stopped = self.output_processor.process(
             scheduled, runner_output, [*scheduler_output.expired_requests, *finished]

@@ -116,7 +116,7 @@ class StepCostModel:
 
     def observe_pipelined_step(self, num_tokens: int, seconds: float) -> None:
         """A pipelined decode step of `num_tokens` tokens took `seconds` (finish to finish)."""
-        key, d = _bucket(num_tokens), PIPELINED_DECAY
+        key, d = batch_bucket(num_tokens), PIPELINED_DECAY
         w, n, t = self._pipelined.get(key, (0.0, 0.0, 0.0))
         self._pipelined[key] = (d * w + 1.0, d * n + num_tokens, d * t + seconds)
 
@@ -163,7 +163,7 @@ class StepCostModel:
         if prediction is None or seconds is None or seconds <= 0 or prediction[0] != batch_size:
             return
         sample = max(MIN_CALIBRATION, min(MAX_CALIBRATION, num_emitted / seconds / prediction[1]))
-        key = _bucket(batch_size)
+        key = batch_bucket(batch_size)
         kappa = self._calibration.get(key, 1.0)
         self._calibration[key] = CALIBRATION_DECAY * kappa + (1 - CALIBRATION_DECAY) * sample
 
@@ -224,10 +224,10 @@ def _nearest(by_bucket: dict[int, Any], batch_size: int, default: Any = None) ->
     pipelining and calibration change smoothly with the size."""
     if not by_bucket:
         return default
-    key = _bucket(batch_size)
+    key = batch_bucket(batch_size)
     return by_bucket[min(by_bucket, key=lambda b: (abs(b - key), -b))]
 
 
-def _bucket(batch_size: int) -> int:
+def batch_bucket(batch_size: int) -> int:
     """Batch sizes 1, 2-3, 4-7, 8-15, ... -> 1, 2, 3, 4, ..."""
     return max(1, batch_size).bit_length()

@@ -14,7 +14,8 @@ preempted and prefix-hit requests):
     propose()         observes acceptance (adaptive.py) and the step's time (cost_model.py), runs
                       the hindsight checks due for requests that are off, then proposes up to k
                       tokens for every request that sampled and speculates (n-gram lookup or the
-                      draft model), if the step as a whole pays (`_pays`)
+                      draft model), if the step as a whole pays (`_pays`) and speculation has
+                      not delivered less than pipelined steps at this batch size (goodput_guard.py)
 
 The proposals (and, for a sampled draft, their distributions q) wait for the next step. A request
 at k = 0 costs a dictionary lookup per step here: no lookup, no draft-model pass, no draft rows; a
@@ -28,6 +29,7 @@ steps later.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -54,6 +56,7 @@ from infergrid.worker.spec_decode.cost_model import (
     GPU_FIXED_COST_TOKENS,
     StepCostModel,
 )
+from infergrid.worker.spec_decode.goodput_guard import GoodputGuard
 from infergrid.worker.spec_decode.ngram_proposer import NgramProposer
 from infergrid.worker.spec_decode.rejection_sampler import NO_DRAFT, RejectionSampler, keep_accepted_prefix
 
@@ -98,6 +101,7 @@ class SpeculativeDecoder:
             raise ValueError(f"speculative_method must be 'ngram' or 'draft', got {self.method!r}")
         on_gpu = runner.device.type == "cuda"
         self.cost = StepCostModel(proposer_cost, GPU_FIXED_COST_TOKENS if on_gpu else DEFAULT_FIXED_COST_TOKENS)
+        self.guard = GoodputGuard()  # what speculating steps delivered against pipelined ones, measured
         # n-gram checks are host lookups: a new request that starts off is checked as soon as any other.
         # A draft model's checks cost an eager catch-up pass: while it keeps failing, new requests wait longest.
         self.adaptive = AdaptiveNumDrafts(self.max_k, enabled=envs.spec_decode_adaptive(),
@@ -245,10 +249,12 @@ class SpeculativeDecoder:
         step_seconds: float | None = None,
         pipelined: bool = False,
         wall_seconds: float | None = None,
+        gap_seconds: float | None = None,
     ) -> dict[str, list[int]]:
         """After the scheduler applied this step (which took `step_seconds`, proposing excluded; it
         ran `pipelined` ahead of its tokens or not; `wall_seconds`: finish to finish, after a synchronous
-        step, else None): learn from the verified drafts and the hindsight
+        step, else None; `gap_seconds`: finish to finish after a step of either kind): learn from the
+        verified drafts and the hindsight
         checks, run the checks now due, and propose the next drafts for every running request that
         sampled and speculates, if the step as a whole pays. Returns request id -> drafts (none after
         a pipelined step: the next step is already running)."""
@@ -263,6 +269,9 @@ class SpeculativeDecoder:
         # Decode steps only (every request samples, at most 1 + k tokens each): prefill is another regime.
         is_decode = (num_sampled == len(scheduler_output.scheduled)
                      and scheduler_output.num_batched_tokens <= num_sampled * (1 + self.max_k))
+        num_emitted = sum(map(len, sampled_token_ids.values()))
+        if gap_seconds is not None and is_decode and num_sampled:  # switching steps included (goodput_guard.py)
+            self.guard.observe(num_sampled, pipelined, num_emitted, gap_seconds, self.num_steps)
         if self.draft is not None:
             # A step whose device work included draft catch-ups beyond a step's worth (a request's first
             # proposal after a switch-on, a hindsight check) measures a transition, not the steady
@@ -274,8 +283,7 @@ class SpeculativeDecoder:
         if step_seconds is not None and is_decode:
             self.cost.observe_step(scheduler_output.num_batched_tokens, step_seconds)
         # A synchronous step's realized cost (finish to finish) against what the batch-level check predicted.
-        self.cost.observe_speculating_step(num_sampled, sum(map(len, sampled_token_ids.values())),
-                                           wall_seconds if is_decode else None)
+        self.cost.observe_speculating_step(num_sampled, num_emitted, wall_seconds if is_decode else None)
         adaptive, step = self.adaptive, self.num_steps
         self.num_steps += 1
         now = not pipelined
@@ -286,6 +294,9 @@ class SpeculativeDecoder:
         # at this size compared with what they delivered), as in the batch-level check.
         batch = max(1, num_sampled)
         cost, plain = self.cost.draft_token_cost(batch), self.cost.plain_goodput(batch) / self.cost.calibration(batch)
+        blocked = self.guard.blocks(batch, step)
+        if blocked:  # no check switches a request on (the batch-level check switches off those that are on)
+            plain = math.inf
         # NOTE: a seeded sampled request's random draws depend on its drafts, so its drafts must not
         # depend on timing or on other requests: default costs, its own step count, no batch check.
         seeded_cost = self.cost.draft_token_cost(max(1, num_sampled), measured=False)
@@ -313,7 +324,9 @@ class SpeculativeDecoder:
             # Marginal: in a synchronous step (the batch-level check below decides that) drafts need
             # only beat 1 token per step.
             k = adaptive.num_drafts(req_id, c, own_step, 1.0, now)
-            if k == CHECK:
+            if k == CHECK and blocked and own_step is not None:  # it could not switch on: not worth a lookup
+                adaptive.observe_check(req_id, 0.0, 0, c, own_step, plain, now)
+            elif k == CHECK:
                 checks.append(sched)
             elif k:
                 # Drafts past prompt + max_tokens - 1 positions would be trimmed by the scheduler anyway.
@@ -348,7 +361,8 @@ class SpeculativeDecoder:
     def describe(self) -> str:
         """The estimates behind the decisions (for benchmarks and debugging)."""
         caught_up = f", draft caught up {self.draft.num_catch_up_tokens_total} tokens" if self.draft else ""
-        return (f"{self.cost.describe()}, engine acceptance {self.adaptive.engine_rate():.2f}, "
+        return (f"{self.cost.describe()}, {self.guard.describe(self.num_steps)}, "
+                f"engine acceptance {self.adaptive.engine_rate():.2f}, "
                 f"{len(self.drafted)} drafted, any on: {self.adaptive.any_on}, {self.num_checks_total} checks, "
                 f"{self.num_batch_offs_total} batch-level switch-offs{caught_up}")
 
@@ -376,8 +390,10 @@ class SpeculativeDecoder:
         if not on:
             return True
         extra = sum(gain for _, _, gain in on)
-        if self.cost.speculation_pays(len(sampling), draft_cost, extra, sum(k for _, k, _ in on),
-                                      max(k for _, k, _ in on)):
+        if self.guard.blocks(len(sampling), step):  # it has delivered less than pipelined steps here
+            self.cost.discard_prediction()
+        elif self.cost.speculation_pays(len(sampling), draft_cost, extra, sum(k for _, k, _ in on),
+                                        max(k for _, k, _ in on)):
             return True
         logger.debug("step %d: speculation does not pay for the batch (%s)", step, self.describe())
         self.num_batch_offs_total += 1
