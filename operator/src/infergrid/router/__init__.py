@@ -1,1 +1,0 @@
-"""infergrid router."""
