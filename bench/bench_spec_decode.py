@@ -47,8 +47,10 @@ agreement; bf16 kernels of different batch shapes may flip near-ties, so this is
     PYTHONPATH=worker/src python bench/bench_spec_decode.py --out bench/results/spec_decode.json    # GPU
     .venv/bin/python bench/bench_spec_decode.py --shape tiny --batch-sizes 1 4 --max-tokens 16 --repeats 2  # CPU smoke
 
-Prints a table and writes JSON (--out). Targets (SPEC): >= 2x at acceptance >= 0.8; never slower
-(>= 0.95x here, for run-to-run noise) when acceptance is low.
+Prints a table and writes JSON (--out), then a verdict per row. Targets (SPEC): >= 2x at acceptance
+>= 0.8 at batch 1; never slower (>= 0.95x here, for run-to-run noise) when acceptance is low (below
+0.3, or nothing verified); and, since adaptive k is meant to make speculation never a net loss,
+>= 0.95x in every other row too (moderate acceptance, high acceptance at batch 32).
 """
 
 from __future__ import annotations
@@ -327,21 +329,21 @@ def print_table(header: str, results: list[BatchResult]) -> list[str]:
         print("| " + " | ".join(row) + " |")
     verdicts = []
     for r in results:
-        if method(r.mode) in ("off", "off-sync") or r.speedup is None:
-            continue
-        if r.acceptance_rate is None:  # nothing verified: adaptive k kept speculation off
-            ok = r.speedup >= NEVER_SLOWER
-            verdicts.append(f"{r.mode} batch {r.batch_size}: no drafts verified -> {r.speedup:.2f}x "
-                            f"({'meets' if ok else 'BELOW'} the never-slower target, >= {NEVER_SLOWER:g}x)")
-            continue
-        if r.acceptance_rate >= HIGH_ACCEPTANCE and r.mode != "draft=target":  # its draft costs a target
+        if method(r.mode) in ("off", "off-sync") or r.speedup is None or r.mode == "draft=target":
+            continue  # (draft=target runs with adaptive k off, and its draft costs a target)
+        head = f"{r.mode} batch {r.batch_size}: " + (
+            "no drafts verified" if r.acceptance_rate is None else f"acceptance {r.acceptance_rate:.2f}")
+        if r.acceptance_rate is not None and r.acceptance_rate >= HIGH_ACCEPTANCE and r.batch_size == 1:
             ok = r.speedup >= TARGET_SPEEDUP_AT_HIGH_ACCEPTANCE
-            verdicts.append(f"{r.mode} batch {r.batch_size}: acceptance {r.acceptance_rate:.2f} -> {r.speedup:.2f}x "
-                            f"({'meets' if ok else 'BELOW'} the >= {TARGET_SPEEDUP_AT_HIGH_ACCEPTANCE:g}x target)")
-        elif r.acceptance_rate < LOW_ACCEPTANCE:
+            verdicts.append(f"{head} -> {r.speedup:.2f}x ({'meets' if ok else 'BELOW'} the "
+                            f">= {TARGET_SPEEDUP_AT_HIGH_ACCEPTANCE:g}x target at batch 1)")
+        elif r.acceptance_rate is None or r.acceptance_rate < LOW_ACCEPTANCE:
             ok = r.speedup >= NEVER_SLOWER
-            verdicts.append(f"{r.mode} batch {r.batch_size}: acceptance {r.acceptance_rate:.2f} -> {r.speedup:.2f}x "
-                            f"({'meets' if ok else 'BELOW'} the never-slower target, >= {NEVER_SLOWER:g}x)")
+            verdicts.append(f"{head} -> {r.speedup:.2f}x ({'meets' if ok else 'BELOW'} the never-slower target, "
+                            f">= {NEVER_SLOWER:g}x)")
+        else:  # moderate acceptance, or high at a larger batch: adaptive k should make it no net loss
+            ok = r.speedup >= NEVER_SLOWER
+            verdicts.append(f"{head} -> {r.speedup:.2f}x ({'no' if ok else 'A'} net loss, >= {NEVER_SLOWER:g}x)")
     for line in verdicts:
         print(line)
     return verdicts
