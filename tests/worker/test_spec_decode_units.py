@@ -353,9 +353,6 @@ def test_config_and_draft_compatibility_errors(tiny_model, tmp_path):
     from infergrid.worker.config import EngineConfig
     from infergrid.worker.tiny_model import make_tiny_model
 
-    with pytest.raises(ValueError, match="'draft' does not support tensor_parallel_size > 1"):
-        EngineConfig(model="m", speculative_method="draft", num_speculative_tokens=2, draft_model="d",
-                     tensor_parallel_size=2)
     with pytest.raises(ValueError, match="draft_lm_head_dtype must be None or 'fp8', got 'int4'"):
         EngineConfig(model="m", speculative_method="draft", num_speculative_tokens=2, draft_model="d",
                      draft_lm_head_dtype="int4")

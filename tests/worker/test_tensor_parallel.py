@@ -167,6 +167,29 @@ def test_ngram_speculative_decoding_under_tp2_matches_tp1(tiny_llama, monkeypatc
     assert stats.spec_decode_num_draft_tokens_total > 0  # verification batches went through the broadcast
 
 
+@pytest.mark.parametrize("draft", ["llama", "llama_draft"])
+def test_draft_model_speculative_decoding_under_tp2_matches_tp1(tiny_model, tiny_llama, monkeypatch, draft):
+    """The draft model runs unsharded on rank 0 and its drafts reach the other ranks in the step header:
+    the same greedy tokens as TP=1 without speculation, with the target itself as the draft (every
+    draft accepted) and with an unrelated one (nearly every draft rejected, KV slots rolled back)."""
+    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")  # (k fixed, as above)
+    if "llama" not in _reference:
+        _reference["llama"] = generate(tiny_llama, 1)[0]
+    llm = LLM(tiny_llama, tensor_parallel_size=2, speculative_method="draft", num_speculative_tokens=3,
+              draft_model=tiny_model(draft), **ENGINE_ARGS)
+    try:
+        outs = llm.generate(PROMPTS, GREEDY)
+        stats = llm.llm_engine.get_stats()
+        pids = llm.llm_engine.model_executor.rank_pids
+    finally:
+        llm.llm_engine.shutdown()
+    assert [o.outputs[0].token_ids for o in outs] == [e.token_ids for e in _reference["llama"]]
+    acceptance = stats.spec_decode_num_accepted_tokens_total / stats.spec_decode_num_draft_tokens_total
+    assert stats.spec_decode_num_draft_tokens_total > 0
+    assert acceptance >= 0.98 if draft == "llama" else acceptance < 0.2
+    assert not wait_gone(pids[1:], 5.0), "ranks still running after shutdown"
+
+
 # -- lifecycle --------------------------------------------------------------------------------------
 def test_a_rank_killed_mid_generation_fails_it_and_the_other_ranks_stop(tiny_llama):
     llm = LLM(tiny_llama, tensor_parallel_size=4, **ENGINE_ARGS)

@@ -102,9 +102,6 @@ class EngineConfig:
             raise ValueError(f"draft_lm_head_dtype must be None or 'fp8', got {self.draft_lm_head_dtype!r}")
         if method != "draft" and self.draft_lm_head_dtype is not None:
             raise ValueError("draft_lm_head_dtype is only used when speculative_method is 'draft'")
-        if method == "draft" and self.tensor_parallel_size > 1:
-            raise ValueError("speculative_method 'draft' does not support tensor_parallel_size > 1 yet "
-                             "(use speculative_method 'ngram')")
 
     def get_max_num_batched_tokens(self) -> int:
         """The per-step token budget: the explicit value, else a default large enough for a full

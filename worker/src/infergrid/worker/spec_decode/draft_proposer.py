@@ -154,7 +154,7 @@ class DraftProposer:
     """
 
     def __init__(self, config: EngineConfig, target: ModelRunner) -> None:
-        assert config.draft_model is not None and config.tensor_parallel_size == 1  # EngineConfig checks
+        assert config.draft_model is not None  # EngineConfig checks
         path = resolve_model_path(config.draft_model)
         self.model_config = ModelConfig.from_pretrained(path)
         target_cfg = target.model_config

@@ -110,6 +110,9 @@ class SpeculativeDecoder:
         # Draft method: the last proposal step's drafts, on the device (requests' spec_token_ids hold
         # DRAFT_PLACEHOLDER_ID for them) and, for sampled requests, their distributions q.
         self.draft_batch: DraftBatch | None = None
+        # NOTE: with tensor parallelism the other ranks take each step's input ids from rank 0's step
+        # header, so the drafts (the draft model runs unsharded, on rank 0 only) go to the host.
+        self.drafts_on_host = runner.tp_size > 1
         # Draft method: drafts proposed ahead of the verification running now (propose_ahead).
         self.ahead: AheadDrafts | None = None
         self._ahead_seconds = 0.0  # host time propose_ahead took (the proposer's, within the step)
@@ -454,7 +457,8 @@ class SpeculativeDecoder:
         caught_up = self.draft.num_catch_up_tokens_total - num_caught_up
         if batch is None:
             return {}, caught_up
-        if any(s.request.sampling_params.has_penalties for s, _ in candidates if s.request_id in batch.rows):
+        if self.drafts_on_host or any(s.request.sampling_params.has_penalties for s, _ in candidates
+                                      if s.request_id in batch.rows):
             # Penalties at draft positions count the drafts before them (on the host): wait for them.
             return batch.to_host(), caught_up
         return {req_id: [DRAFT_PLACEHOLDER_ID] * n for req_id, n in batch.num_drafts.items()}, caught_up
