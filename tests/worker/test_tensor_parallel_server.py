@@ -50,14 +50,14 @@ def free_port() -> int:
 class TPServer:
     """One `infergrid-worker serve --tensor-parallel-size N` subprocess on CPU."""
 
-    def __init__(self, model: str, tp: int, log_path: Path) -> None:
+    def __init__(self, model: str, tp: int, log_path: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         args = ["serve", "--model", model, "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu",
                 "--dtype", "float32", "--max-model-len", "256", "--num-gpu-blocks-override", "64",
                 "--tensor-parallel-size", str(tp), "--disable-uvicorn-access-log", "--drain-timeout", "5",
-                "--served-model-name", "tiny"]
+                "--served-model-name", "tiny", *extra_args]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         env.pop("INFERGRID_API_KEY", None)
         self.proc = subprocess.Popen([*WORKER, *args], stdout=self._log, stderr=subprocess.STDOUT, env=env,
@@ -122,8 +122,8 @@ def assert_matches_tp1(server: TPServer, expected: list) -> None:
 def start_server(tmp_path):
     servers: list[TPServer] = []
 
-    def start(model: str, tp: int = 2) -> TPServer:
-        server = TPServer(model, tp, tmp_path / f"worker-{len(servers)}.log")
+    def start(model: str, tp: int = 2, extra_args: tuple[str, ...] = ()) -> TPServer:
+        server = TPServer(model, tp, tmp_path / f"worker-{len(servers)}.log", extra_args)
         servers.append(server)
         server.wait_ready()
         return server
@@ -175,3 +175,18 @@ def test_serve_refuses_a_tp_size_that_does_not_divide_the_heads(tiny_llama):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "tensor_parallel_size 3 does not divide the model's num_attention_heads 4" in proc.stderr
+
+
+def test_tp2_server_with_a_draft_model_matches_tp1(tiny_model, start_server, monkeypatch):
+    """Speculative decoding with a draft model under TP=2, through HTTP: the draft (here the target
+    itself, k fixed: on a CPU a draft as big as the target would never be used) runs on rank 0 and
+    the text equals the TP=1 engine's without speculation."""
+    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")  # (the server inherits the environment)
+    model = tiny_model("llama")
+    expected = reference(model)
+    server = start_server(model, extra_args=("--speculative-method", "draft", "--draft-model", model,
+                                             "--num-speculative-tokens", "3"))
+    assert_matches_tp1(server, expected)
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10.0).text
+    found = re.search(r"^vllm:spec_decode_num_accepted_tokens_total\{[^}]*\} ([\d.e+]+)$", metrics, re.M)
+    assert found and float(found.group(1)) > 0, metrics[-2000:]
