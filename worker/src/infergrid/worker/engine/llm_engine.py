@@ -215,11 +215,10 @@ class LLMEngine:
             # A pipelined step's wall time spans the next one's launch: its cost sample is the time
             # since the previous pipelined step finished. A synchronous one's is its own time plus its
             # outputs' (not made yet: the last step's stand in), as a pipelined step's includes them.
-            # A step after one of the same kind also gives its finish-to-finish time: a pipelined step's
-            # cost sample, a synchronous one's realized cost (the calibration of the batch-level check).
+            # Any step after another also gives its finish-to-finish time (`gap`: the goodput guard's
+            # sample, switches included); after one of the same kind that is also a pipelined step's
+            # cost sample, or a synchronous one's realized cost (the batch-level check's calibration).
             seconds = None if step.is_pipelined else now - step.start + self._output_seconds
-            # Any step after another also gives the time since its finish (what speculation delivered
-            # against pipelined steps, switches included: spec_decode/goodput_guard.py).
             last, last_pipelined = self._last_finish
             gap = now - last if last else None
             since_last = gap if step.is_pipelined == last_pipelined else None

@@ -338,7 +338,8 @@ class SpeculativeDecoder:
                     wanted.append((sched, k))
         if checks:
             self._check(checks, decide_args, step, now)
-        if adaptive.any_on and not self._pays(sampling, dict((s.request_id, k) for s, k in wanted), cost, step):
+        if adaptive.any_on and not self._pays(sampling, dict((s.request_id, k) for s, k in wanted), cost, step,
+                                              blocked):
             return {}
         if not wanted:
             self.cost.discard_prediction()
@@ -369,7 +370,8 @@ class SpeculativeDecoder:
                 f"{len(self.drafted)} drafted, any on: {self.adaptive.any_on}, {self.num_checks_total} checks, "
                 f"{self.num_batch_offs_total} batch-level switch-offs{caught_up}")
 
-    def _pays(self, sampling: list[ScheduledRequest], wanted: dict[str, int], draft_cost: float, step: int) -> bool:
+    def _pays(self, sampling: list[ScheduledRequest], wanted: dict[str, int], draft_cost: float, step: int,
+              blocked: bool) -> bool:
         """The batch-level check, over the requests of this step that are on (`wanted`: those that
         propose now, with their k; the others just switched on, at their estimated k). A speculating
         step is synchronous for every request in it, so the drafters' expected extra tokens must beat
@@ -393,7 +395,7 @@ class SpeculativeDecoder:
         if not on:
             return True
         extra = sum(gain for _, _, gain in on)
-        if self.guard.blocks(len(sampling), step):  # it has delivered less than pipelined steps here
+        if blocked:  # the goodput guard: speculation delivered less than pipelined steps at this size
             self.cost.discard_prediction()
         elif self.cost.speculation_pays(len(sampling), draft_cost, extra, sum(k for _, k, _ in on),
                                         max(k for _, k, _ in on)):
@@ -459,7 +461,8 @@ class SpeculativeDecoder:
             return {}, caught_up
         if self.drafts_on_host or any(s.request.sampling_params.has_penalties for s, _ in candidates
                                       if s.request_id in batch.rows):
-            # Penalties at draft positions count the drafts before them (on the host): wait for them.
+            # Wait for the drafts: other TP ranks read input ids from the step header, and penalties at
+            # draft positions count the drafts before them (on the host).
             return batch.to_host(), caught_up
         return {req_id: [DRAFT_PLACEHOLDER_ID] * n for req_id, n in batch.num_drafts.items()}, caught_up
 
