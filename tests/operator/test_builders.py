@@ -12,11 +12,14 @@ from infergrid.operator.builders import (
     build_network_policy,
     build_pod_disruption_budget,
     build_pod_monitor,
+    build_router_deployment,
+    build_router_network_policy,
     build_worker_deployment,
     build_worker_headless_service,
     endpoint_url,
     selector_string,
 )
+from infergrid.operator.builders.router import build_router_role, build_router_role_binding
 from infergrid.operator.config import OperatorConfig
 from infergrid.operator.spec import ServiceSpec, desired_replicas
 
@@ -37,11 +40,13 @@ def spec_hash(deployment):
 
 # ---------------------------------------------------------------- children, names, ownership
 
-def test_children_are_the_five_kinds_all_owned_by_the_service():
+def test_children_are_workers_and_router_all_owned_by_the_service():
     children = build_children(spec_of(), CONFIG)
     assert [(ch["kind"], ch["metadata"]["name"]) for ch in children] == [
         ("Service", "llama-workers"), ("Service", "llama"), ("PodDisruptionBudget", "llama-worker"),
-        ("NetworkPolicy", "llama-worker"), ("Deployment", "llama-worker"),
+        ("NetworkPolicy", "llama-worker"), ("NetworkPolicy", "llama-router"), ("ServiceAccount", "llama-router"),
+        ("Role", "llama-router"), ("RoleBinding", "llama-router"), ("Deployment", "llama-router"),
+        ("Deployment", "llama-worker"),
     ]
     for child in children:
         assert child["metadata"]["namespace"] == "team-a"
@@ -283,12 +288,11 @@ def test_headless_service_selects_workers():
     assert svc["spec"]["ports"][0]["port"] == 8000
 
 
-def test_client_service_selects_workers_until_a_router_exists():
+def test_client_service_selects_the_router_pods():
     svc = build_client_service(spec_of())
     assert svc["metadata"]["name"] == "llama"
-    assert svc["spec"]["selector"][c.LABEL_COMPONENT] == "worker"
+    assert svc["spec"]["selector"] == {c.LABEL_ISVC: "llama", c.LABEL_COMPONENT: "router"}
     assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
-    assert build_client_service(spec_of(), has_router=True)["spec"]["selector"][c.LABEL_COMPONENT] == "router"
 
 
 def test_pdb_allows_one_worker_down():
@@ -298,7 +302,7 @@ def test_pdb_allows_one_worker_down():
 
 
 def test_network_policy_admits_router_and_prometheus_only():
-    config = dataclasses.replace(CONFIG, has_router=True, prometheus_pod_labels={"app": "prom"},
+    config = dataclasses.replace(CONFIG, prometheus_pod_labels={"app": "prom"},
                                  prometheus_namespace_labels={"team": "monitoring"})
     policy = build_network_policy(spec_of(), config)
     assert policy["spec"]["policyTypes"] == ["Ingress"]
@@ -311,9 +315,57 @@ def test_network_policy_admits_router_and_prometheus_only():
     ]
 
 
-def test_network_policy_without_router_admits_the_own_namespace_only():
-    (rule,) = build_network_policy(spec_of(), CONFIG)["spec"]["ingress"]
-    assert rule["from"][0] == {"podSelector": {}}  # same namespace (no namespaceSelector)
+def test_router_network_policy_admits_any_client_on_the_router_port_only():
+    policy = build_router_network_policy(spec_of())
+    assert policy["spec"]["podSelector"]["matchLabels"] == {c.LABEL_ISVC: "llama", c.LABEL_COMPONENT: "router"}
+    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}]}]  # no `from`: any source
+
+
+def test_router_deployment_runs_infergrid_router_for_this_service():
+    spec = spec_of(router={"replicas": 2, "policy": "least-load", "apiKeySecretRef": {"name": "keys", "key": "k"}})
+    deploy = build_router_deployment(spec, CONFIG)
+    assert deploy["metadata"]["name"] == "llama-router"
+    assert deploy["metadata"]["ownerReferences"][0]["kind"] == "InferenceService"
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["selector"]["matchLabels"] == {c.LABEL_ISVC: "llama", c.LABEL_COMPONENT: "router"}
+    pod = deploy["spec"]["template"]["spec"]
+    (ctr,) = pod["containers"]
+    assert ctr["image"] == CONFIG.router_image
+    argv = ctr["command"] + ctr["args"]
+    assert argv[0] == "infergrid-router"
+    assert flag_value(argv, "--service") == "llama"
+    assert flag_value(argv, "--workers-service") == "llama-workers"
+    assert flag_value(argv, "--policy") == "least-load"
+    assert flag_value(argv, "--api-key-file") == "/etc/infergrid/api-keys/k"
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"] == {"secretName": "keys", "items": [{"key": "k", "path": "k"}]}
+    assert pod["serviceAccountName"] == "llama-router"
+    assert ctr["securityContext"]["runAsNonRoot"] is True
+    assert ctr["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_router_defaults_one_replica_prefix_aware_no_keys():
+    deploy = build_router_deployment(spec_of(), CONFIG)
+    ctr = deploy["spec"]["template"]["spec"]["containers"][0]
+    assert deploy["spec"]["replicas"] == 1
+    assert flag_value(ctr["args"], "--policy") == "prefix-aware"
+    assert "--api-key-file" not in ctr["args"]
+
+
+def test_router_rolls_when_its_spec_changes_and_not_for_worker_only_changes():
+    def router_hash(**kw: object) -> str:
+        return build_router_deployment(spec_of(**kw), CONFIG)["metadata"]["annotations"][c.ANNOTATION_SPEC_HASH]
+
+    assert router_hash() == router_hash(engine={"maxNumSeqs": 7})
+    assert router_hash() != router_hash(router={"policy": "round-robin"})
+
+
+def test_router_role_reads_endpointslices_only():
+    (rule,) = build_router_role(spec_of())["rules"]
+    assert rule == {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                    "verbs": ["get", "list", "watch"]}
+    binding = build_router_role_binding(spec_of())
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "llama-router", "namespace": "team-a"}]
 
 
 def test_pod_monitor_scrapes_worker_metrics():

@@ -29,10 +29,14 @@ def pod(name="p0", ready=False, unschedulable=None, broken=None, terminating=Fal
                       broken_reason=broken, broken_message=f"container worker: {broken}" if broken else None)
 
 
-def observed(deployment, pods=(), desired=2, generation=3, desired_hash="h1"):
+READY_ROUTER = DeploymentSummary(generation=1, observed_generation=1, spec_replicas=1, replicas=1, ready_replicas=1,
+                                 updated_replicas=1, template_hash="r1", progress_deadline_exceeded=False)
+
+
+def observed(deployment, pods=(), desired=2, generation=3, desired_hash="h1", router=READY_ROUTER):
     return Observed(generation=generation, desired_replicas=desired, desired_hash=desired_hash, gpus_per_pod=4,
                     gpu_resource_name="nvidia.com/gpu", selector="sel", endpoint="http://x.ns.svc:80",
-                    deployment=deployment, pods=tuple(pods))
+                    deployment=deployment, pods=tuple(pods), router_replicas=1, router_hash="r1", router=router)
 
 
 def conditions(status):
@@ -49,6 +53,27 @@ def test_all_workers_ready():
     assert status["observedGeneration"] == 3
     assert status["selector"] == "sel" and status["endpoint"] == "http://x.ns.svc:80"
     assert all(c["observedGeneration"] == 3 for c in status["conditions"])
+
+
+def test_ready_needs_a_ready_router_too():
+    status = compute_status(observed(deploy(ready=2), router=None), None, T0)
+    conds = conditions(status)
+    assert conds["RouterReady"]["status"] == "False" and conds["RouterReady"]["reason"] == "Pending"
+    assert conds["Ready"]["status"] == "False" and conds["Ready"]["reason"] == "RouterNotReady"
+    not_ready = DeploymentSummary(generation=1, observed_generation=1, spec_replicas=1, replicas=1, ready_replicas=0,
+                                  updated_replicas=1, template_hash="r1", progress_deadline_exceeded=False)
+    conds = conditions(compute_status(observed(deploy(ready=2), router=not_ready), None, T0))
+    assert conds["RouterReady"]["message"] == "0/1 router pods ready"
+    assert conds["Ready"]["status"] == "False"
+
+
+def test_router_rolling_out_still_serves():
+    old_router = DeploymentSummary(generation=2, observed_generation=2, spec_replicas=1, replicas=2,
+                                   ready_replicas=1, updated_replicas=0, template_hash="r0",
+                                   progress_deadline_exceeded=False)
+    conds = conditions(compute_status(observed(deploy(ready=2), router=old_router), None, T0))
+    assert conds["RouterReady"]["status"] == "True" and conds["RouterReady"]["reason"] == "RollingOut"
+    assert conds["Ready"]["status"] == "True"
 
 
 def test_no_deployment_yet():

@@ -1,4 +1,4 @@
-"""In-memory view of InferenceServices, their worker Deployments and worker pods, fed by watch events."""
+"""In-memory view of InferenceServices, their worker and router Deployments and worker pods, fed by watch events."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ class ServiceCache:
 
     def __init__(self) -> None:
         self.services: dict[Key, dict[str, Any]] = {}
-        self.deployments: dict[Key, DeploymentSummary] = {}
+        self.deployments: dict[Key, DeploymentSummary] = {}  # the worker Deployments
+        self.routers: dict[Key, DeploymentSummary] = {}  # the router Deployments
         self.pods: dict[Key, dict[str, PodSummary]] = {}
 
     def update_service(self, event_type: str | None, body: Mapping[str, Any]) -> Key:
@@ -45,10 +46,12 @@ class ServiceCache:
         key = owner_key(body)
         if key is None:
             return None
+        component = (body["metadata"].get("labels") or {}).get(c.LABEL_COMPONENT)
+        store = self.routers if component == c.COMPONENT_ROUTER else self.deployments
         if event_type == "DELETED":
-            self.deployments.pop(key, None)
+            store.pop(key, None)
         else:
-            self.deployments[key] = DeploymentSummary.from_body(body)
+            store[key] = DeploymentSummary.from_body(body)
         return key
 
     def update_pod(self, event_type: str | None, body: Mapping[str, Any]) -> Key | None:

@@ -20,16 +20,18 @@ class OperatorConfig:
     prometheus_pod_labels: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: {"app.kubernetes.io/name": "prometheus"})
     prometheus_namespace_labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    # NOTE: until the router Deployment exists, the client Service selects the workers directly and the
-    # NetworkPolicy admits the service's own namespace; with a router only router pods are admitted.
-    has_router: bool = False
+    # The router runs from the operator's own image (the `infergrid-router` console script).
+    router_image: str = "ghcr.io/infergrid/operator:0.1.0"
+    router_image_pull_policy: str | None = None
     run_as_user: int = 1000
 
     def __post_init__(self) -> None:
-        if not self.worker_image:
-            raise ValueError("worker_image must not be empty")
-        if self.worker_image_pull_policy not in (None, "Always", "IfNotPresent", "Never"):
-            raise ValueError(f"worker_image_pull_policy {self.worker_image_pull_policy!r} is not a pull policy")
+        for name in ("worker_image", "router_image"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        for name in ("worker_image_pull_policy", "router_image_pull_policy"):
+            if getattr(self, name) not in (None, "Always", "IfNotPresent", "Never"):
+                raise ValueError(f"{name} {getattr(self, name)!r} is not a pull policy")
         if self.run_as_user <= 0:
             raise ValueError("run_as_user must be a non-root uid (> 0)")
 
@@ -42,6 +44,10 @@ class OperatorConfig:
             kwargs["worker_image"] = value
         if value := env.get(ENV_PREFIX + "WORKER_IMAGE_PULL_POLICY"):
             kwargs["worker_image_pull_policy"] = value
+        if value := env.get(ENV_PREFIX + "ROUTER_IMAGE"):
+            kwargs["router_image"] = value
+        if value := env.get(ENV_PREFIX + "ROUTER_IMAGE_PULL_POLICY"):
+            kwargs["router_image_pull_policy"] = value
         if value := env.get(ENV_PREFIX + "PROMETHEUS_POD_LABELS"):
             kwargs["prometheus_pod_labels"] = _labels(value, "PROMETHEUS_POD_LABELS")
         if value := env.get(ENV_PREFIX + "PROMETHEUS_NAMESPACE_LABELS"):

@@ -26,7 +26,12 @@ ANNOTATION_SPEC_HASH = "infergrid.dev/spec-hash"
 
 WORKER_PORT = 8000
 WORKER_PORT_NAME = "http"
+ROUTER_PORT = 8080
+ROUTER_PORT_NAME = "http"
 SERVICE_PORT = 80
+
+# Where the router pod mounts the Secret named by spec.router.apiKeySecretRef (the operator never reads it).
+API_KEYS_MOUNT_PATH = "/etc/infergrid/api-keys"
 
 # How long the preStop hook waits so endpoints drop the pod before SIGTERM reaches the worker.
 PRESTOP_SLEEP_SECONDS = 5

@@ -20,8 +20,10 @@ from infergrid.operator.runtime import Runtime
 ISVC = (c.GROUP, c.VERSION, c.PLURAL)
 DEPLOYMENTS = ("apps", "v1", "deployments")
 PODS = ("", "v1", "pods")
-WORKER_LABELS = {c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_COMPONENT: c.COMPONENT_WORKER}
+MANAGED_LABELS = {c.LABEL_MANAGED_BY: c.MANAGED_BY}
+WORKER_LABELS = {**MANAGED_LABELS, c.LABEL_COMPONENT: c.COMPONENT_WORKER}
 WORKER_SELECTOR = ",".join(f"{k}={v}" for k, v in WORKER_LABELS.items())
+MANAGED_SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_LABELS.items())
 
 
 @kopf.on.startup()
@@ -37,7 +39,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.networking.connect_timeout = 5
     settings.networking.request_timeout = 60
     settings.networking.error_backoffs = (1, 1, 2, 3, 5, 8, 13, 21, 30, 30, 30)
-    settings.watching.label_selectors[DEPLOYMENTS] = WORKER_SELECTOR
+    settings.watching.label_selectors[DEPLOYMENTS] = MANAGED_SELECTOR
     settings.watching.label_selectors[PODS] = WORKER_SELECTOR
     if "runtime" not in memo:
         memo.runtime = Runtime(api=KubeClient.from_environment(), config=OperatorConfig.from_env())
@@ -55,9 +57,9 @@ async def track_service(type: str | None, body: kopf.Body, memo: kopf.Memo, **_:
     memo.runtime.on_service_event(type, body)
 
 
-@kopf.on.event(*DEPLOYMENTS, labels=WORKER_LABELS)
+@kopf.on.event(*DEPLOYMENTS, labels=MANAGED_LABELS)
 async def track_deployment(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Worker Deployment changes feed status; a Deployment deleted under a live service is recreated."""
+    """Worker and router Deployment changes feed status; one deleted under a live service is recreated."""
     memo.runtime.on_deployment_event(type, body)
 
 

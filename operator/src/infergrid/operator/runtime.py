@@ -15,6 +15,7 @@ from infergrid.operator import metrics
 from infergrid.operator.apply import ChildOwnedElsewhere, apply_children
 from infergrid.operator.builders import (
     build_children,
+    build_router_pod_template,
     build_worker_pod_template,
     endpoint_url,
     selector_string,
@@ -48,7 +49,7 @@ class Runtime:
     refresher: WorkQueue = dataclasses.field(init=False)
     _reconciled: dict[Key, tuple[str, int]] = dataclasses.field(default_factory=dict)
     _errors: dict[Key, str] = dataclasses.field(default_factory=dict)
-    _hashes: dict[tuple[str, int], str] = dataclasses.field(default_factory=dict)
+    _hashes: dict[tuple[str, int], tuple[str, str]] = dataclasses.field(default_factory=dict)
     _last_written: dict[Key, dict[str, Any]] = dataclasses.field(default_factory=dict)
     _pod_monitor: tuple[float, bool] = (-1e9, False)
 
@@ -155,13 +156,16 @@ class Runtime:
             kopf.event(body, type="Warning", reason=reason, message=f"{exc} (attempt {failures}, retrying)")
             metrics.EVENTS_POSTED.labels("Warning", reason).inc()
 
-    def _desired_hash(self, spec: ServiceSpec) -> str:
+    def _desired_hashes(self, spec: ServiceSpec) -> tuple[str, str]:
+        """The spec hashes of the worker and the router pod templates this spec asks for."""
         cache_key = (spec.uid, spec.generation)
         if cache_key not in self._hashes:
             if len(self._hashes) > 10_000:
                 self._hashes.clear()
-            template = build_worker_pod_template(spec, self.config)
-            self._hashes[cache_key] = template["metadata"]["annotations"][c.ANNOTATION_SPEC_HASH]
+            self._hashes[cache_key] = tuple(  # type: ignore[assignment]
+                template["metadata"]["annotations"][c.ANNOTATION_SPEC_HASH]
+                for template in (build_worker_pod_template(spec, self.config),
+                                 build_router_pod_template(spec, self.config)))
         return self._hashes[cache_key]
 
     async def _refresh(self, key: Key) -> None:
@@ -173,10 +177,11 @@ class Runtime:
         except (KeyError, ValueError):
             return  # the reconcile handler reports unparseable specs
         deploy = self.cache.deployments.get(key)
+        worker_hash, router_hash = self._desired_hashes(spec)
         observed = Observed(
             generation=spec.generation,
             desired_replicas=desired_replicas(spec, deploy.spec_replicas if deploy else None),
-            desired_hash=self._desired_hash(spec),
+            desired_hash=worker_hash,
             gpus_per_pod=spec.engine.tensor_parallel_size,
             gpu_resource_name=spec.resources.gpu_resource_name,
             selector=selector_string(spec),
@@ -184,6 +189,9 @@ class Runtime:
             deployment=deploy,
             pods=tuple(self.cache.pods.get(key, {}).values()),
             reconcile_error=self._errors.get(key),
+            router_replicas=spec.router.replicas,
+            router_hash=router_hash,
+            router=self.cache.routers.get(key),
         )
         # NOTE: what this process wrote last is fresher than the watched body until the echo arrives.
         old = {**(body.get("status") or {}), **self._last_written.get(key, {})}

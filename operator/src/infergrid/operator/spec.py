@@ -63,6 +63,15 @@ class AutoscalingSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class RouterSpec:
+    """The per-service router: pods in front of the workers, how it spreads requests, its API keys."""
+
+    replicas: int = 1
+    policy: str = "prefix-aware"
+    api_key_secret: SecretKeyRef | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ResourcesSpec:
     """Per worker pod resources; the GPU count comes from the engine's tensor parallel size."""
 
@@ -86,6 +95,7 @@ class ServiceSpec:
     engine: EngineSpec
     replicas: int | None
     autoscaling: AutoscalingSpec | None
+    router: RouterSpec
     resources: ResourcesSpec
     startup_seconds: int
     drain_seconds: int
@@ -122,6 +132,7 @@ class ServiceSpec:
             engine=_parse_engine(spec.get("engine", {}) or {}),
             replicas=spec.get("replicas"),
             autoscaling=_parse_autoscaling(autoscaling) if autoscaling is not None else None,
+            router=_parse_router(spec.get("router", {}) or {}),
             resources=_parse_resources(spec.get("resources", {}) or {}),
             startup_seconds=int(timeouts.get("startupSeconds", 1800)),
             drain_seconds=int(timeouts.get("drainSeconds", 30)),
@@ -167,6 +178,15 @@ def _parse_autoscaling(spec: Mapping[str, Any]) -> AutoscalingSpec:
         target_kv_cache_usage=float(spec.get("targetKVCacheUsage", 0.85)),
         target_ttft_seconds=spec.get("targetTTFTSeconds"),
         scale_down_delay_seconds=int(spec.get("scaleDownDelaySeconds", 300)),
+    )
+
+
+def _parse_router(spec: Mapping[str, Any]) -> RouterSpec:
+    keys = spec.get("apiKeySecretRef")
+    return RouterSpec(
+        replicas=int(spec.get("replicas", 1)),
+        policy=spec.get("policy", "prefix-aware"),
+        api_key_secret=SecretKeyRef(keys["name"], keys.get("key", "keys")) if keys else None,
     )
 
 

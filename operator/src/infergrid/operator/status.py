@@ -14,8 +14,8 @@ from typing import Any
 from infergrid.operator import constants as c
 from infergrid.operator.pod_failure import CONFIG_ERROR, container_failure
 
-READY, WORKERS_READY, DEGRADED = "Ready", "WorkersReady", "Degraded"
-CONDITION_TYPES = (READY, WORKERS_READY, DEGRADED)
+READY, WORKERS_READY, ROUTER_READY, DEGRADED = "Ready", "WorkersReady", "RouterReady", "Degraded"
+CONDITION_TYPES = (READY, WORKERS_READY, ROUTER_READY, DEGRADED)
 _BROKEN_WAITING = frozenset({"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError",
                              "CreateContainerError", "InvalidImageName", "RunContainerError"})
 
@@ -106,6 +106,9 @@ class Observed:
     deployment: DeploymentSummary | None
     pods: tuple[PodSummary, ...] = ()
     reconcile_error: str | None = None
+    router_replicas: int = 1
+    router_hash: str | None = None
+    router: DeploymentSummary | None = None
 
 
 def _condition(kind: str, is_true: bool, reason: str, message: str) -> dict[str, Any]:
@@ -133,8 +136,11 @@ def compute_status(observed: Observed, old_status: Mapping[str, Any] | None,
         updated = int(old_status.get("updatedReplicas", 0))
         workers = {k: old_workers[k] for k in ("type", "status", "reason", "message") if k in old_workers}
     degraded = _degraded_condition(observed, deploy)
+    router = _router_condition(observed)
     if desired == 0:
         overall = _condition(READY, False, "ScaledToZero", "no worker replicas are running")
+    elif ready > 0 and router["status"] != "True":
+        overall = _condition(READY, False, "RouterNotReady", router["message"])
     elif ready > 0:
         overall = _condition(READY, True, "Serving", f"{ready}/{desired} workers ready at {observed.endpoint}")
     elif degraded["status"] == "True":
@@ -145,7 +151,7 @@ def compute_status(observed: Observed, old_status: Mapping[str, Any] | None,
     stamp = (now or datetime.datetime.now(datetime.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
     old_conditions = {cond.get("type"): cond for cond in old_status.get("conditions") or []}
     conditions = []
-    for cond in (overall, workers, degraded):
+    for cond in (overall, workers, router, degraded):
         previous = old_conditions.get(cond["type"])
         is_same = previous is not None and previous.get("status") == cond["status"]
         cond["lastTransitionTime"] = previous.get("lastTransitionTime", stamp) if is_same else stamp
@@ -182,6 +188,21 @@ def _workers_condition(observed: Observed, deploy: DeploymentSummary | None, is_
     if ready < desired:
         return _condition(WORKERS_READY, False, "WorkersNotReady", f"{ready}/{desired} workers ready")
     return _condition(WORKERS_READY, True, "AllWorkersReady", f"{ready}/{desired} workers ready")
+
+
+def _router_condition(observed: Observed) -> dict[str, Any]:
+    """RouterReady: at least one router pod running the current router template is ready."""
+    router = observed.router
+    if router is None:
+        return _condition(ROUTER_READY, False, "Pending", "the router Deployment does not exist yet")
+    is_current = router.template_hash == observed.router_hash and router.observed_generation >= router.generation
+    want = observed.router_replicas
+    if router.ready_replicas == 0:
+        return _condition(ROUTER_READY, False, "RouterNotReady", f"0/{want} router pods ready")
+    if not is_current or router.updated_replicas < want:
+        return _condition(ROUTER_READY, True, "RollingOut",
+                          f"{router.ready_replicas}/{want} router pods ready, {router.updated_replicas} updated")
+    return _condition(ROUTER_READY, True, "RouterReady", f"{router.ready_replicas}/{want} router pods ready")
 
 
 def _degraded_condition(observed: Observed, deploy: DeploymentSummary | None) -> dict[str, Any]:

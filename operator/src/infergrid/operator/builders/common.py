@@ -14,6 +14,10 @@ def worker_deployment_name(spec: ServiceSpec) -> str:
     return f"{spec.name}-worker"
 
 
+def router_deployment_name(spec: ServiceSpec) -> str:
+    return f"{spec.name}-router"
+
+
 def worker_headless_name(spec: ServiceSpec) -> str:
     return f"{spec.name}-workers"
 

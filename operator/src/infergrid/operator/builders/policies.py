@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from infergrid.operator import constants as c
-from infergrid.operator.builders.common import child_metadata, selector_labels, worker_deployment_name
+from infergrid.operator.builders.common import (
+    child_metadata,
+    router_deployment_name,
+    selector_labels,
+    worker_deployment_name,
+)
 from infergrid.operator.config import OperatorConfig
 from infergrid.operator.spec import ServiceSpec
 
@@ -25,18 +30,10 @@ def build_pod_disruption_budget(spec: ServiceSpec) -> dict[str, Any]:
 
 
 def build_network_policy(spec: ServiceSpec, config: OperatorConfig) -> dict[str, Any]:
-    """Workers accept traffic on their port only from this service's router pods and from Prometheus.
-
-    NOTE: while no router exists (`config.has_router` is False) the client Service points straight at
-    the workers, so pods of the service's own namespace are admitted too.
-    """
-    port = [{"protocol": "TCP", "port": c.WORKER_PORT}]
+    """Workers accept traffic on their port only from this service's router pods and from Prometheus."""
+    router = {"podSelector": {"matchLabels": selector_labels(spec, c.COMPONENT_ROUTER)}}
     prometheus = {"podSelector": {"matchLabels": dict(config.prometheus_pod_labels)},
                   "namespaceSelector": {"matchLabels": dict(config.prometheus_namespace_labels)}}
-    if config.has_router:
-        clients = {"podSelector": {"matchLabels": selector_labels(spec, c.COMPONENT_ROUTER)}}
-    else:
-        clients = {"podSelector": {}}
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -44,6 +41,23 @@ def build_network_policy(spec: ServiceSpec, config: OperatorConfig) -> dict[str,
         "spec": {
             "podSelector": {"matchLabels": selector_labels(spec)},
             "policyTypes": ["Ingress"],
-            "ingress": [{"from": [clients, prometheus], "ports": port}],
+            "ingress": [{"from": [router, prometheus], "ports": [{"protocol": "TCP", "port": c.WORKER_PORT}]}],
+        },
+    }
+
+
+def build_router_network_policy(spec: ServiceSpec) -> dict[str, Any]:
+    """The router is the endpoint: any client (other namespaces, an ingress controller, a gateway) may reach it.
+
+    NOTE: written out so that a namespace whose default policy denies ingress still admits the endpoint.
+    """
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": child_metadata(spec, router_deployment_name(spec), c.COMPONENT_ROUTER),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(spec, c.COMPONENT_ROUTER)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"ports": [{"protocol": "TCP", "port": c.ROUTER_PORT}]}],
         },
     }

@@ -32,16 +32,15 @@ def build_worker_headless_service(spec: ServiceSpec) -> dict[str, Any]:
     }
 
 
-def build_client_service(spec: ServiceSpec, has_router: bool = False) -> dict[str, Any]:
-    """The endpoint `http://NAME.NAMESPACE.svc:80`: selects the router, or the workers until one exists."""
-    component = c.COMPONENT_ROUTER if has_router else c.COMPONENT_WORKER
+def build_client_service(spec: ServiceSpec) -> dict[str, Any]:
+    """The endpoint `http://NAME.NAMESPACE.svc:80`: the router pods behind one ClusterIP."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": child_metadata(spec, client_service_name(spec), component),
+        "metadata": child_metadata(spec, client_service_name(spec), c.COMPONENT_ROUTER),
         "spec": {
             "type": "ClusterIP",
-            "selector": selector_labels(spec, component),
-            "ports": [{"name": "http", "port": c.SERVICE_PORT, "targetPort": c.WORKER_PORT_NAME, "protocol": "TCP"}],
+            "selector": selector_labels(spec, c.COMPONENT_ROUTER),
+            "ports": [{"name": "http", "port": c.SERVICE_PORT, "targetPort": c.ROUTER_PORT_NAME, "protocol": "TCP"}],
         },
     }
