@@ -30,6 +30,10 @@ lint: install ## ruff over the whole repo
 	$(VENV)/bin/ruff check .
 
 testbed-build: install ## build the pinned control-plane binaries into ~/.cache/infergrid (skips what is built)
+	@# kube-proxy (the Service data path inside the pod netns) needs Debian's nftables and conntrack
+	@command -v nft >/dev/null || test -x /usr/sbin/nft || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q nftables conntrack >/dev/null; \
+	  else echo "kube-proxy needs nft: sudo apt-get install nftables conntrack" >&2; exit 1; fi; }
 	$(PY) -m infergrid.testbed.cli build
 
 testbed-up: testbed-build ## start the local control plane in the background; kubeconfig in .testbed/kubeconfig

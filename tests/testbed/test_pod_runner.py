@@ -153,3 +153,81 @@ def test_all_processes_are_gone_after_the_runner_stops(
     assert len(pids) == 3 and all(pid_alive(p) for p in pids)
     runner.stop()
     assert not [p for p in pids if pid_alive(p)]
+
+
+def test_secret_volume_is_mounted_and_refreshed_and_the_pod_gets_its_own_account(
+    control_plane: ControlPlane, k8s_namespace: str, pod_runner: PodRunner
+) -> None:
+    """A Secret volume appears at its mountPath (as the process sees paths) and follows Secret updates;
+    the process's KUBECONFIG holds a token of its ServiceAccount, with exactly that account's RBAC rights."""
+    ns = k8s_namespace
+    control_plane.kubectl("-n", ns, "create", "secret", "generic", "keys", "--from-literal=k=first")
+    control_plane.kubectl("-n", ns, "create", "serviceaccount", "reader")
+    control_plane.kubectl("-n", ns, "create", "role", "reader", "--verb=list", "--resource=endpointslices")
+    control_plane.kubectl("-n", ns, "create", "rolebinding", "reader", "--role=reader", f"--serviceaccount={ns}:reader")
+    pod = json.loads(http_pod("files", args=["--bind", "$(POD_IP)", "--directory", "/etc/keys", "8000"],
+                              volumeMounts=[{"name": "keys", "mountPath": "/etc/keys", "readOnly": True}]))
+    pod["spec"]["serviceAccountName"] = "reader"
+    pod["spec"]["volumes"] = [{"name": "keys", "secret": {"secretName": "keys"}}]
+    control_plane.kubectl("-n", ns, "apply", "-f", "-", input=json.dumps(pod))
+    proc = pod_runner.wait_started(ns, "files")
+    ip = wait_for(lambda: (p := get_pod(control_plane, ns, "files")) and condition(p, "Ready") == "True"
+                  and p["status"]["podIP"], what="pod Ready")
+    assert httpx.get(f"http://{ip}:8000/k", timeout=5).text == "first"
+
+    patch = json.dumps({"stringData": {"k": "second"}})
+    control_plane.kubectl("-n", ns, "patch", "secret", "keys", "-p", patch)
+    wait_for(lambda: httpx.get(f"http://{ip}:8000/k", timeout=5).text == "second", timeout=15,
+             what="the rotated Secret inside the running pod")
+    assert proc.pid is not None and pid_alive(proc.pid)  # no restart needed
+
+    kubeconfig = proc.dir / "kubeconfig"
+    as_pod = ["--kubeconfig", str(kubeconfig), "-n", ns]
+    assert control_plane.kubectl(*as_pod, "get", "endpointslices", check=False).returncode == 0
+    denied = control_plane.kubectl(*as_pod, "get", "secrets", check=False)
+    assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
+
+
+def test_pod_without_service_account_token_gets_no_credentials(
+    control_plane: ControlPlane, k8s_namespace: str, pod_runner: PodRunner
+) -> None:
+    ns = k8s_namespace
+    pod = json.loads(http_pod("nocreds", probe=False))
+    pod["spec"]["automountServiceAccountToken"] = False
+    pod["spec"]["containers"][0]["command"] = ["sh", "-c", 'echo "KUBECONFIG=[$KUBECONFIG]"; sleep 30']
+    pod["spec"]["containers"][0]["args"] = []
+    control_plane.kubectl("-n", ns, "apply", "-f", "-", input=json.dumps(pod))
+    proc = pod_runner.wait_started(ns, "nocreds")
+    wait_for(lambda: "KUBECONFIG=" in proc.log_path.read_text(), what="the pod's output")
+    assert "KUBECONFIG=[]" in proc.log_path.read_text()
+    assert not (proc.dir / "kubeconfig").exists()
+
+
+def test_service_cluster_ip_reaches_ready_pods_through_kube_proxy(
+    control_plane: ControlPlane, k8s_namespace: str, pod_runner: PodRunner
+) -> None:
+    """kube-proxy (nftables) runs in the pod netns: a ClusterIP spreads connections over the ready pods."""
+    ns = k8s_namespace
+    for name in ("web-a", "web-b"):
+        pod = json.loads(http_pod(name))
+        pod["metadata"]["labels"] = {"app": "web"}
+        control_plane.kubectl("-n", ns, "apply", "-f", "-", input=json.dumps(pod))
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+               "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": "http"}]}}
+    control_plane.kubectl("-n", ns, "apply", "-f", "-", input=json.dumps(service))
+    cluster_ip = control_plane.client.get(f"/api/v1/namespaces/{ns}/services/web")["spec"]["clusterIP"]
+    assert cluster_ip.startswith("10.96.")
+    for name in ("web-a", "web-b"):
+        wait_for(lambda n=name: (p := get_pod(control_plane, ns, n)) and condition(p, "Ready") == "True",
+                 what=f"{name} Ready")
+
+    def answered_by() -> set[str]:
+        seen = set()
+        for _ in range(30):
+            with httpx.Client(trust_env=False, timeout=5) as http:  # a new connection each time
+                http.get(f"http://{cluster_ip}/?via=service").raise_for_status()
+            # (the readiness probes GET "/" without the query)
+            seen |= {n for n in ("web-a", "web-b") if "GET /?via=service" in pod_runner.find(ns, n).log_path.read_text()}
+        return seen
+
+    assert wait_for(lambda: answered_by() == {"web-a", "web-b"}, timeout=30, what="both pods behind the ClusterIP")

@@ -3,7 +3,7 @@
 Three builds, each skipped when its binaries already report the pinned version:
 
 * ``testbed/go/kube`` — a tools module requiring ``k8s.io/kubernetes`` with a ``replace`` for every
-  staging module (generated from that version's own go.mod): kube-apiserver, kube-controller-manager,
+  staging module (generated from that version's own go.mod): kube-apiserver, kube-controller-manager, kube-proxy,
   kube-scheduler, kubectl, with the version ldflags ``make`` upstream would set.
 * ``testbed/go/etcd`` — a wrapper module around ``go.etcd.io/etcd/server/v3/etcdmain``.
 * ``go install`` of kwok and helm at pinned versions.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from infergrid.testbed import paths, versions
 
-KUBE_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+KUBE_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kube-proxy")
 KUBE_MODULE = "infergrid.dev/testbed/kube"
 ETCD_MODULE = "infergrid.dev/testbed/etcd"
 
@@ -199,6 +199,7 @@ def targets() -> list[Target]:
         Target("kube-controller-manager", ("--version",), f"Kubernetes {k8s}"),
         Target("kube-scheduler", ("--version",), f"Kubernetes {k8s}"),
         Target("kubectl", ("version", "--client"), f"Client Version: {k8s}"),
+        Target("kube-proxy", ("--version",), f"Kubernetes {k8s}"),
         Target("etcd", ("--version",), f"etcd Version: {versions.ETCD.lstrip('v')}"),
         Target("kwok", ("--version",), versions.KWOK.lstrip("v")),
         Target("helm", ("version", "--short"), versions.HELM),

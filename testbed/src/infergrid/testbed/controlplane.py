@@ -31,10 +31,9 @@ import yaml
 
 from infergrid.testbed import kwokstages, paths
 from infergrid.testbed.kubeapi import KubeClient
+from infergrid.testbed.netns import POD_CIDR, SERVICE_CIDR, in_pod_netns
 from infergrid.testbed.procs import ManagedProcess, free_port, spawn
 
-POD_CIDR = "10.244.0.0/16"
-SERVICE_CIDR = "10.96.0.0/16"
 #: Fake nodes' InternalIPs (pods' hostIP); nothing listens there and nothing should connect to them.
 NODE_IP_BASE = "10.243.0.0"
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
@@ -92,6 +91,7 @@ class ControlPlane:
         gpus_per_node: int = 8,
         node_prefix: str = "gpu-node",
         keep_workdir: bool | None = None,
+        kube_proxy: bool = False,
     ):
         self.bin_dir = Path(bin_dir) if bin_dir else paths.bin_dir()
         self._own_workdir = workdir is None
@@ -99,6 +99,8 @@ class ControlPlane:
         self.api_port = api_port or free_port()
         self.node_names = [f"{node_prefix}-{i}" for i in range(nodes)]
         self.gpus_per_node = gpus_per_node
+        # NOTE: one kube-proxy per pod network namespace (they would share one nftables table).
+        self.kube_proxy = kube_proxy
         self.keep_workdir = (
             keep_workdir if keep_workdir is not None else os.environ.get("INFERGRID_TESTBED_KEEP") == "1"
         )
@@ -125,7 +127,8 @@ class ControlPlane:
 
     def check_binaries(self) -> None:
         """Raise ControlPlaneError naming every binary that is missing from bin_dir."""
-        gone = [b for b in (*self.COMPONENTS, "kubectl") if not os.access(self.bin_dir / b, os.X_OK)]
+        needed = (*self.COMPONENTS, "kubectl", *(["kube-proxy"] if self.kube_proxy else []))
+        gone = [b for b in needed if not os.access(self.bin_dir / b, os.X_OK)]
         if gone:
             raise ControlPlaneError(
                 f"test bed binaries missing from {self.bin_dir}: {', '.join(gone)}. "
@@ -155,6 +158,10 @@ class ControlPlane:
                        "default ServiceAccount", "kube-controller-manager")
             self._wait(self._scheduler_healthy, timeout - (time.monotonic() - t0), "kube-scheduler /healthz",
                        "kube-scheduler")
+            if self.kube_proxy:
+                self._start_kube_proxy()
+                self._wait(self._kube_proxy_healthy, timeout - (time.monotonic() - t0), "kube-proxy /healthz",
+                           "kube-proxy")
         except BaseException:
             self.keep_workdir = True
             self.stop()
@@ -244,8 +251,9 @@ class ControlPlane:
     def _bin(self, name: str) -> str:
         return str(self.bin_dir / name)
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        self.procs[name] = spawn(name, argv, self.log_path(name), env=self.env, cwd=self.workdir,
+    def _spawn(self, name: str, argv: list[str], extra_path: str | None = None) -> None:
+        env = self.env if extra_path is None else {**self.env, "PATH": f"{self.env['PATH']}{os.pathsep}{extra_path}"}
+        self.procs[name] = spawn(name, argv, self.log_path(name), env=env, cwd=self.workdir,
                                  die_with_parent=threading.current_thread() is threading.main_thread())
 
     def _write_credentials(self) -> None:
@@ -372,6 +380,36 @@ class ControlPlane:
         self.client.create("/api/v1/nodes", node_manifest(name, cidr, self.gpus_per_node, node_ip))
 
     # readiness checks ------------------------------------------------
+
+    def _start_kube_proxy(self) -> None:
+        """kube-proxy in nftables mode: Service ClusterIPs work for every process in the pod netns."""
+        if not in_pod_netns():
+            raise ControlPlaneError("kube-proxy runs only inside the pod network namespace (it would rewrite "
+                                    "the host's nftables): start the test bed through `cli exec`/`cli up`")
+        path = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/sbin"
+        if shutil.which("nft", path=path) is None:
+            raise ControlPlaneError("kube-proxy needs the `nft` tool: install Debian's nftables and conntrack "
+                                    "packages (`make testbed-build` does so as root)")
+        self.kube_proxy_health_port = free_port()
+        self._spawn("kube-proxy", [
+            self._bin("kube-proxy"),
+            f"--kubeconfig={self.kubeconfig}",
+            "--proxy-mode=nftables",
+            f"--hostname-override={self.node_names[0]}",
+            f"--cluster-cidr={POD_CIDR}",
+            # the namespace's conntrack table size is read-only: do not try to set it
+            "--conntrack-max-per-core=0",
+            f"--metrics-bind-address=127.0.0.1:{free_port()}",
+            f"--healthz-bind-address=127.0.0.1:{self.kube_proxy_health_port}",
+            "--v=1",
+        ], extra_path=path)
+
+    def _kube_proxy_healthy(self) -> bool:
+        try:
+            r = httpx.get(f"http://127.0.0.1:{self.kube_proxy_health_port}/healthz", timeout=2)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
 
     def _apiserver_ready(self) -> bool:
         ca = self.workdir / "pki" / "apiserver.crt"

@@ -5,8 +5,8 @@
 3. start the test bed in the background (`cli up`: control plane + pod runner in a pod netns);
 4. install the CRD, start `infergrid-operator` inside the netns;
 5. apply examples/tiny.yaml with its model source pointed at the tiny checkpoint (file://);
-6. wait for the InferenceService to be Ready, send one /v1/completions to a worker pod IP (from
-   inside the netns) and print the answer.
+6. wait for the InferenceService to be Ready, send one /v1/completions to its endpoint Service's
+   ClusterIP (from inside the netns: kube-proxy -> a router pod -> a worker) and print the answer.
 
 With DEMO_ONCE=1 everything is torn down afterwards and the exit code says whether it worked;
 otherwise the test bed keeps running (`make testbed-down` stops it).
@@ -92,23 +92,21 @@ def wait_ready(name: str, namespace: str, timeout: float) -> dict[str, Any]:
     raise RuntimeError(f"InferenceService {namespace}/{name} not Ready after {timeout:.0f}s ({last})")
 
 
-def worker_ip(obj: dict[str, Any]) -> str:
-    """The pod IP of a Ready worker pod of the InferenceService."""
-    ns = obj["metadata"]["namespace"]
-    selector = obj.get("status", {}).get("selector")
-    args = ["-n", ns, "get", "pods", "-o", "json"] + (["-l", selector] if selector else [])
-    for pod in json.loads(kubectl(*args))["items"]:
-        conds = {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}
-        if conds.get("Ready") == "True" and pod["status"].get("podIP"):
-            return pod["status"]["podIP"]
-    raise RuntimeError("no Ready worker pod found")
+def endpoint_address(obj: dict[str, Any]) -> str:
+    """ClusterIP:port of the InferenceService's endpoint Service (kube-proxy routes it inside the netns).
+
+    `status.endpoint` names it by DNS (NAME.NAMESPACE.svc), which the test bed does not resolve.
+    """
+    meta = obj["metadata"]
+    svc = json.loads(kubectl("-n", meta["namespace"], "get", "service", meta["name"], "-o", "json"))
+    return f"{svc['spec']['clusterIP']}:{svc['spec']['ports'][0]['port']}"
 
 
-def complete(ip: str, model: str) -> dict[str, Any]:
-    """POST /v1/completions to the worker at `ip`, from inside the test bed's netns."""
+def complete(address: str, model: str) -> dict[str, Any]:
+    """POST /v1/completions to the endpoint at `address` (host:port), from inside the test bed's netns."""
     code = (
         "import json, sys, httpx\n"
-        f"r = httpx.post('http://{ip}:8000/v1/completions', timeout=120, json={{'model': {model!r}, "
+        f"r = httpx.post('http://{address}/v1/completions', timeout=120, json={{'model': {model!r}, "
         f"'prompt': {PROMPT!r}, 'max_tokens': 16, 'temperature': 0}})\n"
         "print(r.status_code); print(r.text)\n"
     )
@@ -123,7 +121,7 @@ def complete(ip: str, model: str) -> dict[str, Any]:
         raise RuntimeError(f"request failed: {res.stderr.strip()}")
     status, _, body = res.stdout.partition("\n")
     if status.strip() != "200":
-        raise RuntimeError(f"worker answered HTTP {status.strip()}: {body.strip()}")
+        raise RuntimeError(f"the endpoint answered HTTP {status.strip()}: {body.strip()}")
     return json.loads(body)
 
 
@@ -159,10 +157,11 @@ def main() -> int:
         kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
         say(f"applied InferenceService {ns}/{name} (model {doc['spec']['model']['source']})")
         obj = wait_ready(name, ns, timeout=float(os.environ.get("DEMO_TIMEOUT", "300")))
-        ip = worker_ip(obj)
+        address = endpoint_address(obj)
         served = doc["spec"]["model"].get("servedName") or name
-        say(f"POST http://{ip}:8000/v1/completions (model {served!r}, prompt {PROMPT!r})")
-        answer = complete(ip, served)
+        say(f"POST http://{address}/v1/completions (the endpoint {obj['status'].get('endpoint')}: "
+            f"Service -> router -> worker; model {served!r}, prompt {PROMPT!r})")
+        answer = complete(address, served)
         print(json.dumps(answer, indent=2))
         text = answer["choices"][0]["text"]
         say(f"completion: {PROMPT!r} -> {text!r}  ({time.monotonic() - t0:.0f}s in all)")
@@ -176,7 +175,7 @@ def main() -> int:
             say("torn down")
     if ok and not once:
         say(f"still running. Try: kubectl --kubeconfig {bed.kubeconfig} get inferenceservices,pods -A")
-        say("  python -m infergrid.testbed.cli nsexec -- curl http://POD_IP:8000/v1/models ; make testbed-down")
+        say(f"  python -m infergrid.testbed.cli nsexec -- curl http://{address}/v1/models ; make testbed-down")
     return 0 if ok else 1
 
 

@@ -45,6 +45,7 @@ class KubeClient:
         cluster = next(c["cluster"] for c in cfg["clusters"] if c["name"] == ctx["cluster"])
         user = next((u["user"] for u in cfg.get("users", []) if u["name"] == ctx.get("user")), {})
         self.server = cluster["server"].rstrip("/")
+        self._cluster = cluster
         self._tmp: list[Path] = []
         verify: ssl.SSLContext | bool
         if cluster.get("insecure-skip-tls-verify"):
@@ -73,6 +74,16 @@ class KubeClient:
         self._http = httpx.Client(base_url=self.server, verify=verify, headers=headers, timeout=timeout)
         self._verify = verify
         self._headers = headers
+
+    def ca_data(self) -> bytes | None:
+        """The PEM of the CA this client trusts for the API server (None: TLS is not verified)."""
+        if self._cluster.get("insecure-skip-tls-verify"):
+            return None
+        if self._cluster.get("certificate-authority-data"):
+            return base64.b64decode(self._cluster["certificate-authority-data"])
+        if self._cluster.get("certificate-authority"):
+            return Path(self._cluster["certificate-authority"]).read_bytes()
+        return None
 
     def close(self) -> None:
         """Close connections and remove materialized credential files."""

@@ -1,9 +1,10 @@
 """The pod network: an unprivileged user + network namespace where the pod CIDR is local.
 
 Inside, ``lo`` is up and ``10.244.0.0/16`` is routed ``local`` on it, so any process can bind any pod
-IP that KWOK assigned and every other process in the namespace can reach it. No root is needed
-(``unshare --user --map-root-user --net``); as root the same command works too. Traffic to pod IPs
-never leaves the namespace.
+IP that KWOK assigned and every other process in the namespace can reach it; ``10.96.0.0/16`` (the
+Service range) is routed on ``lo`` too, where kube-proxy's nftables rules turn ClusterIPs into pod
+IPs. No root is needed (``unshare --user --map-root-user --net``); as root the same command works
+too. Traffic to pod IPs never leaves the namespace.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import shutil
 import socket
 from collections.abc import Sequence
 
-from infergrid.testbed.controlplane import POD_CIDR
-
+POD_CIDR = "10.244.0.0/16"
+SERVICE_CIDR = "10.96.0.0/16"
 ENV_MARK = "INFERGRID_NETNS"
 _PROBE_IP = "10.244.255.254"
+#: Source address of connections to Service ClusterIPs (a pod-CIDR address KWOK never assigns), so
+#: kube-proxy's DNAT to a pod IP has a routable reply path.
+SERVICE_SOURCE_IP = "10.244.255.253"
 
 
 def _tool(name: str) -> str:
@@ -39,9 +43,11 @@ def in_pod_netns() -> bool:
 
 
 def setup_script(cidr: str = POD_CIDR) -> str:
-    """Shell commands that prepare a fresh network namespace (run as its root)."""
+    """Shell commands that prepare a fresh network namespace (run as its root): pod IPs are local,
+    and the Service range is routed through lo so kube-proxy's rules can translate ClusterIPs."""
     ip = _tool("ip")
-    return f"{ip} link set lo up && {ip} route add local {cidr} dev lo"
+    return (f"{ip} link set lo up && {ip} route add local {cidr} dev lo && "
+            f"{ip} route add {SERVICE_CIDR} dev lo src {SERVICE_SOURCE_IP}")
 
 
 def netns_argv(cmd: Sequence[str], cidr: str = POD_CIDR) -> list[str]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infergrid.testbed import podexec, podstatus
+from infergrid.testbed import podexec, podstatus, podvolumes
 from infergrid.testbed.controlplane import FAKE_NODE_ANNOTATION
 from infergrid.testbed.kubeapi import ApiError, KubeClient
 from infergrid.testbed.kwokstages import RUNNER_ANNOTATION
@@ -41,6 +41,9 @@ from infergrid.testbed.probes import ProbeState, run_probe
 from infergrid.testbed.procs import ManagedProcess, spawn, terminate_pid
 
 log = logging.getLogger("infergrid.testbed.podrunner")
+
+#: How often a running pod's Secret/ConfigMap volumes are re-read (a kubelet: about a minute).
+VOLUME_SYNC_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class PodProcess:
         self.proc: ManagedProcess | None = None
         self.pids: list[int] = []
         self.restarts = 0
+        self._mounts: dict[str, str] = {}
+        self._volumes_synced_at = 0.0
         self.ready = False
         self.error: str | None = None
         self._log_offset = 0
@@ -155,7 +160,13 @@ class PodProcess:
         self._claim(True)
         try:
             env = podexec.container_env(self.pod, self.container, self._api())
+            self._mounts = self._sync_volumes()
+            env = {k: podvolumes.remap(v, self._mounts) for k, v in env.items()}
+            kubeconfig = podvolumes.service_account_kubeconfig(self.pod, self._api(), self.dir / "kubeconfig")
+            if kubeconfig is not None:
+                env["KUBECONFIG"] = kubeconfig
             argv = podexec.resolve_argv(self.container, env, self.runner.search_path, self.runner.entrypoints)
+            argv = [podvolumes.remap(a, self._mounts) for a in argv]
         except podexec.PodSpecError as e:
             self.error = str(e)
             self._write_log(f"[pod-runner] cannot run: {e}\n")
@@ -165,6 +176,7 @@ class PodProcess:
             return
         policy = self.pod["spec"].get("restartPolicy", "Always")
         full_env = dict(self.runner.base_env)
+        full_env.pop("KUBECONFIG", None)  # a pod gets its own ServiceAccount's credentials, or none
         full_env.update(env)
         full_env.setdefault("HOSTNAME", self.name)
         while not self._stop.is_set():
@@ -244,8 +256,24 @@ class PodProcess:
                         self._write_log("[pod-runner] liveness probe failed; killing\n")
                         self._kill()
                         continue
+            self._refresh_volumes()
             self._stop.wait(0.1)
         return 0
+
+    def _sync_volumes(self) -> dict[str, str]:
+        """Write (or refresh) the container's Secret/ConfigMap volumes; mountPath -> local directory."""
+        self._volumes_synced_at = time.monotonic()
+        return podvolumes.sync_volumes(self.pod, self.container, self._api(), self.dir / "volumes")
+
+    def _refresh_volumes(self) -> None:
+        """Like a kubelet, keep mounted Secrets and ConfigMaps current while the pod runs (every ~1 s here)."""
+        if not self._mounts or time.monotonic() - self._volumes_synced_at < VOLUME_SYNC_SECONDS:
+            return
+        try:
+            self._sync_volumes()
+        except (podexec.PodSpecError, ApiError) as e:
+            self._volumes_synced_at = time.monotonic()
+            log.debug("refreshing volumes of %s/%s: %s", self.namespace, self.name, e)
 
     def _set_ready(self, ready: bool) -> None:
         self.ready = ready

@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def control_plane() -> Iterator[ControlPlane]:
     """The session's control plane (etcd, apiserver, controller-manager, scheduler, KWOK + 2 GPU nodes)."""
-    cp = ControlPlane()
+    cp = ControlPlane(kube_proxy=True)
     try:
         cp.check_binaries()
     except ControlPlaneError as e:

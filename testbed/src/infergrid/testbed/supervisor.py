@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(bed.run_dir, ignore_errors=True)
     shutil.rmtree(bed.root / "pods", ignore_errors=True)
     bed.run_dir.mkdir(parents=True)
-    cp = ControlPlane(workdir=bed.run_dir, api_port=args.api_port, nodes=args.nodes, keep_workdir=True)
+    cp = ControlPlane(workdir=bed.run_dir, api_port=args.api_port, nodes=args.nodes, keep_workdir=True,
+                      kube_proxy=True)
     extras: dict[str, ManagedProcess] = {}
     relay: RelayThread | None = None
     try:
