@@ -11,9 +11,7 @@ The tests share one deployed service (module fixtures) and run in file order; th
 from __future__ import annotations
 
 import json
-import secrets
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +33,7 @@ from isvc_support import (
 
 from infergrid.testbed.controlplane import ControlPlane
 from infergrid.testbed.demo import manifest
-from infergrid.testbed.netns import in_pod_netns
-from infergrid.testbed.podrunner import Backoff, PodRunner
+from infergrid.testbed.podrunner import PodRunner
 from infergrid.testbed.procs import pid_alive
 
 pytestmark = pytest.mark.controlplane
@@ -62,34 +59,6 @@ class Deployed:
     runner: PodRunner
     operator: OperatorProcess
     ready_seconds: float
-
-
-@pytest.fixture(scope="module")
-def namespace(isvc_crds: ControlPlane) -> Iterator[str]:
-    """A namespace for this module's service (its `default` ServiceAccount exists); deleted after."""
-    name = f"skeleton-{secrets.token_hex(3)}"
-    client = isvc_crds.client
-    client.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    wait_for(lambda: client.get(f"/api/v1/namespaces/{name}/serviceaccounts/default", ok_missing=True), 30,
-             f"ServiceAccount {name}/default")
-    try:
-        yield name
-    finally:
-        client.delete(f"/api/v1/namespaces/{name}")
-
-
-@pytest.fixture(scope="module")
-def runner(isvc_crds: ControlPlane, namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodRunner]:
-    """A pod runner (the kubelet stand-in) for the module's namespace; every process stopped after."""
-    if not in_pod_netns():
-        pytest.fail("run inside the pod netns: python -m infergrid.testbed.cli exec -- python -m pytest e2e",
-                    pytrace=False)
-    pods = PodRunner(isvc_crds.kubeconfig, workdir=tmp_path_factory.mktemp("pods"), namespace=namespace,
-                     backoff=Backoff(first=0.5, cap=5.0), probe_period_cap=1.0).start()
-    try:
-        yield pods
-    finally:
-        pods.stop()
 
 
 @pytest.fixture(scope="module")
