@@ -155,7 +155,9 @@ class IgnoredFieldsMiddleware:
 
         async def send_with_header(message: Message) -> None:
             if message["type"] == "http.response.start" and ignored:
-                value = ",".join(ignored)[:1000].encode("ascii", "replace")
+                # Printable ASCII only: a field name may hold any character (h11 drops bad headers).
+                value = ",".join(ignored)[:1000].encode("ascii", "backslashreplace")
+                value = bytes(b for b in value if 0x20 <= b < 0x7F)
                 message = {**message, "headers": [*message.get("headers", ()), (b"x-ignored-fields", value)]}
             await send(message)
 
