@@ -5,7 +5,7 @@
   worker's exact token-block hashes). Chat requests hash their messages in order (role + content), so a
   shared system prompt gives a shared key. The key picks a worker by rendezvous hashing with BOUNDED LOAD
   (Mirrokni, Thorup, Zadimoghaddam 2018): walking the key's preference order, a worker whose in-flight
-  count is at or above ceil(c * (total + 1) / n) is skipped, so one hot prefix cannot pile onto one pod.
+  count is at or above max(4, ceil(c * (total + 1) / n)) is skipped, so one hot prefix cannot pile onto one pod.
 - `session-affinity`: the key is the session header's value, placed the same way.
 - `least-load`: fewest waiting + running (from the last scrape) + this router's in-flight requests.
 - `round-robin`: in turn.
@@ -25,6 +25,10 @@ from infergrid.common.prefix_hash import hash_prompt_blocks, hash_text_prefix
 _MASK64 = (1 << 64) - 1
 # Block size for token-id prompts (the workers' default --block-size).
 TOKEN_BLOCK_SIZE = 16
+# NOTE: the load bound never goes below this many in-flight requests per worker: a worker batches, so a
+# handful of requests on the worker holding their prefix costs nothing, and at low load the formula's
+# bound (1 or 2) would scatter a hot prefix for no gain.
+MIN_CAPACITY = 4
 
 
 class Candidate(Protocol):
@@ -49,7 +53,7 @@ def _mix64(x: int) -> int:
 
 def bounded_capacity(total_in_flight: int, num_workers: int, load_factor: float) -> int:
     """Most in-flight requests one worker may hold before the key moves on (counting the new one)."""
-    return max(1, math.ceil(load_factor * (total_in_flight + 1) / num_workers))
+    return max(MIN_CAPACITY, math.ceil(load_factor * (total_in_flight + 1) / num_workers))
 
 
 def pick_by_key(candidates: Sequence[Candidate], key: int, load_factor: float) -> Candidate:
