@@ -18,10 +18,10 @@ help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
 	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
-$(VENV)/.installed: worker/pyproject.toml operator/pyproject.toml testbed/pyproject.toml requirements-dev.txt
+$(VENV)/.installed: common/pyproject.toml worker/pyproject.toml operator/pyproject.toml testbed/pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e worker -e operator -e testbed -r requirements-dev.txt
+	$(PIP) install -q -e common -e worker -e operator -e testbed -r requirements-dev.txt
 	touch $@
 
 install: $(VENV)/.installed ## create .venv with both packages (editable) and the test tools

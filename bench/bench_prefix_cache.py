@@ -7,7 +7,7 @@ followed by a unique 32-token suffix, the rest are unique prompts of the same le
 arguments except enable_prefix_caching), a warm-up batch, then the measured batch. TTFT per request
 comes from the engine's own timestamps (RequestOutput.metrics: first_token_time - arrival_time).
 
-    PYTHONPATH=worker/src:operator/src:testbed/src python bench/bench_prefix_cache.py     # GPU
+    PYTHONPATH=common/src:worker/src:operator/src:testbed/src python bench/bench_prefix_cache.py     # GPU
     .venv/bin/python bench/bench_prefix_cache.py --shape tiny --num-requests 16 --prefix-len 64 --max-tokens 8
 
 Prints a table and writes JSON (--out). Target (SPEC): TTFT p50 >= 5x better with the cache on.

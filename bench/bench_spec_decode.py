@@ -44,7 +44,7 @@ the drafts of all repeats. Repeat r runs prompts r*B .. r*B + B - 1 (wrapping; b
 prompt each repeat). Greedy outputs (the first repeat's) are compared with the "off" run (token
 agreement; bf16 kernels of different batch shapes may flip near-ties, so this is reported, not asserted).
 
-    PYTHONPATH=worker/src python bench/bench_spec_decode.py --out bench/results/spec_decode.json    # GPU
+    PYTHONPATH=common/src:worker/src python bench/bench_spec_decode.py --out bench/results/spec_decode.json    # GPU
     .venv/bin/python bench/bench_spec_decode.py --shape tiny --batch-sizes 1 4 --max-tokens 16 --repeats 2  # CPU smoke
 
 Prints a table and writes JSON (--out), then a verdict per row. Targets (SPEC): >= 2x at acceptance

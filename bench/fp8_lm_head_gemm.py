@@ -1,7 +1,7 @@
 """A draft's LM head at decode sizes: the bf16 product against the FP8 head (layers/fp8_lm_head.py).
 
-    PYTHONPATH=worker/src python bench/fp8_lm_head_gemm.py                       # GPU: 1B shape
-    PYTHONPATH=worker/src python bench/fp8_lm_head_gemm.py --hidden 64 --vocab 1024 --rows 1 5   # CPU smoke
+    PYTHONPATH=common/src:worker/src python bench/fp8_lm_head_gemm.py                       # GPU: 1B shape
+    PYTHONPATH=common/src:worker/src python bench/fp8_lm_head_gemm.py --hidden 64 --vocab 1024 --rows 1 5   # CPU smoke
 
 For each row count M: [M, hidden] x [hidden, vocab] as `F.linear` on the bf16 weight (the baseline)
 and through `Fp8LMHead` (on a GPU with an FP8 GEMM: activations cast to e4m3, rows padded to 16,

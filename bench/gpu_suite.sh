@@ -14,7 +14,7 @@ mkdir -p "$out"
 if ls build/gpu-wheels/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site build/gpu-wheels/*.whl
 fi
-export PYTHONPATH=worker/src:operator/src:testbed/src:/tmp/site PYTHONUNBUFFERED=1
+export PYTHONPATH=common/src:worker/src:operator/src:testbed/src:/tmp/site PYTHONUNBUFFERED=1
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/env.txt"
 step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the log, print its summary lines

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_prefix_cache_bench_runs_on_cpu(tmp_path):
     out = tmp_path / "prefix_cache.json"
     env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("worker/src", "operator/src", "testbed/src")))
+               PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("common/src", "worker/src", "operator/src", "testbed/src")))
     cmd = [sys.executable, "bench/bench_prefix_cache.py", "--shape", "tiny", "--num-requests", "16",
            "--prefix-len", "64", "--max-tokens", "8", "--out", str(out),
            "--max-num-batched-tokens", "128"]  # several admission steps, so later requests hit the prefix
@@ -41,7 +41,7 @@ def test_prefix_cache_bench_runs_on_cpu(tmp_path):
 
 def test_gemv_shapes_bench_runs_on_cpu():
     """bench/gemv_shapes.py (decode-size products and argmax) stays runnable: shapes / 16 on a CPU."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO / "worker/src"))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("common/src", "worker/src")))
     proc = subprocess.run([sys.executable, "bench/gemv_shapes.py", "--smoke", "--batch", "1"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

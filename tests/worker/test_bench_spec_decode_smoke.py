@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_spec_decode_bench_runs_on_cpu(tmp_path):
     out = tmp_path / "spec_decode.json"
     env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("worker/src", "operator/src", "testbed/src")))
+               PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("common/src", "worker/src", "operator/src", "testbed/src")))
     env.pop("INFERGRID_SPEC_DECODE_ADAPTIVE", None)
     cmd = [sys.executable, "bench/bench_spec_decode.py", "--shape", "tiny", "--batch-sizes", "1", "4",
            "--max-tokens", "24", "--prompt-len", "48", "--draft-layers", "1", "--agreements", "0.8", "--out", str(out)]
@@ -68,7 +68,7 @@ def test_agree_modes_accept_the_chosen_share_of_drafts(tmp_path):
     out = tmp_path / "agree.json"
     env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
                INFERGRID_SPEC_DECODE_ADAPTIVE="0",
-               PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("worker/src", "operator/src", "testbed/src")))
+               PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("common/src", "worker/src", "operator/src", "testbed/src")))
     cmd = [sys.executable, "bench/bench_spec_decode.py", "--shape", "tiny", "--batch-sizes", "4", "--max-tokens", "64",
            "--prompt-len", "96", "--draft-layers", "1", "--repeats", "1", "--modes", "agree:draft", "agree:ngram",
            "--agreements", "0.8", "1", "--out", str(out)]
@@ -100,7 +100,7 @@ def test_successor_maps_agree_on_the_chosen_share():
 
 def test_spec_step_trace_runs_on_cpu(tmp_path):
     env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=str(REPO / "worker/src"))
+               PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("common/src", "worker/src")))
     cmd = [sys.executable, "bench/trace_spec_step.py", "--tokens", "8", "--out-dir", str(tmp_path), "--",
            "--modes", "copy:draft", "--shape", "tiny", "--max-tokens", "16"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
@@ -115,7 +115,7 @@ def test_spec_step_trace_runs_on_cpu(tmp_path):
 
 
 def test_host_op_costs_runs_on_cpu():
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO / "worker/src"))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("common/src", "worker/src")))
     proc = subprocess.run([sys.executable, "bench/host_op_costs.py", "--calls", "3"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -126,7 +126,7 @@ def test_host_op_costs_runs_on_cpu():
 
 
 def test_fp8_lm_head_gemm_runs_on_cpu():
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO / "worker/src"))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("common/src", "worker/src")))
     proc = subprocess.run([sys.executable, "bench/fp8_lm_head_gemm.py", "--hidden", "64", "--vocab", "512",
                            "--rows", "1", "3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -139,7 +139,7 @@ def test_trace_adaptive_logs_the_controllers_decisions(tmp_path):
     """bench/trace_adaptive.py wraps the controller's decision points (their signatures must keep
     matching) and prints each run's markers and the decisions it logged."""
     env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("worker/src", "operator/src", "testbed/src")))
+               PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("common/src", "worker/src", "operator/src", "testbed/src")))
     env.pop("INFERGRID_SPEC_DECODE_ADAPTIVE", None)
     cmd = [sys.executable, "bench/trace_adaptive.py", "--shape", "tiny", "--batch-sizes", "1", "--max-tokens", "24",
            "--prompt-len", "48", "--repeats", "1", "--modes", "copy:ngram", "--out", str(tmp_path / "t.json"),

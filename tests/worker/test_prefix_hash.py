@@ -2,7 +2,7 @@
 
 import pytest
 
-from infergrid.worker.engine.prefix_hash import (
+from infergrid.common.prefix_hash import (
     extend_block_hashes,
     hash_block_tokens,
     hash_prompt_blocks,

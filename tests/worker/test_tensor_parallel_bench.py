@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_tensor_parallel_bench_runs_on_cpu(tmp_path):
     out = tmp_path / "tensor_parallel.json"
     env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=str(REPO / "worker" / "src"))
+               PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("common/src", "worker/src")))
     cmd = [sys.executable, "bench/bench_tensor_parallel.py", "--shape", "tiny", "--tp", "1", "2",
            "--batch-sizes", "1", "3", "--prompt-len", "16", "--decode-tokens", "6", "--sync-baseline", "--out", str(out)]
     start = time.monotonic()

@@ -86,7 +86,9 @@ CASES = [
     Bad("stream-string", COMPLETIONS, completion(stream="yes"), param="stream"),
     Bad("stream_options-without-stream", COMPLETIONS, completion(stream_options={"include_usage": True}),
         param="stream_options"),
-    Bad("unknown-field", COMPLETIONS, completion(frobnicate=1), param="frobnicate"),
+    # Unknown TOP-level fields are ignored (test_server_unknown_fields.py); nested ones stay refused.
+    Bad("unknown-nested-field", COMPLETIONS, completion(stream=True, stream_options={"frobnicate": 1}),
+        param="stream_options.frobnicate"),
     # ---------------------------------------------------------------------------------------- prompts
     Bad("prompt-empty-string", COMPLETIONS, completion(prompt=""), param="prompt"),
     Bad("prompt-empty-list", COMPLETIONS, completion(prompt=[]), param="prompt"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -27,6 +27,7 @@ RESOURCES: dict[str, tuple[str, bool]] = {
     "ServiceMonitor": ("servicemonitors", True),
     "InferenceService": ("inferenceservices", True),
     "Event": ("events", True),
+    "EndpointSlice": ("endpointslices", True),
 }
 
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -150,6 +151,40 @@ class KubeClient:
 
     async def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any]:
         return await self.request("DELETE", object_path(api_version, kind, namespace, name))
+
+    async def list(self, api_version: str, kind: str, namespace: str | None, *,
+                   label_selector: str | None = None) -> dict[str, Any]:
+        """The collection (its `items` and `metadata.resourceVersion`, where a watch starts)."""
+        params = {"labelSelector": label_selector} if label_selector else None
+        return await self.request("GET", object_path(api_version, kind, namespace), params=params)
+
+    async def watch(self, api_version: str, kind: str, namespace: str | None, *, resource_version: str,
+                    label_selector: str | None = None, timeout_seconds: int = 300) -> AsyncIterator[dict[str, Any]]:
+        """Watch events (`{"type", "object"}`) after `resource_version`, until the server ends the watch.
+
+        Raises ApiError(410) when the version is too old (the caller re-lists); an ERROR event with a
+        Status object is raised as ApiError too. Bookmarks are requested and passed through.
+        """
+        params = {"watch": "1", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
+                  "timeoutSeconds": str(timeout_seconds)}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        url = self.server + object_path(api_version, kind, namespace) + "?" + urlencode(params)
+        headers = {"Accept": "application/json"}
+        if self._auth is not None and (token := self._auth()):
+            headers["Authorization"] = token
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=timeout_seconds + 30)
+        async with self._get_session().get(url, headers=headers, timeout=timeout) as response:
+            if response.status >= 400:
+                raise _api_error(response.status, await response.text())
+            while line := await response.content.readline():
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if event.get("type") == "ERROR":
+                    status = event.get("object", {})
+                    raise ApiError(int(status.get("code", 500)), status.get("reason", ""), status.get("message", ""))
+                yield event
 
     async def has_kind(self, api_version: str, kind: str) -> bool:
         """Whether the API server serves `kind` in `api_version` (e.g. a CRD is installed)."""

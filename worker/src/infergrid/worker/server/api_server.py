@@ -20,7 +20,7 @@ from .disconnect import with_cancellation
 from .errors import error_body, install_error_handlers
 from .lifecycle import Lifecycle
 from .metrics import EngineStatsCollector, ServerGauges, ServerMetrics
-from .middleware import ApiKeyMiddleware, BodyGuardMiddleware
+from .middleware import ApiKeyMiddleware, BodyGuardMiddleware, IgnoredFieldsMiddleware
 from .protocol import (
     BatchRequest,
     BatchResponse,
@@ -175,6 +175,7 @@ def build_app(settings: ServerSettings, engine_factory: Callable[[], Any]) -> Fa
         """Engine counters, admission state and recent latency percentiles as JSON."""
         return seed.metrics_summary()
 
+    app.add_middleware(IgnoredFieldsMiddleware)
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)

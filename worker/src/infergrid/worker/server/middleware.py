@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_body
+from .protocol import IGNORED_FIELDS
 
 # Routes that answer without an API key (probes and the Prometheus scrape).
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})
@@ -137,3 +138,30 @@ class BodyGuardMiddleware:
         headers = [] if is_drained else [(b"connection", b"close")]
         await send_error(send, 413, f"Request body is larger than {self.max_body_bytes} bytes",
                          code="request_too_large", headers=headers)
+
+
+class IgnoredFieldsMiddleware:
+    """Lists the unknown top-level request fields the models ignored in an `X-Ignored-Fields` header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        ignored: list[str] = []
+        token = IGNORED_FIELDS.set(ignored)
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start" and ignored:
+                # Printable ASCII only: a field name may hold any character (h11 drops bad headers).
+                value = ",".join(ignored)[:1000].encode("ascii", "backslashreplace")
+                value = bytes(b for b in value if 0x20 <= b < 0x7F)
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-ignored-fields", value)]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_header)
+        finally:
+            IGNORED_FIELDS.reset(token)

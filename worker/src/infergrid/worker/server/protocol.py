@@ -1,16 +1,23 @@
 """Request and response bodies of the worker's HTTP API (OpenAI-shaped, plus the seed API).
 
-Requests are strict: ints must be JSON integers (no 1.5, no "1", no true), floats must be finite,
-unknown fields are refused. Limits that depend on the loaded model (max_model_len, vocabulary size)
+Requests are strict: ints must be JSON integers (no 1.5, no "1", no true), floats must be finite.
+Unknown TOP-LEVEL fields of a request are ignored the way vLLM ignores them (routers and gateways add
+their own, e.g. vllm-router's `no_stop_trim`, `return_hidden_states`, `separate_reasoning`): logged once
+per field name and listed in the response's `X-Ignored-Fields` header (see middleware.py); unknown
+fields inside nested objects (messages, stream_options, ...) are still refused. Limits that depend on the loaded model (max_model_len, vocabulary size)
 are checked by the serving code, not here.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from contextvars import ContextVar
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+log = logging.getLogger(__name__)
 
 # Largest seed accepted (a signed 64-bit integer, what torch generators take).
 MAX_SEED = 2**63 - 1
@@ -28,6 +35,32 @@ class StrictModel(BaseModel):
     """Strict JSON parsing, finite floats, unknown fields refused."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+# The names of unknown top-level fields ignored while parsing this request (a list the middleware puts
+# in place per request and turns into the X-Ignored-Fields header).
+IGNORED_FIELDS: ContextVar[list[str] | None] = ContextVar("infergrid_ignored_fields", default=None)
+_logged_ignored: set[str] = set()
+
+
+class RequestModel(StrictModel):
+    """A request body: strict, but unknown top-level fields are dropped (logged once per name)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _drop_unknown_fields(self) -> RequestModel:
+        extra = self.__pydantic_extra__
+        if extra:
+            names = sorted(extra)
+            for name in names:
+                if name not in _logged_ignored:
+                    _logged_ignored.add(name)
+                    log.warning("ignoring unknown request field %r (logged once per field name)", name[:100])
+            if (ignored := IGNORED_FIELDS.get()) is not None:
+                ignored.extend(n for n in names if n not in ignored)
+            extra.clear()
+        return self
 
 
 class ResponseModel(BaseModel):
@@ -65,7 +98,7 @@ class StreamOptions(StrictModel):
 
 
 # ------------------------------------------------------------------------------------- completions
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, RequestModel):
     """POST /v1/completions."""
 
     model: str | None = None
@@ -150,7 +183,7 @@ class ResponseFormat(StrictModel):
     type: Literal["text"]
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, RequestModel):
     """POST /v1/chat/completions."""
 
     model: str | None = None
@@ -239,7 +272,7 @@ class ModelList(ResponseModel):
 
 
 # -------------------------------------------------------------------------------------------- seed
-class GenerateRequest(SamplingFields):
+class GenerateRequest(SamplingFields, RequestModel):
     """POST /v1/generate: one prompt (text or token ids) with a priority and an optional deadline."""
 
     model: str | None = None
@@ -268,7 +301,7 @@ class GenerateResponse(ResponseModel):
     latency_ms: float
 
 
-class BatchRequest(StrictModel):
+class BatchRequest(RequestModel):
     """POST /v1/batch: several /v1/generate requests run together (all validated first)."""
 
     requests: list[GenerateRequest] = Field(min_length=1, max_length=256)

@@ -1,0 +1,245 @@
+"""Router overhead benchmark: direct-to-worker vs through infergrid-router vs through vllm-router (PyPI,
+the Rust peer), same workers, same run, interleaved repeats.
+
+Starts N real tiny CPU workers on loopback (`infergrid-worker make-tiny-model` + `serve`), then per repeat
+and per target (in turn): sequential small requests (max_tokens 1) for the latency distribution, then
+16 concurrent clients for a fixed time for req/s at saturation. Added latency = the target's p50/p99
+minus the direct p50/p99 of the same repeat. Prints a table (medians over repeats, [min..max]) and
+writes JSON with the commit, the exact command and the machine.
+
+    .venv/bin/python -m pip install vllm-router        # the peer (into .venv only; not a dependency)
+    .venv/bin/python bench/bench_router.py [--workers 2] [--repeats 3] [--out bench/results/router.json]
+
+Without vllm-router installed its rows are skipped (and say so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], check_body: str | None = None) -> None:
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+async def measure(urls: list[str], num_sequential: int, concurrency: int, seconds: float) -> dict[str, float]:
+    """Latency of sequential requests (round-robin over `urls` for the direct case), then req/s."""
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        counter = 0
+
+        async def one() -> float:
+            nonlocal counter
+            counter += 1
+            url = urls[counter % len(urls)] + "/v1/completions"
+            body = {"prompt": f"Hello {counter % 97}", "max_tokens": 1, "temperature": 0}
+            t0 = time.perf_counter()
+            async with session.post(url, json=body) as r:
+                await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"{url}: {r.status} {await r.text()}")
+            return time.perf_counter() - t0
+
+        for _ in range(20):  # warm the pools
+            await one()
+        latencies = [await one() for _ in range(num_sequential)]
+        done = 0
+        deadline = time.perf_counter() + seconds
+
+        async def client() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                await one()
+                done += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    return {"p50_ms": percentile(latencies, 0.5) * 1e3, "p99_ms": percentile(latencies, 0.99) * 1e3,
+            "rps": done / elapsed}
+
+
+def machine() -> dict[str, Any]:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return {"cpu": model, "num_cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "load_avg_at_start": os.getloadavg()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=300, help="sequential requests per latency sample")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=5.0, help="saturation phase length")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "router.json")
+    args = ap.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-router-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        model = scratch / "model"
+        subprocess.run([str(BIN / "infergrid-worker"), "make-tiny-model", str(model), "--arch", "llama"],
+                       check=True, capture_output=True)
+        worker_urls = []
+        for i in range(args.workers):
+            port = free_port()
+            procs.append(start([str(BIN / "infergrid-worker"), "serve", "--model", str(model), "--host", "127.0.0.1",
+                                "--port", str(port), "--device", "cpu", "--dtype", "float32", "--max-model-len", "256",
+                                "--disable-uvicorn-access-log", "--log-level", "warning"], scratch / f"worker{i}.log"))
+            worker_urls.append(f"http://127.0.0.1:{port}")
+        for url, proc in zip(worker_urls, procs, strict=True):
+            wait_http(url + "/ready", 300, proc)
+
+        targets: dict[str, list[str]] = {"direct": worker_urls}
+        logs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+        hostports = ",".join(u.removeprefix("http://") for u in worker_urls)
+        for policy in ("round-robin", "prefix-aware"):
+            port = free_port()
+            log = scratch / f"ours-{policy}.log"
+            proc = start([str(BIN / "infergrid-router"), "--workers", hostports, "--host", "127.0.0.1", "--port",
+                          str(port), "--policy", policy, "--log-level", "warning"], log)
+            procs.append(proc)
+            targets[f"infergrid-router {policy}"] = [f"http://127.0.0.1:{port}"]
+            logs[f"infergrid-router {policy}"] = (proc, log)
+        vllm_router = shutil.which("vllm-router", path=str(BIN)) or shutil.which("vllm-router")
+        if vllm_router:
+            for policy in ("round_robin", "cache_aware"):
+                port = free_port()
+                log = scratch / f"vllm-router-{policy}.log"
+                proc = start([vllm_router, "--worker-urls", *worker_urls, "--host", "127.0.0.1", "--port", str(port),
+                              "--policy", policy, "--log-level", "warning", "--prometheus-port", str(free_port())],
+                             log)
+                procs.append(proc)
+                targets[f"vllm-router {policy}"] = [f"http://127.0.0.1:{port}"]
+                logs[f"vllm-router {policy}"] = (proc, log)
+        else:
+            print("vllm-router not installed: its rows are skipped (.venv/bin/python -m pip install vllm-router)")
+        for name, (proc, log) in logs.items():
+            try:
+                wait_http(targets[name][0] + "/v1/models", 120, proc)
+            except (RuntimeError, TimeoutError):
+                print(log.read_text(errors="replace")[-3000:])
+                raise
+        time.sleep(2.0)  # first probes
+
+        samples: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+        for rep in range(args.repeats):
+            for name, urls in targets.items():
+                result = asyncio.run(measure(urls, args.requests, args.concurrency, args.seconds))
+                samples[name].append(result)
+                print(f"repeat {rep + 1}/{args.repeats} {name:32s} p50 {result['p50_ms']:.2f} ms  "
+                      f"p99 {result['p99_ms']:.2f} ms  {result['rps']:.0f} req/s", flush=True)
+
+        rows = summarize(samples, args.repeats)
+        print_table(rows, args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
+                                    text=True).stdout.strip())
+        args.out.write_text(json.dumps({
+            "commit": commit, "dirty": dirty, "command": " ".join([sys.executable, *sys.argv]),
+            "machine": machine(), "workers": args.workers, "concurrency": args.concurrency,
+            "requests": args.requests, "seconds": args.seconds, "repeats": args.repeats,
+            "rows": rows, "samples": samples}, indent=2))
+        print(f"wrote {args.out}")
+    finally:
+        for proc in procs:
+            stop(proc)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def summarize(samples: dict[str, list[dict[str, float]]], repeats: int) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    direct = samples["direct"]
+    for name, runs in samples.items():
+        added50 = [r["p50_ms"] - d["p50_ms"] for r, d in zip(runs, direct, strict=True)]
+        added99 = [r["p99_ms"] - d["p99_ms"] for r, d in zip(runs, direct, strict=True)]
+        share = [r["rps"] / d["rps"] for r, d in zip(runs, direct, strict=True)]
+
+        def stat(values: list[float]) -> dict[str, float]:
+            return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+        rows[name] = {"p50_ms": stat([r["p50_ms"] for r in runs]), "p99_ms": stat([r["p99_ms"] for r in runs]),
+                      "added_p50_ms": stat(added50), "added_p99_ms": stat(added99),
+                      "rps": stat([r["rps"] for r in runs]), "rps_vs_direct": stat(share)}
+    return rows
+
+
+def print_table(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+    def fmt(s: dict[str, float], digits: int = 2, pct: bool = False) -> str:
+        if pct:
+            return f"{s['median'] * 100:.0f}% [{s['min'] * 100:.0f}..{s['max'] * 100:.0f}]"
+        return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}..{s['max']:.{digits}f}]"
+
+    print(f"\n{args.workers} tiny CPU workers, max_tokens 1; medians over {args.repeats} interleaved repeats "
+          f"[min..max]; req/s with {args.concurrency} concurrent clients for {args.seconds:g} s")
+    header = f"| {'target':30s} | {'p50 ms':18s} | {'added p50 ms':20s} | {'added p99 ms':20s} | " \
+             f"{'req/s':18s} | {'vs direct':16s} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c) + 0) for c in header.split("|")[1:-1]) + "|")
+    for name, row in rows.items():
+        print(f"| {name:30s} | {fmt(row['p50_ms']):18s} | {fmt(row['added_p50_ms']):20s} | "
+              f"{fmt(row['added_p99_ms']):20s} | {fmt(row['rps'], 0):18s} | {fmt(row['rps_vs_direct'], pct=True):16s} |")
+
+
+if __name__ == "__main__":
+    main()

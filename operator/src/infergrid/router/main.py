@@ -1,0 +1,72 @@
+"""`infergrid-router`: run one router (see config.py for the flags)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from aiohttp import web
+
+from infergrid.router.app import Router, build_app
+from infergrid.router.config import RouterConfig, parse_config
+
+log = logging.getLogger("infergrid.router")
+
+
+async def serve(config: RouterConfig, started: asyncio.Event | None = None) -> None:
+    """Serve until cancelled or SIGTERM/SIGINT."""
+    router = Router(config)
+    runner = web.AppRunner(build_app(router), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
+    await site.start()
+    tasks: list[asyncio.Task[None]] = []
+    kube = None
+    if config.static_workers:
+        router.set_workers(config.static_workers)
+    else:
+        from infergrid.operator.kube import KubeClient
+        from infergrid.router.discovery import EndpointSliceDiscovery
+
+        kube = KubeClient.from_environment()
+        assert config.namespace and config.endpoint_service
+        discovery = EndpointSliceDiscovery(kube, config.namespace, config.endpoint_service, router.set_workers)
+        tasks.append(asyncio.get_running_loop().create_task(discovery.run()))
+    log.info("infergrid-router listening on %s:%d, policy %s, %s", config.host, config.port, config.policy,
+             f"workers {','.join(config.static_workers)}" if config.static_workers
+             else f"EndpointSlices of {config.namespace}/{config.endpoint_service}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    if started is not None:
+        started.set()
+    try:
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await runner.cleanup()
+        if kube is not None:
+            await kube.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(argv)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    if uvloop is not None:
+        uvloop.run(serve(config))
+    else:
+        asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()
