@@ -288,6 +288,13 @@ def test_headless_service_selects_workers():
     assert svc["spec"]["ports"][0]["port"] == 8000
 
 
+def test_every_child_kind_is_one_the_api_client_can_write():
+    from infergrid.operator.kube import RESOURCES
+
+    children = build_children(spec_of(), CONFIG, has_pod_monitor=True)
+    assert {ch["kind"] for ch in children} <= set(RESOURCES)
+
+
 def test_client_service_selects_the_router_pods():
     svc = build_client_service(spec_of())
     assert svc["metadata"]["name"] == "llama"

@@ -28,6 +28,9 @@ RESOURCES: dict[str, tuple[str, bool]] = {
     "InferenceService": ("inferenceservices", True),
     "Event": ("events", True),
     "EndpointSlice": ("endpointslices", True),
+    "ServiceAccount": ("serviceaccounts", True),
+    "Role": ("roles", True),
+    "RoleBinding": ("rolebindings", True),
 }
 
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
