@@ -17,6 +17,7 @@ from infergrid.operator.builders import (
     endpoint_url,
     selector_string,
 )
+from infergrid.operator.builders.monitoring import build_router_pod_monitor
 from infergrid.operator.config import OperatorConfig
 from infergrid.operator.spec import ServiceSpec, desired_replicas
 
@@ -321,6 +322,14 @@ def test_pod_monitor_scrapes_worker_metrics():
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+
+
+def test_router_pod_monitor_selects_the_router_pods_port_http():
+    monitor = build_router_pod_monitor(spec_of())
+    assert monitor["kind"] == "PodMonitor" and monitor["metadata"]["name"] == "llama-router"
+    assert monitor["spec"]["selector"]["matchLabels"] == {c.LABEL_ISVC: "llama", c.LABEL_COMPONENT: "router"}
+    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+    assert monitor["metadata"]["ownerReferences"][0]["kind"] == "InferenceService"
 
 
 def test_unknown_source_scheme_is_a_value_error():

@@ -26,6 +26,8 @@ ANNOTATION_SPEC_HASH = "infergrid.dev/spec-hash"
 
 WORKER_PORT = 8000
 WORKER_PORT_NAME = "http"
+ROUTER_PORT = 8080
+ROUTER_PORT_NAME = "http"
 SERVICE_PORT = 80
 
 # How long the preStop hook waits so endpoints drop the pod before SIGTERM reaches the worker.

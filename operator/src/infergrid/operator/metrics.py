@@ -9,3 +9,25 @@ STATUS_WRITES = Counter("infergrid_operator_status_writes_total", "Status subres
 EVENTS_POSTED = Counter("infergrid_operator_events_total", "Kubernetes Events posted", ["type", "reason"])
 SERVICES = Gauge("infergrid_operator_inferenceservices", "InferenceServices seen by this operator")
 READY_SERVICES = Gauge("infergrid_operator_inferenceservices_ready", "InferenceServices with Ready=True")
+SERVICE_DESIRED_REPLICAS = Gauge("infergrid_operator_service_desired_replicas",
+                                 "Worker replicas an InferenceService should have (spec or scale subresource)",
+                                 ["namespace", "service"])
+SERVICE_READY_REPLICAS = Gauge("infergrid_operator_service_ready_replicas",
+                               "Worker pods of an InferenceService that are Ready", ["namespace", "service"])
+WORKQUEUE_DEPTH = Gauge("infergrid_operator_workqueue_depth",
+                        "Keys waiting in or being processed by one of the operator's work queues", ["queue"])
+
+
+def set_service_replicas(namespace: str, service: str, desired: int, ready: int) -> None:
+    """Export one InferenceService's desired and ready worker replicas."""
+    SERVICE_DESIRED_REPLICAS.labels(namespace, service).set(desired)
+    SERVICE_READY_REPLICAS.labels(namespace, service).set(ready)
+
+
+def forget_service(namespace: str, service: str) -> None:
+    """Drop the series of a deleted InferenceService."""
+    for gauge in (SERVICE_DESIRED_REPLICAS, SERVICE_READY_REPLICAS):
+        try:
+            gauge.remove(namespace, service)
+        except KeyError:
+            pass

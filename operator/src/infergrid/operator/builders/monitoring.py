@@ -22,3 +22,16 @@ def build_pod_monitor(spec: ServiceSpec) -> dict[str, Any]:
             "podMetricsEndpoints": [{"port": c.WORKER_PORT_NAME, "path": "/metrics", "interval": "15s"}],
         },
     }
+
+
+def build_router_pod_monitor(spec: ServiceSpec) -> dict[str, Any]:
+    """Scrape the service's router pods' `/metrics` (port `http`, 8080) every 15 s."""
+    return {
+        "apiVersion": MONITORING_GROUP_VERSION,
+        "kind": "PodMonitor",
+        "metadata": child_metadata(spec, f"{spec.name}-router", c.COMPONENT_ROUTER),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(spec, c.COMPONENT_ROUTER)},
+            "podMetricsEndpoints": [{"port": c.ROUTER_PORT_NAME, "path": "/metrics", "interval": "15s"}],
+        },
+    }
