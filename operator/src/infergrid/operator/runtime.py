@@ -191,7 +191,9 @@ class Runtime:
         # NOTE: what this process wrote last is fresher than the watched body until the echo arrives.
         old = {**(body.get("status") or {}), **self._last_written.get(key, {})}
         new = compute_status(observed, old)
-        metrics.set_service_replicas(spec.namespace, spec.name, observed.desired_replicas, new["readyReplicas"])
+        metrics.set_service_gauges(spec.namespace, spec.name, desired=observed.desired_replicas,
+                                   ready=new["readyReplicas"], ttft_slo_seconds=spec.autoscaling.target_ttft_seconds
+                                   if spec.autoscaling is not None else None)
         if new == old:
             return
         owned = {k: v for k, v in new.items() if k in OWNED_KEYS}
