@@ -404,6 +404,27 @@ def render(dashboard: Dashboard) -> dict[str, Any]:
     }
 
 
+def panel_queries(model: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(panel title, refId, expr) of every query of a dashboard's JSON model, rows included."""
+    found = []
+    for panel in model["panels"]:
+        for inner in [panel, *panel.get("panels", [])]:
+            for target in inner.get("targets", []):
+                found.append((inner["title"], target["refId"], target["expr"]))
+    return found
+
+
+def fill(expr: str, values: dict[str, str], *, rate_interval: str = "30s", interval: str = "1s") -> str:
+    """`expr` with Grafana's variables replaced: `$name`/`${name}` by `values`, `$__rate_interval` and
+    `$__interval` by the given durations. A variable left over raises ValueError."""
+    out = expr.replace("$__rate_interval", rate_interval).replace("$__interval", interval)
+    for name, value in sorted(values.items(), key=lambda kv: -len(kv[0])):
+        out = out.replace(f"${{{name}}}", value).replace(f"${name}", value)
+    if "$" in out:
+        raise ValueError(f"unfilled variable in {out!r}")
+    return out
+
+
 def dump(dashboard: Dashboard) -> str:
     return json.dumps(render(dashboard), indent=2, sort_keys=True) + "\n"
 

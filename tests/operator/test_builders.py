@@ -322,13 +322,18 @@ def test_pod_monitor_scrapes_worker_metrics():
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+    # the dashboards' and alerts' `service` label is the InferenceService's name
+    assert monitor["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["targetLabel"] == "service"
 
 
 def test_router_pod_monitor_selects_the_router_pods_port_http():
     monitor = build_router_pod_monitor(spec_of())
     assert monitor["kind"] == "PodMonitor" and monitor["metadata"]["name"] == "llama-router"
     assert monitor["spec"]["selector"]["matchLabels"] == {c.LABEL_ISVC: "llama", c.LABEL_COMPONENT: "router"}
-    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    assert endpoint["relabelings"] == [{"sourceLabels": ["__meta_kubernetes_pod_label_infergrid_dev_inferenceservice"],
+                                        "targetLabel": "service"}]
     assert monitor["metadata"]["ownerReferences"][0]["kind"] == "InferenceService"
 
 

@@ -24,6 +24,8 @@ WORKQUEUE_DEPTH = Gauge("infergrid_operator_workqueue_depth",
 for _result in ("ok", "error"):  # both series exist from the start, so `rate(...{result="error"})` is 0, not empty
     RECONCILES.labels(_result)
     STATUS_WRITES.labels(_result)
+for _queue in ("reconcile", "status"):  # the Runtime binds them to its queues
+    WORKQUEUE_DEPTH.labels(_queue)
 
 
 def set_service_gauges(namespace: str, service: str, *, desired: int, ready: int,
