@@ -130,9 +130,9 @@ def start_prometheus(cp: ControlPlane, namespace: str, operator_port: int,
         raise
 
 
-def run_load(base_url: str, model: str) -> tuple[int, float]:
-    """NUM_REQUESTS completions and chat completions, CONCURRENCY at a time, through the openai client.
-    Prompts repeat a phrase (n-gram drafts) and share a prefix (prefix-cache hits)."""
+def run_load(base_url: str, model: str, num_requests: int = NUM_REQUESTS) -> tuple[int, float]:
+    """`num_requests` completions and chat completions, CONCURRENCY at a time, through the openai
+    client. Prompts repeat a phrase (n-gram drafts) and share a prefix (prefix-cache hits)."""
     client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120,
                            http_client=openai.DefaultHttpxClient(trust_env=False))
     prefix = "The quick brown fox jumps over the lazy dog. " * 4
@@ -144,7 +144,7 @@ def run_load(base_url: str, model: str) -> tuple[int, float]:
             with lock:
                 i = next_index[0]
                 next_index[0] += 1
-            if i >= NUM_REQUESTS:
+            if i >= num_requests:
                 return
             if i % 3 == 2:
                 out = client.chat.completions.create(
@@ -250,6 +250,10 @@ def test_every_panel_query_returns_data(observed: Observed, dashboard: str) -> N
         if not has_data(series):
             empty.append(f"{title} [{ref}]: {promql}")
     print(f"{dashboard}: {len(queries) - len(empty)}/{len(queries)} panel queries with data")
+    # the same check on a metric nobody exports (vLLM v0's swapped requests) finds no data
+    unexported = dashboards.fill('sum by (pod) (vllm:num_requests_swapped{namespace=~"$namespace", pod=~"$pod"})',
+                                 variables)
+    assert not has_data(observed.prometheus.query_range(unexported, observed.applied_at, end, step=1.0))
     assert not empty, f"{dashboard}: panel queries without data:\n" + "\n".join(empty)
 
 

@@ -15,7 +15,6 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -61,7 +60,7 @@ def screenshot(url: str, out: Path, height: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--rounds", type=int, default=4, help="load rounds of 24 requests each")
+    parser.add_argument("--seconds", type=float, default=90.0, help="how long the load runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="infergrid-shots-"))
@@ -90,10 +89,10 @@ def main() -> int:
         (pod,) = ready_pods(cp, ns, isvc["status"]["selector"])
         base = f"http://{pod['status']['podIP']}:8000/v1"
         started = time.monotonic()
-        load = threading.Thread(target=lambda: [live.run_load(base, doc["spec"]["model"]["servedName"])
-                                                for _ in range(args.rounds)])
-        load.start()
-        load.join()
+        while time.monotonic() - started < args.seconds:  # bursts of varying size, so the graphs move
+            burst = 8 + int(time.monotonic() - started) % 4 * 8
+            live.run_load(base, doc["spec"]["model"]["servedName"], burst)
+            time.sleep(1.0)
         time.sleep(3)
         minutes = max(2, int((time.monotonic() - started) / 60) + 1)
         model_json = dashboards.render(dashboards.OVERVIEW)
