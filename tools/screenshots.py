@@ -102,7 +102,7 @@ def main() -> int:
             targets = panels[title]["targets"]
             chosen = targets if index is None else [targets[index]]
             exprs = [dashboards.fill(t["expr"], values) for t in chosen]
-            screenshot(graph_url(prom.url, exprs, f"{minutes}m"), args.out / file, 120 + 560 * len(exprs))
+            screenshot(graph_url(prom.url, exprs, f"{minutes}m"), args.out / file, 160 + 700 * len(exprs))
             print(f"wrote {args.out / file}: {title}")
     finally:
         for thing in (prom, discovery, operator, runner):
