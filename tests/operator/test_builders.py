@@ -12,12 +12,12 @@ from infergrid.operator.builders import (
     build_network_policy,
     build_pod_disruption_budget,
     build_pod_monitor,
+    build_router_pod_monitor,
     build_worker_deployment,
     build_worker_headless_service,
     endpoint_url,
     selector_string,
 )
-from infergrid.operator.builders.monitoring import build_router_pod_monitor
 from infergrid.operator.config import OperatorConfig
 from infergrid.operator.spec import ServiceSpec, desired_replicas
 
@@ -58,6 +58,10 @@ def test_pod_monitor_only_when_the_crd_exists():
     kinds = [ch["kind"] for ch in build_children(spec_of(), CONFIG, has_pod_monitor=True)]
     assert kinds.count("PodMonitor") == 1
     assert "PodMonitor" not in [ch["kind"] for ch in build_children(spec_of(), CONFIG)]
+    with_router = dataclasses.replace(CONFIG, has_router=True)
+    names = [ch["metadata"]["name"] for ch in build_children(spec_of(), with_router, has_pod_monitor=True)
+             if ch["kind"] == "PodMonitor"]
+    assert names == ["llama-worker", "llama-router"]
 
 
 def test_longest_valid_name_keeps_every_child_name_a_dns_label():
