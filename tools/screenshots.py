@@ -12,6 +12,7 @@ bounded load through the official openai client, and saves one PNG per query.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,6 +110,7 @@ def main() -> int:
             if thing is not None:
                 thing.stop()
         cp.stop()
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
