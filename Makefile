@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install lint test test-unit e2e bench gpu-wheels demo testbed-build testbed-up testbed-down clean
+.PHONY: help install lint test test-unit e2e bench gpu-wheels demo testbed-build testbed-up testbed-down \
+	prometheus-tools dashboards clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -36,20 +37,30 @@ testbed-build: install ## build the pinned control-plane binaries into ~/.cache/
 	  else echo "kube-proxy needs nft: sudo apt-get install nftables conntrack" >&2; exit 1; fi; }
 	$(PY) -m infergrid.testbed.cli build
 
+prometheus-tools: ## Debian's prometheus + promtool for the observability tests (apt-get when missing and root)
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; \
+	else echo "prometheus/promtool missing: install Debian's prometheus package (sudo apt-get install prometheus)"; exit 1; fi
+
+dashboards: install ## regenerate charts/infergrid/dashboards/*.json from tools/dashboards.py
+	$(PY) tools/dashboards.py
+
 testbed-up: testbed-build ## start the local control plane in the background; kubeconfig in .testbed/kubeconfig
 	$(PY) -m infergrid.testbed.cli up
 
 testbed-down: ## stop the local control plane started by testbed-up
 	$(PY) -m infergrid.testbed.cli down
 
-test: install testbed-build ## the whole suite (what .ci/run calls)
+test: install testbed-build prometheus-tools ## the whole suite (what .ci/run calls)
 	$(VENV)/bin/ruff check .
 	$(PY) -m infergrid.testbed.cli exec -- $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
-test-unit: install ## fast CPU unit tests only (no control plane)
+test-unit: install prometheus-tools ## fast CPU unit tests only (no control plane)
 	$(PY) -m pytest -m "not gpu and not controlplane" tests $(PYTEST_ARGS)
 
-e2e: install testbed-build ## end-to-end scenarios on the local control plane
+e2e: install testbed-build prometheus-tools ## end-to-end scenarios on the local control plane
 	$(PY) -m infergrid.testbed.cli exec -- $(PY) -m pytest e2e $(PYTEST_ARGS)
 
 bench: install testbed-build ## benchmarks: operator (any machine) + GPU set (needs CUDA); see bench/README.md

@@ -44,16 +44,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def start_operator(isvc_crds: ControlPlane,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[list[str]], OperatorProcess]]:
-    """Factory: `start_operator([namespace, ...])` runs a standalone operator watching those namespaces.
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., OperatorProcess]]:
+    """Factory: `start_operator([namespace, ...], metrics_port=0)` runs a standalone operator watching
+    those namespaces (serving /metrics on 127.0.0.1:metrics_port unless it is 0).
 
     Every operator started is stopped (by process group) when the module ends; its log tail is printed.
     """
     started: list[OperatorProcess] = []
     workdir = tmp_path_factory.mktemp("operator")
 
-    def start(namespaces: list[str]) -> OperatorProcess:
-        proc = OperatorProcess(isvc_crds, workdir / f"operator-{len(started)}.log", namespaces)
+    def start(namespaces: list[str], metrics_port: int = 0) -> OperatorProcess:
+        proc = OperatorProcess(isvc_crds, workdir / f"operator-{len(started)}.log", namespaces, metrics_port)
         started.append(proc)
         return proc.start()
 

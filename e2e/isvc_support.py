@@ -126,15 +126,16 @@ def scrape(ip: str, port: int = 8000) -> str:
 class OperatorProcess:
     """`infergrid-operator --standalone` as a subprocess with its own process group and log file."""
 
-    def __init__(self, cp: ControlPlane, log_path: Path, namespaces: list[str]) -> None:
+    def __init__(self, cp: ControlPlane, log_path: Path, namespaces: list[str], metrics_port: int = 0) -> None:
         self.cp, self.log_path, self.namespaces = cp, log_path, namespaces
+        self.metrics_port = metrics_port  # 0: no /metrics server
         self.health_port = free_port()
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> OperatorProcess:
         """Start it and wait for its liveness endpoint."""
         argv = [str(Path(sys.executable).parent / "infergrid-operator"), "--standalone", "--bind=127.0.0.1",
-                "--metrics-port=0", f"--health-port={self.health_port}", "--log-format=plain",
+                f"--metrics-port={self.metrics_port}", f"--health-port={self.health_port}", "--log-format=plain",
                 *[f"--namespace={ns}" for ns in self.namespaces]]
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(argv, env=self.cp.env, stdout=log, stderr=subprocess.STDOUT,

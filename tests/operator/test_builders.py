@@ -14,6 +14,7 @@ from infergrid.operator.builders import (
     build_pod_monitor,
     build_router_deployment,
     build_router_network_policy,
+    build_router_pod_monitor,
     build_worker_deployment,
     build_worker_headless_service,
     endpoint_url,
@@ -59,9 +60,10 @@ def test_children_are_workers_and_router_all_owned_by_the_service():
 
 
 def test_pod_monitor_only_when_the_crd_exists():
-    kinds = [ch["kind"] for ch in build_children(spec_of(), CONFIG, has_pod_monitor=True)]
-    assert kinds.count("PodMonitor") == 1
     assert "PodMonitor" not in [ch["kind"] for ch in build_children(spec_of(), CONFIG)]
+    names = [ch["metadata"]["name"] for ch in build_children(spec_of(), CONFIG, has_pod_monitor=True)
+             if ch["kind"] == "PodMonitor"]
+    assert names == ["llama-worker", "llama-router"]
 
 
 def test_longest_valid_name_keeps_every_child_name_a_dns_label():
@@ -380,6 +382,19 @@ def test_pod_monitor_scrapes_worker_metrics():
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+    # the dashboards' and alerts' `service` label is the InferenceService's name
+    assert monitor["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["targetLabel"] == "service"
+
+
+def test_router_pod_monitor_selects_the_router_pods_port_http():
+    monitor = build_router_pod_monitor(spec_of())
+    assert monitor["kind"] == "PodMonitor" and monitor["metadata"]["name"] == "llama-router"
+    assert monitor["spec"]["selector"]["matchLabels"] == {c.LABEL_ISVC: "llama", c.LABEL_COMPONENT: "router"}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    assert endpoint["relabelings"] == [{"sourceLabels": ["__meta_kubernetes_pod_label_infergrid_dev_inferenceservice"],
+                                        "targetLabel": "service"}]
+    assert monitor["metadata"]["ownerReferences"][0]["kind"] == "InferenceService"
 
 
 def test_unknown_source_scheme_is_a_value_error():

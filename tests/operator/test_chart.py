@@ -52,8 +52,9 @@ def test_values_match_their_schema():
 def test_helm_lint_and_render():
     helm("lint", str(CHART), "--strict")
     kinds = sorted(doc["kind"] for doc in rendered())
-    assert kinds == ["ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service",
-                     "ServiceAccount"]
+    num_dashboards = len(list((CHART / "dashboards").glob("*.json")))
+    assert kinds == ["ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", *["ConfigMap"] * num_dashboards,
+                     "Deployment", "Service", "ServiceAccount"]
 
 
 @pytest.mark.controlplane
@@ -112,3 +113,38 @@ def test_chart_installs_with_helm_into_a_restricted_namespace(control_plane, k8s
         assert cp.client.get(f"/apis/kopf.dev/v1/clusterkopfpeerings/{release}") is not None
     finally:
         helm("uninstall", release, "--namespace", ns, "--kubeconfig", str(cp.kubeconfig))
+
+
+@pytest.mark.controlplane
+def test_dashboards_are_configmaps_for_the_grafana_sidecar():
+    files = {p.name: p.read_text() for p in (CHART / "dashboards").glob("*.json")}
+    maps = [doc for doc in rendered() if doc["kind"] == "ConfigMap"]
+    assert {name for doc in maps for name in doc["data"]} == set(files)
+    for doc in maps:
+        assert doc["metadata"]["labels"]["grafana_dashboard"] == "1"
+        ((name, text),) = doc["data"].items()
+        assert json.loads(text) == json.loads(files[name])  # the JSON arrives intact
+    custom = rendered("dashboards.label=my_dash", "dashboards.labelValue=yes", "dashboards.namespace=monitoring",
+                      "dashboards.annotations.grafana_folder=infergrid")
+    for doc in (d for d in custom if d["kind"] == "ConfigMap"):
+        assert doc["metadata"]["labels"]["my_dash"] == "yes" and "grafana_dashboard" not in doc["metadata"]["labels"]
+        assert doc["metadata"]["namespace"] == "monitoring"
+        assert doc["metadata"]["annotations"] == {"grafana_folder": "infergrid"}
+    assert not [d for d in rendered("dashboards.enabled=false") if d["kind"] == "ConfigMap"]
+
+
+@pytest.mark.controlplane
+def test_prometheus_rule_is_the_rules_file_verbatim():
+    assert not [d for d in rendered() if d["kind"] == "PrometheusRule"]  # off by default
+    (rule,) = [d for d in rendered("prometheusRule.enabled=true", "prometheusRule.labels.release=kps")
+               if d["kind"] == "PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["metadata"]["labels"]["release"] == "kps"
+    assert rule["spec"] == yaml.safe_load((CHART / "rules" / "infergrid.rules.yaml").read_text())
+
+
+@pytest.mark.controlplane
+def test_operator_service_monitor_keeps_the_operators_labels_and_names_the_job():
+    (monitor,) = [d for d in rendered("metrics.serviceMonitor.enabled=true") if d["kind"] == "ServiceMonitor"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["honorLabels"] is True and endpoint["port"] == "metrics"
+    assert endpoint["relabelings"] == [{"targetLabel": "job", "replacement": "infergrid-operator"}]

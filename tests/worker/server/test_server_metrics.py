@@ -10,7 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 from server_harness import MODEL_NAME, WorkerServer
+
+from infergrid.worker.server.metrics import MAX_TOKEN_BUCKET, build_1_2_5_buckets
 
 SPEC = Path(__file__).resolve().parents[4] / "shared" / "SPEC.md"  # ../shared beside the repo
 SPEC_METRICS = [
@@ -153,3 +156,38 @@ def test_spec_decode_counters_move_with_ngram_speculation(start_worker: Callable
     assert 0 <= accepted <= draft_tokens
     per_pos = sum(v for (name, _), v in after.items() if name == "vllm:spec_decode_num_accepted_tokens_per_pos_total")
     assert per_pos == after[("vllm:spec_decode_num_accepted_tokens_total", ())]
+
+
+def test_build_1_2_5_buckets_match_vllms() -> None:
+    assert build_1_2_5_buckets(100) == (1, 2, 5, 10, 20, 50, 100)
+    assert build_1_2_5_buckets(4096)[-1] == 2000
+    assert build_1_2_5_buckets(MAX_TOKEN_BUCKET)[-1] == MAX_TOKEN_BUCKET
+
+
+def test_vllm_compatibility_metrics_follow_one_request(server: WorkerServer) -> None:
+    """The names peer routers and dashboards query (vLLM's loggers.py): cache_config_info, the token
+    histograms, time_per_output_token_seconds and the deprecated gpu_cache_usage_perc."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    info = re.search(r'^vllm:cache_config_info\{([^}]*)\} 1\.0$', text, re.M)
+    assert info, "vllm:cache_config_info missing"
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', info.group(1)))
+    before = server.metrics()
+    assert labels["block_size"] == "16" and labels["model_name"] == MODEL_NAME
+    assert float(labels["num_gpu_blocks"]) == before[("infergrid:kv_cache_total_blocks", ())] > 0
+    assert {"gpu_memory_utilization", "enable_prefix_caching", "cache_dtype", "engine"} <= set(labels)
+    with server.client() as http:
+        usage = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Tokens in, tokens out",
+                                                   "max_tokens": 7, "ignore_eos": True}).json()["usage"]
+    after = server.metrics()
+    assert delta(before, after, "vllm:request_prompt_tokens_count") == 1
+    assert delta(before, after, "vllm:request_prompt_tokens_sum") == usage["prompt_tokens"]
+    assert delta(before, after, "vllm:request_generation_tokens_count") == 1
+    assert delta(before, after, "vllm:request_generation_tokens_sum") == usage["completion_tokens"] == 7
+    # the 10-token bucket holds the 7 generated tokens; the 5-token one does not
+    assert delta(before, after, "vllm:request_generation_tokens_bucket", le="10.0") == 1
+    assert delta(before, after, "vllm:request_generation_tokens_bucket", le="5.0") == 0
+    tpot = delta(before, after, "vllm:time_per_output_token_seconds_count")
+    assert 1 <= tpot == delta(before, after, "vllm:inter_token_latency_seconds_count") <= 6
+    assert delta(before, after, "vllm:time_per_output_token_seconds_sum") == pytest.approx(
+        delta(before, after, "vllm:inter_token_latency_seconds_sum"))
+    assert after[("vllm:gpu_cache_usage_perc", ())] == after[("vllm:kv_cache_usage_perc", ())]

@@ -9,3 +9,44 @@ STATUS_WRITES = Counter("infergrid_operator_status_writes_total", "Status subres
 EVENTS_POSTED = Counter("infergrid_operator_events_total", "Kubernetes Events posted", ["type", "reason"])
 SERVICES = Gauge("infergrid_operator_inferenceservices", "InferenceServices seen by this operator")
 READY_SERVICES = Gauge("infergrid_operator_inferenceservices_ready", "InferenceServices with Ready=True")
+SERVICE_DESIRED_REPLICAS = Gauge("infergrid_operator_service_desired_replicas",
+                                 "Worker replicas an InferenceService should have (spec or scale subresource)",
+                                 ["namespace", "service"])
+SERVICE_READY_REPLICAS = Gauge("infergrid_operator_service_ready_replicas",
+                               "Worker pods of an InferenceService that are Ready", ["namespace", "service"])
+SERVICE_TTFT_SLO = Gauge("infergrid_operator_service_ttft_slo_seconds",
+                         "The TTFT p95 objective an InferenceService sets (spec.autoscaling.targetTTFTSeconds)",
+                         ["namespace", "service"])
+WORKQUEUE_DEPTH = Gauge("infergrid_operator_workqueue_depth",
+                        "Keys waiting in or being processed by one of the operator's work queues", ["queue"])
+
+
+for _result in ("ok", "error"):  # both series exist from the start, so `rate(...{result="error"})` is 0, not empty
+    RECONCILES.labels(_result)
+    STATUS_WRITES.labels(_result)
+for _queue in ("reconcile", "status"):  # the Runtime binds them to its queues
+    WORKQUEUE_DEPTH.labels(_queue)
+
+
+def set_service_gauges(namespace: str, service: str, *, desired: int, ready: int,
+                       ttft_slo_seconds: float | None) -> None:
+    """Export one InferenceService's desired and ready worker replicas and its TTFT objective (if any)."""
+    SERVICE_DESIRED_REPLICAS.labels(namespace, service).set(desired)
+    SERVICE_READY_REPLICAS.labels(namespace, service).set(ready)
+    if ttft_slo_seconds is None:
+        _remove(SERVICE_TTFT_SLO, namespace, service)
+    else:
+        SERVICE_TTFT_SLO.labels(namespace, service).set(ttft_slo_seconds)
+
+
+def forget_service(namespace: str, service: str) -> None:
+    """Drop the series of a deleted InferenceService."""
+    for gauge in (SERVICE_DESIRED_REPLICAS, SERVICE_READY_REPLICAS, SERVICE_TTFT_SLO):
+        _remove(gauge, namespace, service)
+
+
+def _remove(gauge: Gauge, *labels: str) -> None:
+    try:
+        gauge.remove(*labels)
+    except KeyError:
+        pass

@@ -57,6 +57,8 @@ class Runtime:
         self.reconciler = WorkQueue(self._reconcile, name="reconcile", delay=0.0,  # type: ignore[arg-type]
                                     on_error=self._report_failure)
         self.refresher = WorkQueue(self._refresh, name="status refresh", delay=0.2)  # type: ignore[arg-type]
+        metrics.WORKQUEUE_DEPTH.labels("reconcile").set_function(lambda: self.reconciler.num_busy)
+        metrics.WORKQUEUE_DEPTH.labels("status").set_function(lambda: self.refresher.num_busy)
 
     async def close(self) -> None:
         await self.reconciler.close()
@@ -85,6 +87,7 @@ class Runtime:
             self._last_written.pop(key, None)
             self._errors.pop(key, None)
             self.reconciler.forget(key)
+            metrics.forget_service(*key)
             return
         meta = body["metadata"]
         if self._reconciled.get(key) != (meta.get("uid"), meta.get("generation")):
@@ -196,6 +199,9 @@ class Runtime:
         # NOTE: what this process wrote last is fresher than the watched body until the echo arrives.
         old = {**(body.get("status") or {}), **self._last_written.get(key, {})}
         new = compute_status(observed, old)
+        metrics.set_service_gauges(spec.namespace, spec.name, desired=observed.desired_replicas,
+                                   ready=new["readyReplicas"], ttft_slo_seconds=spec.autoscaling.target_ttft_seconds
+                                   if spec.autoscaling is not None else None)
         if new == old:
             return
         owned = {k: v for k, v in new.items() if k in OWNED_KEYS}

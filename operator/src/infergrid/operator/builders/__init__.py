@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from infergrid.operator.builders.common import endpoint_url, selector_string, stable_hash
-from infergrid.operator.builders.monitoring import build_pod_monitor
+from infergrid.operator.builders.monitoring import build_pod_monitor, build_router_pod_monitor
 from infergrid.operator.builders.policies import (
     build_network_policy,
     build_pod_disruption_budget,
@@ -25,9 +25,9 @@ from infergrid.operator.spec import ServiceSpec
 
 __all__ = [
     "build_children", "build_client_service", "build_network_policy", "build_pod_disruption_budget",
-    "build_pod_monitor", "build_router_deployment", "build_router_network_policy", "build_router_pod_template",
-    "build_worker_deployment", "build_worker_headless_service", "build_worker_pod_template", "endpoint_url",
-    "selector_string", "stable_hash",
+    "build_pod_monitor", "build_router_deployment", "build_router_network_policy", "build_router_pod_monitor",
+    "build_router_pod_template", "build_worker_deployment", "build_worker_headless_service",
+    "build_worker_pod_template", "endpoint_url", "selector_string", "stable_hash",
 ]
 
 
@@ -47,5 +47,5 @@ def build_children(spec: ServiceSpec, config: OperatorConfig, *, current_replica
         build_worker_deployment(spec, config, current_replicas),
     ]
     if has_pod_monitor:
-        children.append(build_pod_monitor(spec))
+        children += [build_pod_monitor(spec), build_router_pod_monitor(spec)]
     return children

@@ -79,6 +79,18 @@ _SSE_200: dict[int | str, dict[str, Any]] = {
           "description": "JSON, or server-sent events when stream is true"}}
 
 
+def cache_config_labels(lifecycle: Lifecycle) -> dict[str, str]:
+    """vllm:cache_config_info's labels (vLLM's CacheConfig fields as strings); empty before the load."""
+    config = getattr(getattr(lifecycle.engine, "engine", None), "config", None)
+    stats = lifecycle.stats()
+    if config is None or stats is None:
+        return {}
+    return {"block_size": str(config.block_size), "num_gpu_blocks": str(stats.num_total_blocks),
+            "num_cpu_blocks": "0", "gpu_memory_utilization": str(config.gpu_memory_utilization),
+            "enable_prefix_caching": str(bool(config.enable_prefix_caching)), "cache_dtype": "auto",
+            "engine": "0"}
+
+
 def build_app(settings: ServerSettings, engine_factory: Callable[[], Any]) -> FastAPI:
     """The app; `engine_factory()` (blocking, run in a thread at startup) returns an AsyncLLM."""
     admission = AdmissionController(settings.max_queue_size)
@@ -89,7 +101,7 @@ def build_app(settings: ServerSettings, engine_factory: Callable[[], Any]) -> Fa
     metrics.registry.register(EngineStatsCollector(lifecycle.stats, model_name, ServerGauges(
         num_in_flight=lambda: admission.num_in_flight, rejected=lambda: admission.num_rejected,
         is_ready=lifecycle.is_ready, is_healthy=lifecycle.is_healthy,
-        is_draining=lambda: lifecycle.is_draining)))
+        is_draining=lambda: lifecycle.is_draining, cache_config=lambda: cache_config_labels(lifecycle))))
     common = (lifecycle, admission, metrics, settings.served_model_names)
     completions, chat, seed = OpenAIServingCompletion(*common), OpenAIServingChat(*common), SeedServing(*common)
 

@@ -1,8 +1,17 @@
 """Prometheus metrics with vLLM's names (label `model_name`) plus `infergrid:` extras.
 
 Gauges and counters that the engine already keeps are mirrored from `engine.stats()` at scrape time
-by a custom collector (no drift, no background thread). Latency histograms and the success counter
-are observed per request by `RequestTimer`.
+by a custom collector (no drift, no background thread). Latency and token-count histograms and the
+success counter are observed per request by `RequestTimer`.
+
+Compatibility names checked against vLLM's own `vllm/v1/metrics/loggers.py` (PrometheusStatLogger):
+`vllm:gpu_cache_usage_perc` (the deprecated twin of `vllm:kv_cache_usage_perc`, same value),
+`vllm:cache_config_info` (a gauge fixed at 1 whose labels are the cache config's fields as strings,
+among them `block_size` and `num_gpu_blocks`, plus `engine`), `vllm:request_prompt_tokens` and
+`vllm:request_generation_tokens` (histograms per finished request; vLLM's 1-2-5 buckets stop at max_model_len, ours
+at 10^6 tokens because the registry exists before the model is loaded: vLLM's are a prefix of ours),
+`vllm:time_per_output_token_seconds` (histogram observed per output token after the first, with
+vLLM's buckets: the same gaps as `vllm:inter_token_latency_seconds`, as in vLLM v1 of that file).
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ ENGINE_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("vllm:num_requests_running", "num_running", "Number of requests in model execution batches."),
     ("vllm:num_requests_waiting", "num_waiting", "Number of requests waiting to be processed."),
     ("vllm:kv_cache_usage_perc", "kv_cache_usage", "KV-cache usage. 1 means 100 percent usage."),
+    ("vllm:gpu_cache_usage_perc", "kv_cache_usage",
+     "GPU KV-cache usage. 1 means 100 percent usage. DEPRECATED: Use vllm:kv_cache_usage_perc instead."),
     ("infergrid:kv_cache_used_blocks", "num_used_blocks", "KV-cache blocks in use."),
     ("infergrid:kv_cache_total_blocks", "num_total_blocks", "KV-cache blocks in the pool."),
 )
@@ -45,6 +56,9 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
                5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0)
+MAX_TOKEN_BUCKET = 1_000_000
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
@@ -58,6 +72,20 @@ class ServerGauges:
     is_ready: Callable[[], bool]
     is_healthy: Callable[[], bool]
     is_draining: Callable[[], bool]
+    cache_config: Callable[[], dict[str, str]] = dict
+    """vLLM's cache_config_info labels (empty until the engine is loaded)."""
+
+
+def build_1_2_5_buckets(max_value: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to `max_value` (vLLM's token-count buckets)."""
+    buckets: list[int] = []
+    scale = 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_value:
+                return tuple(buckets)
+            buckets.append(mantissa * scale)
+        scale *= 10
 
 
 class EngineStatsCollector(Collector):
@@ -86,6 +114,12 @@ class EngineStatsCollector(Collector):
             c.add_metric([self._model_name, str(pos)], float(count))
         yield c
         srv = self._server
+        info = srv.cache_config()
+        if info:
+            g = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+                                  labels=[*info, "model_name"])
+            g.add_metric([*info.values(), self._model_name], 1.0)
+            yield g
         g = GaugeMetricFamily("infergrid:num_requests_in_flight",
                               "Engine requests admitted by the HTTP server and not finished.",
                               labels=["model_name"])
@@ -144,6 +178,13 @@ class ServerMetrics:
                              label, registry=r, buckets=ITL_BUCKETS).labels(self.model_name)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of end to end request latency.",
                              label, registry=r, buckets=E2E_BUCKETS).labels(self.model_name)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.",
+                              label, registry=r, buckets=TPOT_BUCKETS).labels(self.model_name)
+        token_buckets = build_1_2_5_buckets(MAX_TOKEN_BUCKET)
+        self.prompt_tokens = Histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.",
+                                       label, registry=r, buckets=token_buckets).labels(self.model_name)
+        self.generation_tokens = Histogram("vllm:request_generation_tokens", "Number of generation tokens processed.",
+                                           label, registry=r, buckets=token_buckets).labels(self.model_name)
         self.queue = Histogram("vllm:request_queue_time_seconds",
                                "Histogram of time spent waiting before the first scheduling step.",
                                label, registry=r, buckets=E2E_BUCKETS).labels(self.model_name)
@@ -199,14 +240,18 @@ class RequestTimer:
                 self._metrics.observe("ttft", now - self.arrival)
                 self._metrics.observe("queue", self._queue_time(out, now))
             else:
-                self._metrics.observe("itl", now - (self._last_token_time or now))
+                gap = now - (self._last_token_time or now)
+                self._metrics.observe("itl", gap)
+                self._metrics.tpot.observe(gap)
             self._last_token_time = now
             self._num_tokens = num_tokens
         if out.finished and not self._is_done:
             self._is_done = True
             self._metrics.observe("e2e", now - self.arrival)
+            self._metrics.prompt_tokens.observe(len(out.prompt_token_ids))
             for c in out.outputs:
                 self._metrics.finished(c.finish_reason)
+                self._metrics.generation_tokens.observe(len(c.token_ids))
 
     def on_abort(self, *, by_client: bool) -> None:
         """The request ended without finishing (client left, shutdown or error)."""
