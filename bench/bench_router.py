@@ -79,8 +79,18 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-async def measure(urls: list[str], num_sequential: int, concurrency: int, seconds: float) -> dict[str, float]:
-    """Latency of sequential requests (round-robin over `urls` for the direct case), then req/s."""
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a live process (its threads included), seconds; 0 without a pid."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(urls: list[str], num_sequential: int, concurrency: int, seconds: float,
+                  pid: int | None = None) -> dict[str, float]:
+    """Latency of sequential requests (round-robin over `urls` for the direct case), then req/s, and the
+    router process's CPU time per request during the saturation phase (`pid`)."""
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         counter = 0
@@ -109,11 +119,11 @@ async def measure(urls: list[str], num_sequential: int, concurrency: int, second
                 await one()
                 done += 1
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds(pid)
         await asyncio.gather(*(client() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
     return {"p50_ms": percentile(latencies, 0.5) * 1e3, "p99_ms": percentile(latencies, 0.99) * 1e3,
-            "rps": done / elapsed}
+            "rps": done / elapsed, "cpu_ms_per_request": cpu / max(done, 1) * 1e3}
 
 
 def machine() -> dict[str, Any]:
@@ -184,10 +194,12 @@ def main() -> None:
         samples: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
         for rep in range(args.repeats):
             for name, urls in targets.items():
-                result = asyncio.run(measure(urls, args.requests, args.concurrency, args.seconds))
+                pid = logs[name][0].pid if name in logs else None
+                result = asyncio.run(measure(urls, args.requests, args.concurrency, args.seconds, pid))
                 samples[name].append(result)
                 print(f"repeat {rep + 1}/{args.repeats} {name:32s} p50 {result['p50_ms']:.2f} ms  "
-                      f"p99 {result['p99_ms']:.2f} ms  {result['rps']:.0f} req/s", flush=True)
+                      f"p99 {result['p99_ms']:.2f} ms  {result['rps']:.0f} req/s  "
+                      f"{result['cpu_ms_per_request']:.3f} CPU ms/req", flush=True)
 
         rows = summarize(samples, args.repeats)
         print_table(rows, args)
@@ -220,7 +232,8 @@ def summarize(samples: dict[str, list[dict[str, float]]], repeats: int) -> dict[
 
         rows[name] = {"p50_ms": stat([r["p50_ms"] for r in runs]), "p99_ms": stat([r["p99_ms"] for r in runs]),
                       "added_p50_ms": stat(added50), "added_p99_ms": stat(added99),
-                      "rps": stat([r["rps"] for r in runs]), "rps_vs_direct": stat(share)}
+                      "rps": stat([r["rps"] for r in runs]), "rps_vs_direct": stat(share),
+                      "cpu_ms_per_request": stat([r["cpu_ms_per_request"] for r in runs])}
     return rows
 
 
@@ -233,12 +246,13 @@ def print_table(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> No
     print(f"\n{args.workers} tiny CPU workers, max_tokens 1; medians over {args.repeats} interleaved repeats "
           f"[min..max]; req/s with {args.concurrency} concurrent clients for {args.seconds:g} s")
     header = f"| {'target':30s} | {'p50 ms':18s} | {'added p50 ms':20s} | {'added p99 ms':20s} | " \
-             f"{'req/s':18s} | {'vs direct':16s} |"
+             f"{'req/s':18s} | {'vs direct':16s} | {'router CPU ms/req':20s} |"
     print(header)
     print("|" + "|".join("-" * (len(c) + 0) for c in header.split("|")[1:-1]) + "|")
     for name, row in rows.items():
         print(f"| {name:30s} | {fmt(row['p50_ms']):18s} | {fmt(row['added_p50_ms']):20s} | "
-              f"{fmt(row['added_p99_ms']):20s} | {fmt(row['rps'], 0):18s} | {fmt(row['rps_vs_direct'], pct=True):16s} |")
+              f"{fmt(row['added_p99_ms']):20s} | {fmt(row['rps'], 0):18s} | {fmt(row['rps_vs_direct'], pct=True):16s} | "
+              f"{fmt(row['cpu_ms_per_request'], 3):20s} |")
 
 
 if __name__ == "__main__":

@@ -180,3 +180,23 @@ def test_prefix_aware_keeps_a_shared_prompt_on_one_worker_and_doubles_hit_rate(
         rr.stop()
     print(f"prefix-cache hit rate: prefix-aware {pa_rate:.3f}, round-robin {rr_rate:.3f}")
     assert pa_rate >= 2 * rr_rate, (pa_rate, rr_rate)
+
+
+def test_client_disconnect_aborts_the_request_on_the_worker(router: Router, workers: list[Worker]) -> None:
+    """A client that leaves mid-stream: the router closes the upstream connection, the worker aborts the
+    request (running drops to 0 long before the 900 tokens would have been generated)."""
+    def running() -> float:
+        return sum(w.counter("vllm:num_requests_running") for w in workers)
+
+    assert running() == 0
+    with httpx.stream("POST", router.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"prompt": "Hi", "max_tokens": 900, "stream": True, "ignore_eos": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert running() == 1
+        left_at = time.monotonic()
+    while running() != 0:
+        assert time.monotonic() - left_at < 3.0, "the worker kept generating for a client that left"
+        time.sleep(0.05)
+    assert router.metric("infergrid:router_requests_total", outcome="client_disconnect") >= 1
