@@ -1,9 +1,10 @@
 """Router overhead benchmark: direct-to-worker vs through infergrid-router vs through vllm-router (PyPI,
 the Rust peer), same workers, same run, interleaved repeats.
 
-Starts N real tiny CPU workers on loopback (`infergrid-worker make-tiny-model` + `serve`), then per repeat
-and per target (in turn): sequential small requests (max_tokens 1) for the latency distribution, then
-16 concurrent clients for a fixed time for req/s at saturation. Added latency = the target's p50/p99
+Starts N real tiny CPU workers on loopback (`infergrid-worker make-tiny-model` + `serve`), then per repeat:
+sequential small requests (max_tokens 1) interleaved request by request over the targets for the latency
+distributions (each target sees the same background load), then per target in turn 16 concurrent
+clients for a fixed time for req/s at saturation (and the router process's CPU time per request). Added latency = the target's p50/p99
 minus the direct p50/p99 of the same repeat. Prints a table (medians over repeats, [min..max]) and
 writes JSON with the commit, the exact command and the machine.
 
@@ -87,43 +88,51 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def measure(urls: list[str], num_sequential: int, concurrency: int, seconds: float,
-                  pid: int | None = None) -> dict[str, float]:
-    """Latency of sequential requests (round-robin over `urls` for the direct case), then req/s, and the
-    router process's CPU time per request during the saturation phase (`pid`)."""
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        counter = 0
+async def one_request(session: aiohttp.ClientSession, url: str, n: int) -> float:
+    body = {"prompt": f"Hello {n % 97}", "max_tokens": 1, "temperature": 0}
+    t0 = time.perf_counter()
+    async with session.post(url + "/v1/completions", json=body) as r:
+        await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"{url}: {r.status} {await r.text()}")
+    return time.perf_counter() - t0
 
-        async def one() -> float:
-            nonlocal counter
+
+async def measure_latency(targets: dict[str, list[str]], num_requests: int) -> dict[str, dict[str, float]]:
+    """Sequential small requests, interleaved request by request over the targets (so each target sees the
+    same background load on this shared machine); the direct target round-robins over the workers."""
+    samples: dict[str, list[float]] = {name: [] for name in targets}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        for i in range(num_requests + 20):
+            for name, urls in targets.items():
+                latency = await one_request(session, urls[i % len(urls)], i)
+                if i >= 20:  # the first ones warm the pools
+                    samples[name].append(latency)
+    return {name: {"p50_ms": percentile(v, 0.5) * 1e3, "p99_ms": percentile(v, 0.99) * 1e3}
+            for name, v in samples.items()}
+
+
+async def measure_throughput(urls: list[str], concurrency: int, seconds: float,
+                             pid: int | None = None) -> dict[str, float]:
+    """req/s with `concurrency` clients for `seconds`, and the router process's CPU time per request."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        counter = done = 0
+        for _ in range(concurrency):
             counter += 1
-            url = urls[counter % len(urls)] + "/v1/completions"
-            body = {"prompt": f"Hello {counter % 97}", "max_tokens": 1, "temperature": 0}
-            t0 = time.perf_counter()
-            async with session.post(url, json=body) as r:
-                await r.read()
-                if r.status != 200:
-                    raise RuntimeError(f"{url}: {r.status} {await r.text()}")
-            return time.perf_counter() - t0
-
-        for _ in range(20):  # warm the pools
-            await one()
-        latencies = [await one() for _ in range(num_sequential)]
-        done = 0
+            await one_request(session, urls[counter % len(urls)], counter)
         deadline = time.perf_counter() + seconds
 
         async def client() -> None:
-            nonlocal done
+            nonlocal counter, done
             while time.perf_counter() < deadline:
-                await one()
+                counter += 1
+                await one_request(session, urls[counter % len(urls)], counter)
                 done += 1
 
         t0, cpu0 = time.perf_counter(), cpu_seconds(pid)
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
-    return {"p50_ms": percentile(latencies, 0.5) * 1e3, "p99_ms": percentile(latencies, 0.99) * 1e3,
-            "rps": done / elapsed, "cpu_ms_per_request": cpu / max(done, 1) * 1e3}
+    return {"rps": done / elapsed, "cpu_ms_per_request": cpu / max(done, 1) * 1e3}
 
 
 def machine() -> dict[str, Any]:
@@ -193,9 +202,10 @@ def main() -> None:
 
         samples: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
         for rep in range(args.repeats):
+            latency = asyncio.run(measure_latency(targets, args.requests))
             for name, urls in targets.items():
                 pid = logs[name][0].pid if name in logs else None
-                result = asyncio.run(measure(urls, args.requests, args.concurrency, args.seconds, pid))
+                result = {**latency[name], **asyncio.run(measure_throughput(urls, args.concurrency, args.seconds, pid))}
                 samples[name].append(result)
                 print(f"repeat {rep + 1}/{args.repeats} {name:32s} p50 {result['p50_ms']:.2f} ms  "
                       f"p99 {result['p99_ms']:.2f} ms  {result['rps']:.0f} req/s  "
