@@ -1,9 +1,10 @@
 """Router overhead benchmark: direct-to-worker vs through infergrid-router vs through vllm-router (PyPI,
 the Rust peer), same workers, same run, interleaved repeats.
 
-Starts N real tiny CPU workers on loopback (`infergrid-worker make-tiny-model` + `serve`), then per repeat
-and per target (in turn): sequential small requests (max_tokens 1) for the latency distribution, then
-16 concurrent clients for a fixed time for req/s at saturation. Added latency = the target's p50/p99
+Starts N real tiny CPU workers on loopback (`infergrid-worker make-tiny-model` + `serve`), then per repeat:
+sequential small requests (max_tokens 1) interleaved request by request over the targets for the latency
+distributions (each target sees the same background load), then per target in turn 16 concurrent
+clients for a fixed time for req/s at saturation (and the router process's CPU time per request). Added latency = the target's p50/p99
 minus the direct p50/p99 of the same repeat. Prints a table (medians over repeats, [min..max]) and
 writes JSON with the commit, the exact command and the machine.
 
@@ -79,41 +80,59 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-async def measure(urls: list[str], num_sequential: int, concurrency: int, seconds: float) -> dict[str, float]:
-    """Latency of sequential requests (round-robin over `urls` for the direct case), then req/s."""
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        counter = 0
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a live process (its threads included), seconds; 0 without a pid."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-        async def one() -> float:
-            nonlocal counter
+
+async def one_request(session: aiohttp.ClientSession, url: str, n: int) -> float:
+    body = {"prompt": f"Hello {n % 97}", "max_tokens": 1, "temperature": 0}
+    t0 = time.perf_counter()
+    async with session.post(url + "/v1/completions", json=body) as r:
+        await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"{url}: {r.status} {await r.text()}")
+    return time.perf_counter() - t0
+
+
+async def measure_latency(targets: dict[str, list[str]], num_requests: int) -> dict[str, dict[str, float]]:
+    """Sequential small requests, interleaved request by request over the targets (so each target sees the
+    same background load on this shared machine); the direct target round-robins over the workers."""
+    samples: dict[str, list[float]] = {name: [] for name in targets}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        for i in range(num_requests + 20):
+            for name, urls in targets.items():
+                latency = await one_request(session, urls[i % len(urls)], i)
+                if i >= 20:  # the first ones warm the pools
+                    samples[name].append(latency)
+    return {name: {"p50_ms": percentile(v, 0.5) * 1e3, "p99_ms": percentile(v, 0.99) * 1e3}
+            for name, v in samples.items()}
+
+
+async def measure_throughput(urls: list[str], concurrency: int, seconds: float,
+                             pid: int | None = None) -> dict[str, float]:
+    """req/s with `concurrency` clients for `seconds`, and the router process's CPU time per request."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        counter = done = 0
+        for _ in range(concurrency):
             counter += 1
-            url = urls[counter % len(urls)] + "/v1/completions"
-            body = {"prompt": f"Hello {counter % 97}", "max_tokens": 1, "temperature": 0}
-            t0 = time.perf_counter()
-            async with session.post(url, json=body) as r:
-                await r.read()
-                if r.status != 200:
-                    raise RuntimeError(f"{url}: {r.status} {await r.text()}")
-            return time.perf_counter() - t0
-
-        for _ in range(20):  # warm the pools
-            await one()
-        latencies = [await one() for _ in range(num_sequential)]
-        done = 0
+            await one_request(session, urls[counter % len(urls)], counter)
         deadline = time.perf_counter() + seconds
 
         async def client() -> None:
-            nonlocal done
+            nonlocal counter, done
             while time.perf_counter() < deadline:
-                await one()
+                counter += 1
+                await one_request(session, urls[counter % len(urls)], counter)
                 done += 1
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds(pid)
         await asyncio.gather(*(client() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-    return {"p50_ms": percentile(latencies, 0.5) * 1e3, "p99_ms": percentile(latencies, 0.99) * 1e3,
-            "rps": done / elapsed}
+        elapsed, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+    return {"rps": done / elapsed, "cpu_ms_per_request": cpu / max(done, 1) * 1e3}
 
 
 def machine() -> dict[str, Any]:
@@ -183,11 +202,14 @@ def main() -> None:
 
         samples: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
         for rep in range(args.repeats):
+            latency = asyncio.run(measure_latency(targets, args.requests))
             for name, urls in targets.items():
-                result = asyncio.run(measure(urls, args.requests, args.concurrency, args.seconds))
+                pid = logs[name][0].pid if name in logs else None
+                result = {**latency[name], **asyncio.run(measure_throughput(urls, args.concurrency, args.seconds, pid))}
                 samples[name].append(result)
                 print(f"repeat {rep + 1}/{args.repeats} {name:32s} p50 {result['p50_ms']:.2f} ms  "
-                      f"p99 {result['p99_ms']:.2f} ms  {result['rps']:.0f} req/s", flush=True)
+                      f"p99 {result['p99_ms']:.2f} ms  {result['rps']:.0f} req/s  "
+                      f"{result['cpu_ms_per_request']:.3f} CPU ms/req", flush=True)
 
         rows = summarize(samples, args.repeats)
         print_table(rows, args)
@@ -220,7 +242,8 @@ def summarize(samples: dict[str, list[dict[str, float]]], repeats: int) -> dict[
 
         rows[name] = {"p50_ms": stat([r["p50_ms"] for r in runs]), "p99_ms": stat([r["p99_ms"] for r in runs]),
                       "added_p50_ms": stat(added50), "added_p99_ms": stat(added99),
-                      "rps": stat([r["rps"] for r in runs]), "rps_vs_direct": stat(share)}
+                      "rps": stat([r["rps"] for r in runs]), "rps_vs_direct": stat(share),
+                      "cpu_ms_per_request": stat([r["cpu_ms_per_request"] for r in runs])}
     return rows
 
 
@@ -233,12 +256,13 @@ def print_table(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> No
     print(f"\n{args.workers} tiny CPU workers, max_tokens 1; medians over {args.repeats} interleaved repeats "
           f"[min..max]; req/s with {args.concurrency} concurrent clients for {args.seconds:g} s")
     header = f"| {'target':30s} | {'p50 ms':18s} | {'added p50 ms':20s} | {'added p99 ms':20s} | " \
-             f"{'req/s':18s} | {'vs direct':16s} |"
+             f"{'req/s':18s} | {'vs direct':16s} | {'router CPU ms/req':20s} |"
     print(header)
     print("|" + "|".join("-" * (len(c) + 0) for c in header.split("|")[1:-1]) + "|")
     for name, row in rows.items():
         print(f"| {name:30s} | {fmt(row['p50_ms']):18s} | {fmt(row['added_p50_ms']):20s} | "
-              f"{fmt(row['added_p99_ms']):20s} | {fmt(row['rps'], 0):18s} | {fmt(row['rps_vs_direct'], pct=True):16s} |")
+              f"{fmt(row['added_p99_ms']):20s} | {fmt(row['rps'], 0):18s} | {fmt(row['rps_vs_direct'], pct=True):16s} | "
+              f"{fmt(row['cpu_ms_per_request'], 3):20s} |")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import httpx
 import pytest
 from router_harness import Router, Worker, free_port
 
-UPSTREAM_TIMEOUT = 3.0
+UPSTREAM_TIMEOUT = 4.0
+TEARDOWN_S = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +79,23 @@ def test_sigkill_one_worker_under_load(router: Router, workers: list[Worker],
     ok = [r for r in load.results if r[2] == 200]
     failed = [r for r in load.results if r[2] != 200]
     assert len(ok) >= 20
-    # Only requests already in flight when the worker died may fail (at most one per client thread).
-    assert all(start < killed_at for start, *_ in failed), failed
+    # Only requests that had reached the worker may fail: those in flight at the kill, or sent to its
+    # socket while the killed process was still being torn down (it holds its sockets until it is gone;
+    # TEARDOWN_S bounds that on a loaded machine). At most one per client thread.
     assert len(failed) <= 4, failed
-    assert all(r[1] > killed_at for r in failed)
-    # every request sent after the kill succeeded on the survivors
-    assert all(r[2] == 200 for r in load.results if r[0] > killed_at)
+    assert all(start < killed_at + TEARDOWN_S for start, *_ in failed), failed
+    assert all("upstream_error" in body for *_, body in failed), failed
+    # every request sent after that succeeded on the survivors: connect failures were retried
+    assert all(r[2] == 200 for r in load.results if r[0] > killed_at + TEARDOWN_S)
 
 
 def test_sigstop_worker_is_ejected_its_requests_end_with_504_and_sigcont_readmits(
         router: Router, workers: list[Worker]) -> None:
     victim = workers[1]
     assert router.metric("infergrid:router_ready_workers") == 2  # after the SIGKILL test
-    # Long requests so some are in flight on the victim when it stops.
-    with Load(router.url, concurrency=4, max_tokens=200) as load:
+    # Requests long enough that some are in flight on the victim when it stops, short enough that a
+    # healthy worker answers well within the upstream timeout on a loaded machine.
+    with Load(router.url, concurrency=4, max_tokens=48) as load:
         time.sleep(1.5)
         stopped_at = time.monotonic()
         victim.signal(signal.SIGSTOP)
@@ -107,6 +111,8 @@ def test_sigstop_worker_is_ejected_its_requests_end_with_504_and_sigcont_readmit
     assert readmitted_after <= 3.0, readmitted_after
     timeouts = [r for r in load.results if r[2] == 504]
     assert timeouts, "no request was in flight on the stopped worker"
+    slow_ok = [r for r in load.results if r[2] == 200 and r[1] - r[0] > UPSTREAM_TIMEOUT / 2]
+    assert not slow_ok, f"healthy requests came close to the timeout (machine too loaded): {slow_ok[:3]}"
     for start, end, _, body in timeouts:
         assert "upstream_timeout" in body and '"error"' in body
         assert end - max(start, stopped_at) <= UPSTREAM_TIMEOUT + 1.5  # ended within the timeout (+ margin)
@@ -162,9 +168,10 @@ def test_queue_full_and_hold_timeout_answer_503_with_retry_after(log_dir: Path) 
             assert r.json()["error"]["code"] == "no_ready_worker"
         assert "already waiting" in full.json()["error"]["message"]
         assert "within 1 s" in timed_out.json()["error"]["message"]
-        # Full: answered at once; timeout: at the deadline (1 s) plus at most 100 ms (+ margin for a loaded box).
+        # Full: answered at once; timeout: at the deadline (1 s) plus the router's 100 ms, with a margin
+        # for the client's own round trip on a loaded machine.
         assert full_s < 0.5, full_s
-        assert 1.0 <= timed_out_s < 1.5, timed_out_s
+        assert 1.0 <= timed_out_s < 2.0, timed_out_s
         assert router.metric("infergrid:router_requests_total", outcome="held_full") == 1
         assert router.metric("infergrid:router_requests_total", outcome="held_timeout") == 1
     finally:

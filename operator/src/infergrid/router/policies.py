@@ -145,9 +145,9 @@ def prefix_key_from_body(body: bytes, chunk_chars: int, max_chunks: int) -> int 
 
 
 class Policy:
-    """Chooses a worker for one request. `key` is the request's routing key (None: no affinity)."""
+    """Chooses a worker among the ready `candidates` (never empty) for a request with routing `key`."""
 
-    name = "round-robin"
+    name = ""
 
     def __init__(self, load_factor: float = 1.25) -> None:
         self.load_factor = load_factor
@@ -155,14 +155,40 @@ class Policy:
 
     def choose(self, candidates: Sequence[Candidate], key: int | None) -> Candidate:
         self._turn += 1
-        if key is not None and self.name in ("prefix-aware", "session-affinity"):
-            return pick_by_key(candidates, key, self.load_factor)
-        if self.name == "round-robin":
-            return candidates[self._turn % len(candidates)]
         return pick_least_load(candidates, self._turn)
 
 
+class LeastLoad(Policy):
+    name = "least-load"
+
+
+class RoundRobin(Policy):
+    name = "round-robin"
+
+    def choose(self, candidates: Sequence[Candidate], key: int | None) -> Candidate:
+        self._turn += 1
+        return candidates[self._turn % len(candidates)]
+
+
+class KeyAffinity(Policy):
+    """prefix-aware and session-affinity: the key's worker under bounded load; least-load without a key."""
+
+    def choose(self, candidates: Sequence[Candidate], key: int | None) -> Candidate:
+        if key is None:
+            return super().choose(candidates, key)
+        return pick_by_key(candidates, key, self.load_factor)
+
+
+class PrefixAware(KeyAffinity):
+    name = "prefix-aware"
+
+
+class SessionAffinity(KeyAffinity):
+    name = "session-affinity"
+
+
+POLICY_CLASSES: dict[str, type[Policy]] = {c.name: c for c in (PrefixAware, LeastLoad, SessionAffinity, RoundRobin)}
+
+
 def make_policy(name: str, load_factor: float = 1.25) -> Policy:
-    policy = Policy(load_factor)
-    policy.name = name
-    return policy
+    return POLICY_CLASSES[name](load_factor)
