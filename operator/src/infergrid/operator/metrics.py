@@ -9,3 +9,20 @@ STATUS_WRITES = Counter("infergrid_operator_status_writes_total", "Status subres
 EVENTS_POSTED = Counter("infergrid_operator_events_total", "Kubernetes Events posted", ["type", "reason"])
 SERVICES = Gauge("infergrid_operator_inferenceservices", "InferenceServices seen by this operator")
 READY_SERVICES = Gauge("infergrid_operator_inferenceservices_ready", "InferenceServices with Ready=True")
+
+# The autoscaler and health monitor (names shared with the router's dashboards: `infergrid:` prefix).
+AUTOSCALER_DESIRED = Gauge("infergrid:autoscaler_desired_replicas", "Worker replicas the autoscaler wants",
+                           ["namespace", "service"])
+AUTOSCALER_DECISIONS = Counter("infergrid:autoscaler_decisions_total",
+                               "Autoscaler decisions (one per service per tick) by direction and reason",
+                               ["namespace", "service", "direction", "reason"])
+HEALTH_POD_RESTARTS = Counter("infergrid:health_pod_restarts_total",
+                              "Worker pods the health monitor deleted for replacement, by reason",
+                              ["namespace", "service", "reason"])
+
+
+def forget_service(namespace: str, service: str) -> None:
+    """Drop a deleted (or no longer autoscaled) service's series."""
+    for family in (AUTOSCALER_DESIRED, AUTOSCALER_DECISIONS, HEALTH_POD_RESTARTS):
+        for labels in [labels for labels in list(family._metrics) if labels[:2] == (namespace, service)]:
+            family.remove(*labels)
