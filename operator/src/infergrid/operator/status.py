@@ -263,7 +263,8 @@ def transition_events(old_status: Mapping[str, Any] | None, new_status: Mapping[
     ready, was_ready = new.get(READY, {}), old.get(READY, {})
     if ready.get("status") == "True" and was_ready.get("status") != "True":
         events.append(StatusEvent("Normal", "Ready", ready["message"]))
-    elif ready.get("status") == "False" and was_ready.get("status") == "True":
+    elif ready.get("status") == "False" and was_ready.get("status") == "True" and ready.get("reason") != "ScaledToZero":
+        # (scaling to zero is no warning: the autoscaler posts its own Event for it)
         events.append(StatusEvent("Warning", "NotReady", f"{ready['reason']}: {ready['message']}"))
     return events
 

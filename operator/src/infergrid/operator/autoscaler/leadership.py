@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,17 +45,24 @@ class Leadership:
 
     def __init__(self, api: KubeClient, peering: str | None, priority: int, clusterwide: bool = True) -> None:
         self.api, self.peering, self.priority, self.clusterwide = api, peering, priority, clusterwide
+        self._answers: dict[str, tuple[float, bool]] = {}  # peering path -> (when read, active)
 
     async def is_active(self, namespace: str) -> bool:
+        """Whether to act on services of `namespace` (the peering object is read at most once a second)."""
         if self.peering is None:
             return True
         if self.clusterwide:
             path = f"/apis/kopf.dev/v1/clusterkopfpeerings/{self.peering}"
         else:
             path = f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings/{self.peering}"
+        read_at, active = self._answers.get(path, (-1e9, False))
+        if time.monotonic() - read_at < 1.0:
+            return active
         try:
             body = await self.api.request("GET", path)
+            active = is_active(body.get("status") or {}, self.priority, datetime.datetime.now(datetime.UTC))
         except (ApiError, OSError, TimeoutError) as exc:
             logger.debug("cannot read peering %s: %s", path, exc)
-            return False  # kopf pauses too without its peering object
-        return is_active(body.get("status") or {}, self.priority, datetime.datetime.now(datetime.UTC))
+            active = False  # kopf pauses too without its peering object
+        self._answers[path] = (time.monotonic(), active)
+        return active

@@ -277,7 +277,8 @@ class Monitor:
                 track.scaling = None
                 metrics.forget_service(*key)
             return
-        current = desired_replicas(spec, self.cache.current_replicas(key))
+        # spec.replicas as written (a value outside the bounds gets rewritten), else what the workers run.
+        current = spec.replicas if spec.replicas is not None else desired_replicas(spec, self.cache.current_replicas(key))
         if track.echo is not None:
             written, until = track.echo
             if current != written and now < until:
@@ -310,12 +311,12 @@ class Monitor:
             history=tuple(track.history)))
         track.history.append((now, decision.recommendation))
         metrics.AUTOSCALER_DECISIONS.labels(key[0], key[1], decision.direction, decision.reason).inc()
+        if decision.is_change and not await self._write_scale(key, current, decision):
+            return  # decided from a stale view (the wake, if any, is seen again next tick)
         changed = False
         if is_wake:
             track.last_wake, changed = wake_value, True
         if decision.is_change:
-            if not await self._write_scale(key, current, decision):
-                return
             track.echo = (decision.desired, now + ECHO_WAIT_SECONDS)
             track.seen_replicas = decision.desired
             track.last_scale = (timestamp(now), decision.reason)
