@@ -40,13 +40,18 @@ class FakeApi:
             return {}
         raise AssertionError((method, path))
 
+    async def merge_patch(self, api_version, kind, namespace, name, patch, subresource=None):
+        assert (kind, subresource) == ("InferenceService", None)  # the first write, before spec.replicas exists
+        return await self.request("PATCH", "/scale", body=patch)
+
     async def delete(self, api_version, kind, namespace, name):
         self.deleted.append(name)
         return {}
 
 
-def service(replicas: int, status: dict, min_replicas: int = 1) -> dict:
-    body = isvc_body("svc", replicas=replicas, autoscaling={"minReplicas": min_replicas, "maxReplicas": 4,
+def service(replicas: int | None, status: dict, min_replicas: int = 1) -> dict:
+    extra = {} if replicas is None else {"replicas": replicas}
+    body = isvc_body("svc", **extra, autoscaling={"minReplicas": min_replicas, "maxReplicas": 4,
                                                            "targetQueueDepth": 1, "scaleDownDelaySeconds": 30},
                      engine={"maxNumSeqs": 1})
     body["metadata"]["resourceVersion"] = "10"
@@ -107,7 +112,9 @@ def test_a_restart_right_after_a_scale_waits_the_full_delay_from_last_scale_time
 
 def test_scale_up_is_written_once_and_a_stale_view_is_never_written(world):
     cache, api, clock, metrics_text, _, monitor = world
-    cache.update_service("ADDED", service(1, {}))
+    cache.update_service("ADDED", service(None, {}))  # created without spec.replicas: the Deployment has 1
+    cache.update_deployment("ADDED", {"metadata": {"labels": {"infergrid.dev/inferenceservice": "svc"},
+                                                   "namespace": "team-a"}, "spec": {"replicas": 1}})
     for ip in list(metrics_text)[1:]:
         del metrics_text[ip]
     for i in (2, 3):

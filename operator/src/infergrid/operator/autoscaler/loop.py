@@ -354,12 +354,22 @@ class Monitor:
         return True
 
     async def _write_scale(self, key: Key, current: int, decision: Decision) -> bool:
-        """Write spec.replicas through /scale, only if it still is what the decision started from."""
+        """Write spec.replicas through /scale, only if it still is what the decision started from.
+
+        NOTE: the scale subresource answers 500 while spec.replicas does not exist, so the first write
+        (a service created without it) merge-patches the object, on the cached resourceVersion.
+        """
         ns, name = key
+        body = self.cache.services.get(key) or {}
         try:
+            if (body.get("spec") or {}).get("replicas") is None:
+                patch = {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]},
+                         "spec": {"replicas": decision.desired}}
+                await self.api.merge_patch(c.API_VERSION, c.KIND, ns, name, patch)
+                return True
             scale = await self.api.request("GET", _scale_path(ns, name))
             seen = (scale.get("spec") or {}).get("replicas")
-            if seen is not None and seen != current:
+            if seen != current:
                 logger.info("autoscaler: %s/%s: spec.replicas is %s, not %s: deciding again", ns, name, seen, current)
                 return False
             patch = {"metadata": {"resourceVersion": scale["metadata"]["resourceVersion"]},
