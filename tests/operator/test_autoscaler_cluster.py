@@ -112,9 +112,9 @@ def test_autoscaled_service_scales_up_survives_an_operator_kill_replaces_a_stall
         assert victim_name in event["message"] and event["type"] == "Warning", event
         detected = time.monotonic()
         assert detected - stopped_at >= 14  # UNRESPONSIVE_SECONDS of timeouts, not one slow scrape
-        degraded = condition(get_isvc(cp, ns, NAME), "Degraded")
-        assert (degraded["status"], degraded["reason"]) == ("True", "WorkerReplaced") and victim_name in \
-            degraded["message"]
+        degraded = wait_for(lambda: (d := condition(get_isvc(cp, ns, NAME), "Degraded")).get("reason")
+                            == "WorkerReplaced" and d, 10, "Degraded=WorkerReplaced")
+        assert degraded["status"] == "True" and victim_name in degraded["message"]
         served = [r for r in load.since(stopped_at) if r.end <= detected and r.ip != victim_ip]
         assert len([r for r in served if r.ok]) >= 5 and all(r.ok for r in served), served[-5:]
         wait_for(lambda: victim_name not in {p["metadata"]["name"] for p in worker_pods(cp, ns, NAME)}

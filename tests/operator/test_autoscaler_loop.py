@@ -24,7 +24,7 @@ class FakeApi:
     """Serves the InferenceService's /scale from the cache body; records writes and deletions."""
 
     def __init__(self, cache: ServiceCache) -> None:
-        self.cache, self.writes, self.deleted = cache, [], []
+        self.cache, self.writes, self.deleted, self.events = cache, [], [], []
 
     async def request(self, method, path, body=None, params=None, content_type=None):
         isvc = self.cache.services[("team-a", "svc")]
@@ -43,6 +43,11 @@ class FakeApi:
     async def merge_patch(self, api_version, kind, namespace, name, patch, subresource=None):
         assert (kind, subresource) == ("InferenceService", None)  # the first write, before spec.replicas exists
         return await self.request("PATCH", "/scale", body=patch)
+
+    async def create(self, obj):
+        assert obj["kind"] == "Event" and obj["involvedObject"]["name"] == "svc"
+        self.events.append({"reason": obj["reason"], "type": obj["type"], "message": obj["message"]})
+        return obj
 
     async def delete(self, api_version, kind, namespace, name):
         self.deleted.append(name)
@@ -68,13 +73,12 @@ def pod(name: str, ip: str) -> dict:
 
 
 @pytest.fixture
-def world(monkeypatch):
+def world():
     cache = ServiceCache()
     api = FakeApi(cache)
     clock = [T0]
     metrics_text = {"10.0.0.1": IDLE, "10.0.0.2": IDLE, "10.0.0.3": IDLE}
-    events = []
-    monkeypatch.setattr(loop_module.kopf, "event", lambda body, **kw: events.append(kw))
+    events = api.events
 
     def monitor() -> Monitor:  # a new operator process: nothing in memory
         m = Monitor(api, cache, Leadership(api, None, 0), on_change=lambda key: None, clock=lambda: clock[0])

@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 
 import aiohttp
-import kopf
 
 from infergrid.operator import constants as c
 from infergrid.operator import metrics
@@ -254,7 +253,7 @@ class Monitor:
         track.health, track.replaced_pod = ("WorkerReplaced", action.message), action.pod
         self.pods.pop((key, action.pod), None)
         metrics.HEALTH_POD_RESTARTS.labels(key[0], key[1], action.reason).inc()
-        self._event(key, "Warning", f"Worker{action.reason}", action.message)
+        await self._event(key, "Warning", f"Worker{action.reason}", action.message)
         self.on_change(key)
 
     def _all_ready(self, key: Key) -> bool:
@@ -322,15 +321,15 @@ class Monitor:
             track.last_scale = (timestamp(now), decision.reason)
             reason = CHANGE_REASONS.get(decision.reason) or ("ScaledUp" if decision.direction == "up" else "ScaledDown")
             changed |= self._set_scaling(track, "True", reason, decision.message)
-            self._event(key, "Normal", reason, decision.message)
+            await self._event(key, "Normal", reason, decision.message)
             logger.info("autoscaler: %s/%s: %s", *key, decision.message)
         else:
-            changed |= self._hold(key, track, decision)
+            changed |= await self._hold(key, track, decision)
         metrics.AUTOSCALER_DESIRED.labels(key[0], key[1]).set(decision.desired)
         if changed:
             self.on_change(key)
 
-    def _hold(self, key: Key, track: ServiceTrack, decision: Decision) -> bool:
+    async def _hold(self, key: Key, track: ServiceTrack, decision: Decision) -> bool:
         """The Scaling condition for a hold: only holds that block a scale-down replace the last change."""
         assert decision.direction == HOLD
         reason = HOLD_REASONS.get(decision.reason)
@@ -342,7 +341,7 @@ class Monitor:
         changed = self._set_scaling(track, "False" if reason == "MetricsMissing" else "True", reason,
                                     decision.message)
         if reason == "MetricsMissing" and was != reason:
-            self._event(key, "Warning", reason, decision.message)
+            await self._event(key, "Warning", reason, decision.message)
         return changed
 
     @staticmethod
@@ -387,11 +386,29 @@ class Monitor:
             self.services[key] = ServiceTrack(observed_since=now)
         return self.services[key]
 
-    def _event(self, key: Key, kind: str, reason: str, message: str) -> None:
+    async def _event(self, key: Key, kind: str, reason: str, message: str) -> None:
+        """Post an Event on the InferenceService (directly: this loop runs outside kopf's handler context,
+        where `kopf.event` has no queue). A failure is logged, never raised: the status says it too."""
         body = self.cache.services.get(key)
-        if body is not None:
-            kopf.event(body, type=kind, reason=reason, message=message)
-            metrics.EVENTS_POSTED.labels(kind, reason).inc()
+        if body is None:
+            return
+        meta = body["metadata"]
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta.get("namespace", key[0])},
+            "involvedObject": {"apiVersion": c.API_VERSION, "kind": c.KIND, "name": meta["name"],
+                               "namespace": meta.get("namespace", key[0]), "uid": meta.get("uid")},
+            "type": kind, "reason": reason, "message": message[:1024], "count": 1,
+            "firstTimestamp": stamp, "lastTimestamp": stamp,
+            "source": {"component": c.MANAGED_BY}, "reportingComponent": c.MANAGED_BY,
+        }
+        try:
+            await self.api.create(event)
+        except (ApiError, OSError, TimeoutError) as exc:
+            logger.warning("cannot post Event %s on %s/%s: %s", reason, *key, exc)
+            return
+        metrics.EVENTS_POSTED.labels(kind, reason).inc()
 
 
 def _scale_path(namespace: str, name: str) -> str:
