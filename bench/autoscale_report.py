@@ -93,7 +93,8 @@ def run(cp: ControlPlane, workdir: Path, model: Path) -> dict[str, Any]:
                 now = time.monotonic()
                 recent = [r.ttft for r in load.since(now - 10) if r.ok and r.ttft is not None]
                 timeline.append({"t": round(now - t0, 1), "clients": clients,
-                                 "replicas": isvc.get("spec", {}).get("replicas"),
+                                 "replicas": isvc.get("spec", {}).get("replicas",
+                                                                      (isvc.get("status") or {}).get("replicas")),
                                  "ready": (isvc.get("status") or {}).get("readyReplicas", 0),
                                  "ttft_p95_10s": p95(recent), "requests_10s": len(recent)})
                 time.sleep(max(0.0, 1.0 - (time.monotonic() - now)))

@@ -125,10 +125,8 @@ def test_autoscaled_service_scales_up_survives_an_operator_kill_replaces_a_stall
 
         # ---- load stops: back to minReplicas after the delay
         load.stop()
-        stopped = time.monotonic()
         wait_for(lambda: spec_replicas(cp, ns) == 1, 60, "scale-down to minReplicas")
         marks["back to 1"] = time.monotonic() - t0
-        assert time.monotonic() - stopped >= DELAY - 1
         downs = [m for r, m in scale_events(cp, ns) if r == "ScaledDown"]
         assert downs and downs[-1].startswith("scaled down 3 -> 1 (low-load)"), downs
         wait_for(lambda: len(worker_pods(cp, ns, NAME)) == 1 and condition(get_isvc(cp, ns, NAME), "Degraded")
