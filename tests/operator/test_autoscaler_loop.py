@@ -29,8 +29,9 @@ class FakeApi:
     async def request(self, method, path, body=None, params=None, content_type=None):
         isvc = self.cache.services[("team-a", "svc")]
         if method == "GET" and path.endswith("/scale"):
+            replicas = isvc["spec"].get("replicas")  # like the API server: 0 is omitted from a Scale
             return {"metadata": {"resourceVersion": isvc["metadata"]["resourceVersion"]},
-                    "spec": {"replicas": isvc["spec"].get("replicas")}}
+                    "spec": {"replicas": replicas} if replicas else {}}
         if method == "PATCH" and path.endswith("/scale"):
             if body["metadata"]["resourceVersion"] != isvc["metadata"]["resourceVersion"]:
                 raise ApiError(409, "Conflict", "the object has been modified")

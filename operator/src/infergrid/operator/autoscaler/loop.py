@@ -367,7 +367,7 @@ class Monitor:
                 await self.api.merge_patch(c.API_VERSION, c.KIND, ns, name, patch)
                 return True
             scale = await self.api.request("GET", _scale_path(ns, name))
-            seen = (scale.get("spec") or {}).get("replicas")
+            seen = (scale.get("spec") or {}).get("replicas", 0)  # a Scale omits replicas: 0
             if seen != current:
                 logger.info("autoscaler: %s/%s: spec.replicas is %s, not %s: deciding again", ns, name, seen, current)
                 return False
