@@ -117,8 +117,8 @@ def test_autoscaled_service_scales_up_survives_an_operator_kill_replaces_a_stall
         assert degraded["status"] == "True" and victim_name in degraded["message"]
         served = [r for r in load.since(stopped_at) if r.end <= detected and r.ip != victim_ip]
         assert len([r for r in served if r.ok]) >= 5 and all(r.ok for r in served), served[-5:]
-        wait_for(lambda: victim_name not in {p["metadata"]["name"] for p in worker_pods(cp, ns, NAME)}
-                 and get_isvc(cp, ns, NAME)["status"].get("readyReplicas") == 3, 120, "a ready replacement")
+        wait_for(lambda: len([p for p in worker_pods(cp, ns, NAME) if p["metadata"]["name"] != victim_name
+                              and condition(p, "Ready").get("status") == "True"]) == 3, 120, "a ready replacement")
         marks["replacement ready"] = time.monotonic() - t0
         assert operator.metrics()[
             f'infergrid:health_pod_restarts_total{{namespace="{ns}",reason="Unresponsive",service="{NAME}"}}'] == 1
