@@ -91,8 +91,9 @@ def test_autoscaled_service_scales_up_survives_an_operator_kill_replaces_a_stall
         isvc = wait_for(three_ready, 150, "3 ready workers under load")
         marks["3 ready"] = time.monotonic() - t0
         assert max(seen) == 3, seen  # never a doubled decision (maxReplicas is 4)
-        ups = [m for r, m in scale_events(cp, ns) if r == "ScaledUp"]
-        assert ups and all("(queue)" in m for m in ups), ups
+        ups = wait_for(lambda: [m for r, m in scale_events(cp, ns) if r == "ScaledUp" and "-> 3 (" in m]
+                       and [m for r, m in scale_events(cp, ns) if r == "ScaledUp"], 10, "ScaledUp Events")
+        assert all("(queue)" in m for m in ups), ups
         steps = [m.split(" (")[0] for m in ups]
         assert len(steps) == len(set(steps)) and steps[-1].endswith("-> 3"), steps  # each change once
         assert isvc["status"]["lastScaleReason"] == "queue" and isvc["status"]["lastScaleTime"]
@@ -127,8 +128,8 @@ def test_autoscaled_service_scales_up_survives_an_operator_kill_replaces_a_stall
         load.stop()
         wait_for(lambda: spec_replicas(cp, ns) == 1, 60, "scale-down to minReplicas")
         marks["back to 1"] = time.monotonic() - t0
-        downs = [m for r, m in scale_events(cp, ns) if r == "ScaledDown"]
-        assert downs and downs[-1].startswith("scaled down 3 -> 1 (low-load)"), downs
+        downs = wait_for(lambda: [m for r, m in scale_events(cp, ns) if r == "ScaledDown"], 10, "a ScaledDown Event")
+        assert downs[-1].startswith("scaled down 3 -> 1 (low-load)"), downs
         wait_for(lambda: len(worker_pods(cp, ns, NAME)) == 1 and condition(get_isvc(cp, ns, NAME), "Degraded")
                  .get("status") == "False", 60, "one worker left, no longer degraded")
 
@@ -138,7 +139,8 @@ def test_autoscaled_service_scales_up_survives_an_operator_kill_replaces_a_stall
         wait_for(lambda: (i := get_isvc(cp, ns, NAME)) and i["spec"]["replicas"] == 0
                  and condition(i, "Ready").get("reason") == "ScaledToZero", 60, "scaled to zero")
         marks["zero"] = time.monotonic() - t0
-        assert [m for r, m in scale_events(cp, ns) if r == "ScaledToZero"][-1].startswith("scaled down 1 -> 0 (idle)")
+        zeros = wait_for(lambda: [m for r, m in scale_events(cp, ns) if r == "ScaledToZero"], 10, "a ScaledToZero Event")
+        assert zeros[-1].startswith("scaled down 1 -> 0 (idle)"), zeros
         isvc = get_isvc(cp, ns, NAME)
         assert isvc["status"]["lastScaleReason"] == "idle" and condition(isvc, "Scaling")["reason"] == "ScaledToZero"
         wait_for(lambda: kubectl_row(cp, ns) == ["0", "0", "ScaledToZero"], 30, "kubectl get at zero")
@@ -153,7 +155,8 @@ def test_autoscaled_service_scales_up_survives_an_operator_kill_replaces_a_stall
         isvc = wait_for(lambda: (i := get_isvc(cp, ns, NAME)) and i["status"].get("readyReplicas") == 1 and i,
                         120, "a ready worker after the wake")
         marks["woken and ready"] = time.monotonic() - t0
-        assert isvc["status"]["lastWake"] == "first" and any(r == "WokenUp" for r, _ in scale_events(cp, ns))
+        assert isvc["status"]["lastWake"] == "first"
+        wait_for(lambda: any(r == "WokenUp" for r, _ in scale_events(cp, ns)), 10, "a WokenUp Event")
         (ip,) = ready_pod_ips(cp.client, ns, selector)
         client = openai.OpenAI(base_url=f"http://{ip}:8000/v1", api_key="unused", max_retries=0, timeout=60,
                                http_client=openai.DefaultHttpxClient(trust_env=False))
