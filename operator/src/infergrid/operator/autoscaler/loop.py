@@ -171,6 +171,8 @@ class Monitor:
                 await self._autoscale(key, now)
             except ApiError as exc:
                 logger.warning("autoscaler: %s/%s: %s", *key, exc)
+            except Exception:  # noqa: BLE001 - one service's failure must not stop the others
+                logger.exception("autoscaler: %s/%s failed", *key)
 
     async def _scrape_workers(self, keys: list[Key], now: float) -> None:
         live: set[tuple[Key, str]] = set()
