@@ -63,8 +63,9 @@ test-unit: install prometheus-tools ## fast CPU unit tests only (no control plan
 e2e: install testbed-build prometheus-tools ## end-to-end scenarios on the local control plane
 	$(PY) -m infergrid.testbed.cli exec -- $(PY) -m pytest e2e $(PYTEST_ARGS)
 
-bench: install testbed-build ## benchmarks: operator (any machine) + GPU set (needs CUDA); see bench/README.md
+bench: install testbed-build ## benchmarks: operator + autoscaling run (any machine) + GPU set (needs CUDA); see bench/README.md
 	$(PY) -m infergrid.testbed.cli exec -- $(PY) bench/bench_operator.py --services 1000 --out bench/results/operator.json
+	$(PY) -m infergrid.testbed.cli exec -- $(PY) bench/autoscale_report.py --out bench/results/autoscale_cpu.json
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 	  $(PY) bench/bench_prefix_cache.py --out bench/results/prefix_cache.json && \
 	  $(PY) bench/bench_spec_decode.py --out bench/results/spec_decode.json && \

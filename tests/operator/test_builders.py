@@ -275,6 +275,12 @@ def test_rollout_surges_instead_of_dropping_a_serving_worker():
     ({"autoscaling": {"minReplicas": 2, "maxReplicas": 5}}, 4, 4),
     ({"autoscaling": {"minReplicas": 2, "maxReplicas": 5}}, 9, 5),
     ({"autoscaling": {"minReplicas": 0, "maxReplicas": 5}}, 0, 0),
+    ({"autoscaling": {"minReplicas": 0, "maxReplicas": 5}}, None, 1),  # a new service comes up once
+    # spec.replicas is the autoscaler's choice (over the Deployment's size), kept within bounds
+    ({"replicas": 3, "autoscaling": {"minReplicas": 0, "maxReplicas": 5}}, 1, 3),
+    ({"replicas": 0, "autoscaling": {"minReplicas": 0, "maxReplicas": 5}}, 2, 0),
+    ({"replicas": 9, "autoscaling": {"minReplicas": 1, "maxReplicas": 5}}, 2, 5),
+    ({"replicas": 0, "autoscaling": {"minReplicas": 2, "maxReplicas": 5}}, 2, 2),
 ])
 def test_replicas_fixed_or_kept_within_autoscaling_bounds(spec, current, expected):
     assert desired_replicas(spec_of(**spec), current) == expected

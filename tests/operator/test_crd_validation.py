@@ -18,7 +18,6 @@ INVALID = [
     ("hf-without-repo", {"model": {"source": "hf://"}}, "spec.model.source"),
     ("pvc-bad-claim", {"model": {"source": "pvc://Bad_Claim/llama"}}, "spec.model.source"),
     ("file-relative", {"model": {"source": "file://models/llama"}}, "spec.model.source"),
-    ("replicas-and-autoscaling", {**VALID, "replicas": 2, "autoscaling": {"maxReplicas": 4}}, "spec.replicas"),
     ("min-above-max", {**VALID, "autoscaling": {"minReplicas": 5, "maxReplicas": 2}},
      "spec.autoscaling.minReplicas"),
     ("max-zero", {**VALID, "autoscaling": {"maxReplicas": 0}}, "spec.autoscaling.maxReplicas"),
@@ -76,6 +75,16 @@ def test_valid_spec_is_defaulted_by_the_server(infergrid_crds, k8s_namespace):
     assert spec["engine"]["prefixCaching"] == {"enabled": True}
     assert spec["autoscaling"]["minReplicas"] == 1
     assert spec["resources"]["gpuResourceName"] == "nvidia.com/gpu"
+
+
+def test_replicas_with_autoscaling_is_the_autoscalers_choice_and_kubectl_scale_writes_it(
+        infergrid_crds, k8s_namespace):
+    spec = {**VALID, "replicas": 2, "autoscaling": {"minReplicas": 0, "maxReplicas": 4}}
+    assert apply(infergrid_crds, k8s_namespace, "scaled", spec).returncode == 0
+    infergrid_crds.kubectl("scale", "inferenceservice/scaled", "-n", k8s_namespace, "--replicas=3")
+    stored = json.loads(infergrid_crds.kubectl("get", "inferenceservice/scaled", "-n", k8s_namespace,
+                                               "-o", "json").stdout)
+    assert stored["spec"]["replicas"] == 3 and stored["spec"]["autoscaling"]["maxReplicas"] == 4
 
 
 def test_a_speculative_method_alone_is_defaulted_to_4_tokens(infergrid_crds, k8s_namespace):

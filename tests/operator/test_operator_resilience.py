@@ -160,6 +160,13 @@ def test_a_standby_replica_takes_over_when_the_active_one_dies(control_plane, k8
     wait_for(lambda: len(children(cp, ns, "one")) == 5, 30, "children made by the active replica")
     standby_before = standby.metrics().get('infergrid_operator_reconciles_total{result="ok"}', 0.0)
     assert standby_before == 0.0  # the standby stays paused while the active one lives
+    # The autoscaler (not a kopf handler) follows the same peering rule: only the active replica decides.
+    apply_isvc(cp, ns, "auto", {"model": {"source": "file:///m"}, "autoscaling": {"maxReplicas": 2}})
+
+    def decisions(proc: OperatorProcess) -> float:
+        return sum(v for k, v in proc.metrics().items() if k.startswith("infergrid:autoscaler_decisions_total{"))
+    wait_for(lambda: decisions(active) >= 2, 30, "decisions of the active replica's autoscaler")
+    assert decisions(standby) == 0
 
     active.kill()
     killed = time.monotonic()
@@ -167,3 +174,4 @@ def test_a_standby_replica_takes_over_when_the_active_one_dies(control_plane, k8
     wait_for(lambda: len(children(cp, ns, "two")) == 5, 60, "children made by the standby")
     print(f"fail-over: {time.monotonic() - killed:.1f}s after SIGKILL of the active replica")
     assert standby.metrics()['infergrid_operator_reconciles_total{result="ok"}'] >= 1
+    wait_for(lambda: decisions(standby) >= 1, 30, "decisions of the new active replica's autoscaler")

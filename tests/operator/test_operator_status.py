@@ -218,3 +218,29 @@ def test_a_failing_reconcile_is_reported_as_degraded():
     assert conds["Degraded"]["reason"] == "ReconcileFailed"
     assert conds["Ready"] == {**conds["Ready"], "status": "False", "reason": "ReconcileFailed"}
     assert "image: Required value" in conds["Ready"]["message"]
+
+
+def test_autoscaled_services_get_a_scaling_condition_and_the_autoscalers_status_fields():
+    base = observed(deploy(ready=2))
+    auto = Observed(**{**base.__dict__, "is_autoscaled": True})
+    assert "Scaling" not in conditions(compute_status(base, None, T0))
+    first = compute_status(auto, None, T0)
+    assert conditions(first)["Scaling"]["reason"] == "Initializing"
+    scaled = Observed(**{**auto.__dict__, "scaling": {"status": "True", "reason": "ScaledUp", "message": "1 -> 2"},
+                         "last_scale": ("2026-01-01T00:05:00Z", "queue"), "last_wake": "w1"})
+    status = compute_status(scaled, first, T1)
+    assert conditions(status)["Scaling"]["reason"] == "ScaledUp"
+    assert (status["lastScaleTime"], status["lastScaleReason"], status["lastWake"]) == \
+        ("2026-01-01T00:05:00Z", "queue", "w1")
+    # after a restart the autoscaler has not decided yet: what the status says is kept
+    assert compute_status(auto, status, T1) == status
+
+
+def test_a_replaced_worker_degrades_until_cleared_and_scaling_to_zero_is_no_warning():
+    base = observed(deploy(ready=2))
+    replaced = Observed(**{**base.__dict__, "health": ("WorkerReplaced", "worker pod p1 is stalled")})
+    degraded = conditions(compute_status(replaced, None, T0))["Degraded"]
+    assert (degraded["status"], degraded["reason"]) == ("True", "WorkerReplaced")
+    serving = compute_status(observed(deploy(ready=1, replicas=1), desired=1), None, T0)
+    zero = compute_status(observed(deploy(replicas=0), desired=0), serving, T1)
+    assert transition_events(serving, zero) == []

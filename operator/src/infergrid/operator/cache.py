@@ -11,8 +11,10 @@ from infergrid.operator.status import DeploymentSummary, PodSummary
 
 Key = tuple[str, str]  # (namespace, InferenceService name)
 
-# Large metadata the operator never reads (kept out of memory: 1,000 services hold ~1,000 copies).
+# Large metadata the operator never reads (kept out of memory: 1,000 services hold ~1,000 copies),
+# except the annotations it does read.
 _DROPPED_META = frozenset({"managedFields", "annotations"})
+KEPT_ANNOTATIONS = frozenset({c.ANNOTATION_WAKE})
 
 
 def owner_key(body: Mapping[str, Any]) -> Key | None:
@@ -30,6 +32,7 @@ class ServiceCache:
         self.deployments: dict[Key, DeploymentSummary] = {}  # the worker Deployments
         self.routers: dict[Key, DeploymentSummary] = {}  # the router Deployments
         self.pods: dict[Key, dict[str, PodSummary]] = {}
+        self.router_ips: dict[Key, dict[str, str]] = {}  # router pod name -> pod IP (running ones)
 
     def update_service(self, event_type: str | None, body: Mapping[str, Any]) -> Key:
         meta = body["metadata"]
@@ -39,6 +42,9 @@ class ServiceCache:
         else:
             kept = {k: v for k, v in body.items() if k != "metadata"}
             kept["metadata"] = {k: v for k, v in meta.items() if k not in _DROPPED_META}
+            annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k in KEPT_ANNOTATIONS}
+            if annotations:
+                kept["metadata"]["annotations"] = annotations
             self.services[key] = copy.deepcopy(kept)
         return key
 
@@ -67,6 +73,19 @@ class ServiceCache:
         else:
             self.pods.setdefault(key, {})[name] = PodSummary.from_body(body)
         return key
+
+    def update_router_pod(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        key = owner_key(body)
+        if key is None:
+            return
+        meta, status = body["metadata"], body.get("status") or {}
+        routers = self.router_ips.setdefault(key, {})
+        if event_type == "DELETED" or meta.get("deletionTimestamp") or not status.get("podIP"):
+            routers.pop(meta["name"], None)
+        else:
+            routers[meta["name"]] = status["podIP"]
+        if not routers:
+            self.router_ips.pop(key, None)
 
     def current_replicas(self, key: Key) -> int | None:
         deploy = self.deployments.get(key)

@@ -24,6 +24,10 @@ COMPONENT_ROUTER = "router"
 # NOTE: the pod-template annotation whose change rolls the worker Deployment.
 ANNOTATION_SPEC_HASH = "infergrid.dev/spec-hash"
 
+# An explicit wake from zero: any change of its value asks the autoscaler for a replica (and restarts the
+# idle timer); `kubectl annotate isvc NAME infergrid.dev/wake="$(date +%s)" --overwrite`.
+ANNOTATION_WAKE = "infergrid.dev/wake"
+
 WORKER_PORT = 8000
 WORKER_PORT_NAME = "http"
 ROUTER_PORT = 8080

@@ -1,7 +1,8 @@
 """kopf handlers: a few lines each; the work lives in `Runtime`, the builders and `status`.
 
 The operator is level-triggered: watch events feed a cache and two keyed work queues (reconcile,
-status). No handler patches the InferenceService, so nothing is stored in its annotations.
+status); the autoscaler/health monitor reads the same cache. No handler patches the InferenceService,
+so nothing is stored in its annotations (the autoscaler writes spec.replicas through /scale).
 NOTE: every handler is async: sync handlers would run in kopf's thread pool, away from the event loop.
 """
 
@@ -24,6 +25,9 @@ MANAGED_LABELS = {c.LABEL_MANAGED_BY: c.MANAGED_BY}
 WORKER_LABELS = {**MANAGED_LABELS, c.LABEL_COMPONENT: c.COMPONENT_WORKER}
 WORKER_SELECTOR = ",".join(f"{k}={v}" for k, v in WORKER_LABELS.items())
 MANAGED_SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_LABELS.items())
+ROUTER_LABELS = {c.LABEL_COMPONENT: c.COMPONENT_ROUTER, c.LABEL_ISVC: kopf.PRESENT}
+# Worker pods (status, health, metrics) and router pods (the autoscaler reads their held requests).
+POD_SELECTOR = f"{c.LABEL_COMPONENT} in ({c.COMPONENT_WORKER},{c.COMPONENT_ROUTER}),{c.LABEL_ISVC}"
 
 
 @kopf.on.startup()
@@ -40,10 +44,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.networking.request_timeout = 60
     settings.networking.error_backoffs = (1, 1, 2, 3, 5, 8, 13, 21, 30, 30, 30)
     settings.watching.label_selectors[DEPLOYMENTS] = MANAGED_SELECTOR
-    settings.watching.label_selectors[PODS] = WORKER_SELECTOR
+    settings.watching.label_selectors[PODS] = POD_SELECTOR
     if "runtime" not in memo:
-        memo.runtime = Runtime(api=KubeClient.from_environment(), config=OperatorConfig.from_env())
+        memo.runtime = Runtime(api=KubeClient.from_environment(), config=OperatorConfig.from_env(),
+                               peering=None if settings.peering.standalone else settings.peering.name,
+                               priority=settings.peering.priority, clusterwide=settings.peering.clusterwide)
     settings.peering.lifetime = memo.runtime.peering_lifetime
+    memo.runtime.start_monitor()
 
 
 @kopf.on.cleanup()
@@ -67,6 +74,12 @@ async def track_deployment(type: str | None, body: kopf.Body, memo: kopf.Memo, *
 async def track_pod(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Worker pod readiness and scheduling failures feed status."""
     memo.runtime.on_pod_event(type, body)
+
+
+@kopf.on.event(*PODS, labels=ROUTER_LABELS)
+async def track_router_pod(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Router pod IPs: the autoscaler reads their held requests to wake a service from zero."""
+    memo.runtime.on_router_pod_event(type, body)
 
 
 @kopf.on.probe(id="services")

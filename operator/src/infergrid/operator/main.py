@@ -73,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.bind)
     runtime = Runtime(api=KubeClient.from_environment(args.kubeconfig), config=config,
-                      peering_lifetime=args.peering_lifetime)
+                      peering_lifetime=args.peering_lifetime,
+                      peering=None if args.standalone else args.peering, priority=args.priority,
+                      clusterwide=not args.namespace)
     liveness = f"http://{args.bind}:{args.health_port}/healthz" if args.health_port else None
     kopf.run(
         clusterwide=not args.namespace,

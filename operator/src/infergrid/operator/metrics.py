@@ -43,6 +43,7 @@ def forget_service(namespace: str, service: str) -> None:
     """Drop the series of a deleted InferenceService."""
     for gauge in (SERVICE_DESIRED_REPLICAS, SERVICE_READY_REPLICAS, SERVICE_TTFT_SLO):
         _remove(gauge, namespace, service)
+    forget_autoscaling(namespace, service)
 
 
 def _remove(gauge: Gauge, *labels: str) -> None:
@@ -50,3 +51,20 @@ def _remove(gauge: Gauge, *labels: str) -> None:
         gauge.remove(*labels)
     except KeyError:
         pass
+
+# The autoscaler and health monitor (names shared with the router's dashboards: `infergrid:` prefix).
+AUTOSCALER_DESIRED = Gauge("infergrid:autoscaler_desired_replicas", "Worker replicas the autoscaler wants",
+                           ["namespace", "service"])
+AUTOSCALER_DECISIONS = Counter("infergrid:autoscaler_decisions_total",
+                               "Autoscaler decisions (one per service per tick) by direction and reason",
+                               ["namespace", "service", "direction", "reason"])
+HEALTH_POD_RESTARTS = Counter("infergrid:health_pod_restarts_total",
+                              "Worker pods the health monitor deleted for replacement, by reason",
+                              ["namespace", "service", "reason"])
+
+
+def forget_autoscaling(namespace: str, service: str) -> None:
+    """Drop the autoscaler's and health monitor's series of a deleted (or no longer autoscaled) service."""
+    for family in (AUTOSCALER_DESIRED, AUTOSCALER_DECISIONS, HEALTH_POD_RESTARTS):
+        for labels in [labels for labels in list(family._metrics) if labels[:2] == (namespace, service)]:
+            family.remove(*labels)

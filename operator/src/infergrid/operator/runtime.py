@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -13,6 +14,8 @@ import kopf
 from infergrid.operator import constants as c
 from infergrid.operator import metrics
 from infergrid.operator.apply import ChildOwnedElsewhere, apply_children
+from infergrid.operator.autoscaler.leadership import Leadership
+from infergrid.operator.autoscaler.loop import Monitor
 from infergrid.operator.builders import (
     build_children,
     build_router_pod_template,
@@ -35,18 +38,25 @@ MONITOR_CHECK_SECONDS = 60.0
 
 @dataclasses.dataclass
 class Runtime:
-    """Everything the handlers share: API client, config, the watch cache and two work queues.
+    """Everything the handlers share: API client, config, the watch cache, two work queues, the monitor.
 
     Level-triggered: every InferenceService whose (uid, generation) has not been reconciled by this
     process is queued, so a restart reconciles everything once and nothing is tracked in annotations.
+    The monitor (autoscaler + health) runs as one task, acting only while this replica is the active
+    one under peering (`peering` None: standalone).
     """
 
     api: KubeClient
     config: OperatorConfig
     peering_lifetime: int = 30
+    peering: str | None = None
+    priority: int = 0
+    clusterwide: bool = True
     cache: ServiceCache = dataclasses.field(default_factory=ServiceCache)
     reconciler: WorkQueue = dataclasses.field(init=False)
     refresher: WorkQueue = dataclasses.field(init=False)
+    monitor: Monitor = dataclasses.field(init=False)
+    _monitor_task: asyncio.Task[None] | None = None
     _reconciled: dict[Key, tuple[str, int]] = dataclasses.field(default_factory=dict)
     _errors: dict[Key, str] = dataclasses.field(default_factory=dict)
     _hashes: dict[tuple[str, int], tuple[str, str]] = dataclasses.field(default_factory=dict)
@@ -59,8 +69,19 @@ class Runtime:
         self.refresher = WorkQueue(self._refresh, name="status refresh", delay=0.2)  # type: ignore[arg-type]
         metrics.WORKQUEUE_DEPTH.labels("reconcile").set_function(lambda: self.reconciler.num_busy)
         metrics.WORKQUEUE_DEPTH.labels("status").set_function(lambda: self.refresher.num_busy)
+        leadership = Leadership(self.api, self.peering, self.priority, self.clusterwide)
+        self.monitor = Monitor(self.api, self.cache, leadership, on_change=lambda key: self.refresher.request(key, 0))
+
+    def start_monitor(self) -> None:
+        """Start the autoscaler/health loop (in the running event loop); idempotent."""
+        if self._monitor_task is None:
+            self._monitor_task = asyncio.create_task(self.monitor.run(), name="autoscaler")
 
     async def close(self) -> None:
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            await asyncio.gather(self._monitor_task, return_exceptions=True)
+        await self.monitor.close()
         await self.reconciler.close()
         await self.refresher.close()
         await self.api.close()
@@ -88,6 +109,7 @@ class Runtime:
             self._errors.pop(key, None)
             self.reconciler.forget(key)
             metrics.forget_service(*key)
+            self.monitor.forget(key)
             return
         meta = body["metadata"]
         if self._reconciled.get(key) != (meta.get("uid"), meta.get("generation")):
@@ -111,6 +133,9 @@ class Runtime:
         key = self.cache.update_pod(event_type, body)
         if key is not None and key in self.cache.services:
             self.refresher.request(key)
+
+    def on_router_pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        self.cache.update_router_pod(event_type, body)
 
     # ------------------------------------------------------------------ reconcile
 
@@ -181,6 +206,7 @@ class Runtime:
             return  # the reconcile handler reports unparseable specs
         deploy = self.cache.deployments.get(key)
         worker_hash, router_hash = self._desired_hashes(spec)
+        track = self.monitor.services.get(key)
         observed = Observed(
             generation=spec.generation,
             desired_replicas=desired_replicas(spec, deploy.spec_replicas if deploy else None),
@@ -195,6 +221,11 @@ class Runtime:
             router_replicas=spec.router.replicas,
             router_hash=router_hash,
             router=self.cache.routers.get(key),
+            is_autoscaled=spec.is_autoscaled,
+            scaling=track.scaling if track else None,
+            last_scale=track.last_scale if track else None,
+            last_wake=track.last_wake if track else None,
+            health=track.health if track else None,
         )
         # NOTE: what this process wrote last is fresher than the watched body until the echo arrives.
         old = {**(body.get("status") or {}), **self._last_written.get(key, {})}

@@ -52,7 +52,7 @@ class EngineSpec:
 
 @dataclasses.dataclass(frozen=True)
 class AutoscalingSpec:
-    """Autoscaling bounds and targets (the autoscaler reads the targets; the operator only the bounds)."""
+    """Autoscaling bounds and targets (`autoscaler.decide` reads them)."""
 
     min_replicas: int = 1
     max_replicas: int = 1
@@ -200,11 +200,14 @@ def _parse_resources(spec: Mapping[str, Any]) -> ResourcesSpec:
 
 
 def desired_replicas(spec: ServiceSpec, current: int | None) -> int:
-    """Worker replicas to ask for: the fixed size, or (autoscaled) the current size kept within bounds.
+    """Worker replicas to ask for: the fixed size, or (autoscaled) the autoscaler's choice within bounds.
 
-    NOTE: in autoscaled mode the autoscaler owns the Deployment's size; the operator only clamps it.
+    With autoscaling, `spec.replicas` is the autoscaler's current choice (it writes it through the scale
+    subresource); before its first write the worker Deployment's size, else minReplicas (at least 1, so
+    that a new service comes up once before it may scale to zero).
     """
     if spec.autoscaling is None:
         return 1 if spec.replicas is None else int(spec.replicas)
     low, high = spec.autoscaling.min_replicas, spec.autoscaling.max_replicas
-    return min(max(low if current is None else current, low), high)
+    chosen = spec.replicas if spec.replicas is not None else current
+    return min(max(max(low, 1) if chosen is None else int(chosen), low), high)

@@ -14,8 +14,8 @@ from typing import Any
 from infergrid.operator import constants as c
 from infergrid.operator.pod_failure import CONFIG_ERROR, container_failure
 
-READY, WORKERS_READY, ROUTER_READY, DEGRADED = "Ready", "WorkersReady", "RouterReady", "Degraded"
-CONDITION_TYPES = (READY, WORKERS_READY, ROUTER_READY, DEGRADED)
+READY, WORKERS_READY, ROUTER_READY, DEGRADED, SCALING = "Ready", "WorkersReady", "RouterReady", "Degraded", "Scaling"
+CONDITION_TYPES = (READY, WORKERS_READY, ROUTER_READY, DEGRADED, SCALING)
 _BROKEN_WAITING = frozenset({"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError",
                              "CreateContainerError", "InvalidImageName", "RunContainerError"})
 
@@ -62,6 +62,12 @@ class PodSummary:
     unschedulable_message: str | None
     broken_reason: str | None
     broken_message: str | None
+    # For the health monitor and the autoscaler's scrapes:
+    ip: str | None = None
+    is_started: bool = False  # the worker container passed its startup probe
+    restart_count: int = 0
+    ready_changed_at: str | None = None  # the Ready condition's lastTransitionTime
+    is_down: bool = False  # the worker container is not running (waiting to restart, or exited)
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> PodSummary:
@@ -82,6 +88,8 @@ class PodSummary:
                 broken_reason = waiting["reason"]
                 broken_message = f"container {container.get('name')}: {waiting.get('message') or broken_reason}"
                 break
+        workers = [cs for cs in status.get("containerStatuses") or [] if cs.get("name") == "worker"]
+        worker = workers[0] if workers else {}
         return cls(
             name=meta.get("name", ""),
             is_ready=conditions.get("Ready", {}).get("status") == "True",
@@ -89,6 +97,11 @@ class PodSummary:
             unschedulable_message=unschedulable,
             broken_reason=broken_reason,
             broken_message=broken_message,
+            ip=status.get("podIP") or None,
+            is_started=bool(worker.get("started")),
+            restart_count=int(worker.get("restartCount", 0)),
+            ready_changed_at=conditions.get("Ready", {}).get("lastTransitionTime"),
+            is_down=bool(worker) and "running" not in (worker.get("state") or {}),
         )
 
 
@@ -109,6 +122,12 @@ class Observed:
     router_replicas: int = 1
     router_hash: str | None = None
     router: DeploymentSummary | None = None
+    # From the autoscaler and the health monitor (None: keep what the status says).
+    is_autoscaled: bool = False
+    scaling: Mapping[str, str] | None = None  # the Scaling condition's status, reason, message
+    last_scale: tuple[str, str] | None = None  # (lastScaleTime, lastScaleReason)
+    last_wake: str | None = None  # the infergrid.dev/wake annotation value last acted on
+    health: tuple[str, str] | None = None  # (reason, message) of the last worker pod replaced
 
 
 def _condition(kind: str, is_true: bool, reason: str, message: str) -> dict[str, Any]:
@@ -151,7 +170,8 @@ def compute_status(observed: Observed, old_status: Mapping[str, Any] | None,
     stamp = (now or datetime.datetime.now(datetime.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
     old_conditions = {cond.get("type"): cond for cond in old_status.get("conditions") or []}
     conditions = []
-    for cond in (overall, workers, router, degraded):
+    extra = [_scaling_condition(observed, old_conditions.get(SCALING))] if observed.is_autoscaled else []
+    for cond in (overall, workers, router, degraded, *extra):
         previous = old_conditions.get(cond["type"])
         is_same = previous is not None and previous.get("status") == cond["status"]
         cond["lastTransitionTime"] = previous.get("lastTransitionTime", stamp) if is_same else stamp
@@ -169,11 +189,24 @@ def compute_status(observed: Observed, old_status: Mapping[str, Any] | None,
         "specHash": observed.desired_hash,
         "conditions": conditions,
     })
+    last_scale = observed.last_scale or (old_status.get("lastScaleTime"), old_status.get("lastScaleReason"))
+    last_wake = observed.last_wake or old_status.get("lastWake")
+    for key, value in (("lastScaleTime", last_scale[0]), ("lastScaleReason", last_scale[1]), ("lastWake", last_wake)):
+        if value is not None:
+            status[key] = value
     return status
 
 
 OWNED_KEYS = frozenset({"observedGeneration", "replicas", "readyReplicas", "updatedReplicas", "selector",
-                         "endpoint", "specHash", "conditions"})
+                         "endpoint", "specHash", "conditions", "lastScaleTime", "lastScaleReason", "lastWake"})
+
+
+def _scaling_condition(observed: Observed, old: Mapping[str, Any] | None) -> dict[str, Any]:
+    if observed.scaling is not None:
+        return {"type": SCALING, **observed.scaling}
+    if old is not None:  # e.g. after a restart, until the autoscaler's first decision
+        return {k: old[k] for k in ("type", "status", "reason", "message") if k in old}
+    return _condition(SCALING, True, "Initializing", "the autoscaler has not decided yet")
 
 
 def _workers_condition(observed: Observed, deploy: DeploymentSummary | None, is_current: bool,
@@ -223,6 +256,8 @@ def _degraded_condition(observed: Observed, deploy: DeploymentSummary | None) ->
         pod = broken[0]
         return _condition(DEGRADED, True, pod.broken_reason or "WorkerFailing",
                           f"{len(broken)} worker pod(s) failing; {pod.name}: {pod.broken_message}")
+    if observed.health is not None:
+        return _condition(DEGRADED, True, *observed.health)
     if deploy is not None and deploy.progress_deadline_exceeded:
         return _condition(DEGRADED, True, "ProgressDeadlineExceeded", "the worker rollout made no progress in time")
     return _condition(DEGRADED, False, "AsExpected", "no failing or unschedulable workers")
@@ -249,7 +284,8 @@ def transition_events(old_status: Mapping[str, Any] | None, new_status: Mapping[
     ready, was_ready = new.get(READY, {}), old.get(READY, {})
     if ready.get("status") == "True" and was_ready.get("status") != "True":
         events.append(StatusEvent("Normal", "Ready", ready["message"]))
-    elif ready.get("status") == "False" and was_ready.get("status") == "True":
+    elif ready.get("status") == "False" and was_ready.get("status") == "True" and ready.get("reason") != "ScaledToZero":
+        # (scaling to zero is no warning: the autoscaler posts its own Event for it)
         events.append(StatusEvent("Warning", "NotReady", f"{ready['reason']}: {ready['message']}"))
     return events
 

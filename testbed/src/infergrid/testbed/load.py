@@ -1,0 +1,116 @@
+"""A bounded, closed-loop load against the ready worker pods of one InferenceService (no router needed).
+
+`concurrency` threads each send one streaming completion after another, round robin over the pods that
+are Ready right now (re-listed every half second), and record every request's time to first token.
+Cheap on CPU: the threads mostly wait on sockets. Must run inside the pod network namespace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+
+from infergrid.testbed.kubeapi import KubeClient
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One request: when it started and ended (monotonic seconds), its TTFT, the pod IP, the outcome."""
+
+    start: float
+    end: float
+    ttft: float | None
+    ip: str
+    ok: bool
+    error: str = ""
+
+
+def ready_pod_ips(client: KubeClient, namespace: str, selector: str) -> list[str]:
+    """IPs of the pods matching `selector` that are Ready and not terminating."""
+    listing = client.get(f"/api/v1/namespaces/{namespace}/pods", labelSelector=selector) or {}
+    ips = []
+    for pod in listing.get("items", []):
+        status = pod.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        if ready and status.get("podIP") and not pod["metadata"].get("deletionTimestamp"):
+            ips.append(status["podIP"])
+    return sorted(ips)
+
+
+class LoadGenerator:
+    """Closed-loop load; `concurrency` may change while it runs (threads above it idle)."""
+
+    def __init__(self, targets: Callable[[], list[str]], model: str, *, max_concurrency: int, max_tokens: int,
+                 prompt: str = "Count slowly from one to a hundred:", timeout: float = 30.0) -> None:
+        self.targets_fn, self.model, self.max_tokens, self.prompt = targets, model, max_tokens, prompt
+        self.timeout = timeout
+        self.concurrency = 0
+        self.results: list[Result] = []
+        self._targets: list[str] = []
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True, name=f"load-{i}")
+                         for i in range(max_concurrency)]
+        self._threads.append(threading.Thread(target=self._refresh, daemon=True, name="load-targets"))
+
+    def start(self, concurrency: int) -> LoadGenerator:
+        self.concurrency = concurrency
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self.timeout + 5)
+
+    def since(self, t0: float) -> list[Result]:
+        with self._lock:
+            return [r for r in self.results if r.start >= t0]
+
+    def _refresh(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._targets = self.targets_fn()
+            except Exception:  # noqa: BLE001 - an API hiccup: keep the last list
+                pass
+            self._stop.wait(0.5)
+
+    def _client(self, index: int) -> None:
+        with httpx.Client(trust_env=False, timeout=self.timeout) as client:
+            while not self._stop.is_set():
+                targets = self._targets
+                if index >= self.concurrency or not targets:
+                    self._stop.wait(0.2)
+                    continue
+                ip = targets[next(self._counter) % len(targets)]
+                result = self._one(client, ip)
+                with self._lock:
+                    self.results.append(result)
+                if not result.ok:
+                    self._stop.wait(0.2)
+
+    def _one(self, client: httpx.Client, ip: str) -> Result:
+        body = {"model": self.model, "prompt": self.prompt, "max_tokens": self.max_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        start = time.monotonic()
+        ttft = None
+        try:
+            with client.stream("POST", f"http://{ip}:8000/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    response.read()
+                    return Result(start, time.monotonic(), None, ip, False, f"HTTP {response.status_code}")
+                for line in response.iter_lines():
+                    if ttft is None and line.startswith("data:"):
+                        ttft = time.monotonic() - start
+                    if line.strip() == "data: [DONE]":
+                        break
+        except httpx.HTTPError as exc:
+            return Result(start, time.monotonic(), ttft, ip, False, type(exc).__name__)
+        return Result(start, time.monotonic(), ttft, ip, True)
