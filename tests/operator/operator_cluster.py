@@ -176,6 +176,9 @@ CHILD_LISTS = {
     "Service": "/api/v1/namespaces/{ns}/services",
     "PodDisruptionBudget": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
     "NetworkPolicy": "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
+    "ServiceAccount": "/api/v1/namespaces/{ns}/serviceaccounts",
+    "Role": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
+    "RoleBinding": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
 }
 
 
@@ -188,14 +191,19 @@ def children(cp: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]
     return found
 
 
-def worker_pods(cp: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
+def worker_pods(cp: ControlPlane, namespace: str, name: str, component: str = "worker") -> list[dict[str, Any]]:
     listing = cp.client.get(f"/api/v1/namespaces/{namespace}/pods",
-                            labelSelector=f"infergrid.dev/inferenceservice={name}")
+                            labelSelector=f"infergrid.dev/inferenceservice={name},app.kubernetes.io/component={component}")
     return [p for p in (listing or {}).get("items", []) if not p["metadata"].get("deletionTimestamp")]
 
 
 def set_workers_ready(cp: ControlPlane, namespace: str, name: str) -> int:
-    """Play the readiness probe for every running worker pod; returns how many are ready."""
+    """Play the readiness probe for every running worker pod (and, unasked, the router pods); returns how
+    many workers are ready."""
+    for pod in worker_pods(cp, namespace, name, component="router"):
+        if (pod.get("status") or {}).get("podIP") and not any(
+                c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions") or []):
+            cp.set_pod_ready(namespace, pod["metadata"]["name"])
     ready = 0
     for pod in worker_pods(cp, namespace, name):
         if not (pod.get("status") or {}).get("podIP"):

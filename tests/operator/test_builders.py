@@ -330,6 +330,15 @@ def test_network_policy_admits_router_and_prometheus_only():
     ]
 
 
+def test_network_policy_admits_the_operator_when_the_chart_names_it():
+    config = dataclasses.replace(CONFIG, operator_pod_labels={"app.kubernetes.io/component": "operator"},
+                                 operator_namespace="infergrid-system")
+    (rule,) = build_network_policy(spec_of(), config)["spec"]["ingress"]
+    assert rule["from"][-1] == {
+        "podSelector": {"matchLabels": {"app.kubernetes.io/component": "operator"}},
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "infergrid-system"}}}
+
+
 def test_router_network_policy_admits_any_client_on_the_router_port_only():
     policy = build_router_network_policy(spec_of())
     assert policy["spec"]["podSelector"]["matchLabels"] == {c.LABEL_ISVC: "llama", c.LABEL_COMPONENT: "router"}

@@ -89,6 +89,11 @@ def test_operator_deployment_wiring():
     assert env["INFERGRID_WORKER_IMAGE"]["value"] == "ghcr.io/infergrid/worker:9.9"
     assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert json.loads(env["INFERGRID_PROMETHEUS_POD_LABELS"]["value"]) == {"app.kubernetes.io/name": "prometheus"}
+    # the worker NetworkPolicy admits exactly these pods: they must be the operator pods' own labels
+    operator_labels = json.loads(env["INFERGRID_OPERATOR_POD_LABELS"]["value"])
+    assert operator_labels == deployment["spec"]["selector"]["matchLabels"]
+    assert operator_labels.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert env["INFERGRID_ROUTER_IMAGE"]["value"].startswith("ghcr.io/infergrid/operator:")
     assert ctr["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert ctr["securityContext"]["allowPrivilegeEscalation"] is False
     assert pod["serviceAccountName"] == "rel-infergrid"

@@ -69,7 +69,9 @@ def test_apply_creates_owned_children_scheduled_on_gpu_nodes_and_reports_ready(
     uid = ready["metadata"]["uid"]
     found = {(ch["kind"], ch["metadata"]["name"]) for ch in children(cp, ns, "tiny")}
     assert found == {("Deployment", "tiny-worker"), ("Service", "tiny"), ("Service", "tiny-workers"),
-                     ("PodDisruptionBudget", "tiny-worker"), ("NetworkPolicy", "tiny-worker")}
+                     ("PodDisruptionBudget", "tiny-worker"), ("NetworkPolicy", "tiny-worker"),
+                     ("Deployment", "tiny-router"), ("NetworkPolicy", "tiny-router"),
+                     ("ServiceAccount", "tiny-router"), ("Role", "tiny-router"), ("RoleBinding", "tiny-router")}
     for child in children(cp, ns, "tiny"):
         (ref,) = child["metadata"]["ownerReferences"]
         assert (ref["kind"], ref["uid"], ref["controller"]) == ("InferenceService", uid, True)

@@ -20,6 +20,10 @@ class OperatorConfig:
     prometheus_pod_labels: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: {"app.kubernetes.io/name": "prometheus"})
     prometheus_namespace_labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # The operator's own pods (the autoscaler and health monitor scrape worker metrics): admitted by the
+    # worker NetworkPolicy when both are known (the chart sets them; a standalone operator leaves them out).
+    operator_pod_labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    operator_namespace: str | None = None
     # The router runs from the operator's own image (the `infergrid-router` console script).
     router_image: str = "ghcr.io/infergrid/operator:0.1.0"
     router_image_pull_policy: str | None = None
@@ -52,6 +56,10 @@ class OperatorConfig:
             kwargs["prometheus_pod_labels"] = _labels(value, "PROMETHEUS_POD_LABELS")
         if value := env.get(ENV_PREFIX + "PROMETHEUS_NAMESPACE_LABELS"):
             kwargs["prometheus_namespace_labels"] = _labels(value, "PROMETHEUS_NAMESPACE_LABELS")
+        if value := env.get(ENV_PREFIX + "OPERATOR_POD_LABELS"):
+            kwargs["operator_pod_labels"] = _labels(value, "OPERATOR_POD_LABELS")
+        if value := env.get(ENV_PREFIX + "OPERATOR_NAMESPACE"):
+            kwargs["operator_namespace"] = value
         if value := env.get(ENV_PREFIX + "RUN_AS_USER"):
             kwargs["run_as_user"] = int(value)
         return cls(**kwargs)  # type: ignore[arg-type]

@@ -30,10 +30,15 @@ def build_pod_disruption_budget(spec: ServiceSpec) -> dict[str, Any]:
 
 
 def build_network_policy(spec: ServiceSpec, config: OperatorConfig) -> dict[str, Any]:
-    """Workers accept traffic on their port only from this service's router pods and from Prometheus."""
+    """Workers accept traffic on their port only from this service's router pods, Prometheus and the
+    operator (whose autoscaler and health monitor read their metrics)."""
     router = {"podSelector": {"matchLabels": selector_labels(spec, c.COMPONENT_ROUTER)}}
     prometheus = {"podSelector": {"matchLabels": dict(config.prometheus_pod_labels)},
                   "namespaceSelector": {"matchLabels": dict(config.prometheus_namespace_labels)}}
+    sources = [router, prometheus]
+    if config.operator_pod_labels and config.operator_namespace:
+        sources.append({"podSelector": {"matchLabels": dict(config.operator_pod_labels)},
+                        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": config.operator_namespace}}})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -41,7 +46,7 @@ def build_network_policy(spec: ServiceSpec, config: OperatorConfig) -> dict[str,
         "spec": {
             "podSelector": {"matchLabels": selector_labels(spec)},
             "policyTypes": ["Ingress"],
-            "ingress": [{"from": [router, prometheus], "ports": [{"protocol": "TCP", "port": c.WORKER_PORT}]}],
+            "ingress": [{"from": sources, "ports": [{"protocol": "TCP", "port": c.WORKER_PORT}]}],
         },
     }
 
