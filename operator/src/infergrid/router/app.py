@@ -34,8 +34,7 @@ class Router:
         self.policy = make_policy(config.policy, config.load_factor)
         self.holding = HoldingQueue(config.max_held, config.hold_timeout, on_change=self.metrics.held.set)
         self.keys = KeyFile(config.api_key_file) if config.api_key_file else None
-        self.proxy = Proxy(config.upstream_timeout, config.connect_timeout, config.max_connections,
-                           strip_authorization=self.keys is not None)
+        self.proxy = Proxy(config.upstream_timeout, config.connect_timeout, strip_authorization=self.keys is not None)
         self.scraper = Scraper(self.pool, config.probe_interval, config.probe_timeout)
         self.retry_budget = RetryBudget(config.retry_budget_ratio)
         self.is_synced = False  # discovery's first view arrived (/ready)
@@ -115,7 +114,7 @@ class Router:
             result: list[UpstreamResult] = []
             worker.in_flight += 1
             try:
-                response = await self.proxy.forward(request, worker.base_url, body, request_id, result)
+                response = await self.proxy.forward(request, worker, body, request_id, result)
             except ConnectFailed as exc:
                 self.pool.report_failure(worker, exc.failure)
                 self.metrics.count_request(worker.name, "connect_error")
