@@ -63,7 +63,7 @@ class Proxy:
     async def close(self) -> None:
         self.pool.close()
 
-    def request_bytes(self, request: web.Request, worker: Worker, body: bytes, request_id: str) -> bytes:
+    def request_bytes(self, request: web.BaseRequest, worker: Worker, body: bytes, request_id: str) -> bytes:
         dropped = self._dropped
         lines = [f"{request.method} {request.raw_path} HTTP/1.1\r\nHost: {worker.authority}\r\n"]
         lines += [f"{name}: {value}\r\n" for name, value in request.headers.items() if name.lower() not in dropped]
@@ -89,62 +89,58 @@ class Proxy:
                 conn.close()
                 raise
 
-    async def forward(self, request: web.Request, worker: Worker, body: bytes, request_id: str,
+    async def forward(self, request: web.BaseRequest, worker: Worker, body: bytes, request_id: str,
                       result: list[UpstreamResult]) -> web.StreamResponse:
         """Send the request to `worker` and relay the answer. Raises ConnectFailed before sending.
 
         `result` receives the outcome (a list, so the caller sees it even when the client disconnects).
         """
         data = self.request_bytes(request, worker, body, request_id)
+        timeout = self.upstream_timeout
         started = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.upstream_timeout):
-                conn, head = await self._exchange(worker, data)
-        except TimeoutError:
-            result.append(UpstreamResult("timeout", Failure.TIMEOUT))
-            return error_response(504, f"the worker sent no response within {self.upstream_timeout:g} s",
-                                  "upstream_timeout", request_id=request_id)
-        except BrokenResponse as exc:
-            result.append(UpstreamResult("upstream_error", Failure.CONNECT))
-            return error_response(502, f"the worker failed before answering: {exc}", "upstream_error",
-                                  request_id=request_id)
-        headers_s = time.perf_counter() - started
+        headers_s: float | None = None
+        conn: Connection | None = None
         done = False
         try:
-            response, done = await self._relay(request, conn, head, request_id, result, headers_s)
+            async with asyncio.timeout(timeout) as deadline:
+                conn, head = await self._exchange(worker, data)
+                headers_s = time.perf_counter() - started
+                head.headers.append(("X-Request-Id", request_id))
+                outcome = f"{head.status // 100}xx"
+                if head.has_no_body(request.method):
+                    done = True
+                    result.append(UpstreamResult(outcome, None, headers_s))
+                    return web.Response(status=head.status, headers=head.headers)
+                if head.length is not None:
+                    deadline.reschedule(asyncio.get_running_loop().time() + timeout)
+                    answer = b"".join([piece async for piece in read_body(conn.reader, head)])
+                    done = True
+                    result.append(UpstreamResult(outcome, None, headers_s))
+                    return web.Response(status=head.status, body=answer, headers=head.headers)
+            response, done = await self._stream(request, conn, head, result, headers_s)
             return response
+        except TimeoutError:
+            result.append(UpstreamResult("timeout", Failure.TIMEOUT, headers_s))
+            what = "sent no response" if headers_s is None else "stopped sending"
+            return error_response(504, f"the worker {what} within {timeout:g} s", "upstream_timeout",
+                                  request_id=request_id)
+        except BrokenResponse as exc:
+            result.append(UpstreamResult("upstream_error", Failure.CONNECT, headers_s))
+            what = "before answering" if headers_s is None else "mid-response"
+            return error_response(502, f"the worker failed {what}: {exc}", "upstream_error", request_id=request_id)
         finally:
-            if done and head.keep_alive:
-                self.pool.release(worker.host, worker.port, conn)
-            else:
-                conn.close()
+            if conn is not None:
+                if done and head.keep_alive:
+                    self.pool.release(worker.host, worker.port, conn)
+                else:
+                    conn.close()
 
-    async def _relay(self, request: web.Request, conn: Connection, head: ResponseHead, request_id: str,
-                     result: list[UpstreamResult], headers_s: float) -> tuple[web.StreamResponse, bool]:
-        """The client's response, and whether the upstream response was read to its end."""
-        headers = head.headers
-        headers.append(("X-Request-Id", request_id))
-        outcome = f"{head.status // 100}xx"
-        if head.has_no_body(request.method):
-            result.append(UpstreamResult(outcome, None, headers_s))
-            return web.Response(status=head.status, headers=headers), True
-        timeout = self.upstream_timeout
-        if head.length is not None:
-            try:
-                async with asyncio.timeout(timeout):
-                    body = b"".join([piece async for piece in read_body(conn.reader, head)])
-            except TimeoutError:
-                result.append(UpstreamResult("timeout", Failure.TIMEOUT, headers_s))
-                return error_response(504, f"the worker stopped sending for {timeout:g} s",
-                                      "upstream_timeout", request_id=request_id), False
-            except BrokenResponse as exc:
-                result.append(UpstreamResult("upstream_error", Failure.CONNECT, headers_s))
-                return error_response(502, f"the worker failed mid-response: {exc}", "upstream_error",
-                                      request_id=request_id), False
-            result.append(UpstreamResult(outcome, None, headers_s))
-            return web.Response(status=head.status, body=body, headers=headers), True
-        response = web.StreamResponse(status=head.status, headers=headers)
+    async def _stream(self, request: web.BaseRequest, conn: Connection, head: ResponseHead,
+                      result: list[UpstreamResult], headers_s: float) -> tuple[web.StreamResponse, bool]:
+        """Relay a body of unknown length piece by piece; True when it was read to its end."""
+        response = web.StreamResponse(status=head.status, headers=head.headers)
         await response.prepare(request)
+        timeout = self.upstream_timeout
         pieces = read_body(conn.reader, head)
         try:
             while True:
@@ -167,7 +163,7 @@ class Proxy:
             return response, False
         finally:
             await pieces.aclose()
-        result.append(UpstreamResult(outcome, None, headers_s))
+        result.append(UpstreamResult(f"{head.status // 100}xx", None, headers_s))
         await response.write_eof()
         return response, True
 
