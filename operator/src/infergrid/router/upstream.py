@@ -123,6 +123,7 @@ class ConnectionPool:
     def __init__(self, connect_timeout: float) -> None:
         self.connect_timeout = connect_timeout
         self._idle: dict[tuple[str, int], list[Connection]] = {}
+        self._swept = time.monotonic()
 
     async def acquire(self, host: str, port: int) -> tuple[Connection, bool]:
         """An idle connection (and True), or a new one (and False). Raises ConnectError."""
@@ -146,12 +147,28 @@ class ConnectionPool:
 
     def release(self, host: str, port: int, conn: Connection) -> None:
         """Give back a connection whose response was read to its end."""
+        now = time.monotonic()
+        if now - self._swept > _KEEPALIVE_S:
+            self._sweep(now)
         idle = self._idle.setdefault((host, port), [])
         if len(idle) >= _MAX_IDLE_PER_WORKER:
             conn.close()
             return
-        conn.idle_since = time.monotonic()
+        conn.idle_since = now
         idle.append(conn)
+
+    def _sweep(self, now: float) -> None:
+        """Close connections idle past the keep-alive time (those of removed workers are never acquired)."""
+        self._swept = now
+        for key, idle in list(self._idle.items()):
+            keep = [conn for conn in idle if now - conn.idle_since < _KEEPALIVE_S]
+            for conn in idle:
+                if now - conn.idle_since >= _KEEPALIVE_S:
+                    conn.close()
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
 
     def close(self) -> None:
         for idle in self._idle.values():
