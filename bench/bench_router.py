@@ -11,7 +11,9 @@ writes JSON with the commit, the exact command and the machine.
     .venv/bin/python -m pip install vllm-router        # the peer (into .venv only; not a dependency)
     .venv/bin/python bench/bench_router.py [--workers 2] [--repeats 3] [--out bench/results/router.json]
 
-Without vllm-router installed its rows are skipped (and say so).
+Without vllm-router installed its rows are skipped (and say so). `--baseline REV` adds rows for the router
+package as of git revision REV (extracted to the scratch directory and run from there), to compare an
+optimisation with what it replaces in the same run.
 """
 
 from __future__ import annotations
@@ -135,6 +137,23 @@ async def measure_throughput(urls: list[str], concurrency: int, seconds: float,
     return {"rps": done / elapsed, "cpu_ms_per_request": cpu / max(done, 1) * 1e3}
 
 
+def baseline_router(rev: str, where: Path) -> list[str]:
+    """A command running the `infergrid.router` package as of git revision `rev` (the rest of infergrid
+    from this checkout): the old package is extracted to `where` and imported in place of the current one."""
+    where.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", rev, "operator/src/infergrid/router"], cwd=REPO, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
+    package = where / "operator/src/infergrid/router"
+    launcher = ("import importlib.util, sys; "
+                f"spec = importlib.util.spec_from_file_location('infergrid.router', {str(package / '__init__.py')!r}, "
+                f"submodule_search_locations=[{str(package)!r}]); "
+                "module = importlib.util.module_from_spec(spec); sys.modules['infergrid.router'] = module; "
+                "spec.loader.exec_module(module); "
+                "from infergrid.router.main import main; sys.argv[0] = 'infergrid-router'; main()")
+    return [sys.executable, "-c", launcher]
+
+
 def machine() -> dict[str, Any]:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
@@ -149,6 +168,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=300, help="sequential requests per latency sample")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=5.0, help="saturation phase length")
+    ap.add_argument("--baseline", metavar="REV", help="also run infergrid-router as of this git revision")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "router.json")
     args = ap.parse_args()
 
@@ -171,14 +191,18 @@ def main() -> None:
         targets: dict[str, list[str]] = {"direct": worker_urls}
         logs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
         hostports = ",".join(u.removeprefix("http://") for u in worker_urls)
-        for policy in ("round-robin", "prefix-aware"):
-            port = free_port()
-            log = scratch / f"ours-{policy}.log"
-            proc = start([str(BIN / "infergrid-router"), "--workers", hostports, "--host", "127.0.0.1", "--port",
-                          str(port), "--policy", policy, "--log-level", "warning"], log)
-            procs.append(proc)
-            targets[f"infergrid-router {policy}"] = [f"http://127.0.0.1:{port}"]
-            logs[f"infergrid-router {policy}"] = (proc, log)
+        routers = {"infergrid-router": [str(BIN / "infergrid-router")]}
+        if args.baseline:
+            routers[f"infergrid-router@{args.baseline}"] = baseline_router(args.baseline, scratch / "baseline")
+        for label, command in routers.items():
+            for policy in ("round-robin", "prefix-aware"):
+                port = free_port()
+                log = scratch / f"{label}-{policy}.log".replace("/", "_")
+                proc = start([*command, "--workers", hostports, "--host", "127.0.0.1", "--port",
+                              str(port), "--policy", policy, "--log-level", "warning"], log)
+                procs.append(proc)
+                targets[f"{label} {policy}"] = [f"http://127.0.0.1:{port}"]
+                logs[f"{label} {policy}"] = (proc, log)
         vllm_router = shutil.which("vllm-router", path=str(BIN)) or shutil.which("vllm-router")
         if vllm_router:
             for policy in ("round_robin", "cache_aware"):
@@ -207,7 +231,7 @@ def main() -> None:
                 pid = logs[name][0].pid if name in logs else None
                 result = {**latency[name], **asyncio.run(measure_throughput(urls, args.concurrency, args.seconds, pid))}
                 samples[name].append(result)
-                print(f"repeat {rep + 1}/{args.repeats} {name:32s} p50 {result['p50_ms']:.2f} ms  "
+                print(f"repeat {rep + 1}/{args.repeats} {name:40s} p50 {result['p50_ms']:.2f} ms  "
                       f"p99 {result['p99_ms']:.2f} ms  {result['rps']:.0f} req/s  "
                       f"{result['cpu_ms_per_request']:.3f} CPU ms/req", flush=True)
 
@@ -255,12 +279,12 @@ def print_table(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> No
 
     print(f"\n{args.workers} tiny CPU workers, max_tokens 1; medians over {args.repeats} interleaved repeats "
           f"[min..max]; req/s with {args.concurrency} concurrent clients for {args.seconds:g} s")
-    header = f"| {'target':30s} | {'p50 ms':18s} | {'added p50 ms':20s} | {'added p99 ms':20s} | " \
+    header = f"| {'target':38s} | {'p50 ms':18s} | {'added p50 ms':20s} | {'added p99 ms':20s} | " \
              f"{'req/s':18s} | {'vs direct':16s} | {'router CPU ms/req':20s} |"
     print(header)
     print("|" + "|".join("-" * (len(c) + 0) for c in header.split("|")[1:-1]) + "|")
     for name, row in rows.items():
-        print(f"| {name:30s} | {fmt(row['p50_ms']):18s} | {fmt(row['added_p50_ms']):20s} | "
+        print(f"| {name:38s} | {fmt(row['p50_ms']):18s} | {fmt(row['added_p50_ms']):20s} | "
               f"{fmt(row['added_p99_ms']):20s} | {fmt(row['rps'], 0):18s} | {fmt(row['rps_vs_direct'], pct=True):16s} | "
               f"{fmt(row['cpu_ms_per_request'], 3):20s} |")
 

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import uuid
+import os
 from collections.abc import Iterable
 
 from aiohttp import web
@@ -22,6 +23,14 @@ from infergrid.router.retry_budget import RetryBudget
 from infergrid.router.scraper import Scraper
 
 log = logging.getLogger(__name__)
+_OWN_METHODS = ("GET", "HEAD")
+
+
+def request_ids() -> Iterable[str]:
+    """Ids for requests that came without X-Request-Id: 32 hex digits, a random per-process prefix and a
+    counter (unique across routers without paying for a uuid4 per request)."""
+    prefix = os.urandom(8).hex()
+    return (f"{prefix}{n:016x}" for n in itertools.count())
 
 
 class Router:
@@ -34,8 +43,7 @@ class Router:
         self.policy = make_policy(config.policy, config.load_factor)
         self.holding = HoldingQueue(config.max_held, config.hold_timeout, on_change=self.metrics.held.set)
         self.keys = KeyFile(config.api_key_file) if config.api_key_file else None
-        self.proxy = Proxy(config.upstream_timeout, config.connect_timeout, config.max_connections,
-                           strip_authorization=self.keys is not None)
+        self.proxy = Proxy(config.upstream_timeout, config.connect_timeout, strip_authorization=self.keys is not None)
         self.scraper = Scraper(self.pool, config.probe_interval, config.probe_timeout)
         self.retry_budget = RetryBudget(config.retry_budget_ratio)
         self.is_synced = False  # discovery's first view arrived (/ready)
@@ -44,6 +52,8 @@ class Router:
         self.pool.add_listener(self._on_pool_change)
         self._needs_body_key = config.policy == "prefix-aware"
         self._session_header = config.session_header if config.policy == "session-affinity" else None
+        self._request_ids = iter(request_ids())
+        self._own = {"/health": self.health, "/ready": self.ready, "/metrics": self.render_metrics}
 
     def _on_pool_change(self) -> None:
         self.metrics.ready_workers.set(len(self.pool.ready))
@@ -54,23 +64,29 @@ class Router:
         self.pool.set_members(names)
         self.is_synced = True
 
+    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        """GET/HEAD of the router's own paths answer here; everything else goes to a worker."""
+        if request.method in _OWN_METHODS and (own := self._own.get(request.path)) is not None:
+            return await own(request)
+        return await self.handle(request)
+
     # ---------------------------------------------------------------------------------- own endpoints
-    async def health(self, _: web.Request) -> web.Response:
+    async def health(self, _: web.BaseRequest) -> web.Response:
         return web.Response(text="ok")
 
-    async def ready(self, _: web.Request) -> web.Response:
+    async def ready(self, _: web.BaseRequest) -> web.Response:
         """Ready once discovery has answered: with zero workers the router still holds requests."""
         if self.is_synced:
             return web.Response(text="ok")
         return web.Response(status=503, text="waiting for worker discovery")
 
-    async def render_metrics(self, _: web.Request) -> web.Response:
+    async def render_metrics(self, _: web.BaseRequest) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
     # ---------------------------------------------------------------------------------- proxy path
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Every path other than the router's own: authenticate, pick a worker, forward."""
-        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        request_id = request.headers.get("X-Request-Id") or next(self._request_ids)
         if self.keys is not None and not self.keys.check(request.headers.get("Authorization")):
             self.metrics.count_request("", "unauthorized")
             return error_response(401, "missing or invalid API key (send Authorization: Bearer KEY)",
@@ -79,9 +95,8 @@ class Router:
         if request.can_read_body:
             if (request.content_length or 0) > self.config.max_body_bytes:
                 return self._too_large(request_id)
-            try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
+            body = await read_body(request, self.config.max_body_bytes)
+            if body is None:
                 return self._too_large(request_id)
         key: int | None = None
         if self._needs_body_key and body:
@@ -96,7 +111,7 @@ class Router:
         return error_response(413, f"request body exceeds {self.config.max_body_bytes} bytes",
                               "request_too_large", request_id=request_id)
 
-    async def _route(self, request: web.Request, body: bytes, key: int | None,
+    async def _route(self, request: web.BaseRequest, body: bytes, key: int | None,
                      request_id: str) -> web.StreamResponse:
         tried: set[str] = set()
         while True:
@@ -115,7 +130,7 @@ class Router:
             result: list[UpstreamResult] = []
             worker.in_flight += 1
             try:
-                response = await self.proxy.forward(request, worker.base_url, body, request_id, result)
+                response = await self.proxy.forward(request, worker, body, request_id, result)
             except ConnectFailed as exc:
                 self.pool.report_failure(worker, exc.failure)
                 self.metrics.count_request(worker.name, "connect_error")
@@ -154,16 +169,20 @@ class Router:
         await self.proxy.close()
 
 
-def build_app(router: Router) -> web.Application:
-    """The aiohttp application; the body limit is enforced by the handler (OpenAI 413 JSON)."""
-    app = web.Application(client_max_size=router.config.max_body_bytes)
-    app.router.add_get("/health", router.health)
-    app.router.add_get("/ready", router.ready)
-    app.router.add_get("/metrics", router.render_metrics)
-    app.router.add_route("*", "/{tail:.*}", router.handle)
+async def read_body(request: web.BaseRequest, limit: int) -> bytes | None:
+    """The request body, or None when it exceeds `limit` bytes (a chunked body has no Content-Length)."""
+    if (length := request.content_length) is not None:
+        return await request.content.readexactly(length)
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
-    async def _cleanup(_: web.Application) -> None:
-        await router.close()
 
-    app.on_cleanup.append(_cleanup)
-    return app
+def build_server(router: Router) -> web.Server:
+    """aiohttp's low-level server (no Application, no URL dispatcher): `Router.dispatch` sees every
+    request; a client that goes away cancels its handler."""
+    return web.Server(router.dispatch, handler_cancellation=True, access_log=None)

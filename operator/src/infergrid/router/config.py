@@ -34,7 +34,6 @@ class RouterConfig:
     hold_timeout: float = 60.0
     retry_after_s: int = 2
     retry_budget_ratio: float = 0.2
-    max_connections: int = 1024
     log_level: str = "info"
 
     def __post_init__(self) -> None:

@@ -9,7 +9,7 @@ import signal
 
 from aiohttp import web
 
-from infergrid.router.app import Router, build_app
+from infergrid.router.app import Router, build_server
 from infergrid.router.config import RouterConfig, parse_config
 
 log = logging.getLogger("infergrid.router")
@@ -18,7 +18,7 @@ log = logging.getLogger("infergrid.router")
 async def serve(config: RouterConfig, started: asyncio.Event | None = None) -> None:
     """Serve until cancelled or SIGTERM/SIGINT."""
     router = Router(config)
-    runner = web.AppRunner(build_app(router), handler_cancellation=True, access_log=None)
+    runner = web.ServerRunner(build_server(router))
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
     await site.start()
@@ -51,6 +51,7 @@ async def serve(config: RouterConfig, started: asyncio.Event | None = None) -> N
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await runner.cleanup()
+        await router.close()
         if kube is not None:
             await kube.close()
 

@@ -14,13 +14,15 @@ log = logging.getLogger(__name__)
 class Worker:
     """One worker endpoint (HOST:PORT) with its health and load."""
 
-    __slots__ = ("name", "base_url", "name_hash", "in_flight", "queue_load", "waiting", "running",
+    __slots__ = ("name", "host", "port", "authority", "base_url", "name_hash", "in_flight", "queue_load", "waiting", "running",
                  "kv_usage", "health")
 
     def __init__(self, name: str) -> None:
         self.name = name
         host, _, port = name.rpartition(":")
-        self.base_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        self.host, self.port = host.strip("[]"), int(port)
+        self.authority = f"[{self.host}]:{port}" if ":" in self.host else f"{host}:{port}"
+        self.base_url = f"http://{self.authority}"
         self.name_hash = name_hash(name)
         self.in_flight = 0
         self.queue_load = 0

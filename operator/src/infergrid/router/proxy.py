@@ -1,32 +1,40 @@
-"""HTTP forwarding to one worker over a pooled keep-alive client.
+"""HTTP forwarding to one worker over pooled keep-alive connections (`upstream.py`).
 
-- Bodies and responses pass through as bytes (no re-serialisation, no decompression); a response with
-  a Content-Length is read whole, anything else (SSE streams) is written to the client chunk by chunk
-  as it arrives.
-- `--upstream-timeout` bounds the wait for the response headers and for each next chunk: a wedged
-  worker (stopped process, socket open) ends the request with a 504 (or, mid-stream, an SSE error
-  event) instead of hanging.
+- The request goes out as the client's method, path, end-to-end headers and body bytes (plus Host,
+  X-Request-Id and Content-Length); the response comes back as bytes (no re-serialisation, no
+  decompression). A response with a Content-Length is read whole, anything else (SSE streams) is
+  written to the client piece by piece as it arrives.
+- `--upstream-timeout` bounds the wait for the response head and for each next piece (not the time the
+  client takes to read): a wedged worker (stopped process, socket open) ends the request with a 504
+  (or, mid-stream, an SSE error event) instead of hanging.
 - Only a failure to connect raises `ConnectFailed` (the request never left the router, so it may be
-  retried on another worker); anything later is answered, never retried.
-- A client that goes away cancels the handler (handler_cancellation), which closes the upstream
+  retried on another worker); anything later is answered, never retried. A reused keep-alive
+  connection that the worker had closed is replaced by a fresh one once.
+- A client that goes away cancels the handler (handler_cancellation), which aborts the upstream
   connection: the worker sees the disconnect, aborts the request and frees its KV blocks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
 from infergrid.router.errors import error_response
 from infergrid.router.health import Failure
-
-# Headers that describe one hop, not the message (RFC 9110 7.6.1), plus what aiohttp sets itself.
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                         "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
+from infergrid.router.pool import Worker
+from infergrid.router.upstream import (
+    HOP_BY_HOP,
+    BrokenResponse,
+    ConnectError,
+    Connection,
+    ConnectionPool,
+    ResponseHead,
+    read_body,
+    read_head,
+)
 
 
 class ConnectFailed(Exception):
@@ -47,106 +55,117 @@ class UpstreamResult:
 
 
 class Proxy:
-    def __init__(self, upstream_timeout: float, connect_timeout: float, max_connections: int,
-                 strip_authorization: bool) -> None:
+    def __init__(self, upstream_timeout: float, connect_timeout: float, strip_authorization: bool) -> None:
         self.upstream_timeout = upstream_timeout
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=upstream_timeout)
-        self.strip_authorization = strip_authorization
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            # keepalive below uvicorn's 5 s so the router never reuses a connection the worker is closing.
-            connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, keepalive_timeout=4.0,
-                                             enable_cleanup_closed=False, ttl_dns_cache=None)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, auto_decompress=False,
-                                                  skip_auto_headers=("User-Agent", "Accept-Encoding"))
-        return self._session
+        self.pool = ConnectionPool(connect_timeout)
+        self._dropped = HOP_BY_HOP | {"x-request-id"} | ({"authorization"} if strip_authorization else set())
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        self.pool.close()
 
-    def upstream_headers(self, request: web.Request, request_id: str) -> CIMultiDict[str]:
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in request.headers.items():
-            lname = name.lower()
-            if lname in _HOP_BY_HOP or (self.strip_authorization and lname == "authorization"):
-                continue
-            headers.add(name, value)
-        headers["X-Request-Id"] = request_id
-        return headers
+    def request_bytes(self, request: web.BaseRequest, worker: Worker, body: bytes, request_id: str) -> bytes:
+        dropped = self._dropped
+        lines = [f"{request.method} {request.raw_path} HTTP/1.1\r\nHost: {worker.authority}\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in request.headers.items() if name.lower() not in dropped]
+        lines.append(f"X-Request-Id: {request_id}\r\nContent-Length: {len(body)}\r\n\r\n"
+                     if body else f"X-Request-Id: {request_id}\r\n\r\n")
+        return "".join(lines).encode("utf-8", "surrogateescape") + body
 
-    async def forward(self, request: web.Request, base_url: str, body: bytes, request_id: str,
+    async def _exchange(self, worker: Worker, data: bytes) -> tuple[Connection, ResponseHead]:
+        """Send `data` and read the response head. Raises ConnectFailed (nothing sent) or BrokenResponse."""
+        while True:
+            try:
+                conn, reused = await self.pool.acquire(worker.host, worker.port)
+            except ConnectError as exc:
+                raise ConnectFailed(Failure.TIMEOUT if exc.timed_out else Failure.CONNECT, str(exc)) from None
+            conn.writer.write(data)
+            try:
+                return conn, await read_head(conn.reader)
+            except BrokenResponse:
+                conn.close()
+                if not reused:
+                    raise
+            except BaseException:
+                conn.close()
+                raise
+
+    async def forward(self, request: web.BaseRequest, worker: Worker, body: bytes, request_id: str,
                       result: list[UpstreamResult]) -> web.StreamResponse:
-        """Send the request to `base_url` and relay the answer. Raises ConnectFailed before sending.
+        """Send the request to `worker` and relay the answer. Raises ConnectFailed before sending.
 
         `result` receives the outcome (a list, so the caller sees it even when the client disconnects).
         """
+        data = self.request_bytes(request, worker, body, request_id)
+        timeout = self.upstream_timeout
         started = time.perf_counter()
+        headers_s: float | None = None
+        conn: Connection | None = None
+        done = False
         try:
-            upstream = await self.session().request(
-                request.method, base_url + request.raw_path,
-                data=body if body else None, headers=self.upstream_headers(request, request_id),
-                allow_redirects=False)
-        except aiohttp.ClientConnectorError as exc:
-            raise ConnectFailed(Failure.CONNECT, str(exc)) from None
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise ConnectFailed(Failure.TIMEOUT, f"connect timeout: {exc}") from None
-        except aiohttp.ServerTimeoutError:
-            result.append(UpstreamResult("timeout", Failure.TIMEOUT))
-            return error_response(504, f"the worker sent no response within {self.upstream_timeout:g} s",
-                                  "upstream_timeout", request_id=request_id)
-        except aiohttp.ClientError as exc:
-            result.append(UpstreamResult("upstream_error", Failure.CONNECT))
-            return error_response(502, f"the worker failed before answering: {exc.__class__.__name__}",
-                                  "upstream_error", request_id=request_id)
-        headers_s = time.perf_counter() - started
-        try:
-            return await self._relay(request, upstream, request_id, result, headers_s)
-        finally:
-            upstream.release()  # back to the pool when fully read, else the connection is closed
-
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse, request_id: str,
-                     result: list[UpstreamResult], headers_s: float) -> web.StreamResponse:
-        headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP)
-        headers["X-Request-Id"] = request_id
-        outcome = f"{upstream.status // 100}xx"
-        if upstream.content_length is not None:
-            try:
-                body = await upstream.read()
-            except aiohttp.ServerTimeoutError:
-                result.append(UpstreamResult("timeout", Failure.TIMEOUT, headers_s))
-                return error_response(504, f"the worker stopped sending for {self.upstream_timeout:g} s",
-                                      "upstream_timeout", request_id=request_id)
-            except aiohttp.ClientError as exc:
-                result.append(UpstreamResult("upstream_error", Failure.CONNECT, headers_s))
-                return error_response(502, f"the worker failed mid-response: {exc.__class__.__name__}",
-                                      "upstream_error", request_id=request_id)
-            result.append(UpstreamResult(outcome, None, headers_s))
-            return web.Response(status=upstream.status, body=body, headers=headers)
-        response = web.StreamResponse(status=upstream.status, headers=headers)
-        await response.prepare(request)
-        try:
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-        except aiohttp.ServerTimeoutError:
+            async with asyncio.timeout(timeout) as deadline:
+                conn, head = await self._exchange(worker, data)
+                headers_s = time.perf_counter() - started
+                head.headers.append(("X-Request-Id", request_id))
+                outcome = f"{head.status // 100}xx"
+                if head.has_no_body(request.method):
+                    done = True
+                    result.append(UpstreamResult(outcome, None, headers_s))
+                    return web.Response(status=head.status, headers=head.headers)
+                if head.length is not None:
+                    deadline.reschedule(asyncio.get_running_loop().time() + timeout)
+                    answer = b"".join([piece async for piece in read_body(conn.reader, head)])
+                    done = True
+                    result.append(UpstreamResult(outcome, None, headers_s))
+                    return web.Response(status=head.status, body=answer, headers=head.headers)
+            response, done = await self._stream(request, conn, head, result, headers_s)
+            return response
+        except TimeoutError:
             result.append(UpstreamResult("timeout", Failure.TIMEOUT, headers_s))
-            await _write_stream_error(response, f"the worker stopped streaming for {self.upstream_timeout:g} s",
-                                      "upstream_timeout")
-            return response
-        except aiohttp.ClientPayloadError as exc:
+            what = "sent no response" if headers_s is None else "stopped sending"
+            return error_response(504, f"the worker {what} within {timeout:g} s", "upstream_timeout",
+                                  request_id=request_id)
+        except BrokenResponse as exc:
             result.append(UpstreamResult("upstream_error", Failure.CONNECT, headers_s))
-            await _write_stream_error(response, f"the worker failed mid-stream: {exc.__class__.__name__}",
-                                      "upstream_error")
-            return response
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            what = "before answering" if headers_s is None else "mid-response"
+            return error_response(502, f"the worker failed {what}: {exc}", "upstream_error", request_id=request_id)
+        finally:
+            if conn is not None:
+                if done and head.keep_alive:
+                    self.pool.release(worker.host, worker.port, conn)
+                else:
+                    conn.close()
+
+    async def _stream(self, request: web.BaseRequest, conn: Connection, head: ResponseHead,
+                      result: list[UpstreamResult], headers_s: float) -> tuple[web.StreamResponse, bool]:
+        """Relay a body of unknown length piece by piece; True when it was read to its end."""
+        response = web.StreamResponse(status=head.status, headers=head.headers)
+        await response.prepare(request)
+        timeout = self.upstream_timeout
+        pieces = read_body(conn.reader, head)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(timeout):
+                        piece = await anext(pieces)
+                except StopAsyncIteration:
+                    break
+                await response.write(piece)  # the client's pace is not the worker's timeout
+        except TimeoutError:
+            result.append(UpstreamResult("timeout", Failure.TIMEOUT, headers_s))
+            await _write_stream_error(response, f"the worker stopped streaming for {timeout:g} s", "upstream_timeout")
+            return response, False
+        except BrokenResponse as exc:
+            result.append(UpstreamResult("upstream_error", Failure.CONNECT, headers_s))
+            await _write_stream_error(response, f"the worker failed mid-stream: {exc}", "upstream_error")
+            return response, False
+        except ConnectionResetError:
             result.append(UpstreamResult("client_disconnect", None, headers_s))
-            return response
-        result.append(UpstreamResult(outcome, None, headers_s))
+            return response, False
+        finally:
+            await pieces.aclose()
+        result.append(UpstreamResult(f"{head.status // 100}xx", None, headers_s))
         await response.write_eof()
-        return response
+        return response, True
 
 
 async def _write_stream_error(response: web.StreamResponse, message: str, code: str) -> None:
@@ -156,5 +175,5 @@ async def _write_stream_error(response: web.StreamResponse, message: str, code: 
     try:
         await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
         await response.write_eof()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+    except ConnectionResetError:
         pass
