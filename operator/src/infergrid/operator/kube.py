@@ -27,6 +27,8 @@ RESOURCES: dict[str, tuple[str, bool]] = {
     "ServiceMonitor": ("servicemonitors", True),
     "InferenceService": ("inferenceservices", True),
     "Event": ("events", True),
+    "ClusterKopfPeering": ("clusterkopfpeerings", False),
+    "KopfPeering": ("kopfpeerings", True),
 }
 
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
