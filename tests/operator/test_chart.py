@@ -79,7 +79,7 @@ def test_operator_deployment_wiring():
     pod = deployment["spec"]["template"]["spec"]
     (ctr,) = pod["containers"]
     assert ctr["command"] == ["infergrid-operator"]
-    assert "--peering=infergrid" in ctr["args"] and "--namespace=team-a" in ctr["args"]
+    assert "--peering=rel-infergrid" in ctr["args"] and "--namespace=team-a" in ctr["args"]
     assert not any(arg.startswith("--priority") for arg in ctr["args"])  # replicas must not tie
     env = {e["name"]: e for e in ctr["env"]}
     assert env["INFERGRID_WORKER_IMAGE"]["value"] == "ghcr.io/infergrid/worker:9.9"

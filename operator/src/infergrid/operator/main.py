@@ -72,8 +72,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in problems:
             print(f"infergrid-operator: {problem}", file=sys.stderr)
         return 2
-    if peering is None:
-        logging.getLogger(__name__).warning("running standalone (--standalone): start only one replica")
 
     import infergrid.operator.handlers  # noqa: F401  (registers the handlers)
 
@@ -81,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         # kopf logs every handled watch event at INFO ("Handler 'track_pod' succeeded."): too much per pod.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    if peering is None:
+        logging.getLogger(__name__).warning("running standalone (--standalone): start only one replica")
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.bind)
     runtime = Runtime(api=KubeClient.from_environment(args.kubeconfig), config=config,
