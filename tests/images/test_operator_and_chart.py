@@ -103,10 +103,13 @@ def test_helm_install_serve_second_release_upgrade_uninstall(images, testbed, ti
     try:
         # 1. The first release, its operator (the image) and an example InferenceService -> Ready.
         release, namespace = RELEASES[0]
-        bed.helm("install", release, str(CHART), "--namespace", namespace, "--create-namespace",
-                 *image_values, "--set", f"operator.metricsPort={free_port()}",
-                 "--set", f"operator.healthPort={free_port()}")
+        notes = bed.helm("install", release, str(CHART), "--namespace", namespace, "--create-namespace",
+                         *image_values, "--set", f"operator.metricsPort={free_port()}",
+                         "--set", f"operator.healthPort={free_port()}").stdout
         installed.append(RELEASES[0])
+        # NOTES: the next two commands, with a model that needs no token.
+        assert "hf://Qwen/Qwen2.5-0.5B-Instruct" in notes and "tokenSecretRef" not in notes, notes
+        assert "kubectl wait --for=condition=Ready inferenceservices.infergrid.dev/qwen" in notes, notes
         run_args = operator_container_args(bed, release, namespace, kubeconfig)
         assert images.operator in run_args
         containers(*run_args)
