@@ -173,7 +173,7 @@ def build(name: str, base: str, wheels: str, torch_spec: str, force: bool) -> No
     if not force and image_label(ref, HASH_LABEL) == digest:
         log(f"{name}: reusing {ref} (inputs unchanged, hash {digest}, {image_size(ref)})")
         return
-    args = ["build", "--network", "host", "-t", ref, "--label", f"{HASH_LABEL}={digest}",
+    args = ["build", "--network", "host", "--force-rm", "-t", ref, "--build-arg", f"INPUTS_HASH={digest}",
             "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"VERSION={version}",
             "--build-arg", f"REVISION={git_revision()}"]
     if name == "worker":
