@@ -54,7 +54,7 @@ images: docker-ready ## build the worker and operator images (skipped when their
 	$(PYTHON) images/build.py --base-image "$(BASE_IMAGE)" --torch "torch==$(TORCH_VERSION)"
 
 images-test: install testbed-build images ## run the images: a completion from the worker, the operator + chart on the test bed
-	$(PY) -m pytest -m images tests/images $(PYTEST_ARGS)
+	$(PY) -m pytest -v -m images tests/images $(PYTEST_ARGS)
 
 test-unit: install ## fast CPU unit tests only (no control plane)
 	$(PY) -m pytest -m "not gpu and not controlplane" tests $(PYTEST_ARGS)
