@@ -6,6 +6,7 @@ for forever); `infergrid-operator` says what is missing and how to fix it, and e
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import aiohttp
@@ -51,14 +52,25 @@ def _is_glob(namespace: str) -> bool:
     return any(ch in namespace for ch in "*?[]!")
 
 
-async def check_cluster(kubeconfig: str | None, *, peering: str | None, namespaces: Sequence[str]) -> list[str]:
-    """`find_problems` with its own client; an unreachable or refusing API server is a problem too."""
+async def check_cluster(kubeconfig: str | None, *, peering: str | None, namespaces: Sequence[str],
+                        patience: float = 10.0) -> list[str]:
+    """`find_problems` with its own client; an unreachable or refusing API server is a problem too.
+
+    Problems are looked for again for `patience` seconds: CRDs applied a moment ago (`helm install`
+    applies them right before the operator's Deployment) reach the discovery documents with a delay.
+    """
     api = KubeClient.from_environment(kubeconfig)
+    deadline = asyncio.get_running_loop().time() + patience
     try:
-        return await find_problems(api, peering=peering, namespaces=namespaces)
-    except ApiError as exc:
-        return [f"the API server at {api.server} refused the operator's checks: {exc}"]
-    except (TimeoutError, OSError, aiohttp.ClientError) as exc:
-        return [f"cannot reach the API server at {api.server}: {exc!r}"]
+        while True:
+            try:
+                problems = await find_problems(api, peering=peering, namespaces=namespaces)
+            except ApiError as exc:
+                problems = [f"the API server at {api.server} refused the operator's checks: {exc}"]
+            except (TimeoutError, OSError, aiohttp.ClientError) as exc:
+                problems = [f"cannot reach the API server at {api.server}: {exc!r}"]
+            if not problems or asyncio.get_running_loop().time() >= deadline:
+                return problems
+            await asyncio.sleep(2.0)
     finally:
         await api.close()
