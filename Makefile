@@ -9,11 +9,14 @@ PIP := $(VENV)/bin/pip
 CACHE ?= $(HOME)/.cache/infergrid
 TORCH_VERSION ?= 2.11.0
 PYTEST_ARGS ?=
+# Base of both images: `local` makes a Debian bookworm base with mmdebstrap (no registry needed);
+# or a public one, e.g. BASE_IMAGE=python:3.11-slim (the Dockerfiles' default).
+BASE_IMAGE ?= local
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: help install lint test test-unit e2e bench gpu-wheels demo testbed-build testbed-up testbed-down \
-	prometheus-tools dashboards clean
+	prometheus-tools dashboards clean docker-ready images images-test
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -53,9 +56,19 @@ testbed-up: testbed-build ## start the local control plane in the background; ku
 testbed-down: ## stop the local control plane started by testbed-up
 	$(PY) -m infergrid.testbed.cli down
 
-test: install testbed-build prometheus-tools ## the whole suite (what .ci/run calls)
+test: install testbed-build prometheus-tools images ## the whole suite (what .ci/run calls), then the images' smoke tests
 	$(VENV)/bin/ruff check .
-	$(PY) -m infergrid.testbed.cli exec -- $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m infergrid.testbed.cli exec -- $(PY) -m pytest -m "not gpu and not images" $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory images-test
+
+docker-ready: ## install docker.io + mmdebstrap if missing (root) and start dockerd if none answers
+	@images/docker-ready.sh
+
+images: docker-ready ## build the worker and operator images (skipped when their inputs are unchanged)
+	$(PYTHON) images/build.py --base-image "$(BASE_IMAGE)" --torch "torch==$(TORCH_VERSION)"
+
+images-test: install testbed-build images ## run the images: a completion from the worker, the operator + chart on the test bed
+	$(PY) -m pytest -v -m images tests/images $(PYTEST_ARGS)
 
 test-unit: install prometheus-tools ## fast CPU unit tests only (no control plane)
 	$(PY) -m pytest -m "not gpu and not controlplane" tests $(PYTEST_ARGS)

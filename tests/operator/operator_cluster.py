@@ -26,7 +26,7 @@ from infergrid.testbed.waiting import wait_for
 
 RELEASE, RELEASE_NAMESPACE = "rel", "infergrid-system"
 SERVICE_ACCOUNT = f"{RELEASE}-infergrid"
-PEERING = "infergrid"
+PEERING = f"{RELEASE}-infergrid"  # the chart names the peering object after the release
 PEERING_CRDS = CHART / "crds" / "kopf-peering.yaml"
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}
 

@@ -171,7 +171,7 @@ def test_a_speculative_method_alone_proposes_the_default_4_tokens():
 
 
 def test_speculative_method_none_adds_no_speculative_flags():
-    argv = full_command(deployment_of(engine={"speculative": {"method": "none", "numTokens": 8}}))
+    argv = full_command(deployment_of(engine={"speculative": {"method": "none"}}))
     assert not any(arg.startswith(("--speculative", "--num-speculative", "--draft")) for arg in argv)
 
 def test_probes_are_sized_for_slow_model_loads():

@@ -48,6 +48,42 @@ def test_values_match_their_schema():
         jsonschema_rs.validate(schema, {**values, "typo": 1})
 
 
+def test_values_schema_allows_global_for_use_as_a_subchart():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load(VALUES.read_text())
+    jsonschema_rs.validate(schema, {**values, "global": {"imageRegistry": "registry.example", "x": [1]}})
+
+
+@pytest.mark.controlplane
+def test_peering_objects_are_named_after_the_release():
+    """Two releases in two namespaces must not share the cluster-scoped peering object."""
+    names = set()
+    for release in ("team-a", "team-b"):
+        docs = [d for d in yaml.safe_load_all(helm("template", release, str(CHART), "--namespace", release)) if d]
+        (peering,) = [d for d in docs if d["kind"] == "ClusterKopfPeering"]
+        (ctr,) = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"]
+        assert f"--peering={peering['metadata']['name']}" in ctr["args"]
+        names.add(peering["metadata"]["name"])
+    assert names == {"team-a-infergrid", "team-b-infergrid"}
+    # Namespaced operators peer through a KopfPeering in each watched namespace (globs: none can be made).
+    docs = rendered("operator.watchNamespaces={team-a,team-*}")
+    assert [(d["kind"], d["metadata"]["namespace"]) for d in docs if "Peering" in d["kind"]] == [
+        ("KopfPeering", "team-a")]
+
+
+@pytest.mark.controlplane
+def test_every_image_comes_from_values_and_the_version_is_one():
+    docs = rendered("operator.image.repository=reg.example/op", "worker.image.repository=reg.example/wk")
+    text = yaml.safe_dump_all(docs)
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert text.count("image:") == 1 and "image: reg.example/op:" + chart["appVersion"] in text
+    assert f"reg.example/wk:{chart['appVersion']}" in text  # the operator's default worker image
+    from infergrid.operator.config import OperatorConfig
+    assert OperatorConfig().worker_image.endswith(":" + chart["appVersion"])
+    for pyproject in ("operator", "worker"):
+        assert f'version = "{chart["appVersion"]}"' in (CHART.parents[1] / pyproject / "pyproject.toml").read_text()
+
+
 @pytest.mark.controlplane  # needs the test bed's helm binary
 def test_helm_lint_and_render():
     helm("lint", str(CHART), "--strict")
@@ -83,7 +119,7 @@ def test_operator_deployment_wiring():
     pod = deployment["spec"]["template"]["spec"]
     (ctr,) = pod["containers"]
     assert ctr["command"] == ["infergrid-operator"]
-    assert "--peering=infergrid" in ctr["args"] and "--namespace=team-a" in ctr["args"]
+    assert "--peering=rel-infergrid" in ctr["args"] and "--namespace=team-a" in ctr["args"]
     assert not any(arg.startswith("--priority") for arg in ctr["args"])  # replicas must not tie
     env = {e["name"]: e for e in ctr["env"]}
     assert env["INFERGRID_WORKER_IMAGE"]["value"] == "ghcr.io/infergrid/worker:9.9"

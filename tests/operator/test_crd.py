@@ -33,6 +33,13 @@ def test_names_and_single_served_version():
     assert crd["spec"]["versions"][0]["storage"] and crd["spec"]["versions"][0]["served"]
 
 
+def test_short_name_is_our_own():
+    """KServe's InferenceService has the same plural and the short name `isvc`: ours must differ."""
+    names = load_crd()["spec"]["names"]
+    assert names["shortNames"] == ["igs"]
+    assert names["plural"] == c.PLURAL  # so docs name it inferenceservices.infergrid.dev where it matters
+
+
 def test_printer_columns():
     columns = load_crd()["spec"]["versions"][0]["additionalPrinterColumns"]
     visible = [col["name"].upper() for col in columns if not col.get("priority")]
@@ -73,7 +80,6 @@ def test_crd_defaults_match_the_operator_defaults():
         "spec.engine.tensorParallelSize": engine.tensor_parallel_size,
         "spec.engine.prefixCaching.enabled": engine.enable_prefix_caching,
         "spec.engine.speculative.method": engine.speculative.method,
-        "spec.engine.speculative.numTokens": engine.speculative.num_tokens,
         "spec.resources.gpuResourceName": resources.gpu_resource_name,
         "spec.resources.shmSize": resources.shm_size,
         "spec.timeouts.startupSeconds": spec.startup_seconds,
@@ -82,6 +88,9 @@ def test_crd_defaults_match_the_operator_defaults():
     }
     for path, value in expected.items():
         assert node(path)["default"] == value, path
+    # NOTE: no CRD default for numTokens (a CEL rule refuses it with method none); the operator's is 4.
+    assert "default" not in node("spec.engine.speculative.numTokens")
+    assert engine.speculative.num_tokens == 4
     scaled = ServiceSpec.from_body(isvc_body(autoscaling={"maxReplicas": 4})).autoscaling
     assert node("spec.autoscaling.minReplicas")["default"] == scaled.min_replicas
     assert node("spec.autoscaling.targetQueueDepth")["default"] == scaled.target_queue_depth

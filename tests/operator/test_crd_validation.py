@@ -5,6 +5,8 @@ import json
 import pytest
 from operator_helpers import REPO
 
+from infergrid.operator.spec import ServiceSpec
+
 VALID = {"model": {"source": "hf://meta-llama/Llama-3.2-1B"}}
 
 INVALID = [
@@ -43,6 +45,14 @@ INVALID = [
         "method": "draft", "draft": {"model": {"source": "hf://org/small"}, "lmHeadDtype": "int4"}}}},
      "spec.engine.speculative.draft.lmHeadDtype"),
     ("typo-field", {**VALID, "replcas": 2}, "spec.replcas"),
+    # fields that would otherwise be accepted and ignored
+    ("num-tokens-without-method", {**VALID, "engine": {"speculative": {"numTokens": 8}}},
+     "spec.engine.speculative.numTokens"),
+    ("num-tokens-with-method-none", {**VALID, "engine": {"speculative": {"method": "none", "numTokens": 8}}},
+     "spec.engine.speculative.numTokens"),
+    ("draft-revision-on-file-source", {**VALID, "engine": {"speculative": {
+        "method": "draft", "draft": {"model": {"source": "file:///models/small", "revision": "main"}}}}},
+     "spec.engine.speculative.draft.model.revision"),
     ("bad-cpu-quantity", {**VALID, "resources": {"cpu": "lots"}}, "spec.resources.cpu"),
 ]
 
@@ -87,14 +97,16 @@ def test_replicas_with_autoscaling_is_the_autoscalers_choice_and_kubectl_scale_w
     assert stored["spec"]["replicas"] == 3 and stored["spec"]["autoscaling"]["maxReplicas"] == 4
 
 
-def test_a_speculative_method_alone_is_defaulted_to_4_tokens(infergrid_crds, k8s_namespace):
+def test_a_speculative_method_alone_is_stored_without_a_token_count(infergrid_crds, k8s_namespace):
+    """numTokens has no server default (it would defeat the rule refusing it with method none): the operator's 4."""
     assert apply(infergrid_crds, k8s_namespace, "spec", {
         **VALID, "engine": {"speculative": {"method": "ngram"}}}).returncode == 0
     assert apply(infergrid_crds, k8s_namespace, "plain", VALID).returncode == 0
     for name, method in (("spec", "ngram"), ("plain", "none")):
         stored = json.loads(infergrid_crds.kubectl("get", f"inferenceservice/{name}", "-n", k8s_namespace,
                                                    "-o", "json").stdout)
-        assert stored["spec"]["engine"]["speculative"] == {"method": method, "numTokens": 4}
+        assert stored["spec"]["engine"]["speculative"] == {"method": method}
+        assert ServiceSpec.from_body(stored).engine.speculative.num_tokens == 4
 
 
 def test_the_example_is_valid(infergrid_crds, k8s_namespace):

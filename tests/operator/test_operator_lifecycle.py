@@ -294,3 +294,19 @@ def test_a_child_the_api_server_refuses_is_reported_in_status_and_events(control
     apply_isvc(cp, ns, "broken", {"model": {"source": "file:///m"}})
     wait_for(lambda: condition(get_isvc(cp, ns, "broken"), "Degraded").get("status") == "False", 60,
              "Degraded cleared after the fix")
+
+
+@pytest.mark.parametrize("overrides", [
+    {"podTemplate": {"spec": {"nodeSelectr": {"gpu": "h100"}}}},
+    {"affinity": {"nodeAfinity": {}}},
+], ids=["podTemplate-typo", "affinity-typo"])
+def test_a_typo_in_a_free_form_field_is_reported_not_dropped(control_plane, k8s_namespace, operator, overrides):
+    """podTemplate.spec and affinity pass through unchecked by the CRD; the Deployment apply is strict."""
+    cp, ns = control_plane, k8s_namespace
+    typo = next(iter(overrides.get("podTemplate", {}).get("spec") or overrides["affinity"]))
+    apply_isvc(cp, ns, "typo", {"model": {"source": "file:///m"}, **overrides})
+    isvc = wait_for(lambda: (i := get_isvc(cp, ns, "typo")) and
+                    condition(i, "Degraded").get("reason") == "ReconcileFailed" and i, 30, "Degraded=ReconcileFailed")
+    assert typo in condition(isvc, "Degraded")["message"]
+    assert condition(isvc, "Ready")["status"] == "False"
+    assert deployment(cp, ns, "typo") is None

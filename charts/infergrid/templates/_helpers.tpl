@@ -37,3 +37,8 @@ app.kubernetes.io/component: operator
 {{- define "infergrid.image" -}}
 {{- printf "%s:%s" .image.repository (default .appVersion .image.tag) -}}
 {{- end -}}
+
+{{/* The kopf peering object's name: peering.name, else the release's full name (unique per release). */}}
+{{- define "infergrid.peeringName" -}}
+{{- default (include "infergrid.fullname" .) .Values.peering.name -}}
+{{- end -}}

@@ -31,6 +31,8 @@ RESOURCES: dict[str, tuple[str, bool]] = {
     "ServiceAccount": ("serviceaccounts", True),
     "Role": ("roles", True),
     "RoleBinding": ("rolebindings", True),
+    "ClusterKopfPeering": ("clusterkopfpeerings", False),
+    "KopfPeering": ("kopfpeerings", True),
 }
 
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -143,7 +145,9 @@ class KubeClient:
         path = object_path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
         if subresource:
             path += f"/{subresource}"
-        params = {"fieldManager": field_manager, "force": "true" if force else "false"}
+        # NOTE: Strict: a field the API server does not know (a typo in spec.podTemplate or spec.affinity, which
+        # pass through) fails the apply, and the failure reaches the status, instead of being dropped.
+        params = {"fieldManager": field_manager, "force": "true" if force else "false", "fieldValidation": "Strict"}
         return await self.request("PATCH", path, body=obj, params=params,
                                   content_type="application/apply-patch+yaml")
 

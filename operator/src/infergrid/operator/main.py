@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import logging
 import os
@@ -15,6 +16,7 @@ from prometheus_client import start_http_server
 
 from infergrid.operator.config import OperatorConfig
 from infergrid.operator.kube import KubeClient
+from infergrid.operator.preflight import check_cluster
 from infergrid.operator.runtime import Runtime
 
 DEFAULT_PEERING = "infergrid"
@@ -64,12 +66,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker_image:
         config = dataclasses.replace(config, worker_image=args.worker_image)
 
+    peering = None if args.standalone else args.peering
+    problems = asyncio.run(check_cluster(args.kubeconfig, peering=peering, namespaces=args.namespace))
+    if problems:
+        for problem in problems:
+            print(f"infergrid-operator: {problem}", file=sys.stderr)
+        return 2
+
     import infergrid.operator.handlers  # noqa: F401  (registers the handlers)
 
     kopf.configure(verbose=args.verbose, quiet=args.quiet, log_format=kopf.LogFormat[args.log_format.upper()])
     if not args.verbose:
         # kopf logs every handled watch event at INFO ("Handler 'track_pod' succeeded."): too much per pod.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    if peering is None:
+        logging.getLogger(__name__).warning("running standalone (--standalone): start only one replica")
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.bind)
     runtime = Runtime(api=KubeClient.from_environment(args.kubeconfig), config=config,
@@ -81,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         standalone=args.standalone,
-        peering_name=None if args.standalone else args.peering,
+        peering_name=peering,
         priority=args.priority,
         liveness_endpoint=liveness,
         memo=kopf.Memo(runtime=runtime),

@@ -174,7 +174,7 @@ def main() -> int:
             cli.down()
             say("torn down")
     if ok and not once:
-        say(f"still running. Try: kubectl --kubeconfig {bed.kubeconfig} get inferenceservices,pods -A")
+        say(f"still running. Try: kubectl --kubeconfig {bed.kubeconfig} get inferenceservices.infergrid.dev,pods -A")
         say(f"  python -m infergrid.testbed.cli nsexec -- curl http://{address}/v1/models ; make testbed-down")
     return 0 if ok else 1
 
