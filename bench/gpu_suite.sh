@@ -2,7 +2,7 @@
 # Every GPU check and benchmark in one call, for a lent GPU machine (see bench/README.md):
 #   bash bench/gpu_suite.sh [OUT_DIR] [PART]   (2+ GPUs: also the tensor-parallel tests and bench)
 # PART: all (default) | single (one-GPU tests and benches) | tp (tensor-parallel tests and bench) |
-# roofline (engine tests, bench_offline vs transformers, the prefix cache, bench_serving at three rates),
+# roofline (engine tests, bench_offline vs transformers, the prefix cache, bench_serving at three rates, a batch-1 trace),
 # so that each set fits in a call of at most 10 minutes.
 # The machine needs python3 with torch + transformers; `make gpu-wheels` puts pytest etc. in build/gpu-wheels
 # (installed into /tmp/site). Each step has its own time limit so one hang cannot eat the session;
@@ -33,6 +33,7 @@ if [ "$part" = roofline ]; then
   step prefix_cache 170 python3 bench/bench_prefix_cache.py --repeats 3 --out "$out/prefix_cache.json"
   step serving 200 python3 bench/bench_serving.py --launch-shape 1b --request-rate 10 40 inf --repeats 2 \
     --num-prompts 256 --input-len 512 --output-len 128 --worker-log "$out/serving_worker.log" --out "$out/serving.json"
+  step trace_b1 100 python3 bench/trace_spec_step.py --out-dir "$out" --tokens 128 -- --modes off --batch-sizes 1
   exit 0
 fi
 if [ "$part" != tp ]; then
