@@ -38,6 +38,8 @@ from infergrid.worker.engine.request import Request, RequestStatus
 
 # Input token of a position whose token the previous step is still sampling (async scheduling).
 PLACEHOLDER_TOKEN_ID = -1
+# Waiting requests looked at for prefix-cache hits each step (Scheduler._admit_cache_hits).
+HIT_SCAN_LIMIT = 256
 # A draft the draft model proposed and left on the device: the model runner fills it in there.
 DRAFT_PLACEHOLDER_ID = -2
 
@@ -237,9 +239,10 @@ class Scheduler:
         cached: at least half their prompt is a prefix-cache hit and the rest fits in this step's
         budget whole, so they sample this step. A hit costs a step little (its uncached tail), while
         the unique prompts ahead of it would hold it back for whole prefills; the requests it passes
-        wait for those few tokens only. Returns the budget left."""
+        wait for those few tokens only. Looks at the first HIT_SCAN_LIMIT waiting requests (a lookup
+        each, every step, while they wait). Returns the budget left."""
         head_priority = self.waiting[0].priority
-        for request in list(self.waiting):
+        for request in self.waiting[:HIT_SCAN_LIMIT]:
             if budget <= 0 or len(self.running) >= self.max_num_seqs or request.priority != head_priority:
                 break
             hit_blocks, num_hit = self.kv_cache_manager.get_computed_blocks(request)
