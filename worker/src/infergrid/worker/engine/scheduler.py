@@ -14,7 +14,6 @@ SchedulerOutput into inputs and reports sampled token ids back through `update_f
                         (prefix-cache hits are not held back behind unique prefills), then in order:
                         prefix-cache lookup -> allocate -> RUNNING; stop at the first that does not fit
                  then advance every scheduled request's num_computed_tokens (its KV is on its way)
-                        and cache its full blocks of known tokens (later steps may hit them)
     update_from_output(): append sampled tokens (rewind rejected drafts), check stop/length,
                  cache newly full blocks, free finished requests
 
@@ -231,10 +230,6 @@ class Scheduler:
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         for sched in out.scheduled:  # their KV is written by this step (rejected drafts are rewound later)
             sched.request.num_computed_tokens += sched.num_new_tokens
-            # Full blocks of known tokens are cached now, not when the step's result comes back: a
-            # request admitted by a later step reads them after this step wrote them (one stream, in
-            # order), so with async scheduling a shared prefix is hit one step sooner.
-            self.kv_cache_manager.cache_computed_blocks(sched.request)
             if pipelined and sched.needs_sample:
                 sched.request.num_output_placeholders += 1
         return out
