@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call, for a lent GPU machine (see bench/README.md):
 #   bash bench/gpu_suite.sh [OUT_DIR] [PART]   (2+ GPUs: also the tensor-parallel tests and bench)
-# PART: all (default) | single (one-GPU tests and benches) | tp (tensor-parallel tests and bench), so
-# that the whole set fits in calls of at most 10 minutes.
+# PART: all (default) | single (one-GPU tests and benches) | tp (tensor-parallel tests and bench) |
+# roofline (engine tests, bench_offline vs transformers, the prefix cache, bench_serving at three rates, a batch-1 trace) |
+# serving (the same without bench_offline and the trace),
+# so that each set fits in a call of at most 10 minutes.
 # The machine needs python3 with torch + transformers; `make gpu-wheels` puts pytest etc. in build/gpu-wheels
 # (installed into /tmp/site). Each step has its own time limit so one hang cannot eat the session;
 # logs, JSON results and profiles land in OUT_DIR (default $OUT, else /tmp/infergrid-gpu).
@@ -24,6 +26,17 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the log, print 
   echo "   exit $? (log: $out/$name.log)"
   grep -E "^\||passed|failed|->|TP=|^E " "$out/$name.log" | grep -v collective | tail -30
 }
+export INFERGRID_COMMIT=${INFERGRID_COMMIT:-$(git rev-parse HEAD 2>/dev/null || cat COMMIT 2>/dev/null || echo unknown)}
+if [ "$part" = roofline ] || [ "$part" = serving ]; then
+  step gpu_tests 200 python3 -m pytest -p no:cacheprovider -m gpu tests/worker/test_gpu_engine.py \
+    tests/worker/test_host_staging.py -q --timeout 120
+  [ "$part" = roofline ] && step offline 240 python3 bench/bench_offline.py --out "$out/offline.json"
+  step prefix_cache 170 python3 bench/bench_prefix_cache.py --repeats 3 --out "$out/prefix_cache.json"
+  step serving 200 python3 bench/bench_serving.py --launch-shape 1b --request-rate 10 40 inf --repeats 2 \
+    --num-prompts 256 --input-len 512 --output-len 128 --worker-log "$out/serving_worker.log" --out "$out/serving.json"
+  [ "$part" = roofline ] && step trace_b1 100 python3 bench/trace_spec_step.py --out-dir "$out" --tokens 128 -- --modes off --batch-sizes 1
+  exit 0
+fi
 if [ "$part" != tp ]; then
   step gpu_tests 300 python3 -m pytest -p no:cacheprovider -m gpu tests/worker/test_gpu_engine.py \
     tests/worker/test_spec_decode_gpu.py tests/worker/test_host_staging.py -q --timeout 150

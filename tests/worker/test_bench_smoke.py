@@ -18,7 +18,7 @@ def test_prefix_cache_bench_runs_on_cpu(tmp_path):
                PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("common/src", "worker/src", "operator/src", "testbed/src")))
     cmd = [sys.executable, "bench/bench_prefix_cache.py", "--shape", "tiny", "--num-requests", "16",
            "--prefix-len", "64", "--max-tokens", "8", "--out", str(out),
-           "--max-num-batched-tokens", "128"]  # several admission steps, so later requests hit the prefix
+           "--max-num-batched-tokens", "128", "--repeats", "1"]  # several admission steps: later requests hit
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - start
@@ -37,6 +37,43 @@ def test_prefix_cache_bench_runs_on_cpu(tmp_path):
     assert 0 < on["hit_rate"] < 1 and on["prefix_cache_hits"] % 16 == 0
     assert on["cached_tokens_reported"] == on["prefix_cache_hits"]
     assert report["ttft_p50_speedup"] == off["ttft_p50_s"] / on["ttft_p50_s"]
+    assert [len(report["runs"][m]) for m in ("off", "on")] == [1, 1]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
+                PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("worker/src", "operator/src", "testbed/src")))
+
+
+def test_offline_bench_runs_on_cpu(tmp_path):
+    """bench/bench_offline.py: ours and transformers on the same tiny workloads, the floor columns."""
+    out = tmp_path / "offline.json"
+    proc = subprocess.run([sys.executable, "bench/bench_offline.py", "--smoke", "--out", str(out)], cwd=REPO,
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {r["workload"]: r for r in report["rows"]}
+    assert set(rows) == {"mixed256", "b64", "b1"} and report["commit"] and report["command"]
+    mixed = rows["mixed256"]
+    assert mixed["ours_output_tokens"] == [8 * 8] * 2  # 8 requests x 8 tokens, 2 repeats, EOS ignored
+    assert mixed["transformers_output_tokens"] == [8 * 8] and mixed["ratio_to_transformers"] > 0
+    assert mixed["greedy_agreement"]["identical_share"] >= 0.75  # float32 on a CPU: the same greedy text
+    assert rows["b1"]["ours_output_tokens"] == [8, 8] and "fraction_of_roofline" in rows["b1"]
+
+
+def test_serving_bench_runs_against_a_worker_on_cpu(tmp_path):
+    """bench/bench_serving.py starts a tiny worker, sends Poisson and all-at-once load, 0 failures."""
+    out = tmp_path / "serving.json"
+    proc = subprocess.run([sys.executable, "bench/bench_serving.py", "--smoke", "--out", str(out),
+                           "--worker-log", str(tmp_path / "worker.log")], cwd=REPO, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Time to First Token" in proc.stdout and "| inf |" in proc.stdout
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["request_rate"] for r in runs] == [4.0, "inf"]
+    for r in runs:
+        assert (r["completed"], r["failed"], r["total_output_tokens"]) == (6, 0, 6 * 8)
+        assert 0 < r["median_ttft_ms"] <= r["p99_ttft_ms"] <= r["p99_e2el_ms"] and r["median_tpot_ms"] > 0
 
 
 def test_gemv_shapes_bench_runs_on_cpu():

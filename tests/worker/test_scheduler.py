@@ -429,6 +429,37 @@ def test_prefix_hit_skips_cached_tokens_and_counts_them():
     assert (stats.prefix_cache_queries_total, stats.prefix_cache_hits_total) == (20, 8)
 
 
+def _cache_prompt(sched: Scheduler, first_token: int = 100, num_prompt: int = 10) -> None:
+    """Run one request of `num_prompt` tokens to completion so that its full blocks are cached."""
+    sched.add_request(make_request("seed", num_prompt=num_prompt, first_token=first_token, max_tokens=1))
+    step(sched)
+    step(sched)  # (the finished request's placeholder step)
+    assert not sched.running and sched.kv_cache_manager.pool.cached_blocks
+
+
+def test_prefix_hit_is_admitted_ahead_of_a_unique_prefill():
+    sched = make_scheduler(max_num_batched_tokens=12)
+    _cache_prompt(sched)
+    sched.add_request(make_request("unique", num_prompt=12, arrival=1.0))
+    sched.add_request(make_request("hit", num_prompt=10, first_token=100, arrival=2.0))
+    # The hit's 2 uncached tokens go first and it samples now; the unique prompt takes the rest.
+    assert plan(sched.schedule()) == [("hit", 2), ("unique", 10)]
+
+
+def test_hits_do_not_jump_a_higher_priority_or_take_a_mostly_uncached_prompt_ahead():
+    sched = make_scheduler(max_num_batched_tokens=12)
+    _cache_prompt(sched)
+    sched.add_request(make_request("urgent", num_prompt=12, priority=0, arrival=1.0))
+    sched.add_request(make_request("hit", num_prompt=10, first_token=100, priority=1, arrival=2.0))
+    assert plan(sched.schedule()) == [("urgent", 12)]
+    sched = make_scheduler(max_num_batched_tokens=12)
+    _cache_prompt(sched)
+    sched.add_request(make_request("unique", num_prompt=12, arrival=1.0))
+    longer = list(range(100, 108)) + list(range(5000, 5012))  # 8 cached tokens, 12 uncached
+    sched.add_request(Request("partial", longer, SamplingParams(max_tokens=8), arrival_time=2.0))
+    assert plan(sched.schedule()) == [("unique", 12)]
+
+
 def test_no_prefix_hits_when_disabled():
     sched = make_scheduler(enable_prefix_caching=False)
     sched.add_request(make_request("a", num_prompt=10, first_token=100))

@@ -10,6 +10,8 @@ SchedulerOutput into inputs and reports sampled token ids back through `update_f
                  RUNNING (priority order): allocate slots; if the pool is full preempt the least
                         urgent running request (free its blocks, recompute later) and retry
                  WAITING (priority, deadline, arrival order), unless something was preempted:
+                        first the mostly-cached requests of the head's priority whose rest fits
+                        (prefix-cache hits are not held back behind unique prefills), then in order:
                         prefix-cache lookup -> allocate -> RUNNING; stop at the first that does not fit
                  then advance every scheduled request's num_computed_tokens (its KV is on its way)
     update_from_output(): append sampled tokens (rewind rejected drafts), check stop/length,
@@ -36,6 +38,8 @@ from infergrid.worker.engine.request import Request, RequestStatus
 
 # Input token of a position whose token the previous step is still sampling (async scheduling).
 PLACEHOLDER_TOKEN_ID = -1
+# Waiting requests looked at for prefix-cache hits each step (Scheduler._admit_cache_hits).
+HIT_SCAN_LIMIT = 256
 # A draft the draft model proposed and left on the device: the model runner fills it in there.
 DRAFT_PLACEHOLDER_ID = -2
 
@@ -213,20 +217,14 @@ class Scheduler:
                 i += 1
 
         can_admit = not out.preempted_req_ids  # admitting now would only thrash
+        if can_admit and self.waiting and self.kv_cache_manager.enable_prefix_caching:
+            budget = self._admit_cache_hits(out, budget)
         while can_admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             hit_blocks, num_hit = self.kv_cache_manager.get_computed_blocks(request)
             num_new = min(request.num_tokens + request.num_output_placeholders - num_hit, budget)
-            if self.kv_cache_manager.allocate_slots(request, num_new, hit_blocks) is None:
+            if not self._admit(out, request, hit_blocks, num_hit, num_new):
                 break  # strict order: nothing behind the head jumps the queue
-            self.waiting.pop(0)
-            self.kv_cache_manager.record_prefix_lookup(request.num_tokens, num_hit)
-            request.num_computed_tokens = num_hit
-            if request.num_preemptions == 0:
-                request.num_cached_tokens = num_hit
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            out.scheduled.append(self._make_scheduled(request, num_new))
             budget -= num_new
 
         out.num_batched_tokens = self.max_num_batched_tokens - budget
@@ -235,6 +233,40 @@ class Scheduler:
             if pipelined and sched.needs_sample:
                 sched.request.num_output_placeholders += 1
         return out
+
+    def _admit_cache_hits(self, out: SchedulerOutput, budget: int) -> int:
+        """Admit, ahead of the queue, the waiting requests of the head's priority that are mostly
+        cached: at least half their prompt is a prefix-cache hit and the rest fits in this step's
+        budget whole, so they sample this step. A hit costs a step little (its uncached tail), while
+        the unique prompts ahead of it would hold it back for whole prefills; the requests it passes
+        wait for those few tokens only. Looks at the first HIT_SCAN_LIMIT waiting requests (a lookup
+        each, every step, while they wait). Returns the budget left."""
+        head_priority = self.waiting[0].priority
+        for request in self.waiting[:HIT_SCAN_LIMIT]:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs or request.priority != head_priority:
+                break
+            hit_blocks, num_hit = self.kv_cache_manager.get_computed_blocks(request)
+            num_new = request.num_tokens + request.num_output_placeholders - num_hit
+            if num_hit == 0 or num_hit < num_new or num_new > budget:
+                continue
+            if not self._admit(out, request, hit_blocks, num_hit, num_new):
+                break  # the pool is full: the strict pass below will not admit either
+            budget -= num_new
+        return budget
+
+    def _admit(self, out: SchedulerOutput, request: Request, hit_blocks: list, num_hit: int, num_new: int) -> bool:
+        """Move a waiting request to running with `num_new` tokens this step; False if the pool is full."""
+        if self.kv_cache_manager.allocate_slots(request, num_new, hit_blocks) is None:
+            return False
+        self.waiting.remove(request)
+        self.kv_cache_manager.record_prefix_lookup(request.num_tokens, num_hit)
+        request.num_computed_tokens = num_hit
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = num_hit
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        out.scheduled.append(self._make_scheduled(request, num_new))
+        return True
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         num_new = request.num_tokens_with_spec + request.num_output_placeholders - request.num_computed_tokens
