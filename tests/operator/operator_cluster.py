@@ -189,8 +189,8 @@ def children(cp: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]
 
 
 def worker_pods(cp: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
-    listing = cp.client.get(f"/api/v1/namespaces/{namespace}/pods",
-                            labelSelector=f"infergrid.dev/inferenceservice={name}")
+    listing = cp.client.get(f"/api/v1/namespaces/{namespace}/pods",  # not the router's pods
+                            labelSelector=f"infergrid.dev/inferenceservice={name},app.kubernetes.io/component=worker")
     return [p for p in (listing or {}).get("items", []) if not p["metadata"].get("deletionTimestamp")]
 
 
