@@ -9,8 +9,9 @@ every panel is a `timeseries`, `stat` or `table` over the Prometheus datasource 
 `namespace`, `service` (the InferenceService) and `pod` through the PodMonitor's relabelings; the
 operator's per-service series carry `namespace` and `service` themselves (scraped with honor_labels).
 
-Which dashboards the live test checks panel by panel is `LIVE_DASHBOARDS` in
-tests/observability/dashboard_queries.py.
+e2e/test_observability.py checks every panel of every dashboard against a live Prometheus
+(`LIVE_DASHBOARDS`); tests/observability/test_dashboards.py checks that each queried metric is one the
+worker's, operator's or router's registry exports.
 """
 
 from __future__ import annotations

@@ -30,15 +30,6 @@ FILES = sorted(DASHBOARDS_DIR.glob("*.json"))
 PANEL_TYPES = {"row", "timeseries", "stat", "table"}
 UNITS = {"short", "s", "ms", "percentunit", "reqps", "ops", "bytes", "none"}
 BUILTIN_VARIABLES = {"__rate_interval", "__interval", "__range"}
-# The router's and autoscaler's metrics, by the shared contract (COMMON.md): built in parallel, not in
-# this branch. NOTE: replace this list by their real registries once infergrid.router and the
-# autoscaler land, as the worker's and operator's below are read from their code.
-CONTRACT_METRICS = {
-    "infergrid:router_requests_total", "infergrid:router_held_requests", "infergrid:router_ready_workers",
-    "infergrid:router_ejections_total", "infergrid:router_retries_total",
-    "infergrid:router_upstream_latency_seconds_bucket", "infergrid:autoscaler_desired_replicas",
-    "infergrid:autoscaler_decisions_total", "infergrid:health_pod_restarts_total",
-}
 METRIC = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{")  # any selector with matchers
 NAMESPACED = re.compile(r"\b((?:vllm|infergrid):[a-zA-Z0-9_:]+|infergrid_operator_[a-zA-Z0-9_]+)")  # ours, bare too
 
@@ -74,18 +65,33 @@ def operator_metric_names() -> set[str]:
     from prometheus_client import REGISTRY
 
     from infergrid.operator import metrics
+    from infergrid.operator.autoscaler.health import HEALTH_REASONS
 
     metrics.set_service_gauges("ns", "svc", desired=1, ready=1, ttft_slo_seconds=1.0)
     metrics.EVENTS_POSTED.labels("Normal", "Ready")
+    metrics.watch_health("ns", "svc", HEALTH_REASONS)  # the autoscaler's and health monitor's families
+    metrics.AUTOSCALER_DESIRED.labels("ns", "svc").set(1)
+    metrics.AUTOSCALER_DECISIONS.labels("ns", "svc", "hold", "steady").inc()
     try:
         return sample_names(generate_latest(REGISTRY).decode())
     finally:
         metrics.forget_service("ns", "svc")
 
 
+def router_metric_names() -> set[str]:
+    """Every sample name of a router's registry, with one worker admitted and one request counted."""
+    from infergrid.router.metrics import RouterMetrics
+
+    metrics = RouterMetrics("prefix-aware")
+    metrics.add_worker("10.0.0.1:8000")
+    metrics.count_request("10.0.0.1:8000", "ok")
+    metrics.upstream_latency.observe(0.01)
+    return sample_names(metrics.render().decode())
+
+
 @pytest.fixture(scope="module")
 def exported() -> set[str]:
-    return worker_metric_names() | operator_metric_names() | CONTRACT_METRICS | {"up"}
+    return worker_metric_names() | operator_metric_names() | router_metric_names() | {"up"}
 
 
 def test_committed_dashboards_are_what_the_generator_makes(tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ import sys
 from collections.abc import Sequence
 
 import kopf
-from prometheus_client import start_http_server
 
+from infergrid.operator import metrics
 from infergrid.operator.config import OperatorConfig
 from infergrid.operator.kube import KubeClient
 from infergrid.operator.preflight import check_cluster
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if peering is None:
         logging.getLogger(__name__).warning("running standalone (--standalone): start only one replica")
     if args.metrics_port:
-        start_http_server(args.metrics_port, addr=args.bind)
+        metrics.serve(args.metrics_port, addr=args.bind)
     runtime = Runtime(api=KubeClient.from_environment(args.kubeconfig), config=config,
                       peering_lifetime=args.peering_lifetime,
                       peering=None if args.standalone else args.peering, priority=args.priority,

@@ -1,6 +1,13 @@
-"""The operator's own Prometheus metrics (served on --metrics-port)."""
+"""The operator's own Prometheus metrics (served on --metrics-port by `serve`)."""
 
-from prometheus_client import Counter, Gauge, Histogram
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 RECONCILES = Counter("infergrid_operator_reconciles_total", "Reconciles of InferenceServices", ["result"])
 RECONCILE_SECONDS = Histogram("infergrid_operator_reconcile_duration_seconds", "Time to apply all children",
@@ -43,7 +50,7 @@ def forget_service(namespace: str, service: str) -> None:
     """Drop the series of a deleted InferenceService."""
     for gauge in (SERVICE_DESIRED_REPLICAS, SERVICE_READY_REPLICAS, SERVICE_TTFT_SLO):
         _remove(gauge, namespace, service)
-    forget_autoscaling(namespace, service)
+    forget_monitoring(namespace, service)
 
 
 def _remove(gauge: Gauge, *labels: str) -> None:
@@ -63,8 +70,58 @@ HEALTH_POD_RESTARTS = Counter("infergrid:health_pod_restarts_total",
                               ["namespace", "service", "reason"])
 
 
+def watch_health(namespace: str, service: str, reasons: tuple[str, ...]) -> None:
+    """The health monitor looks after a service: its restart series start at 0 for every reason, so the
+    first restart is an increase (a series that first appears at 1 is invisible to increase())."""
+    for reason in reasons:
+        HEALTH_POD_RESTARTS.labels(namespace, service, reason)
+
+
+def watch_autoscaling(namespace: str, service: str, outcomes: tuple[tuple[str, str], ...]) -> None:
+    """The autoscaler decides for a service: its decision series start at 0 for every (direction, reason)."""
+    for direction, reason in outcomes:
+        AUTOSCALER_DECISIONS.labels(namespace, service, direction, reason)
+
+
 def forget_autoscaling(namespace: str, service: str) -> None:
-    """Drop the autoscaler's and health monitor's series of a deleted (or no longer autoscaled) service."""
-    for family in (AUTOSCALER_DESIRED, AUTOSCALER_DECISIONS, HEALTH_POD_RESTARTS):
+    """Drop the autoscaler's series of a service no longer autoscaled (the health monitor's stay)."""
+    _remove_service(namespace, service, (AUTOSCALER_DESIRED, AUTOSCALER_DECISIONS))
+
+
+def forget_monitoring(namespace: str, service: str) -> None:
+    """Drop the autoscaler's and health monitor's series of a deleted service."""
+    _remove_service(namespace, service, (AUTOSCALER_DESIRED, AUTOSCALER_DECISIONS, HEALTH_POD_RESTARTS))
+
+
+def _remove_service(namespace: str, service: str, families: tuple[Gauge | Counter, ...]) -> None:
+    for family in families:
         for labels in [labels for labels in list(family._metrics) if labels[:2] == (namespace, service)]:
             family.remove(*labels)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass  # one line per scrape is noise
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> ThreadingWSGIServer:
+    """Serve the registry on http://addr:port/metrics from a daemon thread, always in Prometheus' text
+    format (as the worker and the router serve theirs), whatever the scraper's Accept header asks.
+
+    NOTE: prometheus-client 0.26's OpenMetrics exposition, which Prometheus negotiates by default, writes
+    sample names with ':' turned into '_' (infergrid:autoscaler_decisions_total arrives as
+    infergrid_autoscaler_decisions_total), so the dashboards and alerts would find nothing; the text
+    format keeps names as registered.
+    """
+    app = make_wsgi_app(REGISTRY)
+
+    def text_format(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        environ.pop("HTTP_ACCEPT", None)
+        return app(environ, start_response)
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
+
+    httpd = make_server(addr, port, text_format, Server, handler_class=_QuietHandler)
+    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
+    return httpd

@@ -47,13 +47,18 @@ class Router:
         self.scraper = Scraper(self.pool, config.probe_interval, config.probe_timeout)
         self.retry_budget = RetryBudget(config.retry_budget_ratio)
         self.is_synced = False  # discovery's first view arrived (/ready)
-        self.pool.on_member_added = self.scraper.start
+        self.pool.on_member_added = self._on_member_added
+        self.pool.on_member_removed = lambda w: self.metrics.remove_worker(w.name)
         self.pool.on_eject = lambda w, f: self.metrics.ejections.labels(w.name, f.value).inc()
         self.pool.add_listener(self._on_pool_change)
         self._needs_body_key = config.policy == "prefix-aware"
         self._session_header = config.session_header if config.policy == "session-affinity" else None
         self._request_ids = iter(request_ids())
         self._own = {"/health": self.health, "/ready": self.ready, "/metrics": self.render_metrics}
+
+    def _on_member_added(self, worker: Worker) -> None:
+        self.metrics.add_worker(worker.name)
+        self.scraper.start(worker)
 
     def _on_pool_change(self) -> None:
         self.metrics.ready_workers.set(len(self.pool.ready))

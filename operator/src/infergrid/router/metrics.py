@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from infergrid.router.health import Failure
+
 
 class RouterMetrics:
     """One registry per router (tests run several in one process). Labelled children are cached: the
@@ -31,6 +33,24 @@ class RouterMetrics:
         if child is None:
             child = self._request_children[(worker, outcome)] = self.requests.labels(worker, self.policy, outcome)
         child.inc()
+
+    def add_worker(self, worker: str) -> None:
+        """A worker joined the pool: its ejection series start at 0 for every reason, so that its first
+        ejection is an increase (a series that first appears at 1 is invisible to rate() and increase(),
+        and so to the InferGridRouterEjecting alert)."""
+        for failure in Failure:
+            self.ejections.labels(worker, failure.value)
+
+    def remove_worker(self, worker: str) -> None:
+        """A worker left the pool: drop its series (pods come and go; their IPs must not pile up)."""
+        for failure in Failure:
+            try:
+                self.ejections.remove(worker, failure.value)
+            except KeyError:
+                pass
+        for key in [k for k in self._request_children if k[0] == worker]:
+            del self._request_children[key]
+            self.requests.remove(worker, self.policy, key[1])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -40,6 +40,7 @@ class WorkerPool:
         self.ready: list[Worker] = []
         self._listeners: list[Callable[[], None]] = []
         self.on_member_added: Callable[[Worker], None] | None = None
+        self.on_member_removed: Callable[[Worker], None] | None = None
         self.on_eject: Callable[[Worker, Failure], None] | None = None
 
     def add_listener(self, listener: Callable[[], None]) -> None:
@@ -51,7 +52,9 @@ class WorkerPool:
         for name in list(self.workers):
             if name not in wanted:
                 log.info("worker %s removed", name)
-                del self.workers[name]
+                worker = self.workers.pop(name)
+                if self.on_member_removed is not None:
+                    self.on_member_removed(worker)
         for name in sorted(wanted - self.workers.keys()):
             log.info("worker %s discovered", name)
             worker = self.workers[name] = Worker(name)

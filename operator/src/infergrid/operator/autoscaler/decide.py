@@ -29,6 +29,11 @@ TTFT_WINDOW_SECONDS = 30.0
 TTFT_HOLD_FRACTION = 0.5
 
 UP, DOWN, HOLD = "up", "down", "hold"
+# Every (direction, reason) a Decision can carry: the labels of infergrid:autoscaler_decisions_total,
+# whose series start at 0 for an autoscaled service (so that the first scale-up is an increase()).
+OUTCOMES = ((UP, "bounds"), (UP, "queue"), (UP, "kv"), (UP, "ttft"), (UP, "traffic"), (UP, "wake"),
+            (DOWN, "bounds"), (DOWN, "idle"), (DOWN, "low-load"),
+            (HOLD, "steady"), (HOLD, "metrics-missing"), (HOLD, "starting"), (HOLD, "stabilizing"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +76,10 @@ class Decision:
     direction: str  # up | down | hold
     reason: str  # a short label (metrics, condition reasons): queue, kv, ttft, traffic, wake, idle, ...
     message: str
+
+    def __post_init__(self) -> None:
+        if (self.direction, self.reason) not in OUTCOMES:
+            raise ValueError(f"decision {self.direction}/{self.reason} is not in OUTCOMES (the metric's labels)")
 
     @property
     def is_change(self) -> bool:

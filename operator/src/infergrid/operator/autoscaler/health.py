@@ -28,6 +28,7 @@ MAX_BACKOFF_SECONDS = 600.0
 
 UNRESPONSIVE, STALLED, CRASH_LOOPING, READINESS_FAILING = "Unresponsive", "Stalled", "CrashLooping", \
     "ReadinessFailing"
+HEALTH_REASONS = (UNRESPONSIVE, STALLED, CRASH_LOOPING, READINESS_FAILING)  # the restarts counter's `reason`
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,7 @@ from infergrid.operator import constants as c
 from infergrid.operator import metrics
 from infergrid.operator.autoscaler.decide import (
     HOLD,
+    OUTCOMES,
     TTFT_WINDOW_SECONDS,
     Decision,
     ScaleInputs,
@@ -36,6 +37,7 @@ from infergrid.operator.autoscaler.decide import (
     decide,
 )
 from infergrid.operator.autoscaler.health import (
+    HEALTH_REASONS,
     HealthAction,
     PodHealth,
     backoff_seconds,
@@ -82,6 +84,7 @@ class ServiceTrack:
     seen_replicas: int | None = None
     history: collections.deque[tuple[float, int]] = dataclasses.field(default_factory=collections.deque)
     echo: tuple[int, float] | None = None  # (replicas written, until when to wait for the watch to show it)
+    is_autoscaled: bool = False  # its decision series exist
     scaling: dict[str, str] | None = None  # the Scaling condition: status, reason, message
     last_scale: tuple[str, str] | None = None
     last_wake: str | None = None
@@ -149,7 +152,7 @@ class Monitor:
         self.services.pop(key, None)
         for pod_key in [k for k in self.pods if k[0] == key]:
             del self.pods[pod_key]
-        metrics.forget_autoscaling(*key)
+        metrics.forget_monitoring(*key)
 
     # ------------------------------------------------------------------ one tick
 
@@ -274,10 +277,13 @@ class Monitor:
             return
         track = self._track(key, now)
         if spec.autoscaling is None:
-            if track.scaling is not None:
-                track.scaling = None
+            if track.scaling is not None or track.is_autoscaled:
+                track.scaling, track.is_autoscaled = None, False
                 metrics.forget_autoscaling(*key)
             return
+        if not track.is_autoscaled:
+            track.is_autoscaled = True
+            metrics.watch_autoscaling(*key, OUTCOMES)
         # spec.replicas as written (a value outside the bounds gets rewritten), else what the workers run.
         current = spec.replicas if spec.replicas is not None else desired_replicas(spec, self.cache.current_replicas(key))
         if track.echo is not None:
@@ -386,6 +392,7 @@ class Monitor:
     def _track(self, key: Key, now: float) -> ServiceTrack:
         if key not in self.services:
             self.services[key] = ServiceTrack(observed_since=now)
+            metrics.watch_health(*key, HEALTH_REASONS)
         return self.services[key]
 
     async def _event(self, key: Key, kind: str, reason: str, message: str) -> None:
