@@ -14,7 +14,6 @@ import importlib.util
 import json
 import math
 import os
-import secrets
 import signal
 import sys
 import threading
@@ -32,8 +31,7 @@ from isvc_support import REPO, OperatorProcess, condition, get_isvc, ready_pods,
 from infergrid.testbed.controlplane import ControlPlane
 from infergrid.testbed.demo import manifest
 from infergrid.testbed.kubeapi import KubeClient
-from infergrid.testbed.netns import in_pod_netns
-from infergrid.testbed.podrunner import Backoff, PodRunner
+from infergrid.testbed.podrunner import PodRunner
 from infergrid.testbed.procs import free_port
 from infergrid.testbed.prometheus import (
     PodDiscovery,
@@ -87,32 +85,6 @@ class Observed:
     num_ok: int
     ejecting_alert: dict[str, Any]
     ejected_after: float  # seconds from the SIGSTOP to the alert
-
-
-@pytest.fixture(scope="module")
-def namespace(isvc_crds: ControlPlane) -> Iterator[str]:
-    name = f"observe-{secrets.token_hex(3)}"
-    client = isvc_crds.client
-    client.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    wait_for(lambda: client.get(f"/api/v1/namespaces/{name}/serviceaccounts/default", ok_missing=True), 30,
-             f"ServiceAccount {name}/default")
-    try:
-        yield name
-    finally:
-        client.delete(f"/api/v1/namespaces/{name}")
-
-
-@pytest.fixture(scope="module")
-def runner(isvc_crds: ControlPlane, namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodRunner]:
-    if not in_pod_netns():
-        pytest.fail("run inside the pod netns: python -m infergrid.testbed.cli exec -- python -m pytest e2e",
-                    pytrace=False)
-    pods = PodRunner(isvc_crds.kubeconfig, workdir=tmp_path_factory.mktemp("pods"), namespace=namespace,
-                     backoff=Backoff(first=0.5, cap=5.0), probe_period_cap=1.0).start()
-    try:
-        yield pods
-    finally:
-        pods.stop()
 
 
 def start_prometheus(cp: ControlPlane, namespace: str, operator_port: int,

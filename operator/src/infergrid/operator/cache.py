@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from infergrid.operator import constants as c
+from infergrid.operator.spec import ServiceSpec
 from infergrid.operator.status import DeploymentSummary, PodSummary
 
 Key = tuple[str, str]  # (namespace, InferenceService name)
@@ -86,6 +87,17 @@ class ServiceCache:
             routers[meta["name"]] = status["podIP"]
         if not routers:
             self.router_ips.pop(key, None)
+
+    def live_spec(self, key: Key) -> ServiceSpec | None:
+        """The parsed spec of a service that exists and is not being deleted (None otherwise, or when its
+        spec does not parse: the reconcile reports that)."""
+        body = self.services.get(key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        try:
+            return ServiceSpec.from_body(body)
+        except (KeyError, ValueError):
+            return None
 
     def current_replicas(self, key: Key) -> int | None:
         deploy = self.deployments.get(key)

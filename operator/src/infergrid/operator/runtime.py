@@ -197,13 +197,10 @@ class Runtime:
         return self._hashes[cache_key]
 
     async def _refresh(self, key: Key) -> None:
-        body = self.cache.services.get(key)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return
-        try:
-            spec = ServiceSpec.from_body(body)
-        except (KeyError, ValueError):
-            return  # the reconcile handler reports unparseable specs
+        spec = self.cache.live_spec(key)
+        if spec is None:
+            return  # gone, being deleted, or unparseable (the reconcile handler reports that)
+        body = self.cache.services[key]
         deploy = self.cache.deployments.get(key)
         worker_hash, router_hash = self._desired_hashes(spec)
         track = self.monitor.services.get(key)

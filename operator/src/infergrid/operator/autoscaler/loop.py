@@ -268,13 +268,10 @@ class Monitor:
     # ------------------------------------------------------------------ autoscaling
 
     async def _autoscale(self, key: Key, now: float) -> None:
-        body = self.cache.services.get(key)
-        if body is None or body["metadata"].get("deletionTimestamp"):
+        spec = self.cache.live_spec(key)
+        if spec is None:
             return
-        try:
-            spec = ServiceSpec.from_body(body)
-        except (KeyError, ValueError):
-            return
+        body = self.cache.services[key]
         track = self._track(key, now)
         if spec.autoscaling is None:
             if track.scaling is not None or track.is_autoscaled:
