@@ -182,6 +182,11 @@ CHILD_LISTS = {
 }
 
 
+#: Children of one InferenceService without a PodMonitor: worker Deployment, headless and client Services,
+#: PDB, worker NetworkPolicy; router Deployment, NetworkPolicy, ServiceAccount, Role, RoleBinding.
+NUM_CHILDREN = 10
+
+
 def children(cp: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
     """Every object labelled as a child of the InferenceService `name`."""
     found = []

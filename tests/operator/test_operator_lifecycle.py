@@ -7,6 +7,7 @@ import time
 
 import pytest
 from operator_cluster import (
+    NUM_CHILDREN,
     SERVICE_ACCOUNT,
     apply_isvc,
     children,
@@ -155,10 +156,10 @@ def test_a_speculative_method_alone_gives_the_worker_4_speculative_tokens(contro
 def test_delete_cascades_to_every_child(control_plane, k8s_namespace, operator):
     cp, ns = control_plane, k8s_namespace
     apply_isvc(cp, ns, "tiny", SPEC)
-    wait_for(lambda: len(children(cp, ns, "tiny")) == 5, 30, "five children")
+    wait_for(lambda: len(children(cp, ns, "tiny")) == NUM_CHILDREN, 30, "every child (workers and router)")
     cp.kubectl("delete", "inferenceservice/tiny", "-n", ns, "--wait=true", "--timeout=30s")
-    wait_for(lambda: not children(cp, ns, "tiny") and not worker_pods(cp, ns, "tiny"), 60,
-             "children garbage-collected")
+    wait_for(lambda: not children(cp, ns, "tiny") and not worker_pods(cp, ns, "tiny")
+             and not worker_pods(cp, ns, "tiny", component="router"), 60, "children garbage-collected")
 
 
 def test_deleted_worker_deployment_is_recreated(control_plane, k8s_namespace, operator):

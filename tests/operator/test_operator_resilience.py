@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from operator_cluster import (
+    NUM_CHILDREN,
     OperatorProcess,
     apply_isvc,
     children,
@@ -127,7 +128,7 @@ def test_operator_recovers_from_a_60s_api_server_outage_without_restarting(priva
     operator = OperatorProcess(install_operator_rbac(cp, tmp_path), tmp_path, "outage-0").start()
     cp.kubectl("create", "namespace", "team")
     apply_isvc(cp, "team", "before", {"model": {"source": "file:///m"}, "replicas": 1})
-    wait_for(lambda: len(children(cp, "team", "before")) == 5, 30, "children of the first service")
+    wait_for(lambda: len(children(cp, "team", "before")) == NUM_CHILDREN, 30, "children of the first service")
 
     cp.stop_component("kube-apiserver")
     down_since = time.monotonic()
@@ -139,7 +140,7 @@ def test_operator_recovers_from_a_60s_api_server_outage_without_restarting(priva
     recovered = time.monotonic()
     apply_isvc(cp, "team", "after", {"model": {"source": "file:///m"}, "replicas": 1})
     cp.kubectl("scale", "inferenceservice/before", "-n", "team", "--replicas=2")
-    wait_for(lambda: len(children(cp, "team", "after")) == 5, 120, "children of a service created after")
+    wait_for(lambda: len(children(cp, "team", "after")) == NUM_CHILDREN, 120, "children of a service created after")
     wait_for(lambda: cp.client.get("/apis/apps/v1/namespaces/team/deployments/before-worker")["spec"]["replicas"]
              == 2, 60, "the scale made during recovery applied")
     wait_for(lambda: condition(get_isvc(cp, "team", "after"), "WorkersReady"), 60, "status on the new service")
@@ -157,7 +158,7 @@ def test_a_standby_replica_takes_over_when_the_active_one_dies(control_plane, k8
     active = make_operator("replica-a", "--priority", "200", "--peering-lifetime", "10")
     standby = make_operator("replica-b", "--priority", "100", "--peering-lifetime", "10")
     apply_isvc(cp, ns, "one", {"model": {"source": "file:///m"}, "replicas": 1})
-    wait_for(lambda: len(children(cp, ns, "one")) == 5, 30, "children made by the active replica")
+    wait_for(lambda: len(children(cp, ns, "one")) == NUM_CHILDREN, 30, "children made by the active replica")
     standby_before = standby.metrics().get('infergrid_operator_reconciles_total{result="ok"}', 0.0)
     assert standby_before == 0.0  # the standby stays paused while the active one lives
     # The autoscaler (not a kopf handler) follows the same peering rule: only the active replica decides.
@@ -171,7 +172,7 @@ def test_a_standby_replica_takes_over_when_the_active_one_dies(control_plane, k8
     active.kill()
     killed = time.monotonic()
     apply_isvc(cp, ns, "two", {"model": {"source": "file:///m"}, "replicas": 1})
-    wait_for(lambda: len(children(cp, ns, "two")) == 5, 60, "children made by the standby")
+    wait_for(lambda: len(children(cp, ns, "two")) == NUM_CHILDREN, 60, "children made by the standby")
     print(f"fail-over: {time.monotonic() - killed:.1f}s after SIGKILL of the active replica")
     assert standby.metrics()['infergrid_operator_reconciles_total{result="ok"}'] >= 1
     wait_for(lambda: decisions(standby) >= 1, 30, "decisions of the new active replica's autoscaler")
