@@ -63,10 +63,20 @@ async def _check_owner(api: KubeClient, desired: Mapping[str, Any], exc: ApiErro
         raise exc  # invalid for a reason of its own: retrying the same body cannot help
 
 
+# NOTE: the API server checks a RoleBinding against the Role it names (RBAC escalation prevention), so
+# bindings go out after everything else: a binding racing its Role is refused with 404.
+_LATE_KINDS = frozenset({"RoleBinding"})
+
+
 async def apply_children(api: KubeClient, children: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Apply all children concurrently; the first failure is raised after all have finished."""
-    results = await asyncio.gather(*(apply_child(api, child) for child in children), return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return list(results)  # type: ignore[arg-type]
+    """Apply all children concurrently (RoleBindings after their Roles); the first failure is raised after
+    all have finished."""
+    children = list(children)
+    results: list[Any] = []
+    for wave in ([ch for ch in children if ch["kind"] not in _LATE_KINDS],
+                 [ch for ch in children if ch["kind"] in _LATE_KINDS]):
+        results += await asyncio.gather(*(apply_child(api, child) for child in wave), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+    return results
