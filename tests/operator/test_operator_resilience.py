@@ -26,7 +26,9 @@ from infergrid.operator.spec import ServiceSpec
 from infergrid.testbed.controlplane import ControlPlane
 
 EXPECTED_KINDS = {("Deployment", "{n}-worker"), ("Service", "{n}"), ("Service", "{n}-workers"),
-                  ("PodDisruptionBudget", "{n}-worker"), ("NetworkPolicy", "{n}-worker")}
+                  ("PodDisruptionBudget", "{n}-worker"), ("NetworkPolicy", "{n}-worker"),
+                  ("Deployment", "{n}-router"), ("NetworkPolicy", "{n}-router"), ("ServiceAccount", "{n}-router"),
+                  ("Role", "{n}-router"), ("RoleBinding", "{n}-router")}
 
 
 def random_spec(rng: random.Random) -> dict:
@@ -44,7 +46,7 @@ def random_spec(rng: random.Random) -> dict:
 
 
 def assert_children_match(cp: ControlPlane, ns: str, name: str) -> None:
-    """Exactly the five children, each owned once by the live service and equal to what the builders say."""
+    """Exactly the ten children, each owned once by the live service and equal to what the builders say."""
     isvc = get_isvc(cp, ns, name)
     assert isvc is not None
     found = children(cp, ns, name)
@@ -54,9 +56,10 @@ def assert_children_match(cp: ControlPlane, ns: str, name: str) -> None:
         assert child["metadata"]["ownerReferences"] == [{
             "apiVersion": "infergrid.dev/v1alpha1", "kind": "InferenceService", "name": name,
             "uid": isvc["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
-    desired = {ch["kind"]: ch for ch in build_children(ServiceSpec.from_body(isvc), OperatorConfig())}
-    deployment = next(ch for ch in found if ch["kind"] == "Deployment")
-    want = desired["Deployment"]
+    desired = {(ch["kind"], ch["metadata"]["name"]): ch
+               for ch in build_children(ServiceSpec.from_body(isvc), OperatorConfig())}
+    deployment = next(ch for ch in found if (ch["kind"], ch["metadata"]["name"]) == ("Deployment", f"{name}-worker"))
+    want = desired[("Deployment", f"{name}-worker")]
     assert deployment["spec"]["replicas"] == want["spec"]["replicas"]
     template = deployment["spec"]["template"]
     assert template["metadata"]["annotations"] == want["spec"]["template"]["metadata"]["annotations"]
