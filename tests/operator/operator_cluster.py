@@ -202,13 +202,18 @@ def worker_pods(cp: ControlPlane, namespace: str, name: str, component: str = "w
     return [p for p in (listing or {}).get("items", []) if not p["metadata"].get("deletionTimestamp")]
 
 
-def set_workers_ready(cp: ControlPlane, namespace: str, name: str) -> int:
-    """Play the readiness probe for every running worker pod (and, unasked, the router pods); returns how
-    many workers are ready."""
+def set_routers_ready(cp: ControlPlane, namespace: str, name: str) -> None:
+    """Play the readiness probe for every running router pod of the service."""
     for pod in worker_pods(cp, namespace, name, component="router"):
         if (pod.get("status") or {}).get("podIP") and not any(
                 c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions") or []):
             cp.set_pod_ready(namespace, pod["metadata"]["name"])
+
+
+def set_workers_ready(cp: ControlPlane, namespace: str, name: str) -> int:
+    """Play the readiness probe for every running worker pod (and, unasked, the router pods); returns how
+    many workers are ready."""
+    set_routers_ready(cp, namespace, name)
     ready = 0
     for pod in worker_pods(cp, namespace, name):
         if not (pod.get("status") or {}).get("podIP"):

@@ -16,7 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
-from operator_cluster import apply_isvc, condition, events_for, get_isvc, wait_for, worker_pods
+from operator_cluster import (
+    apply_isvc,
+    condition,
+    events_for,
+    get_isvc,
+    set_routers_ready,
+    wait_for,
+    worker_pods,
+)
 
 TP_ERROR = ("infergrid-worker serve: error: tensor_parallel_size 3 does not divide the model's "
             "num_attention_heads 4; valid tensor_parallel_size values for this model: 1, 2, 4")
@@ -62,6 +70,7 @@ def test_a_terminated_worker_message_reaches_degraded_ready_and_events(control_p
         "ready": True, "started": True, "restartCount": 3, "lastState": last_state,
         "state": {"running": {"startedAt": "2026-01-01T00:01:00Z"}},
     }, ready=True)
+    set_routers_ready(cp, ns, "tp")  # Ready also needs the endpoint's router
     isvc = wait_for(lambda: (i := get_isvc(cp, ns, "tp")) and condition(i, "Ready").get("status") == "True" and i,
                     30, "Ready=True after the worker came up")
     assert condition(isvc, "Degraded")["status"] == "False"
