@@ -161,3 +161,19 @@ def test_cli_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--model", "/m", "--max-num-seqs", "0"]) == 2
     assert "max_num_seqs" in capsys.readouterr().err
     assert cli.main(["--model", "/m", "--max-queue-size", "0"]) == 2
+
+
+def test_a_request_while_the_model_loads_is_a_503_not_a_500() -> None:
+    """Validating token ids or the length needs the model's vocabulary and context: before the engine exists
+    that is the same "not ready yet" 503 (with Retry-After) as any other engine access."""
+    from infergrid.worker.server.lifecycle import Lifecycle
+    from infergrid.worker.server.serving_base import ServingBase
+
+    admission = AdmissionController(max_queue_size=3)
+    lifecycle = Lifecycle(engine_factory=lambda: None, admission=admission)
+    serving = ServingBase(lifecycle, admission, metrics=None, served_model_names=["m"])  # type: ignore[arg-type]
+    for call in (lambda: serving.prompt_from_ids([1, 2], "prompt"), lambda: serving.max_model_len):
+        with pytest.raises(APIError) as err:
+            call()
+        assert err.value.status == 503 and err.value.code == "not_ready"
+        assert err.value.headers == {"Retry-After": "1"}

@@ -96,10 +96,6 @@ class Lifecycle:
         """The engine's effective context length (prompt + output)."""
         return int(self.engine.max_model_len)
 
-    def vocab_size(self) -> int:
-        """Number of token ids the model accepts."""
-        return int(self.engine.model_config.vocab_size)
-
     def stats(self) -> Any | None:
         """engine.stats() or None before the engine exists."""
         if self.engine is None:

@@ -66,7 +66,11 @@ class ServingBase:
 
     @property
     def max_model_len(self) -> int:
-        return self.lifecycle.max_model_len()
+        return int(self.engine.max_model_len)  # (503 while the model loads, like every engine access)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.engine.model_config.vocab_size)
 
     def check_model(self, model: str | None) -> None:
         """404 unless `model` is one of the served names (None means the default model)."""
@@ -94,7 +98,7 @@ class ServingBase:
     def prompt_from_ids(self, ids: Sequence[int], param: str) -> PromptInput:
         if not ids:
             raise bad_request(f"'{param}' must not be empty", param)
-        vocab_size = self.lifecycle.vocab_size()
+        vocab_size = self.vocab_size
         bad = next((t for t in ids if t >= vocab_size), None)
         if bad is not None:
             raise bad_request(f"token id {bad} in '{param}' is out of range [0, {vocab_size})", param)
@@ -123,7 +127,7 @@ class ServingBase:
             raise bad_request("logit_bias is not supported", "logit_bias", code="unsupported_parameter")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         top_k = req.top_k if req.top_k is not None else -1
-        if top_k > self.lifecycle.vocab_size():
+        if top_k > self.vocab_size:
             top_k = -1  # keeping more tokens than exist is the same as no top-k
         kwargs: dict[str, Any] = {
             "n": n, "max_tokens": max_tokens, "min_tokens": req.min_tokens, "top_k": top_k,
