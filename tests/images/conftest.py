@@ -76,8 +76,10 @@ def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestBed]:
         except RuntimeError as exc:
             pytest.fail(f"the test bed did not start: {exc}", pytrace=False)
         try:
-            cli.start_in_netns("worker-pod-runner", [
-                sys.executable, "-m", "infergrid.testbed.podrunner", "--selector", "app.kubernetes.io/component=worker",
+            # the services' pods (workers and routers) run from the checkout; the operator runs from its image
+            cli.start_in_netns("service-pod-runner", [
+                sys.executable, "-m", "infergrid.testbed.podrunner",
+                "--selector", "app.kubernetes.io/component in (worker,router)",
                 "--workdir", str(root / "pods"), "--probe-period-cap", "1"])
             yield TestBed(root=bed.root, kubeconfig=bed.kubeconfig, env=dict(os.environ))
         finally:
