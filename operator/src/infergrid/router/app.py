@@ -50,6 +50,8 @@ class Router:
         self.pool.on_member_added = self._on_member_added
         self.pool.on_member_removed = lambda w: self.metrics.remove_worker(w.name)
         self.pool.on_eject = lambda w, f: self.metrics.ejections.labels(w.name, f.value).inc()
+        self.pool.on_wedged = self._abort_in_flight
+        self.pool.wedged_after = config.wedged_after
         self.pool.add_listener(self._on_pool_change)
         self._needs_body_key = config.policy == "prefix-aware"
         self._session_header = config.session_header if config.policy == "session-affinity" else None
@@ -59,6 +61,12 @@ class Router:
     def _on_member_added(self, worker: Worker) -> None:
         self.metrics.add_worker(worker.name)
         self.scraper.start(worker)
+
+    def _abort_in_flight(self, worker: Worker) -> None:
+        """A wedged worker (stopped, sockets open): end its in-flight requests now with a clear error."""
+        self.proxy.pool.abort_busy(worker.host, worker.port, (
+            f"the worker {worker.name} answered nothing for {self.config.wedged_after:g} s (its health probes "
+            "timed out); the request was aborted"))
 
     def _on_pool_change(self) -> None:
         self.metrics.ready_workers.set(len(self.pool.ready))

@@ -31,6 +31,7 @@ from infergrid.router.upstream import (
     Connection,
     ConnectionPool,
     ResponseHead,
+    WorkerAborted,
     read_body,
     read_head,
 )
@@ -86,7 +87,9 @@ class Proxy:
                 raise ConnectFailed(Failure.TIMEOUT if exc.timed_out else Failure.CONNECT, str(exc)) from None
             conn.writer.write(data)
             try:
-                return conn, await read_head(conn.reader)
+                return conn, await read_head(conn)
+            except WorkerAborted:
+                raise
             except BrokenResponse:
                 conn.close()
                 if not reused:
@@ -120,7 +123,7 @@ class Proxy:
                     return Response(head.status, b"", head.headers)
                 if head.length is not None:
                     deadline.reschedule(asyncio.get_running_loop().time() + timeout)
-                    answer = b"".join([piece async for piece in read_body(conn.reader, head)])
+                    answer = b"".join([piece async for piece in read_body(conn, head)])
                     done = True
                     result.append(UpstreamResult(outcome, None, headers_s))
                     return Response(head.status, answer, head.headers)
@@ -131,6 +134,9 @@ class Proxy:
             what = "sent no response" if headers_s is None else "stopped sending"
             return error_response(504, f"the worker {what} within {timeout:g} s", "upstream_timeout",
                                   request_id=request_id)
+        except WorkerAborted as exc:
+            result.append(UpstreamResult("timeout", None, headers_s))
+            return error_response(504, str(exc), "worker_unresponsive", request_id=request_id)
         except BrokenResponse as exc:
             result.append(UpstreamResult("upstream_error", Failure.CONNECT, headers_s))
             what = "before answering" if headers_s is None else "mid-response"
@@ -147,7 +153,7 @@ class Proxy:
         """Relay a body of unknown length piece by piece; True when it was read to its end."""
         await stream.start(head.status, head.headers)
         timeout = self.upstream_timeout
-        pieces = read_body(conn.reader, head)
+        pieces = read_body(conn, head)
         try:
             while True:
                 try:
@@ -159,6 +165,10 @@ class Proxy:
         except TimeoutError:
             result.append(UpstreamResult("timeout", Failure.TIMEOUT, headers_s))
             await _write_stream_error(stream, f"the worker stopped streaming for {timeout:g} s", "upstream_timeout")
+            return False
+        except WorkerAborted as exc:
+            result.append(UpstreamResult("timeout", None, headers_s))
+            await _write_stream_error(stream, str(exc), "worker_unresponsive")
             return False
         except BrokenResponse as exc:
             result.append(UpstreamResult("upstream_error", Failure.CONNECT, headers_s))
@@ -176,7 +186,8 @@ class Proxy:
 
 async def _write_stream_error(stream: Stream, message: str, code: str) -> None:
     """An SSE stream cannot change its status: end it with an OpenAI error event."""
-    event = {"error": {"message": message, "type": "timeout_error" if "timeout" in code else "upstream_error",
+    kind = "timeout_error" if "timeout" in code or "unresponsive" in code else "upstream_error"
+    event = {"error": {"message": message, "type": kind,
                        "param": None, "code": code}}
     try:
         await stream.write(b"data: " + json.dumps(event).encode() + b"\n\n")
