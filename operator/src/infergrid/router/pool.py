@@ -65,14 +65,17 @@ class WorkerPool:
                 self.on_member_added(worker)
         self._refresh()
 
+    def is_member(self, worker: Worker) -> bool:
+        return self.workers.get(worker.name) is worker
+
     def report_ok(self, worker: Worker) -> None:
-        if worker.health.on_probe_ok():
+        if worker.health.on_probe_ok() and self.is_member(worker):
             log.info("worker %s admitted", worker.name)
             self._refresh()
 
     def report_failure(self, worker: Worker, failure: Failure) -> None:
         now = time.monotonic()
-        if worker.health.on_failure(failure, now):
+        if worker.health.on_failure(failure, now) and self.is_member(worker):
             log.warning("worker %s ejected: %s", worker.name, failure.value)
             if self.on_eject is not None:
                 self.on_eject(worker, failure)
