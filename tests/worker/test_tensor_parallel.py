@@ -18,7 +18,7 @@ import torch
 from infergrid.worker import LLM, EngineConfig, SamplingParams
 from infergrid.worker.distributed.executor import RankDiedError
 from infergrid.worker.distributed.parallel_state import verify_tensor_parallel_size
-from infergrid.worker.layers.attention import get_attention_backend
+from infergrid.worker.layers.attention_backends import get_attention_backend
 from infergrid.worker.lazy_weight import LazyWeight
 from infergrid.worker.loader import iterate_weights, load_model
 from infergrid.worker.model_config import ModelConfig

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from infergrid.worker import envs
 from infergrid.worker.config import EngineConfig
 from infergrid.worker.distributed import messages
+from infergrid.worker.distributed.communication import tensor_parallel_barrier
 from infergrid.worker.distributed.messages import Command, StepHeader
 from infergrid.worker.distributed.parallel_state import (
     abort_tensor_parallel,
@@ -193,6 +194,7 @@ class MultiProcExecutor(Executor):
             self._wait_for_all("hello", _HELLO_TIMEOUT_S)
             init_tensor_parallel(0, self.world_size, self.backend, store, timeout=_GROUP_TIMEOUT, device=device,
                                  debug_collectives=is_tp_debug)
+            tensor_parallel_barrier(device)  # every rank joined (one that cannot fails here, before loading)
             self.driver_runner = ModelRunner(config, model_dir, model_config, max_model_len, eos_token_ids, rank=0)
             self._wait_for_all("loaded", _LOAD_TIMEOUT_S)
         except BaseException:

@@ -90,6 +90,7 @@ def _follow(args: WorkerArgs, conn: Connection) -> None:
     import torch.distributed as dist
 
     from infergrid.worker.distributed import messages
+    from infergrid.worker.distributed.communication import tensor_parallel_barrier
     from infergrid.worker.distributed.messages import Command, GraphPlan, StepHeader
     from infergrid.worker.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
     from infergrid.worker.engine.model_runner import ModelRunner, resolve_device
@@ -98,6 +99,7 @@ def _follow(args: WorkerArgs, conn: Connection) -> None:
     device = resolve_device(args.config.device, args.rank)
     init_tensor_parallel(args.rank, args.world_size, args.backend, store, timeout=timedelta(minutes=30),
                          device=device, debug_collectives=args.is_tp_debug)
+    tensor_parallel_barrier(device)
     runner = ModelRunner(args.config, args.model_dir, args.model_config, args.max_model_len, args.eos_token_ids,
                          rank=args.rank)
     conn.send(("loaded", None))
