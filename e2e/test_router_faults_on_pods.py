@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from isvc_support import (
 
 from infergrid.testbed.controlplane import ControlPlane
 from infergrid.testbed.demo import manifest
+from infergrid.testbed.load import EndpointLoad
 
 pytestmark = pytest.mark.controlplane
 
@@ -104,38 +104,10 @@ def service(isvc_crds: ControlPlane, namespace: str, runner: object, start_opera
     yield s
 
 
-class Load:
-    """`concurrency` client threads sending small completions through the ClusterIP until stopped;
-    records (start, end, status, body)."""
-
-    def __init__(self, service: Service, concurrency: int = 4, max_tokens: int = 8) -> None:
-        self.url = f"http://{service.address}/v1/completions"
-        self.body = {"model": service.served_name, "prompt": "Hello there", "max_tokens": max_tokens,
-                     "ignore_eos": True}
-        self.results: list[tuple[float, float, int, str]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(concurrency)]
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=60, trust_env=False) as c:
-            while not self._stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    r = c.post(self.url, json=self.body)
-                    status, body = r.status_code, r.text
-                except httpx.HTTPError as exc:
-                    status, body = 0, repr(exc)
-                self.results.append((t0, time.monotonic(), status, body))
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(90)
+def small_requests(service: Service, max_tokens: int = 8) -> EndpointLoad:
+    """4 clients sending small completions through the ClusterIP until the `with` block ends."""
+    return EndpointLoad(f"http://{service.address}/v1/completions", {
+        "model": service.served_name, "prompt": "Hello there", "max_tokens": max_tokens, "ignore_eos": True})
 
 
 def worker_pid(pod: dict) -> int:
@@ -174,7 +146,7 @@ def test_prefix_aware_keeps_a_shared_prompt_on_one_worker(service: Service) -> N
 def test_sigkill_a_worker_under_load(service: Service) -> None:
     victim = service.pods("worker")[0]
     pid = worker_pid(victim)
-    with Load(service) as load:
+    with small_requests(service) as load:
         time.sleep(1.5)
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
@@ -196,7 +168,7 @@ def test_sigkill_a_worker_under_load(service: Service) -> None:
 def test_sigstop_a_worker_under_load_then_sigcont(service: Service) -> None:
     victim = service.pods("worker")[1]
     pid = worker_pid(victim)
-    with Load(service, max_tokens=48) as load:
+    with small_requests(service, max_tokens=48) as load:
         time.sleep(1.5)
         stopped_at = time.monotonic()
         os.kill(pid, signal.SIGSTOP)

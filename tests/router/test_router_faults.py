@@ -6,7 +6,6 @@ starts; queue full / hold timeout -> 503 + Retry-After promptly)."""
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 from router_harness import Router, Worker, free_port
+
+from infergrid.testbed.load import EndpointLoad
 
 WEDGED_AFTER = 3.0
 TEARDOWN_S = 0.5
@@ -34,42 +35,16 @@ def router(workers: list[Worker], log_dir: Path) -> Iterator[Router]:
     r.stop()
 
 
-class Load:
-    """`concurrency` client threads sending small requests until stopped; records (start, end, status, body)."""
-
-    def __init__(self, url: str, concurrency: int = 4, max_tokens: int = 8) -> None:
-        self.url, self.max_tokens = url, max_tokens
-        self.results: list[tuple[float, float, int, str]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(concurrency)]
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=60) as c:
-            while not self._stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    r = c.post(self.url + "/v1/completions",
-                               json={"prompt": "Hello there", "max_tokens": self.max_tokens, "ignore_eos": True})
-                    status, body = r.status_code, r.text
-                except httpx.HTTPError as exc:
-                    status, body = 0, repr(exc)
-                self.results.append((t0, time.monotonic(), status, body))
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(90)
+def small_requests(url: str, concurrency: int = 4, max_tokens: int = 8) -> EndpointLoad:
+    """Small completions against the router until the `with` block ends."""
+    return EndpointLoad(url + "/v1/completions", {"prompt": "Hello there", "max_tokens": max_tokens,
+                                                  "ignore_eos": True}, concurrency)
 
 
 def test_sigkill_one_worker_under_load(router: Router, workers: list[Worker],
                                        start_workers: Callable[..., list[Worker]]) -> None:
     victim = workers[0]
-    with Load(router.url) as load:
+    with small_requests(router.url) as load:
         time.sleep(2.0)
         killed_at = time.monotonic()
         victim.signal(signal.SIGKILL)
@@ -95,7 +70,7 @@ def test_sigstop_worker_is_ejected_its_requests_end_with_504_and_sigcont_readmit
     assert router.metric("infergrid:router_ready_workers") == 2  # after the SIGKILL test
     # Requests long enough that some are in flight on the victim when it stops. The upstream timeout
     # stays at its default (600 s): what ends them is the router seeing the worker silent.
-    with Load(router.url, concurrency=4, max_tokens=48) as load:
+    with small_requests(router.url, concurrency=4, max_tokens=48) as load:
         time.sleep(1.5)
         stopped_at = time.monotonic()
         victim.signal(signal.SIGSTOP)
