@@ -33,6 +33,8 @@ from infergrid.worker.loader import resolve_model_path
 from infergrid.worker.model_config import ModelConfig
 from infergrid.worker.outputs import RequestOutput
 from infergrid.worker.sampling_params import SamplingParams
+from infergrid.worker.structured_output.grammar import GrammarCompiler
+from infergrid.worker.structured_output.manager import StructuredOutputManager
 from infergrid.worker.tokenizer import eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -99,6 +101,10 @@ class LLMEngine:
             raise
         self.scheduler = Scheduler(config, self.num_blocks, self.max_model_len, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
+        # Structured output: grammars compile on first use (xgrammar is not even imported before).
+        self.grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self.structured_output = StructuredOutputManager(self.grammar_compiler)
+        self.model_runner.structured_output = self.structured_output
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.num_steps_total = 0
@@ -144,12 +150,15 @@ class LLMEngine:
         added: list[str] = []
         try:
             for cid, cparams in children:
+                if cparams.structured_outputs is not None:  # (a cache hit when the server compiled it)
+                    self.structured_output.add_request(cid, cparams.structured_outputs)
                 self.scheduler.add_request(
                     Request(cid, prompt_ids, cparams, priority=priority, arrival_time=arrival, deadline=deadline)
                 )
                 added.append(cid)
         except ValueError:
             self.scheduler.abort_requests(added)
+            self.structured_output.remove_requests(cid for cid, _ in children)
             raise
         self.output_processor.add_request(
             request_id, prompt if isinstance(prompt, str) else None, prompt_ids, children, arrival
@@ -208,6 +217,10 @@ class LLMEngine:
         num_outputs_before = [s.request.num_output_tokens for s in scheduler_output.scheduled]
         finished = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
         scheduled = [s.request for s in scheduler_output.scheduled]
+        if self.structured_output.has_requests:  # grammar matchers advance over the tokens kept
+            for request, before in zip(scheduled, num_outputs_before, strict=True):
+                if len(request.output_token_ids) > before:
+                    self.structured_output.accept_tokens(request.request_id, request.output_token_ids[before:])
         now = time.perf_counter()
         if self.config.speculative_method is not None and scheduled:
             # NOTE: before the outputs are made, so that the draft model runs on the device while the
@@ -288,6 +301,6 @@ class LLMEngine:
 
 
 def _reads_output_tokens(scheduler_output: SchedulerOutput) -> bool:
-    """Whether a step's sampling reads its requests' earlier output tokens (penalties), so the step
-    before it must be finished first."""
-    return any(s.request.sampling_params.has_penalties for s in scheduler_output.scheduled)
+    """Whether a step's sampling reads its requests' earlier output tokens (penalties, grammars), so the
+    step before it must be finished first."""
+    return any(s.request.sampling_params.reads_output_tokens for s in scheduler_output.scheduled)
