@@ -322,7 +322,7 @@ class AssistantMessage(ResponseModel):
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
-    tool_calls: list[ResponseToolCall] = []
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(ResponseModel):
