@@ -20,8 +20,6 @@ from infergrid.worker.structured_output.params import StructuredOutputsParams
 
 # Distinct compiled grammars kept (a JSON schema's compiled grammar is ~100 KB to a few MB).
 CACHE_SIZE = 256
-# Tokens a matcher can roll back (rejected speculative drafts).
-MAX_ROLLBACK_TOKENS = 32
 
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: "; the rest names the problem.
 _CPP_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
@@ -96,15 +94,9 @@ class GrammarCompiler:
                         raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from exc
                 if not isinstance(schema, dict | bool):
                     raise GrammarError("the JSON schema must be an object")
-                import xgrammar as xgr
-
-                grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=params.any_whitespace,
-                                                       strict_mode=True)
-                return compiler.compile_grammar(no_control_characters(str(grammar)))
+                return compiler.compile_grammar(json_schema_ebnf(json.dumps(schema), params.any_whitespace))
             if kind == "json_object":
-                if params.any_whitespace:
-                    return compiler.compile_builtin_json_grammar()
-                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+                return compiler.compile_grammar(json_schema_ebnf('{"type": "object"}', params.any_whitespace))
             if kind == "regex":
                 return compiler.compile_regex(params.regex)
             if kind == "choice":
@@ -120,16 +112,27 @@ _KIND_NAMES = {"json": "JSON schema", "json_object": "JSON object grammar", "reg
                "choice": "choice", "grammar": "grammar"}
 
 
-# xgrammar 0.2.x's length-limited JSON strings (minLength/maxLength) allow raw control characters,
-# which JSON forbids (and json.loads / pydantic refuse); its other strings exclude them like this.
-_STRING_CHAR = r'[^\"\\\r\n]'
-_STRICT_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+# xgrammar 0.2.x's JSON strings take any code point but a few: its length-limited strings
+# (minLength/maxLength) allow raw control characters, which JSON forbids (json.loads and pydantic refuse
+# them), and all its strings allow UTF-16 surrogates, which are not valid UTF-8 (they decode to U+FFFD).
+_STRING_CHARS = (r'[^\"\\\r\n]', r'[^\0-\x1f\"\\\r\n]')
+_STRICT_STRING_CHAR = r'[^\0-\x1f\"\\\r\n\uD800-\uDFFF]'
 
 
 def no_control_characters(ebnf: str) -> str:
     """`ebnf` (as xgrammar prints a JSON schema's grammar) with JSON string characters that exclude
-    the control characters U+0000..U+001F."""
-    return ebnf.replace(_STRING_CHAR, _STRICT_STRING_CHAR)
+    the control characters U+0000..U+001F and the surrogates U+D800..U+DFFF."""
+    for chars in _STRING_CHARS:
+        ebnf = ebnf.replace(chars, _STRICT_STRING_CHAR)
+    return ebnf
+
+
+def json_schema_ebnf(schema: str, any_whitespace: bool) -> str:
+    """The EBNF grammar of a JSON schema (xgrammar's conversion, with strict JSON strings)."""
+    import xgrammar as xgr
+
+    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=any_whitespace, strict_mode=True)
+    return no_control_characters(str(grammar))
 
 
 def choice_ebnf(choices: Sequence[str]) -> str:

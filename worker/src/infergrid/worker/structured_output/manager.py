@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from infergrid.worker.structured_output.grammar import MAX_ROLLBACK_TOKENS, GrammarCompiler
+from infergrid.worker.structured_output.grammar import GrammarCompiler
 from infergrid.worker.structured_output.params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class StructuredOutputManager:
         import xgrammar as xgr
 
         compiled, _ = self.compiler.compile(params)
-        self._matchers[request_id] = xgr.GrammarMatcher(compiled, max_rollback_tokens=MAX_ROLLBACK_TOKENS)
+        self._matchers[request_id] = xgr.GrammarMatcher(compiled)
         self.num_constrained_requests_total += 1
 
     def remove_requests(self, request_ids: Iterable[str]) -> None:
