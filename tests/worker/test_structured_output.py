@@ -177,6 +177,21 @@ def test_unconstrained_requests_beside_constrained_ones_are_unchanged(llm):
     assert mixed[0].outputs[0].token_ids == alone
 
 
+def test_pipelined_steps_give_the_same_constrained_output(tiny_llama):
+    """With async scheduling a constrained request's previous step is finished between the next
+    step's forward pass and its sampling (the bitmask needs its token): same tokens as without."""
+    prompts = ["Tell me about a pet", "The quick brown fox", "Once upon a time"]
+    params = [json_params(temperature=0.0), SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+              json_params(temperature=0.0)]
+    sync = LLM(tiny_llama, **BASE, async_scheduling=False).generate(prompts, params)
+    llm = LLM(tiny_llama, **BASE)
+    outs = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in sync]
+    assert llm.llm_engine.num_pipelined_steps_total > 20  # (the constrained steps were pipelined too)
+    for i in (0, 2):
+        jsonschema.validate(json.loads(outs[i].outputs[0].text), SCHEMA)
+
+
 @pytest.mark.parametrize("method", ["ngram", "draft=target"])
 def test_speculation_keeps_greedy_constrained_output_and_grammar_refuses_drafts(tiny_llama, method, monkeypatch):
     """A draft model equal to the target drafts the *unconstrained* argmax: wherever the grammar forbids

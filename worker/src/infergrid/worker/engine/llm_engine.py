@@ -8,9 +8,10 @@ With async scheduling (the default without speculative decoding) a step is pipel
 so the host's scheduling, input preparation and output processing overlap the GPU's work instead
 of leaving it idle between steps. Step N+1 is scheduled before N's tokens are known (see the
 scheduler's placeholders); the previous step is finished first when the next one needs its tokens on
-the host (penalties) or nothing is left to launch. With speculative decoding a step is pipelined
-only while no request speculates (adaptive k switched every one off): otherwise the next step's
-drafts are proposed from its tokens, so it runs synchronously.
+the host (penalties) or nothing is left to launch; when a grammar needs them (structured output: its
+bitmask is filled from them) it is finished between the next one's forward pass and its sampling.
+With speculative decoding a step is pipelined only while no request speculates (adaptive k switched
+every one off): otherwise the next step's drafts are proposed from its tokens, so it runs synchronously.
 """
 
 from __future__ import annotations
@@ -188,7 +189,13 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         if self._in_flight is not None and (scheduler_output.is_empty or _reads_output_tokens(scheduler_output)):
             outputs += self._finish_in_flight()
-        pending = self.model_executor.execute_model(scheduler_output)
+        before_sample = None
+        if self._in_flight is not None and self._is_constrained(scheduler_output):
+            # Grammar matchers need the step in flight's tokens before this one samples: it is finished
+            # once this step's forward pass is launched (the device runs it meanwhile).
+            def before_sample() -> None:
+                outputs.extend(self._finish_in_flight())
+        pending = self.model_executor.execute_model(scheduler_output, before_sample)
         launched = _LaunchedStep(scheduler_output, pending, start, is_pipelined)
         outputs += self._finish_in_flight()
         if is_pipelined and not scheduler_output.is_empty:
@@ -196,6 +203,12 @@ class LLMEngine:
         else:
             outputs += self._finish_step(launched)
         return outputs
+
+    def _is_constrained(self, scheduler_output: SchedulerOutput) -> bool:
+        """Whether a request of the step samples under a grammar (structured output)."""
+        so = self.structured_output
+        return so.has_requests and any(s.needs_sample and so.is_constrained(s.request_id)
+                                       for s in scheduler_output.scheduled)
 
     def _can_pipeline(self) -> bool:
         """Whether the step about to be scheduled may run ahead of its tokens (see the module docstring)."""
@@ -301,6 +314,7 @@ class LLMEngine:
 
 
 def _reads_output_tokens(scheduler_output: SchedulerOutput) -> bool:
-    """Whether a step's sampling reads its requests' earlier output tokens (penalties, grammars), so the
-    step before it must be finished first."""
-    return any(s.request.sampling_params.reads_output_tokens for s in scheduler_output.scheduled)
+    """Whether a step's sampling reads its requests' earlier output tokens on the device (penalties), so
+    the step before it must be finished before it is launched. (Grammars read them on the host: that
+    step is finished after the forward pass is launched, see step().)"""
+    return any(s.request.sampling_params.has_penalties for s in scheduler_output.scheduled)

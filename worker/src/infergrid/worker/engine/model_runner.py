@@ -300,9 +300,12 @@ class ModelRunner:
             self.spec_decoder.remove_requests(request_ids)
 
     @torch.inference_mode()
-    def execute_model(self, scheduler_output: SchedulerOutput) -> PendingRunnerOutput:
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      before_sample: Callable[[], None] | None = None) -> PendingRunnerOutput:
         """Launch one scheduled batch and its sampling; `.result()` gives the tokens of the requests
-        that sample (see the module docstring)."""
+        that sample (see the module docstring). `before_sample` (only when the step samples) runs once
+        the forward pass is launched, before the grammar bitmask is filled: the engine finishes the
+        previous step there, whose tokens the grammar matchers need, while the device runs this one."""
         self.remove_requests(scheduler_output.finished_req_ids)
         if scheduler_output.is_empty:
             return PendingRunnerOutput()
@@ -319,6 +322,8 @@ class ModelRunner:
             self._end_step(batch.step_id)
             return PendingRunnerOutput()
         assert logits is not None
+        if before_sample is not None:
+            before_sample()
         if self.structured_output is not None:  # the host fills the grammar bitmask while the device runs
             sampling_metadata.token_bitmask = self.structured_output.fill_bitmask(
                 [(s.request_id, s.spec_token_ids) for s in scheduler_output.scheduled if s.needs_sample])
