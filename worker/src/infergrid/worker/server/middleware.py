@@ -154,7 +154,7 @@ class IgnoredFieldsMiddleware:
         token = IGNORED_FIELDS.set(ignored)
 
         async def send_with_header(message: Message) -> None:
-            if message["type"] == "http.response.start" and ignored:  # (empty once stripped: still sent)
+            if message["type"] == "http.response.start" and ignored:
                 # Printable ASCII only: a field name may hold any character (h11 drops bad headers).
                 value = ",".join(ignored)[:1000].encode("ascii", "backslashreplace")
                 value = bytes(b for b in value if 0x20 <= b < 0x7F).strip()  # (h11: no edge whitespace)
