@@ -41,7 +41,6 @@ class StructuredOutputManager:
         self._max_threads = max_threads
         self._batch: Any = None
         self._bitmask: torch.Tensor | None = None
-        self.num_constrained_requests_total = 0
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, params: StructuredOutputsParams) -> None:
@@ -50,7 +49,6 @@ class StructuredOutputManager:
 
         compiled, _ = self.compiler.compile(params)
         self._matchers[request_id] = xgr.GrammarMatcher(compiled)
-        self.num_constrained_requests_total += 1
 
     def remove_requests(self, request_ids: Iterable[str]) -> None:
         for request_id in request_ids:
