@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from infergrid.worker import envs
 from infergrid.worker.config import EngineConfig
 from infergrid.worker.distributed.executor import make_executor
 from infergrid.worker.distributed.parallel_state import verify_tensor_parallel_size
@@ -103,8 +104,10 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.num_blocks, self.max_model_len, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
         # Structured output: grammars compile on first use (xgrammar is not even imported before).
-        self.grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
-        self.structured_output = StructuredOutputManager(self.grammar_compiler)
+        threads = envs.grammar_threads()
+        self.grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
+                                                threads)
+        self.structured_output = StructuredOutputManager(self.grammar_compiler, threads)
         self.model_runner.structured_output = self.structured_output
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
