@@ -19,6 +19,7 @@ A step without constrained requests costs one dict lookup per sampling request (
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -41,6 +42,8 @@ class StructuredOutputManager:
         self._max_threads = max_threads
         self._batch: Any = None
         self._bitmask: torch.Tensor | None = None
+        self.num_fills_total = 0  # steps that filled a bitmask, and the host seconds they took
+        self.fill_seconds_total = 0.0
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, params: StructuredOutputsParams) -> None:
@@ -86,6 +89,7 @@ class StructuredOutputManager:
             return None
         import xgrammar as xgr
 
+        start = time.perf_counter()
         num_rows = sum(1 + len(drafts) for _, drafts in requests)
         bitmask = self._buffer(num_rows)
         bitmask.fill_(-1)
@@ -108,6 +112,8 @@ class StructuredOutputManager:
             self._batch.batch_fill_next_token_bitmask(fill, bitmask, fill_rows)
         for rid, drafts, first_row in speculative:
             self._fill_drafts(matchers[rid], drafts, bitmask, first_row)
+        self.num_fills_total += 1
+        self.fill_seconds_total += time.perf_counter() - start
         return bitmask
 
     @staticmethod
