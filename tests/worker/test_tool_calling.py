@@ -80,37 +80,49 @@ def test_plans_check_tool_choice():
     assert plan_tools(request(tools=TOOLS, tool_choice="none"), _Tokenizer(CHAT_TEMPLATE)).template_tools is None
 
 
+def stream_char_by_char(stream: ToolCallStream, text: str) -> tuple[str, list[tuple[str, str]]]:
+    """Feed `text` one character at a time; returns (content, [(name, arguments)]) from the deltas."""
+    content, calls = "", {}
+    for end in range(len(text) + 1):
+        c, deltas = stream.update(text[:end], end == len(text))
+        content += c
+        for d in deltas:
+            if "id" in d:
+                assert d["index"] == len(calls) and d["type"] == "function"
+                calls[d["index"]] = [d["function"]["name"], d["function"]["arguments"]]
+            else:
+                assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}
+                calls[d["index"]][1] += d["function"]["arguments"]
+    return content, [(n, a) for n, a in calls.values()]
+
+
 def test_required_output_streams_as_growing_arguments():
     text = '[{"name": "get_weather", "parameters": {"city": "a}\\"b"}}, {"name": "noop", "parameters": {}}]'
     assert json_value_end(text, text.index('{"city"')) == text.index('}}, ') + 1
     final = stream_required_items(text)
     assert final == [("get_weather", '{"city": "a}\\"b"}'), ("noop", "{}")]
-    tok = _Tokenizer(QWEN_TEMPLATE)
-    stream = ToolCallStream(plan_tools(request(tools=TOOLS, tool_choice="required"), tok))
-    calls: dict[int, list[str]] = {}
-    for end in range(len(text) + 1):  # one character at a time
-        content, deltas = stream.update(text[:end], end == len(text))
-        assert content == ""
-        for d in deltas:
-            if "id" in d:
-                assert d["index"] not in calls
-                calls[d["index"]] = [d["function"]["name"], d["function"]["arguments"]]
-            else:
-                calls[d["index"]][1] += d["function"]["arguments"]
-    assert [(n, a) for n, a in calls.values()] == final
+    stream = ToolCallStream(plan_tools(request(tools=TOOLS, tool_choice="required"), _Tokenizer(QWEN_TEMPLATE)))
+    assert stream_char_by_char(stream, text) == ("", final)
 
 
-def test_auto_stream_sends_content_then_whole_calls():
+@pytest.mark.parametrize("template, text, content", [
+    (QWEN_TEMPLATE, 'Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+                    '<tool_call>\n{"name": "noop", "arguments": {}}\n</tool_call>', "Sure. "),
+    (LLAMA3_TEMPLATE, '{"name": "get_weather", "parameters": {"city": "Oslo"}}; {"name": "noop", "parameters": {}}', ""),
+])
+def test_auto_stream_sends_content_then_growing_calls(template, text, content):
+    stream = ToolCallStream(plan_tools(request(tools=TOOLS), _Tokenizer(template)))
+    assert stream_char_by_char(stream, text) == (content, [("get_weather", '{"city": "Oslo"}'), ("noop", "{}")])
+    assert stream.has_tool_calls
+    whole = plan_tools(request(tools=TOOLS), _Tokenizer(template)).extract(text)  # (as without streaming)
+    assert [(c.name, json.loads(c.arguments)) for c in whole.calls] == [("get_weather", {"city": "Oslo"}), ("noop", {})]
+
+
+def test_auto_stream_text_that_is_no_call_ends_as_content():
     tok = _Tokenizer(QWEN_TEMPLATE)
-    stream = ToolCallStream(plan_tools(request(tools=TOOLS), tok))
-    text = 'Sure. <tool_call>\n{"name": "noop", "arguments": {}}\n</tool_call>'
-    content, calls = "", []
-    for end in range(len(text) + 1):
-        c, d = stream.update(text[:end], end == len(text))
-        content += c
-        calls += d
-    assert content == "Sure. "
-    assert [(d["function"]["name"], d["function"]["arguments"]) for d in calls] == [("noop", "{}")]
     plain = ToolCallStream(plan_tools(request(tools=TOOLS), tok))
-    out = "".join(plain.update("a <tool", False)[0] + plain.update("a <tool>", True)[0])
-    assert out == "a <tool>" and not plain.has_tool_calls
+    assert stream_char_by_char(plain, "a <tool") == ("a <tool", []) and not plain.has_tool_calls
+    broken = ToolCallStream(plan_tools(request(tools=TOOLS), tok))
+    assert stream_char_by_char(broken, "x <tool_call>\n{oops}") == ("x <tool_call>\n{oops}", [])
+    llama = ToolCallStream(plan_tools(request(tools=TOOLS), _Tokenizer(LLAMA3_TEMPLATE)))
+    assert stream_char_by_char(llama, "  {no json") == ("  {no json", [])

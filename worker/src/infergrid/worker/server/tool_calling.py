@@ -117,12 +117,13 @@ def required_schema(req: ChatCompletionRequest) -> dict[str, Any]:
     return schema
 
 
-_ITEM_HEADER = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"parameters"\s*:\s*')
+_ITEM_HEADER = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:parameters|arguments)"\s*:\s*')
 
 
 def stream_required_items(text: str) -> list[tuple[str, str]]:
-    """(name, arguments text so far) of each call in a partial `required` output
-    `[{"name": "f", "parameters": {...}}, ...]`: a call appears once its name is complete, and its
+    """(name, arguments text so far) of each call in partial text holding calls as JSON objects
+    `{"name": "f", "parameters": {...}}` (or `"arguments"`: Hermes), e.g. a `required` output
+    `[{...}, {...}]` or Hermes `<tool_call>` blocks: a call appears once its name is complete, and its
     arguments text only grows as more text arrives (so it can be streamed as deltas)."""
     items: list[tuple[str, str]] = []
     pos = 0

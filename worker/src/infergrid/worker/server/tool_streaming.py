@@ -17,6 +17,7 @@ class ToolCallStream:
         self.num_content_chars = 0
         self.calls: list[list[Any]] = []  # [id, name, chars of arguments sent]
         self.in_tool_calls = False
+        self.tool_start = 0  # where the tool calls start in the text (auto)
 
     @property
     def has_tool_calls(self) -> bool:
@@ -36,15 +37,15 @@ class ToolCallStream:
             if start is None:
                 return self._content(text, len(text) if finished else len(text) - parser.held_back(text)), []
             content = self._content(text, start)
-            self.in_tool_calls = True
+            self.in_tool_calls, self.tool_start = True, start
         else:
             content = ""
-        if not finished:
-            return content, []
-        extracted = parser.extract(text)
-        if not extracted.calls:  # not a well-formed call after all: what was held back is content
-            return content + self._content(text, len(text)), []
-        return content, self._arguments_deltas([(c.name, c.arguments) for c in extracted.calls])
+        # Calls stream as soon as their name is known, their arguments as they grow (the model's own
+        # JSON text); what the parser would not take as a call is content once the choice ends.
+        deltas = self._arguments_deltas(stream_required_items(text[self.tool_start:]))
+        if finished and not self.calls and not parser.extract(text).calls:
+            content += self._content(text, len(text))
+        return content, deltas
 
     def _content(self, text: str, end: int) -> str:
         if end <= self.num_content_chars:
