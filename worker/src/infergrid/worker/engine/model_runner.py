@@ -325,8 +325,9 @@ class ModelRunner:
         if before_sample is not None:
             before_sample()
         if self.structured_output is not None:  # the host fills the grammar bitmask while the device runs
-            sampling_metadata.token_bitmask = self.structured_output.fill_bitmask(
+            bitmask = self.structured_output.fill_bitmask(
                 [(s.request_id, s.spec_token_ids) for s in scheduler_output.scheduled if s.needs_sample])
+            sampling_metadata.token_bitmask = None if bitmask is None else self._to_device(bitmask)
         if self.spec_decoder is not None and any(r.draft_index for r in rows):  # drafts to verify
             out = self.spec_decoder.verify(logits, sampling_metadata, rows)
         else:

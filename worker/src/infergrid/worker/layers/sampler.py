@@ -37,7 +37,7 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> seeded generator
     banned_token_ids: dict[int, list[int]] = field(default_factory=dict)  # row -> ids masked (min_tokens)
     max_num_logprobs: int | None = None  # top-k logprobs to return (None = none)
-    # [B, ceil(V / 32)] int32 host grammar bitmask (structured output); None when no row is constrained.
+    # [B, ceil(V / 32)] int32 grammar bitmask (structured output); None when no row is constrained.
     # NOTE: set after the forward pass is launched (the host fills it while the device runs).
     token_bitmask: torch.Tensor | None = None
 

@@ -6,8 +6,9 @@ import torch
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """Mask `logits` [B, V] (in place; returned) with the host bitmask [B, ceil(V / 32)] int32
-    (bit t of row b set = token t allowed). Uses xgrammar's kernel (CUDA/Triton on GPU, C++ on CPU)."""
+    """Mask `logits` [B, V] (in place; returned) with the bitmask [B, ceil(V / 32)] int32 (bit t of
+    row b set = token t allowed; copied to the logits' device if it is not there yet). Uses xgrammar's
+    kernel (Triton on GPU, C++ on CPU)."""
     import xgrammar as xgr
 
     mask = bitmask.to(logits.device, non_blocking=True)
