@@ -1,6 +1,6 @@
 """Worker faults under load, real processes: SIGKILL (0 failed requests that had not reached the dead
-worker; ejected <= 2 s), SIGSTOP (ejected; its in-flight requests end with a clear 504 within the
-upstream timeout; SIGCONT re-admits it), zero ready workers (held request completes when a worker
+worker; ejected <= 2 s), SIGSTOP (ejected; its in-flight requests end with a clear 504 once the worker
+has been silent for --wedged-after; SIGCONT re-admits it), zero ready workers (held request completes when a worker
 starts; queue full / hold timeout -> 503 + Retry-After promptly)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import httpx
 import pytest
 from router_harness import Router, Worker, free_port
 
-UPSTREAM_TIMEOUT = 4.0
+WEDGED_AFTER = 3.0
 TEARDOWN_S = 0.5
 
 
@@ -28,7 +28,7 @@ def workers(start_workers: Callable[..., list[Worker]]) -> list[Worker]:
 @pytest.fixture(scope="module")
 def router(workers: list[Worker], log_dir: Path) -> Iterator[Router]:
     r = Router(log_dir, [w.address for w in workers], "--policy", "least-load",
-               "--upstream-timeout", str(UPSTREAM_TIMEOUT), name="faults")
+               "--wedged-after", str(WEDGED_AFTER), name="faults")
     r.wait_ready_workers(3)
     yield r
     r.stop()
@@ -93,15 +93,15 @@ def test_sigstop_worker_is_ejected_its_requests_end_with_504_and_sigcont_readmit
         router: Router, workers: list[Worker]) -> None:
     victim = workers[1]
     assert router.metric("infergrid:router_ready_workers") == 2  # after the SIGKILL test
-    # Requests long enough that some are in flight on the victim when it stops, short enough that a
-    # healthy worker answers well within the upstream timeout on a loaded machine.
+    # Requests long enough that some are in flight on the victim when it stops. The upstream timeout
+    # stays at its default (600 s): what ends them is the router seeing the worker silent.
     with Load(router.url, concurrency=4, max_tokens=48) as load:
         time.sleep(1.5)
         stopped_at = time.monotonic()
         victim.signal(signal.SIGSTOP)
         try:
             ejected_after = router.wait_ready_workers(1, timeout=10)
-            time.sleep(UPSTREAM_TIMEOUT + 2)
+            time.sleep(WEDGED_AFTER + 3)
         finally:
             victim.signal(signal.SIGCONT)
         continued_at = time.monotonic()
@@ -111,11 +111,10 @@ def test_sigstop_worker_is_ejected_its_requests_end_with_504_and_sigcont_readmit
     assert readmitted_after <= 3.0, readmitted_after
     timeouts = [r for r in load.results if r[2] == 504]
     assert timeouts, "no request was in flight on the stopped worker"
-    slow_ok = [r for r in load.results if r[2] == 200 and r[1] - r[0] > UPSTREAM_TIMEOUT / 2]
-    assert not slow_ok, f"healthy requests came close to the timeout (machine too loaded): {slow_ok[:3]}"
     for start, end, _, body in timeouts:
-        assert "upstream_timeout" in body and '"error"' in body
-        assert end - max(start, stopped_at) <= UPSTREAM_TIMEOUT + 1.5  # ended within the timeout (+ margin)
+        assert "worker_unresponsive" in body and "answered nothing" in body and '"error"' in body
+        # silent for WEDGED_AFTER, seen by a probe (interval 1 s, timeout 0.8 s), plus margin
+        assert end - max(start, stopped_at) <= WEDGED_AFTER + 2.5, (end - stopped_at)
         assert end < continued_at  # not by the SIGCONT
     others = [r for r in load.results if r[2] not in (200, 504)]
     assert not others, others

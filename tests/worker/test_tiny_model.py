@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from infergrid.worker.cli import main as cli_main
-from infergrid.worker.layers.attention import get_attention_backend
+from infergrid.worker.layers.attention_backends import get_attention_backend
 from infergrid.worker.loader import load_model, resolve_model_path, safetensors_files
 from infergrid.worker.model_config import ModelConfig
 from infergrid.worker.tokenizer import load_tokenizer

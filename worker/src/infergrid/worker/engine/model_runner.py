@@ -49,7 +49,8 @@ from infergrid.worker.engine.scheduler import (
     ScheduledRequest,
     SchedulerOutput,
 )
-from infergrid.worker.layers.attention import AttentionMetadata, get_attention_backend
+from infergrid.worker.layers.attention import AttentionMetadata
+from infergrid.worker.layers.attention_backends import get_attention_backend
 from infergrid.worker.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from infergrid.worker.loader import load_model, resolve_dtype
 from infergrid.worker.model_config import ModelConfig
