@@ -190,21 +190,43 @@ def _streamed_calls(stream) -> tuple[list[tuple[str, str]], str | None, str]:
 @pytest.mark.parametrize("name", ["qwen", "llama3"])
 @pytest.mark.parametrize("choice", ["required", "named"])
 def test_forced_tool_calls_always_parse(servers, name, choice):
+    """One call (a named function, or `required` without parallel calls): its grammar is bounded, so
+    every sample completes and parses. (Parallel calls: the next test.)"""
     client = _client(servers[name])
     tool_choice = "required" if choice == "required" else {"type": "function", "function": {"name": "get_weather"}}
     allowed = {"get_weather"} if choice == "named" else set(SCHEMAS)
     for _ in range(4):
         out = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, tool_choice=tool_choice,
-                                             temperature=1.0, max_tokens=400, n=2)
+                                             temperature=1.0, max_tokens=400, n=2, parallel_tool_calls=False)
         for c in out.choices:
             assert c.finish_reason == "tool_calls" and c.message.content is None
             assert len({tc.id for tc in c.message.tool_calls}) == len(c.message.tool_calls)
             _check_calls([(tc.function.name, tc.function.arguments) for tc in c.message.tool_calls], allowed)
-        stream = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS,
-                                                tool_choice=tool_choice, temperature=1.0, max_tokens=400, stream=True)
+        stream = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, tool_choice=tool_choice,
+                                                temperature=1.0, max_tokens=400, stream=True, parallel_tool_calls=False)
         calls, finish, content = _streamed_calls(stream)
-        assert finish == "tool_calls" and content == ""
+        assert finish == "tool_calls" and content == "" and len(calls) == 1
         _check_calls(calls, allowed)
+
+
+@pytest.mark.parametrize("name", ["qwen", "llama3"])
+def test_parallel_required_calls_parse_streamed_and_not(servers, name):
+    """Parallel calls: the list has no length limit, so a random model could run out of max_tokens;
+    seeded samples (known to end within it) make this exact, streamed and not."""
+    client = _client(servers[name])
+    kwargs = dict(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, tool_choice="required", temperature=1.0,
+                  max_tokens=430)
+    num_calls = []
+    for seed in range(16):
+        out = client.chat.completions.create(**kwargs, seed=seed)
+        c = out.choices[0]
+        assert c.finish_reason == "tool_calls"
+        calls = [(tc.function.name, tc.function.arguments) for tc in c.message.tool_calls]
+        _check_calls(calls, set(SCHEMAS))
+        streamed, finish, content = _streamed_calls(client.chat.completions.create(**kwargs, seed=seed, stream=True))
+        assert (streamed, finish, content) == (calls, "tool_calls", "")  # same sample, same calls
+        num_calls.append(len(calls))
+    assert max(num_calls) >= 2
 
 
 def test_parallel_tool_calls_off_gives_one_call(servers):
