@@ -85,3 +85,19 @@ def test_gemv_shapes_bench_runs_on_cpu():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 8b/tp2 ")]
     assert len(rows) == 5 and all(float(r.split("|")[3]) > 0 for r in rows)
     assert "| argmax | 1 |" in proc.stdout
+
+
+def test_structured_output_bench_runs_on_cpu(tmp_path):
+    out = tmp_path / "structured.json"
+    env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("common/src", "worker/src", "operator/src", "testbed/src")))
+    cmd = [sys.executable, "bench/bench_structured_output.py", "--device", "cpu", "--batch", "4", "--max-tokens", "12",
+           "--repeats", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| half constrained |" in proc.stdout and "WARNING" not in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["device"].startswith("cpu") and report["all_requests_ran_to_max_tokens"]
+    for mode in ("unconstrained", "half constrained"):
+        assert report["results"][mode]["tokens"] == [4 * 12]
+    assert report["half_constrained_vs_unconstrained"] > 0

@@ -94,8 +94,10 @@ class Executor(ABC):
         """Size and allocate the KV cache on every rank; returns the number of blocks (same on all)."""
 
     @abstractmethod
-    def execute_model(self, scheduler_output: SchedulerOutput) -> PendingRunnerOutput:
-        """Launch one step on every rank; `.result()` gives rank 0's sampled tokens."""
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      before_sample: Callable[[], None] | None = None) -> PendingRunnerOutput:
+        """Launch one step on every rank; `.result()` gives rank 0's sampled tokens. `before_sample`
+        runs on rank 0 once the forward pass is launched, before its sampling (ModelRunner.execute_model)."""
 
     @abstractmethod
     def check_health(self) -> None:
@@ -120,8 +122,9 @@ class UniProcExecutor(Executor):
     def initialize_kv_cache(self) -> int:
         return self.driver_runner.initialize_kv_cache()
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> PendingRunnerOutput:
-        return self.driver_runner.execute_model(scheduler_output)
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      before_sample: Callable[[], None] | None = None) -> PendingRunnerOutput:
+        return self.driver_runner.execute_model(scheduler_output, before_sample)
 
     def check_health(self) -> None:
         return None
@@ -216,15 +219,16 @@ class MultiProcExecutor(Executor):
         self._send_all(messages.pack(Command.INIT_KV_CACHE, plan))
         return self.driver_runner.initialize_kv_cache(plan)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> PendingRunnerOutput:
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      before_sample: Callable[[], None] | None = None) -> PendingRunnerOutput:
         self.check_health()
-        pending = self._guarded(lambda: self.driver_runner.execute_model(scheduler_output))
+        pending = self._guarded(lambda: self.driver_runner.execute_model(scheduler_output, before_sample))
         return _GuardedOutput(pending, self._guarded)
 
     def _guarded(self, call: Callable[[], Any]) -> Any:
         """Run a call that waits on collectives (launching a step, waiting for its tokens); a rank
         that died meanwhile turns its failure into RankDiedError."""
-        self._is_in_step = True
+        was_in_step, self._is_in_step = self._is_in_step, True  # (reentrant: before_sample waits in a step)
         try:
             output = call()
         except Exception as exc:
@@ -236,7 +240,7 @@ class MultiProcExecutor(Executor):
                 raise RankDiedError(self._failure) from exc
             raise
         finally:
-            self._is_in_step = False
+            self._is_in_step = was_in_step
         if self._failure is not None:  # a rank that died mid-step (aborted collectives) invalidates its tokens
             self.driver_runner.release_cuda_graphs()
             self.check_health()
