@@ -47,10 +47,3 @@ def emulate_cuda_graphs() -> bool:
     """INFERGRID_EMULATE_CUDA_GRAPHS=1 (tests): without CUDA, run the CUDA-graph code paths anyway, with
     an eager stand-in for each graph (capture runs the forward once, replay runs it again)."""
     return _flag("INFERGRID_EMULATE_CUDA_GRAPHS", False)
-
-
-def grammar_threads() -> int:
-    """INFERGRID_GRAMMAR_THREADS: threads xgrammar uses to compile grammars and to fill a step's token
-    bitmasks (default: half the CPUs, at most 8)."""
-    value = _get("INFERGRID_GRAMMAR_THREADS")
-    return int(value) if value is not None else max(1, min(8, (os.cpu_count() or 2) // 2))

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from infergrid.worker import envs
 from infergrid.worker.config import EngineConfig
 from infergrid.worker.distributed.executor import make_executor
 from infergrid.worker.distributed.parallel_state import verify_tensor_parallel_size
@@ -104,7 +104,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.num_blocks, self.max_model_len, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
         # Structured output: grammars compile on first use (xgrammar is not even imported before).
-        threads = envs.grammar_threads()
+        threads = max(1, min(8, (os.cpu_count() or 2) // 2))  # compiles and per-step bitmask fills
         self.grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
                                                 threads)
         self.structured_output = StructuredOutputManager(self.grammar_compiler, threads)
