@@ -1,7 +1,9 @@
 """Routing and worker faults behind the endpoint, on the test bed: clients through the client Service's
 ClusterIP (kube-proxy) -> the router pod (EndpointSlice discovery) -> 3 worker processes at pod IPs.
 
-- prefix-aware: a long shared system prompt stays on one worker (>= 90%) within the load bound;
+- prefix-aware: a long shared system prompt stays on one worker (>= 90%) within the load bound, and
+  7 tenants' prompts on workers whose KV pools hold only a few each get >= 2x the cluster prefix-cache
+  hit rate (the workers' vllm:prefix_cache_* counters) that round-robin gets after `kubectl patch`;
 - SIGKILL a worker under load: only requests that had reached it fail, it is ejected <= 2 s, and the
   pod runner's restart is re-admitted;
 - SIGSTOP a worker under load: ejected <= 2 s, its in-flight requests end with a clear 504 once it has
@@ -37,7 +39,7 @@ from isvc_support import (
 
 from infergrid.testbed.controlplane import ControlPlane
 from infergrid.testbed.demo import manifest
-from infergrid.testbed.load import EndpointLoad
+from infergrid.testbed.load import EndpointLoad, tenant_system_prompts
 
 pytestmark = pytest.mark.controlplane
 
@@ -84,6 +86,9 @@ def service(isvc_crds: ControlPlane, namespace: str, runner: object, start_opera
     doc = manifest(tiny_model)  # type: ignore[arg-type]
     doc["metadata"]["namespace"] = namespace
     doc["spec"]["replicas"] = 3
+    # A small KV pool on CPU: 2 sequences x ceil(576 / 16) blocks + 1 = 73 blocks per worker, which holds
+    # the prefixes of ~5 of the hit-rate test's 7 tenants.
+    doc["spec"]["engine"].update({"maxNumSeqs": 2, "maxModelLen": 576})
     doc["spec"]["router"] = {"replicas": 1, "policy": "prefix-aware"}
     name = doc["metadata"]["name"]
     isvc_crds.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
@@ -141,6 +146,49 @@ def test_prefix_aware_keeps_a_shared_prompt_on_one_worker(service: Service) -> N
     assert sum(shared_counts) == 160
     assert shared_counts[-1] >= 0.9 * 160, shared_counts
     assert len([v for v in mid.values() if v > 0]) >= 2  # the unique prompts spread
+
+
+def cluster_hit_rate_of(service: Service, salt: str) -> float:
+    """200 chat requests one at a time through the ClusterIP (tenant_system_prompts); the cluster's
+    prefix-cache hit rate over them, from the workers' own counters."""
+    ips = [p["status"]["podIP"] for p in service.pods("worker")]
+
+    def counters() -> list[tuple[float, float]]:
+        out = []
+        for ip in ips:
+            text = scrape(ip, WORKER_PORT)
+            out.append((sum(prometheus_samples(text, "vllm:prefix_cache_hits_total").values()),
+                        sum(prometheus_samples(text, "vllm:prefix_cache_queries_total").values())))
+        return out
+
+    before = counters()
+    with httpx.Client(timeout=60, trust_env=False) as client:
+        for i, system in enumerate(tenant_system_prompts(salt)):
+            r = client.post(f"http://{service.address}/v1/chat/completions", json={
+                "model": service.served_name, "max_tokens": 1,
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"question {i}"}]})
+            assert r.status_code == 200, r.text
+    after = counters()
+    hits = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+    queries = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+    return hits / queries
+
+
+def test_prefix_aware_doubles_the_hit_rate_of_round_robin(service: Service) -> None:
+    prefix_aware = cluster_hit_rate_of(service, "pa")
+    old = {p["metadata"]["name"] for p in service.pods("router")}
+    service.cp.kubectl("-n", service.namespace, "patch", "inferenceservice", service.name, "--type=merge",
+                       "-p", '{"spec": {"router": {"policy": "round-robin"}}}')
+
+    def rolled() -> bool:
+        pods = service.pods("router")
+        return len(pods) == 1 and pods[0]["metadata"]["name"] not in old
+
+    wait_for(rolled, 180, "the router rolled to round-robin", interval=0.5)
+    service.wait_ready_workers(3, 30)
+    round_robin = cluster_hit_rate_of(service, "rr")
+    print(f"cluster prefix-cache hit rate: prefix-aware {prefix_aware:.3f}, round-robin {round_robin:.3f}")
+    assert prefix_aware >= 2 * round_robin, (prefix_aware, round_robin)
 
 
 def test_sigkill_a_worker_under_load(service: Service) -> None:

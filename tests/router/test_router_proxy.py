@@ -5,7 +5,6 @@ prefix-cache hit rate against round-robin (read from the workers' vllm:prefix_ca
 from __future__ import annotations
 
 import os
-import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,6 +15,8 @@ import httpx
 import openai
 import pytest
 from router_harness import MODEL_NAME, Router, Worker
+
+from infergrid.testbed.load import tenant_system_prompts
 
 KEY = "sk-router-test"
 
@@ -124,13 +125,7 @@ def run_workload(router: Router, workers: list[Worker], salt: str) -> float:
     20% are unique. All 7 prefixes (~91 blocks) do not fit one worker's 72-block pool, the 2-3 a worker
     owns under prefix-aware routing do; round-robin shows every worker every tenant in turn, the LRU
     pool's worst case. Returns the cluster's prefix-cache hit rate (workers' vllm:prefix_cache_* counters)."""
-    rng = random.Random(7)
-    tenants = [f"[{salt}-{t}] " + f"You are assistant {t} of the {salt} team. Follow rule {t}. " * 5
-               for t in range(7)]
-    systems: list[str] = []
-    for _ in range(200):
-        unique = rng.random() < 0.2
-        systems.append(f"[{uuid.uuid4()}] unique " * 3 if unique else tenants[len(systems) % 7])
+    systems = tenant_system_prompts(salt)
     before = [(w.counter("vllm:prefix_cache_hits_total"), w.counter("vllm:prefix_cache_queries_total"))
               for w in workers]
     with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as c:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 import httpx
@@ -146,3 +148,21 @@ class EndpointLoad:
         self._stop.set()
         for t in self._threads:
             t.join(90)
+
+
+def tenant_system_prompts(salt: str, num_requests: int = 200, num_tenants: int = 7,
+                          unique_fraction: float = 0.2, seed: int = 7) -> list[str]:
+    """System prompts for a multi-tenant prefix-cache workload: `1 - unique_fraction` of the requests
+    cycle through `num_tenants` tenants' prompts (~200 tokens each with a byte-level tokenizer), the
+    rest are unique. With a KV pool that holds only a few tenants' prefixes per worker, prefix-aware
+    routing keeps each tenant on its worker and round-robin shows every worker every tenant in turn
+    (the LRU pool's worst case). `salt` makes the prompts of one run unlike another's."""
+    rng = random.Random(seed)
+    tenants = [f"[{salt}-{t}] " + f"You are assistant {t} of the {salt} team. Follow rule {t}. " * 5
+               for t in range(num_tenants)]
+    prompts: list[str] = []
+    for _ in range(num_requests):
+        unique = rng.random() < unique_fraction
+        prompts.append(f"[{uuid.UUID(int=rng.getrandbits(128))}] unique " * 3 if unique
+                       else tenants[len(prompts) % num_tenants])
+    return prompts
