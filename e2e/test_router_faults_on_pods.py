@@ -181,10 +181,15 @@ def test_prefix_aware_doubles_the_hit_rate_of_round_robin(service: Service) -> N
                        "-p", '{"spec": {"router": {"policy": "round-robin"}}}')
 
     def rolled() -> bool:
-        pods = service.pods("router")
-        return len(pods) == 1 and pods[0]["metadata"]["name"] not in old
+        # every old pod gone, not only unready: a terminating router still serves the connections it
+        # has (and a client's keep-alive connection would keep reaching the prefix-aware one)
+        listing = service.cp.client.get(f"/api/v1/namespaces/{service.namespace}/pods", labelSelector=(
+            f"infergrid.dev/inferenceservice={service.name},app.kubernetes.io/component=router")) or {}
+        names = {p["metadata"]["name"] for p in listing.get("items", [])}
+        ready = service.pods("router")
+        return not (names & old) and len(ready) == 1
 
-    wait_for(rolled, 180, "the router rolled to round-robin", interval=0.5)
+    wait_for(rolled, 180, "the router rolled to round-robin (old pods gone)", interval=0.5)
     service.wait_ready_workers(3, 30)
     round_robin = cluster_hit_rate_of(service, "rr")
     print(f"cluster prefix-cache hit rate: prefix-aware {prefix_aware:.3f}, round-robin {round_robin:.3f}")
