@@ -1,0 +1,132 @@
+"""Our engine on real weights (SmolLM2-135M-Instruct, float32, CPU) against Hugging Face transformers:
+greedy tokens equal and logprobs close for 16 varied chat prompts (64 new tokens each); prefix caching,
+n-gram speculation and tensor parallelism leave the greedy text unchanged; n-gram acceptance on text
+that repeats its prompt is measured and printed.
+
+The model is converted once per machine (the `smollm2` fixture: the on-disk model cache); the
+transformers reference and our baseline are computed once per module.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from real_prompts import CHATS, SUMMARY_CHAT
+
+from infergrid.worker import LLM, SamplingParams
+from infergrid.worker.tokenizer import apply_chat_template
+
+MAX_NEW_TOKENS = 64
+ENGINE_ARGS = dict(dtype="float32", device="cpu", max_model_len=1024, max_num_seqs=16)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, logprobs=5)
+NUM_TP_PROMPTS = 4
+TP_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2: str) -> LLM:
+    return LLM(smollm2, **ENGINE_ARGS)
+
+
+@pytest.fixture(scope="module")
+def prompts(llm: LLM) -> list[list[int]]:
+    return [apply_chat_template(llm.tokenizer, chat) for chat in CHATS]
+
+
+@pytest.fixture(scope="module")
+def baseline(llm: LLM, prompts: list[list[int]]):
+    """Our greedy outputs for the 16 chats (all scheduled together)."""
+    return llm.generate(prompts, GREEDY)
+
+
+@pytest.fixture(scope="module")
+def hf_reference(smollm2: str, prompts: list[list[int]]) -> list[tuple[list[int], torch.Tensor]]:
+    """transformers' greedy tokens and per-step log-softmaxed logits, one prompt at a time."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW_TOKENS,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                 pad_token_id=2)
+            steps = torch.stack([s[0] for s in out.logits]).float().log_softmax(-1)
+            results.append((out.sequences[0, len(prompt):].tolist(), steps))
+    return results
+
+
+def test_the_model_answers_a_factual_question(baseline) -> None:
+    answer = baseline[0].outputs[0].text
+    print(f"Q: {CHATS[0][0]['content']!r} -> A: {answer!r}")
+    assert "Paris" in answer
+    assert baseline[0].outputs[0].finish_reason == "stop"
+
+
+def test_greedy_tokens_equal_transformers_and_logprobs_close(baseline, hf_reference) -> None:
+    max_diff = 0.0
+    for i, (out, (ref_tokens, ref_logprobs)) in enumerate(zip(baseline, hf_reference, strict=True)):
+        completion = out.outputs[0]
+        assert completion.token_ids == ref_tokens, f"chat {i}: {completion.text!r}"
+        assert len(completion.logprobs) == len(ref_tokens)
+        for step, entry in enumerate(completion.logprobs):
+            ref = ref_logprobs[step]
+            assert set(entry) == set(ref.topk(5).indices.tolist()), f"chat {i} step {step}"
+            for tid, lp in entry.items():
+                max_diff = max(max_diff, abs(lp.logprob - ref[tid].item()))
+    print(f"largest |logprob - transformers'| over {len(baseline)} chats: {max_diff:.2e}")
+    assert max_diff < 2e-3
+
+
+def texts(outputs) -> list[str]:
+    return [o.outputs[0].text for o in outputs]
+
+
+def test_prefix_caching_keeps_the_greedy_text(smollm2, prompts, baseline) -> None:
+    llm = LLM(smollm2, **ENGINE_ARGS, enable_prefix_caching=True)
+    first = llm.generate(prompts, GREEDY)
+    second = llm.generate(prompts, GREEDY)
+    assert sum(o.num_cached_tokens for o in second) > 0  # the shared system prompt and the first wave hit
+    assert texts(first) == texts(baseline)
+    assert texts(second) == texts(baseline)
+
+
+def test_ngram_speculation_keeps_the_greedy_text(smollm2, prompts, baseline) -> None:
+    llm = LLM(smollm2, **ENGINE_ARGS, speculative_method="ngram", num_speculative_tokens=4)
+    assert texts(llm.generate(prompts, GREEDY)) == texts(baseline)
+    assert llm.llm_engine.get_stats().spec_decode_num_draft_tokens_total > 0
+
+
+def test_ngram_acceptance_on_text_that_repeats_the_prompt(smollm2, monkeypatch) -> None:
+    """Drafts proposed at every step (adaptive off) so the number is the acceptance itself."""
+    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
+    params = SamplingParams(temperature=0.0, max_tokens=128)
+    plain = LLM(smollm2, **ENGINE_ARGS)
+    prompt = apply_chat_template(plain.tokenizer, SUMMARY_CHAT)
+    expected = plain.generate([prompt], params)[0].outputs[0]
+    del plain
+    spec = LLM(smollm2, **ENGINE_ARGS, speculative_method="ngram", num_speculative_tokens=4)
+    got = spec.generate([prompt], params)[0].outputs[0]
+    stats = spec.llm_engine.get_stats()
+    acceptance = stats.spec_decode_num_accepted_tokens_total / stats.spec_decode_num_draft_tokens_total
+    print(f"n-gram k=4 on a repeat-the-text chat: {stats.spec_decode_num_accepted_tokens_total}/"
+          f"{stats.spec_decode_num_draft_tokens_total} drafts accepted = {acceptance:.2f}, "
+          f"{len(got.token_ids)} tokens in {stats.spec_decode_num_drafts_total} verify steps; "
+          f"per position {stats.spec_decode_num_accepted_tokens_per_pos}")
+    assert got.token_ids == expected.token_ids
+    assert acceptance > 0.5
+
+
+def test_tensor_parallel_refuses_2_and_keeps_the_greedy_text_at_3(smollm2, prompts, baseline) -> None:
+    """9 query heads and 3 KV heads: TP=2 cannot split them (clear error); TP=3 over gloo can."""
+    with pytest.raises(ValueError, match="tensor_parallel_size 2 does not divide the model's num_attention_heads 9"):
+        LLM(smollm2, **ENGINE_ARGS, tensor_parallel_size=2)
+    params = SamplingParams(temperature=0.0, max_tokens=TP_TOKENS)
+    expected = [o.outputs[0].token_ids[:TP_TOKENS] for o in baseline[:NUM_TP_PROMPTS]]
+    llm = LLM(smollm2, **ENGINE_ARGS, tensor_parallel_size=3)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts[:NUM_TP_PROMPTS], params)]
+    finally:
+        llm.llm_engine.shutdown()
+    assert got == expected
