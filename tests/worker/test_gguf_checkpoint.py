@@ -1,0 +1,128 @@
+"""GGUF model sources: the conversion equals transformers' own GGUF loader tensor for tensor, a .gguf
+file (or a directory holding one) is a model source, the demo model is checked and made once, and
+what cannot be read is refused with the problem named."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from infergrid.worker import LLM, SamplingParams
+from infergrid.worker.cli import main as worker_cli
+from infergrid.worker.demo_model import DEMO_GGUF_SHA256, demo_gguf_path, make_demo_model
+from infergrid.worker.gguf_checkpoint import GGUFError, find_gguf_file, gguf_model_dir, is_converted
+from infergrid.worker.loader import resolve_model_path
+
+
+def write_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, object]]) -> Path:
+    """A minimal GGUF file: a Llama-shaped header for `arch` and the given (data, raw type) tensors."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_context_length(128)
+    writer.add_vocab_size(32)
+    for name, (data, raw_dtype) in tensors.items():
+        writer.add_tensor(name, data, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_conversion_equals_the_transformers_gguf_loader(smollm2: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    gguf_file = demo_gguf_path()
+    reference = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_file), dtype=torch.float32,
+                                                     gguf_file=os.path.basename(gguf_file)).state_dict()
+    ours = load_file(os.path.join(smollm2, "model.safetensors"))
+    assert set(reference) - set(ours) == {"lm_head.weight"}  # tied: not stored
+    assert torch.equal(reference["lm_head.weight"], ours["model.embed_tokens.weight"])
+    different = [name for name, tensor in ours.items() if not torch.equal(tensor, reference[name])]
+    assert different == []
+    config = json.loads(Path(smollm2, "config.json").read_text())
+    assert (config["architectures"], config["num_hidden_layers"], config["num_attention_heads"],
+            config["num_key_value_heads"], config["vocab_size"]) == (["LlamaForCausalLM"], 30, 9, 3, 49152)
+    assert "<|im_start|>" in json.loads(Path(smollm2, "tokenizer_config.json").read_text())["chat_template"]
+
+
+def test_the_demo_model_is_made_once_and_checked(smollm2: str, tmp_path: Path, capsys) -> None:
+    assert is_converted(smollm2, DEMO_GGUF_SHA256)
+    before = os.stat(os.path.join(smollm2, "model.safetensors")).st_mtime_ns
+    assert worker_cli(["make-demo-model", smollm2]) == 0  # already there: nothing rewritten
+    assert capsys.readouterr().out.strip() == smollm2
+    assert os.stat(os.path.join(smollm2, "model.safetensors")).st_mtime_ns == before
+
+    fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fake.write_bytes(b"GGUF not really")
+    with pytest.raises(ValueError, match=f"has sha256 [0-9a-f]{{64}}, expected {DEMO_GGUF_SHA256}"):
+        make_demo_model(str(tmp_path / "out"), gguf_path=str(fake))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_file_or_directory_is_a_model_source(smollm2: str, tmp_path: Path, monkeypatch) -> None:
+    """Converted once into the model cache (a second resolve reuses it), then served like any checkpoint."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("INFERGRID_MODEL_CACHE_DIR", str(cache))
+    holder = tmp_path / "holder"
+    holder.mkdir()
+    gguf_file = holder / "smollm2.gguf"
+    os.symlink(demo_gguf_path(), gguf_file)
+    assert find_gguf_file(str(holder)) == str(gguf_file)
+    converted = resolve_model_path(f"file://{holder}")
+    assert converted == resolve_model_path(str(gguf_file))
+    assert converted.startswith(str(cache / "gguf" / "smollm2-"))
+    llm = LLM(f"file://{gguf_file}", dtype="float32", max_model_len=256)
+    answer = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                      SamplingParams(temperature=0, max_tokens=12))[0].outputs[0].text
+    assert "Paris" in answer
+
+
+def test_unreadable_sources_are_refused_with_the_problem_named(tmp_path: Path) -> None:
+    import gguf
+
+    f32 = gguf.GGMLQuantizationType.F32
+    gpt2 = write_gguf(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": (np.zeros((32, 64), np.float32), f32)})
+    with pytest.raises(GGUFError, match="GGUF architecture 'gpt2' is not supported; supported: llama, qwen2, qwen3"):
+        gguf_model_dir(str(gpt2), str(tmp_path / "cache"))
+
+    q8_1 = gguf.GGMLQuantizationType.Q8_1
+    block_count, block_bytes = 32 * 64 // 32, gguf.GGML_QUANT_SIZES[q8_1][1]
+    raw = np.zeros((32, 64 // 32 * block_bytes), np.uint8)
+    assert raw.size == block_count * block_bytes
+    quant = write_gguf(tmp_path / "q81.gguf", "llama", {"token_embd.weight": (raw, q8_1)})
+    with pytest.raises(GGUFError, match="GGUF tensor 'token_embd.weight' uses quantization type Q8_1, which the "
+                                        "gguf package cannot dequantize"):
+        gguf_model_dir(str(quant), str(tmp_path / "cache"))
+    assert not list((tmp_path / "cache" / "gguf").glob("q81-*/config.json"))  # nothing half-written kept
+
+    odd = write_gguf(tmp_path / "odd.gguf", "llama", {"blk.0.attn_qkv.weight": (np.zeros((8, 64), np.float32), f32)})
+    with pytest.raises(GGUFError, match="GGUF tensor 'blk.0.attn_qkv.weight' has no counterpart"):
+        gguf_model_dir(str(odd), str(tmp_path / "cache"))
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all")
+    with pytest.raises(GGUFError, match="is not a readable GGUF file"):
+        resolve_model_path(str(junk))
+
+    two = tmp_path / "two"
+    two.mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        shutil.copy(junk, two / name)
+    with pytest.raises(ValueError, match=r"holds several GGUF files \(a.gguf, b.gguf\): name one of them"):
+        resolve_model_path(str(two))
+    with pytest.raises(ValueError, match="is a file but not a .gguf file"):
+        resolve_model_path(__file__)
