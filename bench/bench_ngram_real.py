@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8], help="num_speculative_tokens values")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--prompts", nargs="+", choices=list(PROMPTS), default=list(PROMPTS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     return parser.parse_args(argv)
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     plain = LLM(model, **engine_args)
     prompts = {name: apply_chat_template(plain.tokenizer, [{"role": "user", "content": text}])
-               for name, text in PROMPTS.items()}
+               for name, text in PROMPTS.items() if name in args.prompts}
     baseline = {name: plain.generate([ids], params)[0].outputs[0] for name, ids in prompts.items()}
     del plain
     rows = []
