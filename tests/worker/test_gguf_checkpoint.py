@@ -66,6 +66,13 @@ def test_the_demo_model_is_made_once_and_checked(smollm2: str, tmp_path: Path, c
     assert capsys.readouterr().out.strip() == smollm2
     assert os.stat(os.path.join(smollm2, "model.safetensors")).st_mtime_ns == before
 
+    occupied = tmp_path / "my-models"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not a GGUF conversion of ours"):
+        make_demo_model(str(occupied))
+    assert (occupied / "notes.txt").read_text() == "mine"
+
     fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     fake.write_bytes(b"GGUF not really")
     with pytest.raises(ValueError, match=f"has sha256 [0-9a-f]{{64}}, expected {DEMO_GGUF_SHA256}"):

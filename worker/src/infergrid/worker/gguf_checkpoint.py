@@ -235,9 +235,12 @@ def _make_readable(directory: str) -> None:
 
 def convert_gguf(gguf_path: str, out: str, sha256: str | None = None) -> str:
     """Write the Hugging Face directory for `gguf_path` to `out` (atomically: a temporary sibling
-    renamed into place); returns `out`. Raises GGUFError for what it cannot read."""
+    renamed into place); returns `out`. Raises GGUFError for what it cannot read, ValueError when
+    `out` holds something else (only an earlier conversion is ever replaced)."""
     from safetensors.torch import save_file
 
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, CONVERTED_MARKER)):
+        raise ValueError(f"{out!r} exists and is not a GGUF conversion of ours: give a new or empty directory")
     reader = _open(gguf_path)
     config = gguf_config(reader)
     parent = os.path.dirname(os.path.abspath(out))
