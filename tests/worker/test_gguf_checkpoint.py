@@ -19,6 +19,7 @@ from infergrid.worker.cli import main as worker_cli
 from infergrid.worker.demo_model import DEMO_GGUF_SHA256, demo_gguf_path, make_demo_model
 from infergrid.worker.gguf_checkpoint import GGUFError, find_gguf_file, gguf_model_dir, is_converted
 from infergrid.worker.loader import resolve_model_path
+from infergrid.worker.model_config import ModelConfig
 
 
 def write_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, object]]) -> Path:
@@ -133,3 +134,68 @@ def test_unreadable_sources_are_refused_with_the_problem_named(tmp_path: Path) -
         resolve_model_path(str(two))
     with pytest.raises(ValueError, match="is a file but not a .gguf file"):
         resolve_model_path(__file__)
+
+
+def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py does to Llama Q/K rows (its rotary layout)."""
+    return weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2) \
+        .reshape(weight.shape)
+
+
+@pytest.mark.parametrize(("name", "gguf_arch"), [("llama_untied", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")])
+def test_tiny_checkpoints_written_as_gguf_read_back_exactly(tiny_model, tmp_path: Path, name: str,
+                                                            gguf_arch: str) -> None:
+    """Names, biases, Q/K norms, untied heads and (Llama only) the Q/K row permutation, on shapes other
+    than the demo model's: a tiny checkpoint written the way llama.cpp's converter would, read back."""
+    import gguf
+
+    from infergrid.worker.gguf_checkpoint import gguf_config, gguf_weights
+
+    path = tiny_model(name)
+    hf = json.loads(Path(path, "config.json").read_text())
+    weights = {k: v.numpy() for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+    to_gguf = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+               "lm_head.weight": "output.weight"}
+    layer_parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                   "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+                   "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm",
+                   "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), gguf_arch)
+    writer.add_block_count(hf["num_hidden_layers"])
+    writer.add_embedding_length(hf["hidden_size"])
+    writer.add_feed_forward_length(hf["intermediate_size"])
+    writer.add_head_count(hf["num_attention_heads"])
+    writer.add_head_count_kv(hf["num_key_value_heads"])
+    writer.add_key_length(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"])
+    writer.add_context_length(hf["max_position_embeddings"])
+    writer.add_vocab_size(hf["vocab_size"])
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(hf["rms_norm_eps"])
+    for hf_name, value in weights.items():
+        if hf_name in to_gguf:
+            gguf_name = to_gguf[hf_name]
+        else:
+            _, _, layer, rest = hf_name.split(".", 3)
+            part, kind = rest.rsplit(".", 1)
+            gguf_name = f"blk.{layer}.{layer_parts[part]}.{kind}"
+        if gguf_arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = hf["num_attention_heads" if "q_proj" in hf_name else "num_key_value_heads"]
+            value = llama_cpp_permute(value, heads)
+        writer.add_tensor(gguf_name, np.ascontiguousarray(value))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    config = gguf_config(reader)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings", "architectures"):
+        assert config[key] == hf[key], key
+    read = dict(gguf_weights(reader, config))
+    assert set(read) == set(weights)
+    assert [k for k, v in read.items() if not np.array_equal(v.numpy(), weights[k])] == []
+    ours = ModelConfig.from_dict(config)  # what the engine reads back matches the original checkpoint's
+    original = ModelConfig.from_pretrained(path)
+    for key in ("head_dim", "qkv_bias", "qk_norm", "tie_word_embeddings", "rms_norm_eps", "rope_theta"):
+        assert getattr(ours, key) == pytest.approx(getattr(original, key)), key
