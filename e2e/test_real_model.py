@@ -27,7 +27,7 @@ from infergrid.testbed.demo import EXAMPLES, manifest
 from infergrid.testbed.paths import repo_root
 from infergrid.testbed.podrunner import PodRunner
 
-pytestmark = pytest.mark.controlplane
+pytestmark = [pytest.mark.controlplane, pytest.mark.slow]
 
 READY_TIMEOUT = 420.0
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 48}

@@ -43,6 +43,7 @@ def write_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, objec
     return path
 
 
+@pytest.mark.slow
 def test_conversion_equals_the_transformers_gguf_loader(smollm2: str) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -81,6 +82,7 @@ def test_the_demo_model_is_made_once_and_checked(smollm2: str, tmp_path: Path, c
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_gguf_file_or_directory_is_a_model_source(smollm2: str, tmp_path: Path, monkeypatch) -> None:
     """Converted once into the model cache (a second resolve reuses it), then served like any checkpoint."""
     cache = tmp_path / "cache"

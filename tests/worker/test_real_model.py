@@ -22,6 +22,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, logprobs=5)
 NUM_TP_PROMPTS = 4
 TP_TOKENS = 24
 
+pytestmark = pytest.mark.slow  # ~3 min on the 2-core CI machine, model conversion (once per machine) aside
+
 
 @pytest.fixture(scope="module")
 def llm(smollm2: str) -> LLM:
