@@ -201,3 +201,18 @@ def test_tiny_checkpoints_written_as_gguf_read_back_exactly(tiny_model, tmp_path
     original = ModelConfig.from_pretrained(path)
     for key in ("head_dim", "qkv_bias", "qk_norm", "tie_word_embeddings", "rms_norm_eps", "rope_theta"):
         assert getattr(ours, key) == pytest.approx(getattr(original, key)), key
+
+
+def test_large_conversions_are_written_in_shards_one_at_a_time(tiny_model, tmp_path: Path) -> None:
+    from infergrid.worker.gguf_checkpoint import write_weights
+    from infergrid.worker.loader import iterate_weights, safetensors_files
+
+    weights = dict(iterate_weights(tiny_model("llama_untied")))
+    largest = max(t.numel() * t.element_size() for t in weights.values())
+    write_weights(iter(weights.items()), str(tmp_path), skip={"lm_head.weight"}, max_shard_bytes=largest)
+    files = safetensors_files(str(tmp_path))
+    assert len(files) > 2 and all(Path(f).name.startswith("model-") for f in files)
+    assert not list(tmp_path.glob(".shard-*"))
+    read = dict(iterate_weights(str(tmp_path)))
+    assert set(read) == set(weights) - {"lm_head.weight"}
+    assert all(torch.equal(read[k], weights[k]) for k in read)

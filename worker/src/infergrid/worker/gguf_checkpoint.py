@@ -60,6 +60,7 @@ _IGNORED = {"rope_freqs.weight"}
 _LAYER = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 CONVERTED_MARKER = "infergrid-gguf.json"
+MAX_SHARD_BYTES = 2 << 30
 
 
 class GGUFError(ValueError):
@@ -226,6 +227,47 @@ def _write_tokenizer(gguf_path: str, out: str) -> None:
         json.dump(tokenizer_config, f, indent=2)
 
 
+def write_weights(weights: Iterator[tuple[str, torch.Tensor]], out: str, skip: set[str] | None = None,
+                  max_shard_bytes: int | None = None) -> None:
+    """model.safetensors, or model-0000N.safetensors shards + index once past `max_shard_bytes`: only one
+    shard of dequantized float32 tensors is held in memory at a time (a 7B GGUF is 28 GB as float32)."""
+    from safetensors.torch import save_file
+
+    skip = skip or set()
+    max_shard_bytes = max_shard_bytes or MAX_SHARD_BYTES
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    names: list[list[str]] = [[]]
+
+    def flush() -> None:
+        save_file(shards[-1], os.path.join(out, f".shard-{len(names)}"), metadata={"format": "pt"})
+        shards[-1] = {}
+
+    for name, tensor in weights:
+        if name in skip:
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
+            flush()
+            shards.append({})
+            sizes.append(0)
+            names.append([])
+        shards[-1][name] = tensor
+        sizes[-1] += nbytes
+        names[-1].append(name)
+    flush()
+    if len(names) == 1:
+        os.rename(os.path.join(out, ".shard-1"), os.path.join(out, "model.safetensors"))
+        return
+    weight_map = {}
+    for i, shard_names in enumerate(names, 1):
+        file_name = f"model-{i:05d}-of-{len(names):05d}.safetensors"
+        os.rename(os.path.join(out, f".shard-{i}"), os.path.join(out, file_name))
+        weight_map.update(dict.fromkeys(shard_names, file_name))
+    with open(os.path.join(out, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
+
+
 def _make_readable(directory: str) -> None:
     """mkdtemp makes 0700: let other users (a pod's non-root uid over a hostPath) read the result."""
     os.chmod(directory, 0o755)
@@ -237,8 +279,6 @@ def convert_gguf(gguf_path: str, out: str, sha256: str | None = None) -> str:
     """Write the Hugging Face directory for `gguf_path` to `out` (atomically: a temporary sibling
     renamed into place); returns `out`. Raises GGUFError for what it cannot read, ValueError when
     `out` holds something else (only an earlier conversion is ever replaced)."""
-    from safetensors.torch import save_file
-
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, CONVERTED_MARKER)):
         raise ValueError(f"{out!r} exists and is not a GGUF conversion of ours: give a new or empty directory")
     reader = _open(gguf_path)
@@ -247,11 +287,7 @@ def convert_gguf(gguf_path: str, out: str, sha256: str | None = None) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
     try:
-        weights = dict(gguf_weights(reader, config))
-        if config["tie_word_embeddings"]:
-            weights.pop("lm_head.weight", None)
-        save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        del weights
+        write_weights(gguf_weights(reader, config), tmp, skip={"lm_head.weight"} if config["tie_word_embeddings"] else set())
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
