@@ -216,3 +216,31 @@ def test_large_conversions_are_written_in_shards_one_at_a_time(tiny_model, tmp_p
     read = dict(iterate_weights(str(tmp_path)))
     assert set(read) == set(weights) - {"lm_head.weight"}
     assert all(torch.equal(read[k], weights[k]) for k in read)
+
+
+def test_llama3_rope_divisors_become_the_rope_scaling_config(tmp_path: Path) -> None:
+    """llama.cpp stores Llama 3.1+ RoPE scaling as per-frequency divisors; they are matched back to
+    Llama 3's parameters (and equal what transformers' llama3 rotary computes), anything else refused."""
+    import gguf
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from infergrid.worker.gguf_checkpoint import gguf_config, llama3_rope_divisors
+
+    f32 = gguf.GGMLQuantizationType.F32
+    divisors = llama3_rope_divisors(16, 10000.0, 32.0, 1.0, 4.0, 8192).astype(np.float32)
+    hf = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=10000.0, max_position_embeddings=16384,
+                     rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    plain = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    np.testing.assert_allclose(divisors, (plain / scaled.double()).numpy(), rtol=1e-5)
+    assert 1.0 in divisors and 32.0 in divisors and len(set(divisors.tolist())) > 2  # all three regimes
+
+    path = write_gguf(tmp_path / "l3.gguf", "llama", {"rope_freqs.weight": (divisors, f32)})
+    config = gguf_config(gguf.GGUFReader(str(path)))
+    assert config["rope_scaling"] == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    odd = write_gguf(tmp_path / "odd.gguf", "llama", {"rope_freqs.weight": (divisors[::-1].copy(), f32)})
+    with pytest.raises(GGUFError, match="rope_freqs.weight does not follow Llama 3 RoPE scaling"):
+        gguf_config(gguf.GGUFReader(str(odd)))

@@ -8,7 +8,8 @@ tokenizer files with the chat template. The result (config.json, model.safetenso
 generation_config.json) is cached under the model cache keyed by the file's sha256, so a restart or a
 second tensor-parallel rank reuses it.
 
-Architectures: llama (also Mistral and SmolLM exports), qwen2, qwen3. Quantization types: whatever the
+Architectures: llama (also Mistral and SmolLM exports; Llama 3.1+ RoPE scaling is recovered from the
+`rope_freqs` divisors llama.cpp stores), qwen2, qwen3. Quantization types: whatever the
 `gguf` package can dequantize (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants, ...);
 anything else is refused with the tensor and type named.
 """
@@ -55,8 +56,11 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-# Precomputed tables llama.cpp stores but the model recomputes from the config.
-_IGNORED = {"rope_freqs.weight"}
+# Llama 3.1+ RoPE scaling: llama.cpp stores per-frequency divisors (`rope_freqs.weight`) instead of the
+# parameters; they are matched against Llama 3's scheme with its published constants and become config.
+ROPE_FREQS = "rope_freqs.weight"
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_IGNORED = {ROPE_FREQS}
 _LAYER = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 CONVERTED_MARKER = "infergrid-gguf.json"
@@ -148,12 +152,36 @@ def gguf_config(reader: Any) -> dict[str, Any]:
             raise GGUFError(f"GGUF rope scaling {scaling!r} is not supported (only linear)")
         config["rope_scaling"] = {"rope_type": "linear",
                                   "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
+    if ROPE_FREQS in tensor_names:
+        freqs = dequantized_tensor(next(t for t in reader.tensors if t.name == ROPE_FREQS)).reshape(-1)
+        config["rope_scaling"] = llama3_rope_scaling(freqs, config["head_dim"], config["rope_theta"])
     for key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                           ("pad_token_id", "padding_token_id")):
         value = _field(reader, f"tokenizer.ggml.{gguf_key}")
         if value is not None:
             config[key] = int(value)
     return config
+
+
+def llama3_rope_divisors(head_dim: int, theta: float, factor: float, low_freq_factor: float,
+                         high_freq_factor: float, original_max_position_embeddings: int) -> np.ndarray:
+    """What llama.cpp stores as rope_freqs for Llama 3 RoPE scaling: inv_freq / scaled inv_freq."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    divisors = 1.0 / ((1 - smooth) / factor + smooth)
+    divisors = np.where(wavelen < original_max_position_embeddings / high_freq_factor, 1.0, divisors)
+    return np.where(wavelen > original_max_position_embeddings / low_freq_factor, factor, divisors)
+
+
+def llama3_rope_scaling(divisors: np.ndarray, head_dim: int, theta: float) -> dict[str, Any]:
+    """The rope_scaling config whose Llama 3 divisors are `divisors`; GGUFError for any other scheme."""
+    factor = float(divisors.max())
+    expected = llama3_rope_divisors(head_dim, theta, factor, **LLAMA3_ROPE)
+    if divisors.shape != expected.shape or not np.allclose(divisors, expected, rtol=1e-3):
+        raise GGUFError(f"GGUF {ROPE_FREQS} does not follow Llama 3 RoPE scaling (factor {factor:g}, "
+                        f"{', '.join(f'{k} {v:g}' for k, v in LLAMA3_ROPE.items())}): not supported")
+    return {"rope_type": "llama3", "factor": factor, **LLAMA3_ROPE}
 
 
 def _hf_name(gguf_name: str) -> str | None:
