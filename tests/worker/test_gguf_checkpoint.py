@@ -22,8 +22,9 @@ from infergrid.worker.loader import resolve_model_path
 from infergrid.worker.model_config import ModelConfig
 
 
-def write_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, object]]) -> Path:
-    """A minimal GGUF file: a Llama-shaped header for `arch` and the given (data, raw type) tensors."""
+def write_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, object]], tokenizer: bool = True) -> Path:
+    """A minimal GGUF file: a Llama-shaped header for `arch` (naming a tokenizer model, without its
+    vocabulary) and the given (data, raw type) tensors."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
@@ -34,6 +35,8 @@ def write_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, objec
     writer.add_head_count_kv(2)
     writer.add_context_length(128)
     writer.add_vocab_size(32)
+    if tokenizer:
+        writer.add_tokenizer_model("gpt2")
     for name, (data, raw_dtype) in tensors.items():
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
@@ -122,6 +125,11 @@ def test_unreadable_sources_are_refused_with_the_problem_named(tmp_path: Path) -
     odd = write_gguf(tmp_path / "odd.gguf", "llama", {"blk.0.attn_qkv.weight": (np.zeros((8, 64), np.float32), f32)})
     with pytest.raises(GGUFError, match="GGUF tensor 'blk.0.attn_qkv.weight' has no counterpart"):
         gguf_model_dir(str(odd), str(tmp_path / "cache"))
+
+    bare = write_gguf(tmp_path / "bare.gguf", "llama", {"output_norm.weight": (np.ones(64, np.float32), f32)},
+                      tokenizer=False)
+    with pytest.raises(GGUFError, match="carries no tokenizer"):
+        gguf_model_dir(str(bare), str(tmp_path / "cache"))
 
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all")

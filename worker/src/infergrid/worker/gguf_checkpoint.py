@@ -311,6 +311,9 @@ def convert_gguf(gguf_path: str, out: str, sha256: str | None = None) -> str:
         raise ValueError(f"{out!r} exists and is not a GGUF conversion of ours: give a new or empty directory")
     reader = _open(gguf_path)
     config = gguf_config(reader)
+    if "tokenizer.ggml.model" not in reader.fields:
+        raise GGUFError(f"{gguf_path!r} carries no tokenizer (no tokenizer.ggml.* fields): serve the Hugging "
+                        "Face checkpoint instead")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
