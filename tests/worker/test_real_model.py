@@ -1,7 +1,7 @@
 """Our engine on real weights (SmolLM2-135M-Instruct, float32, CPU) against Hugging Face transformers:
-greedy tokens equal and logprobs close for 16 varied chat prompts (64 new tokens each); prefix caching,
-n-gram speculation and tensor parallelism leave the greedy text unchanged; n-gram acceptance on text
-that repeats its prompt is measured and printed.
+greedy tokens equal and logprobs close for 16 varied chat prompts (64 new tokens each, past the end of
+the turn too: ignore_eos); prefix caching, n-gram speculation and tensor parallelism leave the greedy
+tokens unchanged; n-gram acceptance on text that repeats its prompt is measured and printed.
 
 The model is converted once per machine (the `smollm2` fixture: the on-disk model cache); the
 transformers reference and our baseline are computed once per module.
@@ -18,7 +18,10 @@ from infergrid.worker.tokenizer import apply_chat_template
 
 MAX_NEW_TOKENS = 64
 ENGINE_ARGS = dict(dtype="float32", device="cpu", max_model_len=1024, max_num_seqs=16)
-GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, logprobs=5)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True, logprobs=5)
+# transformers' top-2 logprobs closer than this are a tie float32 rounding may break either way
+# (smallest gap seen: 1.8e-4, against differences of 3e-5); anywhere else the tokens must be equal.
+TIE = 1e-3
 NUM_TP_PROMPTS = 4
 TP_TOKENS = 24
 
@@ -45,7 +48,9 @@ def baseline(llm: LLM, prompts: list[list[int]]):
 def hf_model(smollm2: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # full lengths, like ignore_eos
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -61,35 +66,43 @@ def hf_logprobs(hf_model, prompts: list[list[int]], baseline) -> list[torch.Tens
     return results
 
 
-def test_the_model_answers_a_factual_question(baseline) -> None:
-    answer = baseline[0].outputs[0].text
-    print(f"Q: {CHATS[0][0]['content']!r} -> A: {answer!r}")
-    assert "Paris" in answer
-    assert baseline[0].outputs[0].finish_reason == "stop"
+def test_the_model_answers_a_factual_question(llm: LLM) -> None:
+    out = llm.chat(CHATS[0], SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS))[0].outputs[0]
+    print(f"Q: {CHATS[0][0]['content']!r} -> A: {out.text!r}")
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop"  # the model ends its turn with <|im_end|>
 
 
 def test_greedy_tokens_equal_transformers_and_logprobs_close(baseline, hf_logprobs) -> None:
     """At every generated position transformers' argmax is our token, so (by induction over the
-    positions) transformers' greedy decoding of each chat yields exactly our tokens; our top-5
-    logprobs are transformers' top 5, within 2e-3."""
-    max_diff = 0.0
+    positions) transformers' greedy decoding of each chat yields exactly our tokens (a position where
+    its top two are within TIE may pick either); our top-5 logprobs are transformers' within 2e-3."""
+    max_diff, num_ties, num_flips = 0.0, 0, 0
     for i, (out, ref_logprobs) in enumerate(zip(baseline, hf_logprobs, strict=True)):
         completion = out.outputs[0]
-        assert ref_logprobs.argmax(-1).tolist() == completion.token_ids, f"chat {i}: {completion.text!r}"
-        assert len(completion.logprobs) == len(completion.token_ids)
-        for step, entry in enumerate(completion.logprobs):
+        assert len(completion.token_ids) == MAX_NEW_TOKENS == len(completion.logprobs)
+        top2 = ref_logprobs.topk(2)
+        for step, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs, strict=True)):
+            is_tie = float(top2.values[step, 0] - top2.values[step, 1]) < TIE
+            num_ties += is_tie
+            if token != int(top2.indices[step, 0]):
+                assert is_tie and token == int(top2.indices[step, 1]), f"chat {i} step {step}: {completion.text!r}"
+                num_flips += 1
             ref = ref_logprobs[step]
-            assert set(entry) == set(ref.topk(5).indices.tolist()), f"chat {i} step {step}"
+            top6 = ref.topk(6)
+            is_fifth_tie = float(top6.values[4] - top6.values[5]) < TIE
+            assert set(entry) == set(top6.indices[:5].tolist()) or is_fifth_tie, f"chat {i} step {step}"
             for tid, lp in entry.items():
                 max_diff = max(max_diff, abs(lp.logprob - ref[tid].item()))
-    print(f"largest |logprob - transformers'| over {len(baseline)} chats: {max_diff:.2e}")
+    print(f"{len(baseline)} chats x {MAX_NEW_TOKENS} tokens: largest |logprob - transformers'| {max_diff:.2e}; "
+          f"{num_ties} near-ties (top two within {TIE}), {num_flips} resolved the other way")
     assert max_diff < 2e-3
-    assert sum(len(o.outputs[0].token_ids) for o in baseline) > 6 * MAX_NEW_TOKENS  # 493 of 1024 measured
+    assert num_flips <= 1
 
 
 @pytest.mark.parametrize("chat", [0, 13])
 def test_transformers_generate_gives_our_tokens(hf_model, prompts, baseline, chat) -> None:
-    """The same, literally: transformers' own greedy `generate` (KV cache, stops at <|im_end|>)."""
+    """The same, literally: transformers' own greedy `generate` (with its KV cache)."""
     ids = torch.tensor([prompts[chat]])
     with torch.no_grad():
         out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW_TOKENS,
@@ -97,24 +110,24 @@ def test_transformers_generate_gives_our_tokens(hf_model, prompts, baseline, cha
     assert out[0, ids.shape[1]:].tolist() == baseline[chat].outputs[0].token_ids
 
 
-def texts(outputs) -> list[str]:
-    return [o.outputs[0].text for o in outputs]
+def tokens(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
 
 
-def test_prefix_caching_keeps_the_greedy_text(smollm2, prompts, baseline) -> None:
+def test_prefix_caching_keeps_the_greedy_tokens(smollm2, prompts, baseline) -> None:
     """Half the chats (the default system prompt is shared by most), twice: the second wave hits."""
     llm = LLM(smollm2, **ENGINE_ARGS, enable_prefix_caching=True)
     half = slice(0, len(prompts), 2)
     first = llm.generate(prompts[half], GREEDY)
     second = llm.generate(prompts[half], GREEDY)
     assert sum(o.num_cached_tokens for o in second) > sum(len(p) for p in prompts[half]) // 2
-    assert texts(first) == texts(baseline[half])
-    assert texts(second) == texts(baseline[half])
+    assert tokens(first) == tokens(baseline[half])
+    assert tokens(second) == tokens(baseline[half])
 
 
-def test_ngram_speculation_keeps_the_greedy_text(smollm2, prompts, baseline) -> None:
+def test_ngram_speculation_keeps_the_greedy_tokens(smollm2, prompts, baseline) -> None:
     llm = LLM(smollm2, **ENGINE_ARGS, speculative_method="ngram", num_speculative_tokens=4)
-    assert texts(llm.generate(prompts, GREEDY)) == texts(baseline)
+    assert tokens(llm.generate(prompts, GREEDY)) == tokens(baseline)
     assert llm.llm_engine.get_stats().spec_decode_num_draft_tokens_total > 0
 
 
@@ -142,7 +155,7 @@ def test_tensor_parallel_refuses_2_and_keeps_the_greedy_text_at_3(smollm2, promp
     """9 query heads and 3 KV heads: TP=2 cannot split them (clear error); TP=3 over gloo can."""
     with pytest.raises(ValueError, match="tensor_parallel_size 2 does not divide the model's num_attention_heads 9"):
         LLM(smollm2, **ENGINE_ARGS, tensor_parallel_size=2)
-    params = SamplingParams(temperature=0.0, max_tokens=TP_TOKENS)
+    params = SamplingParams(temperature=0.0, max_tokens=TP_TOKENS, ignore_eos=True)
     expected = [o.outputs[0].token_ids[:TP_TOKENS] for o in baseline[:NUM_TP_PROMPTS]]
     llm = LLM(smollm2, **ENGINE_ARGS, tensor_parallel_size=3)
     try:
