@@ -89,13 +89,15 @@ bench: install testbed-build ## benchmarks: operator + autoscaling run (any mach
 	  $(PY) bench/bench_tensor_parallel.py --out bench/results/tensor_parallel.json; \
 	else echo "no CUDA device: GPU benchmarks skipped (run them on a GPU machine)"; fi
 
-gpu-wheels: install ## wheels the lent GPU machine lacks (pytest tools, py-spy, the worker server's HTTP stack) into build/gpu-wheels
+gpu-wheels: install ## wheels the lent GPU machine lacks (pytest tools, py-spy, the worker server's HTTP stack, xgrammar, jsonschema) into build/gpu-wheels
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	  --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 -d build/gpu-wheels \
 	  pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0 pytest-timeout==2.4.0 py-spy==0.4.3 \
 	  fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
-	  typing-inspection==0.4.5 typing_extensions==4.16.0 uvicorn==0.55.0 opentelemetry-api==1.45.3
+	  typing-inspection==0.4.5 typing_extensions==4.16.0 uvicorn==0.55.0 opentelemetry-api==1.45.3 \
+	  xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 \
+	  jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 attrs==26.1.0
 
 demo: install testbed-build ## local control plane + operator + tiny model + one completion (DEMO_ONCE=1 tears down)
 	$(PY) -m infergrid.testbed.demo

@@ -11,7 +11,9 @@ writes JSON with the commit, the exact command and the machine.
     .venv/bin/python -m pip install vllm-router        # the peer (into .venv only; not a dependency)
     .venv/bin/python bench/bench_router.py [--workers 2] [--repeats 3] [--out bench/results/router.json]
 
-Without vllm-router installed its rows are skipped (and say so). `--baseline REV` adds rows for the router
+Without vllm-router installed its rows are skipped (and say so). `--stub-workers` puts stand-in workers
+(bench/stub_worker.py: a fixed completion, no model, next to no CPU) behind every target instead, so the
+columns show the routers' own cost without the tiny model's CPU competing on this small machine. `--baseline REV` adds rows for the router
 package as of git revision REV (extracted to the scratch directory and run from there), to compare an
 optimisation with what it replaces in the same run.
 """
@@ -169,6 +171,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=5.0, help="saturation phase length")
     ap.add_argument("--baseline", metavar="REV", help="also run infergrid-router as of this git revision")
+    ap.add_argument("--stub-workers", action="store_true",
+                    help="stand-in workers (bench/stub_worker.py) instead of tiny model workers")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "router.json")
     args = ap.parse_args()
 
@@ -176,14 +180,17 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         model = scratch / "model"
-        subprocess.run([str(BIN / "infergrid-worker"), "make-tiny-model", str(model), "--arch", "llama"],
-                       check=True, capture_output=True)
+        if not args.stub_workers:
+            subprocess.run([str(BIN / "infergrid-worker"), "make-tiny-model", str(model), "--arch", "llama"],
+                           check=True, capture_output=True)
         worker_urls = []
         for i in range(args.workers):
             port = free_port()
-            procs.append(start([str(BIN / "infergrid-worker"), "serve", "--model", str(model), "--host", "127.0.0.1",
-                                "--port", str(port), "--device", "cpu", "--dtype", "float32", "--max-model-len", "256",
-                                "--disable-uvicorn-access-log", "--log-level", "warning"], scratch / f"worker{i}.log"))
+            command = [sys.executable, str(REPO / "bench" / "stub_worker.py"), str(port)] if args.stub_workers else [
+                str(BIN / "infergrid-worker"), "serve", "--model", str(model), "--host", "127.0.0.1", "--port",
+                str(port), "--device", "cpu", "--dtype", "float32", "--max-model-len", "256",
+                "--disable-uvicorn-access-log", "--log-level", "warning"]
+            procs.append(start(command, scratch / f"worker{i}.log"))
             worker_urls.append(f"http://127.0.0.1:{port}")
         for url, proc in zip(worker_urls, procs, strict=True):
             wait_http(url + "/ready", 300, proc)
@@ -243,7 +250,7 @@ def main() -> None:
                                     text=True).stdout.strip())
         args.out.write_text(json.dumps({
             "commit": commit, "dirty": dirty, "command": " ".join([sys.executable, *sys.argv]),
-            "machine": machine(), "workers": args.workers, "concurrency": args.concurrency,
+            "machine": machine(), "workers": args.workers, "stub_workers": args.stub_workers, "concurrency": args.concurrency,
             "requests": args.requests, "seconds": args.seconds, "repeats": args.repeats,
             "rows": rows, "samples": samples}, indent=2))
         print(f"wrote {args.out}")
@@ -277,7 +284,8 @@ def print_table(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> No
             return f"{s['median'] * 100:.0f}% [{s['min'] * 100:.0f}..{s['max'] * 100:.0f}]"
         return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}..{s['max']:.{digits}f}]"
 
-    print(f"\n{args.workers} tiny CPU workers, max_tokens 1; medians over {args.repeats} interleaved repeats "
+    kind = "stand-in (stub_worker.py)" if args.stub_workers else "tiny CPU"
+    print(f"\n{args.workers} {kind} workers, max_tokens 1; medians over {args.repeats} interleaved repeats "
           f"[min..max]; req/s with {args.concurrency} concurrent clients for {args.seconds:g} s")
     header = f"| {'target':38s} | {'p50 ms':18s} | {'added p50 ms':20s} | {'added p99 ms':20s} | " \
              f"{'req/s':18s} | {'vs direct':16s} | {'router CPU ms/req':20s} |"

@@ -11,8 +11,9 @@ token-id prompts, so a prompt's length is exact for any tokenizer. Datasets:
 Arrivals: Poisson at --request-rate requests/s (inter-arrival times exponential, seeded; "inf" sends
 all at once), capped at --max-concurrency requests in flight when given. Several rates run in one
 call (--request-rate 2 8 inf), --repeats times, interleaved (repeat r runs every rate once); each
-(rate, repeat) gets fresh prompts of the same distribution, so the prefix cache cannot serve one
-repeat from another's prompts (the shared-prefix dataset keeps its prefix per repeat).
+(rate, repeat) gets fresh prompt token ids, so the prefix cache cannot serve one repeat from another's
+prompts (the shared-prefix dataset keeps its prefix per repeat), while the prompt lengths and the
+arrival times are the same in every repeat of a rate, so repeats differ only by the system's noise.
 
 Metrics per request: TTFT = first streamed token - request sent; ITL = the gaps between streamed
 chunks (one token per chunk); TPOT = (E2E - TTFT) / (output tokens - 1); E2E = last byte - sent.
@@ -77,8 +78,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def make_prompts(args: argparse.Namespace, vocab_size: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
+def make_prompts(args: argparse.Namespace, vocab_size: int, seed: int, shape_seed: int) -> list[list[int]]:
+    """The dataset's prompts: lengths and order from `shape_seed` (the same in every repeat of a rate,
+    so repeats measure the system, not a different workload), token ids from `seed` (fresh per repeat,
+    so the prefix cache cannot serve one repeat from another's prompts)."""
+    rng, shape = random.Random(seed), random.Random(shape_seed)
 
     def ids(n: int) -> list[int]:
         return [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(n)]
@@ -86,12 +90,12 @@ def make_prompts(args: argparse.Namespace, vocab_size: int, seed: int) -> list[l
     if args.dataset == "random":
         lo = max(1, int(args.input_len * (1 - args.range_ratio)))
         hi = max(lo, int(args.input_len * (1 + args.range_ratio)))
-        return [ids(rng.randint(lo, hi)) for _ in range(args.num_prompts)]
+        return [ids(shape.randint(lo, hi)) for _ in range(args.num_prompts)]
     num_shared = round(args.num_prompts * args.shared_fraction)
     prefix = ids(args.prefix_len)
     prompts = [prefix + ids(args.input_len) for _ in range(num_shared)]
     prompts += [ids(args.prefix_len + args.input_len) for _ in range(args.num_prompts - num_shared)]
-    rng.shuffle(prompts)
+    shape.shuffle(prompts)
     return prompts
 
 
@@ -317,15 +321,16 @@ def main(argv: list[str] | None = None) -> int:
                 vocab = json.load(f)["vocab_size"]
         vocab = vocab or 1024
         if args.warmup:
-            warm = make_prompts(args, vocab, args.seed + 10_000)[: args.warmup]
+            warm = make_prompts(args, vocab, args.seed + 10_000, args.seed + 10_000)[: args.warmup]
             asyncio.run(run_load(base_url, model, warm, min(args.output_len, 16), float("inf"), None, 0,
                                  args.api_key))
         runs = []
         for r in range(args.repeats):
             for i, rate in enumerate(args.request_rate):
-                prompts = make_prompts(args, vocab, args.seed + 1 + r * len(args.request_rate) + i)
+                # fresh token ids per (rate, repeat); the same lengths and arrival times in every repeat
+                prompts = make_prompts(args, vocab, args.seed + 1 + r * len(args.request_rate) + i, args.seed + i)
                 results, duration = asyncio.run(run_load(base_url, model, prompts, args.output_len, rate,
-                                                         args.max_concurrency, args.seed + r, args.api_key))
+                                                         args.max_concurrency, args.seed + i, args.api_key))
                 s = summarize(results, duration)
                 print_report(f"rate {rate:g} req/s, repeat {r}", s)
                 runs.append({"request_rate": rate if math.isfinite(rate) else "inf", "repeat": r, **s})

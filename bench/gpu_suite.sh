@@ -3,7 +3,7 @@
 #   bash bench/gpu_suite.sh [OUT_DIR] [PART]   (2+ GPUs: also the tensor-parallel tests and bench)
 # PART: all (default) | single (one-GPU tests and benches) | tp (tensor-parallel tests and bench) |
 # roofline (engine tests, bench_offline vs transformers, the prefix cache, bench_serving at three rates, a batch-1 trace) |
-# serving (the same without bench_offline and the trace),
+# serving (the same without bench_offline and the trace) | structured (structured-output GPU tests and bench),
 # so that each set fits in a call of at most 10 minutes.
 # The machine needs python3 with torch + transformers; `make gpu-wheels` puts pytest etc. in build/gpu-wheels
 # (installed into /tmp/site). Each step has its own time limit so one hang cannot eat the session;
@@ -27,6 +27,12 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the log, print 
   grep -E "^\||passed|failed|->|TP=|^E " "$out/$name.log" | grep -v collective | tail -30
 }
 export INFERGRID_COMMIT=${INFERGRID_COMMIT:-$(git rev-parse HEAD 2>/dev/null || cat COMMIT 2>/dev/null || echo unknown)}
+if [ "$part" = structured ]; then
+  step structured_tests 200 python3 -m pytest -p no:cacheprovider -m gpu tests/worker/test_structured_output_gpu.py \
+    -q --timeout 150
+  step structured 300 python3 bench/bench_structured_output.py --out "$out/structured.json"
+  exit 0
+fi
 if [ "$part" = roofline ] || [ "$part" = serving ]; then
   step gpu_tests 200 python3 -m pytest -p no:cacheprovider -m gpu tests/worker/test_gpu_engine.py \
     tests/worker/test_host_staging.py -q --timeout 120

@@ -18,7 +18,7 @@ from infergrid.router.retry_budget import RetryBudget
 def test_health_new_worker_needs_a_good_probe() -> None:
     h = WorkerHealth()
     assert not h.is_admitted
-    assert h.on_failure(Failure.CONNECT) is False and h.state is HealthState.NEW
+    assert h.on_failure(Failure.CONNECT, 0.0) is False and h.state is HealthState.NEW
     assert h.on_probe_ok() is True and h.is_admitted
 
 
@@ -26,10 +26,25 @@ def test_health_new_worker_needs_a_good_probe() -> None:
 def test_health_any_failure_ejects_and_a_good_probe_readmits(failure: Failure) -> None:
     h = WorkerHealth()
     h.on_probe_ok()
-    assert h.on_failure(failure) is True and h.state is HealthState.EJECTED and h.last_failure is failure
-    assert h.on_failure(failure) is False  # already out: no second ejection
+    assert h.on_failure(failure, 0.0) is True and h.state is HealthState.EJECTED and h.last_failure is failure
+    assert h.on_failure(failure, 0.0) is False  # already out: no second ejection
     assert h.on_probe_ok() is True and h.is_admitted and h.num_failures == 0
     assert h.on_probe_ok() is False
+
+
+def test_only_a_silent_stretch_wedges_a_worker_once() -> None:
+    h = WorkerHealth()
+    h.on_probe_ok()
+    h.on_failure(Failure.TIMEOUT, 10.0)
+    assert not h.becomes_wedged(12.9, 3.0)
+    h.on_failure(Failure.TIMEOUT, 11.0)
+    assert h.becomes_wedged(13.0, 3.0) and not h.becomes_wedged(14.0, 3.0)  # once per stretch
+    h.on_probe_ok()
+    h.on_failure(Failure.TIMEOUT, 20.0)
+    h.on_failure(Failure.NOT_READY, 21.0)  # it answers (draining): not wedged, its requests finish
+    assert not h.becomes_wedged(30.0, 3.0)
+    h.on_failure(Failure.TIMEOUT, 31.0)
+    assert not h.becomes_wedged(33.0, 3.0) and h.becomes_wedged(34.0, 3.0)
 
 
 def test_key_file_checks_rotates_and_refuses_when_missing(tmp_path: Path) -> None:

@@ -97,3 +97,19 @@ def test_ngram_real_text_bench_runs_on_cpu(tmp_path, smollm2):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["k"] == 4 and row["same_text_as_off"] and row["drafts_proposed"] > 0
     assert row["acceptance"] > 0.5  # the greedy reply copies the article
+
+
+def test_structured_output_bench_runs_on_cpu(tmp_path):
+    out = tmp_path / "structured.json"
+    env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("common/src", "worker/src", "operator/src", "testbed/src")))
+    cmd = [sys.executable, "bench/bench_structured_output.py", "--device", "cpu", "--batch", "4", "--max-tokens", "12",
+           "--repeats", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| half constrained |" in proc.stdout and "WARNING" not in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["device"].startswith("cpu") and report["all_requests_ran_to_max_tokens"]
+    for mode in ("unconstrained", "half constrained"):
+        assert report["results"][mode]["tokens"] == [4 * 12]
+    assert report["half_constrained_vs_unconstrained"] > 0

@@ -3,6 +3,7 @@ TP=1 through the offline API, and rank lifecycle (a dead rank kills the engine; 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import torch
 from infergrid.worker import LLM, EngineConfig, SamplingParams
 from infergrid.worker.distributed.executor import RankDiedError
 from infergrid.worker.distributed.parallel_state import verify_tensor_parallel_size
-from infergrid.worker.layers.attention import get_attention_backend
+from infergrid.worker.layers.attention_backends import get_attention_backend
 from infergrid.worker.lazy_weight import LazyWeight
 from infergrid.worker.loader import iterate_weights, load_model
 from infergrid.worker.model_config import ModelConfig
@@ -243,3 +244,39 @@ def test_ranks_exit_when_the_engine_process_is_killed(tiny_llama):
         assert not wait_gone(pids[1:], 5.0), "an orphaned rank outlived the engine process"
     finally:
         proc.kill()
+
+
+def test_a_plain_script_runs_tp2_and_a_second_engine_after_shutdown(tiny_llama, tmp_path):
+    """No `if __name__ == "__main__":` guard: the ranks start from their own entry point, not by
+    re-importing the script (which would build the engine again in each rank). `with LLM(...)` releases
+    the ranks, so a second TP engine starts in the same process; using a shut-down LLM says so."""
+    script = tmp_path / "plain.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os
+        from infergrid.worker import LLM, SamplingParams
+        print("script body ran in", os.getpid(), flush=True)
+        args = dict(tensor_parallel_size=2, dtype="float32", device="cpu", max_model_len=64,
+                    num_gpu_blocks_override=16)
+        greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        with LLM({tiny_llama!r}, **args) as llm:
+            first = llm.generate("Hello", greedy)[0].outputs[0].token_ids
+            ranks = llm.llm_engine.model_executor.rank_pids
+        llm2 = LLM({tiny_llama!r}, **args)
+        second = llm2.generate("Hello", greedy)[0].outputs[0].token_ids
+        llm2.shutdown()
+        llm2.shutdown()  # idempotent
+        try:
+            llm2.generate("Hello", greedy)
+            after = "generated"
+        except RuntimeError as exc:
+            after = str(exc)
+        print(json.dumps({{"first": list(first), "second": list(second), "ranks": ranks, "after": after}}))
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert len([line for line in lines if line.startswith("script body ran")]) == 1, out.stdout
+    result = json.loads(lines[-1])
+    assert result["first"] == result["second"] and len(result["first"]) == 4  # same greedy tokens
+    assert result["after"].startswith("this LLM was shut down")
+    assert not wait_gone(result["ranks"][1:], 5.0), "a rank outlived its engine's shutdown"

@@ -95,12 +95,13 @@ def test_tp2_through_the_graph_paths_matches_tp1_and_every_step_agrees(tiny_llam
 
 
 def _guard_rank(rank: int, port: int, results: multiprocessing.Queue) -> None:
-    from infergrid.worker.distributed.communication import tensor_parallel_all_reduce
+    from infergrid.worker.distributed.communication import tensor_parallel_all_reduce, tensor_parallel_barrier
     from infergrid.worker.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
 
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, 2, False)
     init_tensor_parallel(rank, 2, "gloo", store, debug_collectives=True)
+    tensor_parallel_barrier(torch.device("cpu"))
     try:
         x = torch.full((4,), float(rank + 1))
         tensor_parallel_all_reduce(x)  # the same on both ranks

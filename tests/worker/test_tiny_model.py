@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from infergrid.worker.cli import main as cli_main
-from infergrid.worker.layers.attention import get_attention_backend
+from infergrid.worker.layers.attention_backends import get_attention_backend
 from infergrid.worker.loader import load_model, resolve_model_path, safetensors_files
 from infergrid.worker.model_config import ModelConfig
 from infergrid.worker.tokenizer import load_tokenizer
@@ -51,6 +51,36 @@ def test_tokenizer_has_specials_and_a_chat_template(tiny_llama):
     assert tok("hello")["input_ids"][0] == tok.bos_token_id
     assert tok.decode(tok("Hello world!", add_special_tokens=False)["input_ids"]) == "Hello world!"
     assert "add_generation_prompt" in tok.chat_template
+
+
+@pytest.mark.parametrize("chat_format", ["llama3", "qwen2.5"])
+def test_chat_formats_render_tools_with_their_family_tokens(tmp_path, chat_format):
+    from infergrid.worker.tokenizer import eos_token_ids
+
+    out = tmp_path / chat_format
+    assert cli_main(["make-tiny-model", str(out), "--arch", "qwen2", "--chat-format", chat_format]) == 0
+    tok = load_tokenizer(str(out))
+    vocab_size = ModelConfig.from_pretrained(str(out)).vocab_size
+    family = ["<|start_header_id|>", "<|eot_id|>", "<|python_tag|>"] if chat_format == "llama3" else [
+        "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
+    assert all(384 <= tok.convert_tokens_to_ids(t) < vocab_size for t in family)  # (new ids, in the model)
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    text = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    end_of_turn = "<|eot_id|>" if chat_format == "llama3" else "<|im_end|>"
+    assert tok.convert_tokens_to_ids(end_of_turn) in ids and tok.convert_tokens_to_ids(end_of_turn) in eos_token_ids(
+        str(out), tok)
+    if chat_format == "llama3":
+        assert '{"name": "f", "parameters": {"x": 1}}' in text and text.endswith("assistant<|end_header_id|>\n\n")
+    else:
+        call = tok.convert_tokens_to_ids("<tool_call>")
+        assert call in ids and tok.decode([call], skip_special_tokens=True) == "<tool_call>"  # (not special)
+        assert '{"name": "f", "arguments": {"x": 1}}' in text and "<tool_response>\n42" in text
+    assert '"name": "f"' in text.split(end_of_turn)[0]  # the tools are described up front
 
 
 def test_sharded_checkpoint_loads_identically(tmp_path, tiny_llama):

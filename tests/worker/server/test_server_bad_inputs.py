@@ -119,9 +119,13 @@ CASES = [
     Bad("chat-content-image", CHAT, chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]), param="messages[0].content"),
     Bad("chat-top_logprobs-without-logprobs", CHAT, chat(top_logprobs=2), param="top_logprobs"),
-    Bad("chat-tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), param="tools"),
-    Bad("chat-response_format-json", CHAT, chat(response_format={"type": "json_object"}),
-        param="response_format.type"),
+    # (the tiny default chat template has no tool-call format: tools cannot be parsed back)
+    Bad("chat-tools-no-parser", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), param="tools"),
+    Bad("chat-tool_choice-unknown", CHAT, chat(tool_choice="sometimes"), param="tool_choice"),
+    Bad("chat-response_format-unknown", CHAT, chat(response_format={"type": "xml"}), param="response_format.type"),
+    Bad("chat-response_format-bad-schema", CHAT, chat(response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}), param="response_format"),
+    Bad("chat-guided_regex-bad", CHAT, chat(guided_regex="[a-"), param="guided_regex"),
     Bad("chat-max_completion_tokens-negative", CHAT, chat(max_completion_tokens=-5), param="max_completion_tokens"),
     Bad("chat-max_completion_tokens-over-context", CHAT, chat(max_completion_tokens=10_000),
         param="max_completion_tokens"),

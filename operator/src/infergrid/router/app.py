@@ -9,12 +9,11 @@ import logging
 import os
 from collections.abc import Iterable
 
-from aiohttp import web
-
 from infergrid.router.auth import KeyFile
 from infergrid.router.config import RouterConfig
 from infergrid.router.errors import error_response
 from infergrid.router.holding import HoldingQueue, HoldRejected
+from infergrid.router.http_server import Request, Response, Stream
 from infergrid.router.metrics import RouterMetrics
 from infergrid.router.policies import make_policy, prefix_key_from_body, session_key
 from infergrid.router.pool import Worker, WorkerPool
@@ -24,6 +23,7 @@ from infergrid.router.scraper import Scraper
 
 log = logging.getLogger(__name__)
 _OWN_METHODS = ("GET", "HEAD")
+_TEXT = "text/plain; charset=utf-8"
 
 
 def request_ids() -> Iterable[str]:
@@ -50,6 +50,8 @@ class Router:
         self.pool.on_member_added = self._on_member_added
         self.pool.on_member_removed = lambda w: self.metrics.remove_worker(w.name)
         self.pool.on_eject = lambda w, f: self.metrics.ejections.labels(w.name, f.value).inc()
+        self.pool.on_wedged = self._abort_in_flight
+        self.pool.wedged_after = config.wedged_after
         self.pool.add_listener(self._on_pool_change)
         self._needs_body_key = config.policy == "prefix-aware"
         self._session_header = config.session_header if config.policy == "session-affinity" else None
@@ -60,6 +62,12 @@ class Router:
         self.metrics.add_worker(worker.name)
         self.scraper.start(worker)
 
+    def _abort_in_flight(self, worker: Worker) -> None:
+        """A wedged worker (stopped, sockets open): end its in-flight requests now with a clear error."""
+        self.proxy.pool.abort_busy(worker.host, worker.port, (
+            f"the worker {worker.name} answered nothing for {self.config.wedged_after:g} s (its health probes "
+            "timed out); the request was aborted"))
+
     def _on_pool_change(self) -> None:
         self.metrics.ready_workers.set(len(self.pool.ready))
         if self.pool.ready:
@@ -69,55 +77,51 @@ class Router:
         self.pool.set_members(names)
         self.is_synced = True
 
-    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def dispatch(self, request: Request, stream: Stream) -> Response | None:
         """GET/HEAD of the router's own paths answer here; everything else goes to a worker."""
         if request.method in _OWN_METHODS and (own := self._own.get(request.path)) is not None:
-            return await own(request)
-        return await self.handle(request)
+            return own()
+        return await self.handle(request, stream)
 
     # ---------------------------------------------------------------------------------- own endpoints
-    async def health(self, _: web.BaseRequest) -> web.Response:
-        return web.Response(text="ok")
+    def health(self) -> Response:
+        return Response(200, b"ok", content_type=_TEXT)
 
-    async def ready(self, _: web.BaseRequest) -> web.Response:
+    def ready(self) -> Response:
         """Ready once discovery has answered: with zero workers the router still holds requests."""
         if self.is_synced:
-            return web.Response(text="ok")
-        return web.Response(status=503, text="waiting for worker discovery")
+            return Response(200, b"ok", content_type=_TEXT)
+        return Response(503, b"waiting for worker discovery", content_type=_TEXT)
 
-    async def render_metrics(self, _: web.BaseRequest) -> web.Response:
-        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+    def render_metrics(self) -> Response:
+        return Response(200, self.metrics.render(), content_type=_TEXT)
 
     # ---------------------------------------------------------------------------------- proxy path
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request, stream: Stream) -> Response | None:
         """Every path other than the router's own: authenticate, pick a worker, forward."""
-        request_id = request.headers.get("X-Request-Id") or next(self._request_ids)
-        if self.keys is not None and not self.keys.check(request.headers.get("Authorization")):
+        headers = request.headers
+        request_id = headers.get("x-request-id") or next(self._request_ids)
+        if self.keys is not None and not self.keys.check(headers.get("authorization")):
             self.metrics.count_request("", "unauthorized")
             return error_response(401, "missing or invalid API key (send Authorization: Bearer KEY)",
                                   "invalid_api_key", request_id=request_id)
-        body = b""
-        if request.can_read_body:
-            if (request.content_length or 0) > self.config.max_body_bytes:
-                return self._too_large(request_id)
-            body = await read_body(request, self.config.max_body_bytes)
-            if body is None:
-                return self._too_large(request_id)
+        if request.too_large:
+            return self._too_large(request_id)
+        body = request.body
         key: int | None = None
         if self._needs_body_key and body:
             key = prefix_key_from_body(body, self.config.prefix_chunk_chars, self.config.prefix_max_chunks)
-        elif self._session_header is not None and (value := request.headers.get(self._session_header)):
+        elif self._session_header is not None and (value := headers.get(self._session_header)):
             key = session_key(value)
         self.retry_budget.on_request()
-        return await self._route(request, body, key, request_id)
+        return await self._route(request, stream, key, request_id)
 
-    def _too_large(self, request_id: str) -> web.Response:
+    def _too_large(self, request_id: str) -> Response:
         self.metrics.count_request("", "too_large")
         return error_response(413, f"request body exceeds {self.config.max_body_bytes} bytes",
                               "request_too_large", request_id=request_id)
 
-    async def _route(self, request: web.BaseRequest, body: bytes, key: int | None,
-                     request_id: str) -> web.StreamResponse:
+    async def _route(self, request: Request, stream: Stream, key: int | None, request_id: str) -> Response | None:
         tried: set[str] = set()
         while True:
             candidates = self.pool.ready
@@ -135,7 +139,7 @@ class Router:
             result: list[UpstreamResult] = []
             worker.in_flight += 1
             try:
-                response = await self.proxy.forward(request, worker, body, request_id, result)
+                response = await self.proxy.forward(request, stream, worker, request_id, result)
             except ConnectFailed as exc:
                 self.pool.report_failure(worker, exc.failure)
                 self.metrics.count_request(worker.name, "connect_error")
@@ -160,7 +164,7 @@ class Router:
         return error_response(502, "could not connect to any ready worker", "upstream_unreachable",
                               request_id=request_id)
 
-    def _reject_held(self, reason: str, request_id: str) -> web.Response:
+    def _reject_held(self, reason: str, request_id: str) -> Response:
         self.metrics.count_request("", f"held_{reason}")
         if reason == "full":
             message = f"no worker is ready and {self.config.max_held} requests are already waiting"
@@ -172,22 +176,3 @@ class Router:
     async def close(self) -> None:
         await self.scraper.close()
         await self.proxy.close()
-
-
-async def read_body(request: web.BaseRequest, limit: int) -> bytes | None:
-    """The request body, or None when it exceeds `limit` bytes (a chunked body has no Content-Length)."""
-    if (length := request.content_length) is not None:
-        return await request.content.readexactly(length)
-    chunks, size = [], 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def build_server(router: Router) -> web.Server:
-    """aiohttp's low-level server (no Application, no URL dispatcher): `Router.dispatch` sees every
-    request; a client that goes away cancels its handler."""
-    return web.Server(router.dispatch, handler_cancellation=True, access_log=None)

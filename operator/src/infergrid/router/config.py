@@ -26,7 +26,8 @@ class RouterConfig:
     prefix_chunk_chars: int = 128
     prefix_max_chunks: int = 4
     max_body_bytes: int = 4 * 1024 * 1024
-    upstream_timeout: float = 30.0
+    upstream_timeout: float = 600.0
+    wedged_after: float = 3.0
     connect_timeout: float = 1.0
     probe_interval: float = 1.0
     probe_timeout: float = 0.8
@@ -47,7 +48,8 @@ class RouterConfig:
                 raise ValueError(f"--workers entries must be HOST:PORT, got {worker!r}")
         if self.load_factor <= 1.0:
             raise ValueError(f"--load-factor must be > 1, got {self.load_factor}")
-        for name in ("upstream_timeout", "connect_timeout", "probe_interval", "probe_timeout", "hold_timeout"):
+        for name in ("upstream_timeout", "wedged_after", "connect_timeout", "probe_interval", "probe_timeout",
+                     "hold_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.max_body_bytes < 1 or self.max_held < 0:
@@ -76,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-factor", type=float, default=1.25,
                    help="bounded load: skip a worker above this x the mean in-flight load")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
-    p.add_argument("--upstream-timeout", type=float, default=30.0,
-                   help="seconds to upstream response headers and between streamed chunks")
+    p.add_argument("--upstream-timeout", type=float, default=600.0,
+                   help="seconds to upstream response headers and between streamed chunks (a non-streamed "
+                        "answer's headers come when its last token does)")
+    p.add_argument("--wedged-after", type=float, default=3.0,
+                   help="seconds of timed-out health probes after which a worker's in-flight requests are "
+                        "aborted (504) instead of waiting out --upstream-timeout")
     p.add_argument("--connect-timeout", type=float, default=1.0)
     p.add_argument("--probe-interval", type=float, default=1.0, help="seconds between /metrics + /ready probes")
     p.add_argument("--probe-timeout", type=float, default=0.8)
@@ -97,7 +103,7 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
             static_workers=tuple(w.strip() for w in args.workers.split(",") if w.strip()),
             host=args.host, port=args.port, policy=args.policy, api_key_file=args.api_key_file,
             session_header=args.session_header.lower(), load_factor=args.load_factor,
-            max_body_bytes=args.max_body_bytes, upstream_timeout=args.upstream_timeout,
+            max_body_bytes=args.max_body_bytes, upstream_timeout=args.upstream_timeout, wedged_after=args.wedged_after,
             connect_timeout=args.connect_timeout, probe_interval=args.probe_interval,
             probe_timeout=args.probe_timeout, max_held=args.max_held, hold_timeout=args.hold_timeout,
             log_level=args.log_level)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from aiohttp import web
+from infergrid.router.http_server import Response
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           413: "invalid_request_error", 502: "upstream_error", 503: "service_unavailable",
@@ -17,11 +17,10 @@ def error_body(status: int, message: str, code: str | None = None) -> bytes:
 
 
 def error_response(status: int, message: str, code: str | None = None, *, request_id: str | None = None,
-                   retry_after: int | None = None) -> web.Response:
-    headers = {}
+                   retry_after: int | None = None) -> Response:
+    headers = []
     if request_id is not None:
-        headers["X-Request-Id"] = request_id
+        headers.append(("X-Request-Id", request_id))
     if retry_after is not None:
-        headers["Retry-After"] = str(retry_after)
-    return web.Response(status=status, body=error_body(status, message, code), headers=headers,
-                        content_type="application/json")
+        headers.append(("Retry-After", str(retry_after)))
+    return Response(status, error_body(status, message, code), headers, "application/json")

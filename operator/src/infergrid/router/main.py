@@ -7,21 +7,19 @@ import contextlib
 import logging
 import signal
 
-from aiohttp import web
-
-from infergrid.router.app import Router, build_server
+from infergrid.router.app import Router
 from infergrid.router.config import RouterConfig, parse_config
+from infergrid.router.http_server import HttpServer
 
 log = logging.getLogger("infergrid.router")
+_DRAIN_S = 50.0  # in-flight requests get this long after SIGTERM (grace: builders/router.py, 60 s with preStop)
 
 
 async def serve(config: RouterConfig, started: asyncio.Event | None = None) -> None:
     """Serve until cancelled or SIGTERM/SIGINT."""
     router = Router(config)
-    runner = web.ServerRunner(build_server(router))
-    await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
-    await site.start()
+    server = HttpServer(router.dispatch, config.max_body_bytes)
+    await server.start(config.host, config.port)
     tasks: list[asyncio.Task[None]] = []
     kube = None
     if config.static_workers:
@@ -50,7 +48,7 @@ async def serve(config: RouterConfig, started: asyncio.Event | None = None) -> N
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await runner.cleanup()
+        await server.shutdown(_DRAIN_S)
         await router.close()
         if kube is not None:
             await kube.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 
 from infergrid.router.health import Failure, WorkerHealth
@@ -42,6 +43,8 @@ class WorkerPool:
         self.on_member_added: Callable[[Worker], None] | None = None
         self.on_member_removed: Callable[[Worker], None] | None = None
         self.on_eject: Callable[[Worker, Failure], None] | None = None
+        self.on_wedged: Callable[[Worker], None] | None = None
+        self.wedged_after = float("inf")
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
@@ -62,17 +65,26 @@ class WorkerPool:
                 self.on_member_added(worker)
         self._refresh()
 
+    def is_member(self, worker: Worker) -> bool:
+        return self.workers.get(worker.name) is worker
+
     def report_ok(self, worker: Worker) -> None:
-        if worker.health.on_probe_ok():
+        if worker.health.on_probe_ok() and self.is_member(worker):
             log.info("worker %s admitted", worker.name)
             self._refresh()
 
     def report_failure(self, worker: Worker, failure: Failure) -> None:
-        if worker.health.on_failure(failure):
+        now = time.monotonic()
+        if worker.health.on_failure(failure, now) and self.is_member(worker):
             log.warning("worker %s ejected: %s", worker.name, failure.value)
             if self.on_eject is not None:
                 self.on_eject(worker, failure)
             self._refresh()
+        if worker.health.becomes_wedged(now, self.wedged_after):
+            log.warning("worker %s silent for %.1f s: aborting its in-flight requests", worker.name,
+                        now - (worker.health.silent_since or now))
+            if self.on_wedged is not None:
+                self.on_wedged(worker)
 
     def _refresh(self) -> None:
         self.ready = [w for w in self.workers.values() if w.health.is_admitted]

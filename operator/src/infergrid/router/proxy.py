@@ -10,8 +10,8 @@
 - Only a failure to connect raises `ConnectFailed` (the request never left the router, so it may be
   retried on another worker); anything later is answered, never retried. A reused keep-alive
   connection that the worker had closed is replaced by a fresh one once.
-- A client that goes away cancels the handler (handler_cancellation), which aborts the upstream
-  connection: the worker sees the disconnect, aborts the request and frees its KV blocks.
+- A client that goes away cancels the handler (http_server.py), which aborts the upstream connection:
+  the worker sees the disconnect, aborts the request and frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import asyncio
 import json
 import time
 
-from aiohttp import web
-
 from infergrid.router.errors import error_response
 from infergrid.router.health import Failure
+from infergrid.router.http_server import Request, Response, Stream
 from infergrid.router.pool import Worker
 from infergrid.router.upstream import (
     HOP_BY_HOP,
@@ -32,6 +31,7 @@ from infergrid.router.upstream import (
     Connection,
     ConnectionPool,
     ResponseHead,
+    WorkerAborted,
     read_body,
     read_head,
 )
@@ -58,18 +58,25 @@ class Proxy:
     def __init__(self, upstream_timeout: float, connect_timeout: float, strip_authorization: bool) -> None:
         self.upstream_timeout = upstream_timeout
         self.pool = ConnectionPool(connect_timeout)
-        self._dropped = HOP_BY_HOP | {"x-request-id"} | ({"authorization"} if strip_authorization else set())
+        dropped = HOP_BY_HOP | {"x-request-id"} | ({"authorization"} if strip_authorization else set())
+        self._dropped = frozenset(name.encode() for name in dropped)
 
     async def close(self) -> None:
         self.pool.close()
 
-    def request_bytes(self, request: web.BaseRequest, worker: Worker, body: bytes, request_id: str) -> bytes:
+    def request_bytes(self, request: Request, worker: Worker, request_id: str) -> bytes:
+        """The request as the worker gets it: the client's end-to-end headers byte for byte."""
         dropped = self._dropped
-        lines = [f"{request.method} {request.raw_path} HTTP/1.1\r\nHost: {worker.authority}\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in request.headers.items() if name.lower() not in dropped]
-        lines.append(f"X-Request-Id: {request_id}\r\nContent-Length: {len(body)}\r\n\r\n"
-                     if body else f"X-Request-Id: {request_id}\r\n\r\n")
-        return "".join(lines).encode("utf-8", "surrogateescape") + body
+        body = request.body
+        parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (request.method.encode(), request.raw_path,
+                                                          worker.authority.encode())]
+        for name, value in request.raw_headers:
+            if name.lower() not in dropped:
+                parts.append(b"%s: %s\r\n" % (name, value))
+        parts.append(b"X-Request-Id: %s\r\nContent-Length: %d\r\n\r\n" % (request_id.encode(), len(body))
+                     if body else b"X-Request-Id: %s\r\n\r\n" % request_id.encode())
+        parts.append(body)
+        return b"".join(parts)
 
     async def _exchange(self, worker: Worker, data: bytes) -> tuple[Connection, ResponseHead]:
         """Send `data` and read the response head. Raises ConnectFailed (nothing sent) or BrokenResponse."""
@@ -80,7 +87,9 @@ class Proxy:
                 raise ConnectFailed(Failure.TIMEOUT if exc.timed_out else Failure.CONNECT, str(exc)) from None
             conn.writer.write(data)
             try:
-                return conn, await read_head(conn.reader)
+                return conn, await read_head(conn)
+            except WorkerAborted:
+                raise
             except BrokenResponse:
                 conn.close()
                 if not reused:
@@ -89,13 +98,14 @@ class Proxy:
                 conn.close()
                 raise
 
-    async def forward(self, request: web.BaseRequest, worker: Worker, body: bytes, request_id: str,
-                      result: list[UpstreamResult]) -> web.StreamResponse:
-        """Send the request to `worker` and relay the answer. Raises ConnectFailed before sending.
+    async def forward(self, request: Request, stream: Stream, worker: Worker, request_id: str,
+                      result: list[UpstreamResult]) -> Response | None:
+        """Send the request to `worker` and relay the answer: a whole Response, or None once it was
+        streamed to `stream`. Raises ConnectFailed before sending.
 
         `result` receives the outcome (a list, so the caller sees it even when the client disconnects).
         """
-        data = self.request_bytes(request, worker, body, request_id)
+        data = self.request_bytes(request, worker, request_id)
         timeout = self.upstream_timeout
         started = time.perf_counter()
         headers_s: float | None = None
@@ -110,20 +120,23 @@ class Proxy:
                 if head.has_no_body(request.method):
                     done = True
                     result.append(UpstreamResult(outcome, None, headers_s))
-                    return web.Response(status=head.status, headers=head.headers)
+                    return Response(head.status, b"", head.headers)
                 if head.length is not None:
                     deadline.reschedule(asyncio.get_running_loop().time() + timeout)
-                    answer = b"".join([piece async for piece in read_body(conn.reader, head)])
+                    answer = b"".join([piece async for piece in read_body(conn, head)])
                     done = True
                     result.append(UpstreamResult(outcome, None, headers_s))
-                    return web.Response(status=head.status, body=answer, headers=head.headers)
-            response, done = await self._stream(request, conn, head, result, headers_s)
-            return response
+                    return Response(head.status, answer, head.headers)
+            done = await self._stream(stream, conn, head, result, headers_s)
+            return None
         except TimeoutError:
             result.append(UpstreamResult("timeout", Failure.TIMEOUT, headers_s))
             what = "sent no response" if headers_s is None else "stopped sending"
             return error_response(504, f"the worker {what} within {timeout:g} s", "upstream_timeout",
                                   request_id=request_id)
+        except WorkerAborted as exc:
+            result.append(UpstreamResult("timeout", None, headers_s))
+            return error_response(504, str(exc), "worker_unresponsive", request_id=request_id)
         except BrokenResponse as exc:
             result.append(UpstreamResult("upstream_error", Failure.CONNECT, headers_s))
             what = "before answering" if headers_s is None else "mid-response"
@@ -135,13 +148,12 @@ class Proxy:
                 else:
                     conn.close()
 
-    async def _stream(self, request: web.BaseRequest, conn: Connection, head: ResponseHead,
-                      result: list[UpstreamResult], headers_s: float) -> tuple[web.StreamResponse, bool]:
+    async def _stream(self, stream: Stream, conn: Connection, head: ResponseHead,
+                      result: list[UpstreamResult], headers_s: float) -> bool:
         """Relay a body of unknown length piece by piece; True when it was read to its end."""
-        response = web.StreamResponse(status=head.status, headers=head.headers)
-        await response.prepare(request)
+        await stream.start(head.status, head.headers)
         timeout = self.upstream_timeout
-        pieces = read_body(conn.reader, head)
+        pieces = read_body(conn, head)
         try:
             while True:
                 try:
@@ -149,31 +161,36 @@ class Proxy:
                         piece = await anext(pieces)
                 except StopAsyncIteration:
                     break
-                await response.write(piece)  # the client's pace is not the worker's timeout
+                await stream.write(piece)  # the client's pace is not the worker's timeout
         except TimeoutError:
             result.append(UpstreamResult("timeout", Failure.TIMEOUT, headers_s))
-            await _write_stream_error(response, f"the worker stopped streaming for {timeout:g} s", "upstream_timeout")
-            return response, False
+            await _write_stream_error(stream, f"the worker stopped streaming for {timeout:g} s", "upstream_timeout")
+            return False
+        except WorkerAborted as exc:
+            result.append(UpstreamResult("timeout", None, headers_s))
+            await _write_stream_error(stream, str(exc), "worker_unresponsive")
+            return False
         except BrokenResponse as exc:
             result.append(UpstreamResult("upstream_error", Failure.CONNECT, headers_s))
-            await _write_stream_error(response, f"the worker failed mid-stream: {exc}", "upstream_error")
-            return response, False
+            await _write_stream_error(stream, f"the worker failed mid-stream: {exc}", "upstream_error")
+            return False
         except ConnectionResetError:
             result.append(UpstreamResult("client_disconnect", None, headers_s))
-            return response, False
+            return False
         finally:
             await pieces.aclose()
         result.append(UpstreamResult(f"{head.status // 100}xx", None, headers_s))
-        await response.write_eof()
-        return response, True
+        await stream.finish()
+        return True
 
 
-async def _write_stream_error(response: web.StreamResponse, message: str, code: str) -> None:
+async def _write_stream_error(stream: Stream, message: str, code: str) -> None:
     """An SSE stream cannot change its status: end it with an OpenAI error event."""
-    event = {"error": {"message": message, "type": "timeout_error" if "timeout" in code else "upstream_error",
+    kind = "timeout_error" if "timeout" in code or "unresponsive" in code else "upstream_error"
+    event = {"error": {"message": message, "type": kind,
                        "param": None, "code": code}}
     try:
-        await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
-        await response.write_eof()
+        await stream.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+        await stream.finish()
     except ConnectionResetError:
         pass

@@ -50,13 +50,13 @@ class Scraper:
         self.interval = interval
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[Worker, asyncio.Task[None]] = {}  # by identity: an old one may still run
 
     def start(self, worker: Worker) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0), timeout=self.timeout)
-        self._tasks[worker.name] = asyncio.get_running_loop().create_task(self._loop(worker))
+        self._tasks[worker] = asyncio.get_running_loop().create_task(self._loop(worker))
 
     async def close(self) -> None:
         for task in self._tasks.values():
@@ -90,15 +90,18 @@ class Scraper:
         return None
 
     async def _loop(self, worker: Worker) -> None:
-        while self.pool.workers.get(worker.name) is worker:
+        """Probe while the worker is a member, and after discovery dropped it for as long as requests are
+        still in flight on it: a wedged pod goes NotReady and leaves the EndpointSlice, and its in-flight
+        requests must still be aborted once it has been silent for --wedged-after (pool.py)."""
+        pool = self.pool
+        while pool.workers.get(worker.name) is worker or worker.in_flight > 0:
             started = time.monotonic()
             failure = await self.probe(worker)
-            if self.pool.workers.get(worker.name) is not worker:
+            if pool.workers.get(worker.name) is not worker and worker.in_flight == 0:
                 break
             if failure is None:
-                self.pool.report_ok(worker)
+                pool.report_ok(worker)
             else:
-                self.pool.report_failure(worker, failure)
+                pool.report_failure(worker, failure)
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
-        if self._tasks.get(worker.name) is asyncio.current_task():
-            del self._tasks[worker.name]
+        del self._tasks[worker]

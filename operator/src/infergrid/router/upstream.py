@@ -32,16 +32,25 @@ class BrokenResponse(Exception):
     """The worker closed or reset the connection, or sent something that is not an HTTP response."""
 
 
+class WorkerAborted(BrokenResponse):
+    """The router cut the connection because the worker stopped answering (pool.py `on_wedged`)."""
+
+
 class Connection:
     """One TCP connection to a worker."""
 
-    __slots__ = ("reader", "writer", "idle_since")
+    __slots__ = ("reader", "writer", "idle_since", "aborted", "_busy")
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 busy: set[Connection]) -> None:
         self.reader, self.writer = reader, writer
         self.idle_since = 0.0
+        self.aborted: str | None = None  # why the router cut it mid-request (a wedged worker)
+        self._busy = busy  # the worker's connections carrying a request
+        busy.add(self)
 
     def close(self) -> None:
+        self._busy.discard(self)
         self.writer.transport.abort()  # no graceful close: the worker must see the disconnect now
 
 
@@ -87,15 +96,18 @@ class ResponseHead:
         return method == "HEAD" or self.status in (204, 304) or self.status < 200
 
 
-async def read_head(reader: asyncio.StreamReader) -> ResponseHead:
+async def read_head(conn: Connection) -> ResponseHead:
     try:
-        return ResponseHead(await reader.readuntil(b"\r\n\r\n"))
+        return ResponseHead(await conn.reader.readuntil(b"\r\n\r\n"))
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as exc:
+        if conn.aborted:
+            raise WorkerAborted(conn.aborted) from None
         raise BrokenResponse(f"no response head: {exc.__class__.__name__}") from None
 
 
-async def read_body(reader: asyncio.StreamReader, head: ResponseHead) -> AsyncIterator[bytes]:
+async def read_body(conn: Connection, head: ResponseHead) -> AsyncIterator[bytes]:
     """The body's pieces as they arrive (one per chunk when chunked)."""
+    reader = conn.reader
     try:
         if head.chunked:
             while True:
@@ -114,6 +126,8 @@ async def read_body(reader: asyncio.StreamReader, head: ResponseHead) -> AsyncIt
             while chunk := await reader.read(65536):
                 yield chunk
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError) as exc:
+        if conn.aborted:
+            raise WorkerAborted(conn.aborted) from None
         raise BrokenResponse(f"response body cut short: {exc.__class__.__name__}") from None
 
 
@@ -123,6 +137,7 @@ class ConnectionPool:
     def __init__(self, connect_timeout: float) -> None:
         self.connect_timeout = connect_timeout
         self._idle: dict[tuple[str, int], list[Connection]] = {}
+        self._busy: dict[tuple[str, int], set[Connection]] = {}
         self._swept = time.monotonic()
 
     async def acquire(self, host: str, port: int) -> tuple[Connection, bool]:
@@ -133,6 +148,8 @@ class ConnectionPool:
             conn = idle.pop()
             if now - conn.idle_since < _KEEPALIVE_S and not conn.reader.at_eof() \
                     and not conn.writer.transport.is_closing():
+                conn._busy = self._busy.setdefault((host, port), set())
+                conn._busy.add(conn)
                 return conn, True
             conn.close()
         try:
@@ -143,11 +160,12 @@ class ConnectionPool:
                                timed_out=True) from None
         except OSError as exc:
             raise ConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}", timed_out=False) from None
-        return Connection(reader, writer), False
+        return Connection(reader, writer, self._busy.setdefault((host, port), set())), False
 
     def release(self, host: str, port: int, conn: Connection) -> None:
         """Give back a connection whose response was read to its end."""
         now = time.monotonic()
+        conn._busy.discard(conn)
         if now - self._swept > _KEEPALIVE_S:
             self._sweep(now)
         idle = self._idle.setdefault((host, port), [])
@@ -156,6 +174,15 @@ class ConnectionPool:
             return
         conn.idle_since = now
         idle.append(conn)
+
+    def abort_busy(self, host: str, port: int, reason: str) -> int:
+        """Cut every connection to HOST:PORT that carries a request (its readers then fail with
+        BrokenResponse, and `Connection.aborted` says why). Returns how many were cut."""
+        busy = list(self._busy.get((host, port), ()))
+        for conn in busy:
+            conn.aborted = reason
+            conn.close()
+        return len(busy)
 
     def _sweep(self, now: float) -> None:
         """Close connections idle past the keep-alive time (those of removed workers are never acquired)."""
@@ -169,6 +196,9 @@ class ConnectionPool:
                 self._idle[key] = keep
             else:
                 del self._idle[key]
+        for key, busy in list(self._busy.items()):
+            if not busy:
+                del self._busy[key]
 
     def close(self) -> None:
         for idle in self._idle.values():

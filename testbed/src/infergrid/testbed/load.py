@@ -114,3 +114,35 @@ class LoadGenerator:
         except httpx.HTTPError as exc:
             return Result(start, time.monotonic(), ttft, ip, False, type(exc).__name__)
         return Result(start, time.monotonic(), ttft, ip, True)
+
+
+class EndpointLoad:
+    """`concurrency` threads posting `body` to one URL (a router, a ClusterIP) one request after another
+    until the `with` block ends; `results` holds (start, end, HTTP status or 0, response text or error)."""
+
+    def __init__(self, url: str, body: dict, concurrency: int = 4) -> None:
+        self.url, self.body = url, body
+        self.results: list[tuple[float, float, int, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(concurrency)]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=60, trust_env=False) as client:
+            while not self._stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    r = client.post(self.url, json=self.body)
+                    status, text = r.status_code, r.text
+                except httpx.HTTPError as exc:
+                    status, text = 0, repr(exc)
+                self.results.append((t0, time.monotonic(), status, text))
+
+    def __enter__(self) -> EndpointLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(90)

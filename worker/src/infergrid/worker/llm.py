@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 from collections.abc import Sequence
+from types import TracebackType
 from typing import Any
+
+import torch
 
 from infergrid.worker.config import EngineConfig
 from infergrid.worker.engine.llm_engine import LLMEngine
@@ -25,14 +29,38 @@ def _normalise_prompts(prompts: PromptInput | Sequence[PromptInput]) -> list[Pro
 
 
 class LLM:
-    """Load a model once, then generate for batches of prompts (all scheduled together)."""
+    """Load a model once, then generate for batches of prompts (all scheduled together).
+
+    `shutdown()` (or leaving a `with LLM(...) as llm:` block) stops its tensor-parallel ranks and frees
+    its GPU memory, so another engine can start in the same process."""
 
     def __init__(self, model: str, **engine_args: Any) -> None:
         self.llm_engine = LLMEngine(EngineConfig(model=model, **engine_args))
         self._counter = itertools.count()
+        self._is_shut_down = False
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop the engine's ranks and release its memory (idempotent); generating afterwards raises."""
+        if self._is_shut_down:
+            return
+        self._is_shut_down = True
+        self.llm_engine.shutdown()
+        del self.llm_engine  # the model, KV cache and CUDA graphs go with the engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     @property
     def tokenizer(self) -> Any:
+        if self._is_shut_down:
+            raise RuntimeError("this LLM was shut down; create a new one")
         return self.llm_engine.tokenizer
 
     def generate(
@@ -43,6 +71,8 @@ class LLM:
         """Generate for each prompt (text or token ids); outputs come back in prompt order.
 
         `sampling_params` is one SamplingParams for all prompts or one per prompt."""
+        if self._is_shut_down:
+            raise RuntimeError("this LLM was shut down; create a new one to generate")
         prompt_list = _normalise_prompts(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()

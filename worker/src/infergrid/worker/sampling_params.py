@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from infergrid.worker.structured_output.params import StructuredOutputsParams
+
 # Greedy when temperature is below this (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
 # Most top logprobs a request may ask for (vLLM's default max_logprobs).
@@ -42,6 +44,8 @@ class SamplingParams:
       EOS is ignored when `ignore_eos`; neither EOS nor stop token ids end a request before
       `min_tokens` tokens were generated.
     - `logprobs=k` returns the top-k logprobs (plus the sampled token's) for every generated token.
+    - `structured_outputs` constrains the output to a grammar (JSON schema, regex, choice, EBNF):
+      tokens the grammar forbids are masked, and EOS is allowed only once the grammar is complete.
     `stop` may be given as one string; it is stored as a list.
     """
 
@@ -63,6 +67,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -90,6 +95,11 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}")
+            if self.min_tokens:  # (a complete grammar allows only EOS, which min_tokens would ban)
+                raise ValueError("min_tokens cannot be combined with a structured output constraint")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
@@ -124,6 +134,12 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         """True when sampling reads the tokens generated so far (presence/frequency/repetition penalty)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def reads_output_tokens(self) -> bool:
+        """True when sampling a token needs the tokens before it on the host (penalties count them, a
+        grammar matcher advances over them): such a request's step waits for the previous one."""
+        return self.has_penalties or self.structured_outputs is not None
 
     @property
     def all_stop_token_ids(self) -> frozenset[int]:

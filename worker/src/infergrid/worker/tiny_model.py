@@ -28,6 +28,46 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}\n{% endif %}"
 )
 
+# Chat formats a tiny model can carry (`chat_format`): "default" above, or the special tokens and a
+# (shortened, written here) chat template with tool calling in the Llama 3.x or Qwen2.5 style, so that
+# the server's tool-call parsers and templates can be tested without downloading a checkpoint.
+CHAT_FORMATS = ("default", "llama3", "qwen2.5")
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                   "<|eom_id|>", "<|python_tag|>"]
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if tools %}<|start_header_id|>system<|end_header_id|>\n\n"
+    "To call a function, answer with JSON {\"name\": function name, \"parameters\": arguments}.\n"
+    "{% for t in tools %}\n{{ t | tojson }}{% endfor %}<|eot_id|>{% endif %}"
+    "{% for message in messages %}"
+    "{% if message.role == 'assistant' and message.tool_calls %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{% for tc in message.tool_calls %}{{ '{\"name\": \"' + tc.function.name + '\", \"parameters\": ' }}"
+    "{{ tc.function.arguments | tojson }}{{ '}' }}{% endfor %}<|eot_id|>"
+    "{% elif message.role == 'tool' %}<|start_header_id|>ipython<|end_header_id|>\n\n"
+    "{{ message.content }}<|eot_id|>"
+    "{% else %}<|start_header_id|>{{ message.role }}<|end_header_id|>\n\n{{ message.content }}<|eot_id|>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>"]
+QWEN_TOOL_TOKENS = ["<tool_call>", "</tool_call>"]  # (added but not special: they stay in the text)
+QWEN_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nYou may call functions:\n<tools>"
+    "{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools>\n"
+    "For each call answer <tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
+    "</tool_call><|im_end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message.role == 'assistant' %}<|im_start|>assistant\n{{ message.content or '' }}"
+    "{% for tc in message.tool_calls or [] %}<tool_call>\n{\"name\": \"{{ tc.function.name }}\", "
+    "\"arguments\": {{ tc.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 # Training text for the tokenizer: plain English, written for this project.
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. A small model can still say a few words.
@@ -73,13 +113,31 @@ def train_tokenizer(vocab_size: int = 384) -> Any:
     return tok
 
 
-def _write_tokenizer(out: str, tok: Any) -> dict[str, int]:
+def _add_chat_format_tokens(tok: Any, chat_format: str) -> tuple[list[str], list[str], str, list[str]]:
+    """Add the format's tokens to `tok`; returns (special tokens, other added tokens, chat template,
+    extra end-of-turn tokens for generation_config's eos_token_id)."""
+    from tokenizers import AddedToken
+
+    if chat_format == "default":
+        return [], [], CHAT_TEMPLATE, []
+    if chat_format == "llama3":
+        tok.add_special_tokens(LLAMA3_SPECIALS)
+        return LLAMA3_SPECIALS, [], LLAMA3_TEMPLATE, ["<|eot_id|>", "<|eom_id|>"]
+    if chat_format == "qwen2.5":
+        tok.add_special_tokens(QWEN_SPECIALS)
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_TOOL_TOKENS])
+        return QWEN_SPECIALS, QWEN_TOOL_TOKENS, QWEN_TEMPLATE, ["<|im_end|>"]
+    raise ValueError(f"chat_format must be one of {', '.join(CHAT_FORMATS)}, got {chat_format!r}")
+
+
+def _write_tokenizer(out: str, tok: Any, chat_format: str = "default") -> tuple[dict[str, int], list[int]]:
+    specials, others, template, end_of_turn = _add_chat_format_tokens(tok, chat_format)
     tok.save(os.path.join(out, "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     added = {
-        str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                      "single_word": False, "special": True}
-        for t in SPECIAL_TOKENS
+        str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                  "single_word": False, "special": t not in others}
+        for t in [*SPECIAL_TOKENS, *specials, *others]
     }
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -91,13 +149,13 @@ def _write_tokenizer(out: str, tok: Any) -> dict[str, int]:
         "clean_up_tokenization_spaces": False,
         "model_max_length": 2048,
         "added_tokens_decoder": added,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": template,
     }
     with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     with open(os.path.join(out, "special_tokens_map.json"), "w", encoding="utf-8") as f:
         json.dump({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}, f, indent=2)
-    return ids
+    return ids, [tok.token_to_id(t) for t in end_of_turn]
 
 
 def build_config(
@@ -162,15 +220,20 @@ def make_tiny_model(
     tie_word_embeddings: bool = True,
     rope_scaling: str | None = None,
     vocab_size: int = 384,
+    chat_format: str = "default",
 ) -> str:
-    """Write a tiny random `arch` checkpoint with tokenizer and chat template to `out`; returns `out`."""
+    """Write a tiny random `arch` checkpoint with tokenizer and chat template to `out`; returns `out`.
+    `chat_format` (CHAT_FORMATS): the tokenizer's chat template and its special tokens; "llama3" and
+    "qwen2.5" render tools and tool calls like those families (their tokens join the vocabulary)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     os.makedirs(out, exist_ok=True)
     tok = train_tokenizer(vocab_size)
-    ids = _write_tokenizer(out, tok)
+    if chat_format not in CHAT_FORMATS:
+        raise ValueError(f"chat_format must be one of {', '.join(CHAT_FORMATS)}, got {chat_format!r}")
+    ids, end_of_turn = _write_tokenizer(out, tok, chat_format)
     config = build_config(
         arch, tok.get_vocab_size(), ids, tie_word_embeddings=tie_word_embeddings, rope_scaling=rope_scaling
     )
@@ -178,7 +241,8 @@ def make_tiny_model(
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(
-        bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD], do_sample=False
+        bos_token_id=ids[BOS], eos_token_id=[ids[EOS], *end_of_turn] if end_of_turn else ids[EOS],
+        pad_token_id=ids[PAD], do_sample=False
     )
     model.save_pretrained(out)
     return out

@@ -3,7 +3,8 @@
     LLMEngine --SchedulerOutput--> Executor.execute_model --> ModelRunner (rank 0) --> PendingRunnerOutput
                                        |
             MultiProcExecutor only:    +-- per step: header + inputs over each rank's pipe
-                                       +-- ranks 1..N-1: spawned processes (worker_proc.py), one per GPU
+                                       +-- ranks 1..N-1: processes (rank_process.py -> worker_proc.py),
+                                           one per GPU
 
 Rank 0 lives in the engine process (the scheduler's): it builds the step's inputs, sends each
 follower the step (a fixed-size header and the flat int64 inputs), runs its shard of the model and
@@ -43,6 +44,7 @@ import torch.distributed as dist
 from infergrid.worker import envs
 from infergrid.worker.config import EngineConfig
 from infergrid.worker.distributed import messages
+from infergrid.worker.distributed.communication import tensor_parallel_barrier
 from infergrid.worker.distributed.messages import Command, StepHeader
 from infergrid.worker.distributed.parallel_state import (
     abort_tensor_parallel,
@@ -50,7 +52,8 @@ from infergrid.worker.distributed.parallel_state import (
     destroy_tensor_parallel,
     init_tensor_parallel,
 )
-from infergrid.worker.distributed.worker_proc import WorkerArgs, run_worker
+from infergrid.worker.distributed.rank_process import RankProcess, start_rank
+from infergrid.worker.distributed.worker_proc import WorkerArgs
 from infergrid.worker.engine.model_runner import (
     ModelRunner,
     ModelRunnerOutput,
@@ -91,8 +94,10 @@ class Executor(ABC):
         """Size and allocate the KV cache on every rank; returns the number of blocks (same on all)."""
 
     @abstractmethod
-    def execute_model(self, scheduler_output: SchedulerOutput) -> PendingRunnerOutput:
-        """Launch one step on every rank; `.result()` gives rank 0's sampled tokens."""
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      before_sample: Callable[[], None] | None = None) -> PendingRunnerOutput:
+        """Launch one step on every rank; `.result()` gives rank 0's sampled tokens. `before_sample`
+        runs on rank 0 once the forward pass is launched, before its sampling (ModelRunner.execute_model)."""
 
     @abstractmethod
     def check_health(self) -> None:
@@ -117,8 +122,9 @@ class UniProcExecutor(Executor):
     def initialize_kv_cache(self) -> int:
         return self.driver_runner.initialize_kv_cache()
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> PendingRunnerOutput:
-        return self.driver_runner.execute_model(scheduler_output)
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      before_sample: Callable[[], None] | None = None) -> PendingRunnerOutput:
+        return self.driver_runner.execute_model(scheduler_output, before_sample)
 
     def check_health(self) -> None:
         return None
@@ -130,7 +136,7 @@ class UniProcExecutor(Executor):
 class _Rank:
     """The engine's handle on one follower rank."""
 
-    def __init__(self, rank: int, process: Any, conn: multiprocessing.connection.Connection) -> None:
+    def __init__(self, rank: int, process: RankProcess, conn: multiprocessing.connection.Connection) -> None:
         self.rank, self.process, self.conn = rank, process, conn
 
     @property
@@ -138,7 +144,7 @@ class _Rank:
         return int(self.process.pid)
 
 
-def _kill_ranks(processes: list[Any]) -> None:
+def _kill_ranks(processes: list[RankProcess]) -> None:
     for proc in processes:
         if proc.is_alive():
             with contextlib.suppress(OSError):
@@ -148,9 +154,11 @@ def _kill_ranks(processes: list[Any]) -> None:
 
 
 class MultiProcExecutor(Executor):
-    """tensor_parallel_size N > 1: rank 0 in this process, ranks 1..N-1 spawned (see module docstring).
+    """tensor_parallel_size N > 1: rank 0 in this process, ranks 1..N-1 started as processes of their
+    own (see module docstring).
 
-    One per process at a time (the ranks form the default torch.distributed process group)."""
+    One per process at a time (the ranks form the default torch.distributed process group); after
+    `shutdown` another can start."""
 
     def __init__(self, config: EngineConfig, model_dir: str, model_config: ModelConfig, max_model_len: int,
                  eos_token_ids: list[int]) -> None:
@@ -177,23 +185,19 @@ class MultiProcExecutor(Executor):
         num_threads = max(1, self._saved_num_threads // self.world_size) if device.type == "cpu" else 4
         if device.type == "cpu":  # the ranks share this machine's cores; spinning threads would starve each other
             torch.set_num_threads(num_threads)
-        ctx = torch.multiprocessing.get_context("spawn")
         try:
             for rank in range(1, self.world_size):
-                parent_conn, child_conn = ctx.Pipe(duplex=True)
                 args = WorkerArgs(rank=rank, world_size=self.world_size, backend=self.backend, store_port=store.port,
                                   parent_pid=os.getpid(), num_threads=num_threads, config=follower_config,
                                   model_dir=model_dir, model_config=model_config, max_model_len=max_model_len,
                                   eos_token_ids=list(eos_token_ids), is_tp_debug=is_tp_debug)
-                proc = ctx.Process(target=run_worker, args=(args, child_conn), name=f"infergrid-tp-rank{rank}",
-                                   daemon=True)
-                proc.start()
-                child_conn.close()
-                self._ranks.append(_Rank(rank, proc, parent_conn))
+                proc, conn = start_rank(args)
+                self._ranks.append(_Rank(rank, proc, conn))
             self._finalizer = weakref.finalize(self, _kill_ranks, [r.process for r in self._ranks])
             self._wait_for_all("hello", _HELLO_TIMEOUT_S)
             init_tensor_parallel(0, self.world_size, self.backend, store, timeout=_GROUP_TIMEOUT, device=device,
                                  debug_collectives=is_tp_debug)
+            tensor_parallel_barrier(device)  # every rank joined (one that cannot fails here, before loading)
             self.driver_runner = ModelRunner(config, model_dir, model_config, max_model_len, eos_token_ids, rank=0)
             self._wait_for_all("loaded", _LOAD_TIMEOUT_S)
         except BaseException:
@@ -215,15 +219,16 @@ class MultiProcExecutor(Executor):
         self._send_all(messages.pack(Command.INIT_KV_CACHE, plan))
         return self.driver_runner.initialize_kv_cache(plan)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> PendingRunnerOutput:
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      before_sample: Callable[[], None] | None = None) -> PendingRunnerOutput:
         self.check_health()
-        pending = self._guarded(lambda: self.driver_runner.execute_model(scheduler_output))
+        pending = self._guarded(lambda: self.driver_runner.execute_model(scheduler_output, before_sample))
         return _GuardedOutput(pending, self._guarded)
 
     def _guarded(self, call: Callable[[], Any]) -> Any:
         """Run a call that waits on collectives (launching a step, waiting for its tokens); a rank
         that died meanwhile turns its failure into RankDiedError."""
-        self._is_in_step = True
+        was_in_step, self._is_in_step = self._is_in_step, True  # (reentrant: before_sample waits in a step)
         try:
             output = call()
         except Exception as exc:
@@ -235,7 +240,7 @@ class MultiProcExecutor(Executor):
                 raise RankDiedError(self._failure) from exc
             raise
         finally:
-            self._is_in_step = False
+            self._is_in_step = was_in_step
         if self._failure is not None:  # a rank that died mid-step (aborted collectives) invalidates its tokens
             self.driver_runner.release_cuda_graphs()
             self.check_health()
@@ -265,8 +270,13 @@ class MultiProcExecutor(Executor):
         for r in self._ranks:
             r.process.join(_STOP_TIMEOUT_S)
         _kill_ranks([r.process for r in self._ranks])
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None:
+            monitor.join(_STOP_TIMEOUT_S)  # it waits on the sentinels closed below (woken by the exits)
         for r in self._ranks:
             r.conn.close()
+            if not r.process.is_alive():
+                r.process.close()
         if self.backend != "nccl":
             _suppressed(abort_tensor_parallel)()  # gloo: whatever is left after a failure
         elif leave is not None and leave.is_alive():

@@ -45,8 +45,8 @@ def init_tensor_parallel(
 
     With NCCL, `device` (this rank's GPU) becomes the current device and the communicator is created
     now (`device_id`), not lazily inside whichever collective comes first (possibly a CUDA-graph
-    capture). Every rank then passes one barrier, so a rank that cannot join fails here, before
-    loading. `debug_collectives` (same on every rank) starts the collective-sequence guard (debug.py)
+    capture). Callers then pass `communication.tensor_parallel_barrier` together, so a rank that cannot
+    join fails there, before loading. `debug_collectives` (same on every rank) starts the collective-sequence guard (debug.py)
     over an extra gloo group. Raises RuntimeError when this process is already in a group."""
     global _STATE
     if _STATE is not None or dist.is_initialized():
@@ -63,9 +63,6 @@ def init_tensor_parallel(
     _STATE = _TPState(rank, world_size, backend)
     if debug_collectives:
         debug.enable(dist.new_group(backend="gloo"))
-    from infergrid.worker.distributed.communication import tensor_parallel_barrier
-
-    tensor_parallel_barrier(device if device is not None else torch.device("cpu"))
 
 
 def destroy_tensor_parallel() -> None:

@@ -1,4 +1,4 @@
-"""Ranks 1..N-1: a spawned process that loads its shard and follows rank 0's steps.
+"""Ranks 1..N-1: a process (started by rank_process.py) that loads its shard and follows rank 0's steps.
 
     hello --> join the group --> load shard --> loaded --> loop: recv step (header + inputs) | forward
                                                              (INIT_KV_CACHE, EXECUTE, SHUTDOWN)
@@ -17,6 +17,7 @@ import faulthandler
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -37,7 +38,7 @@ _LEAVE_TIMEOUT_S = 10.0
 
 @dataclass(frozen=True)
 class WorkerArgs:
-    """What a follower rank needs to start (pickled once, at spawn)."""
+    """What a follower rank needs to start (the first message rank 0 sends it)."""
 
     rank: int
     world_size: int
@@ -89,6 +90,7 @@ def _follow(args: WorkerArgs, conn: Connection) -> None:
     import torch.distributed as dist
 
     from infergrid.worker.distributed import messages
+    from infergrid.worker.distributed.communication import tensor_parallel_barrier
     from infergrid.worker.distributed.messages import Command, GraphPlan, StepHeader
     from infergrid.worker.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
     from infergrid.worker.engine.model_runner import ModelRunner, resolve_device
@@ -97,6 +99,7 @@ def _follow(args: WorkerArgs, conn: Connection) -> None:
     device = resolve_device(args.config.device, args.rank)
     init_tensor_parallel(args.rank, args.world_size, args.backend, store, timeout=timedelta(minutes=30),
                          device=device, debug_collectives=args.is_tp_debug)
+    tensor_parallel_barrier(device)
     runner = ModelRunner(args.config, args.model_dir, args.model_config, args.max_model_len, args.eos_token_ids,
                          rank=args.rank)
     conn.send(("loaded", None))
@@ -133,3 +136,18 @@ def _follow(args: WorkerArgs, conn: Connection) -> None:
                      args.rank, _LEAVE_TIMEOUT_S)
     if errors:
         raise errors[0]
+
+
+def main() -> None:
+    """`python -m infergrid.worker.distributed.worker_proc FD`: FD is this rank's end of the socket pair
+    to rank 0, whose first message is the WorkerArgs."""
+    conn = Connection(int(sys.argv[1]))
+    try:
+        args = conn.recv()
+    except (EOFError, OSError):  # rank 0 went away before sending them
+        os._exit(1)
+    run_worker(args, conn)
+
+
+if __name__ == "__main__":
+    main()

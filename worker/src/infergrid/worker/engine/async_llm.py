@@ -63,6 +63,7 @@ class AsyncLLM:
         self.engine = LLMEngine(config)
         self.config = config
         self.tokenizer = self.engine.tokenizer
+        self.grammar_compiler = self.engine.grammar_compiler  # thread-safe: the server compiles off the loop
         self.model_config = self.engine.model_config
         self.max_model_len = self.engine.max_model_len
         self.stall_timeout_s = stall_timeout_s

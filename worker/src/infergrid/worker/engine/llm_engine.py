@@ -8,15 +8,17 @@ With async scheduling (the default without speculative decoding) a step is pipel
 so the host's scheduling, input preparation and output processing overlap the GPU's work instead
 of leaving it idle between steps. Step N+1 is scheduled before N's tokens are known (see the
 scheduler's placeholders); the previous step is finished first when the next one needs its tokens on
-the host (penalties) or nothing is left to launch. With speculative decoding a step is pipelined
-only while no request speculates (adaptive k switched every one off): otherwise the next step's
-drafts are proposed from its tokens, so it runs synchronously.
+the host (penalties) or nothing is left to launch; when a grammar needs them (structured output: its
+bitmask is filled from them) it is finished between the next one's forward pass and its sampling.
+With speculative decoding a step is pipelined only while no request speculates (adaptive k switched
+every one off): otherwise the next step's drafts are proposed from its tokens, so it runs synchronously.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ from infergrid.worker.loader import resolve_model_path
 from infergrid.worker.model_config import ModelConfig
 from infergrid.worker.outputs import RequestOutput
 from infergrid.worker.sampling_params import SamplingParams
+from infergrid.worker.structured_output.grammar import GrammarCompiler
+from infergrid.worker.structured_output.manager import StructuredOutputManager
 from infergrid.worker.tokenizer import eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -99,6 +103,12 @@ class LLMEngine:
             raise
         self.scheduler = Scheduler(config, self.num_blocks, self.max_model_len, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
+        # Structured output: grammars compile on first use (xgrammar is not even imported before).
+        threads = max(1, min(8, (os.cpu_count() or 2) // 2))  # compiles and per-step bitmask fills
+        self.grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
+                                                threads)
+        self.structured_output = StructuredOutputManager(self.grammar_compiler, threads)
+        self.model_runner.structured_output = self.structured_output
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.num_steps_total = 0
@@ -144,12 +154,15 @@ class LLMEngine:
         added: list[str] = []
         try:
             for cid, cparams in children:
+                if cparams.structured_outputs is not None:  # (a cache hit when the server compiled it)
+                    self.structured_output.add_request(cid, cparams.structured_outputs)
                 self.scheduler.add_request(
                     Request(cid, prompt_ids, cparams, priority=priority, arrival_time=arrival, deadline=deadline)
                 )
                 added.append(cid)
         except ValueError:
             self.scheduler.abort_requests(added)
+            self.structured_output.remove_requests(cid for cid, _ in children)
             raise
         self.output_processor.add_request(
             request_id, prompt if isinstance(prompt, str) else None, prompt_ids, children, arrival
@@ -179,7 +192,13 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         if self._in_flight is not None and (scheduler_output.is_empty or _reads_output_tokens(scheduler_output)):
             outputs += self._finish_in_flight()
-        pending = self.model_executor.execute_model(scheduler_output)
+        before_sample = None
+        if self._in_flight is not None and self._is_constrained(scheduler_output):
+            # Grammar matchers need the step in flight's tokens before this one samples: it is finished
+            # once this step's forward pass is launched (the device runs it meanwhile).
+            def before_sample() -> None:
+                outputs.extend(self._finish_in_flight())
+        pending = self.model_executor.execute_model(scheduler_output, before_sample)
         launched = _LaunchedStep(scheduler_output, pending, start, is_pipelined)
         outputs += self._finish_in_flight()
         if is_pipelined and not scheduler_output.is_empty:
@@ -187,6 +206,12 @@ class LLMEngine:
         else:
             outputs += self._finish_step(launched)
         return outputs
+
+    def _is_constrained(self, scheduler_output: SchedulerOutput) -> bool:
+        """Whether a request of the step samples under a grammar (structured output)."""
+        so = self.structured_output
+        return so.has_requests and any(s.needs_sample and so.is_constrained(s.request_id)
+                                       for s in scheduler_output.scheduled)
 
     def _can_pipeline(self) -> bool:
         """Whether the step about to be scheduled may run ahead of its tokens (see the module docstring)."""
@@ -208,6 +233,10 @@ class LLMEngine:
         num_outputs_before = [s.request.num_output_tokens for s in scheduler_output.scheduled]
         finished = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
         scheduled = [s.request for s in scheduler_output.scheduled]
+        if self.structured_output.has_requests:  # grammar matchers advance over the tokens kept
+            for request, before in zip(scheduled, num_outputs_before, strict=True):
+                if len(request.output_token_ids) > before:
+                    self.structured_output.accept_tokens(request.request_id, request.output_token_ids[before:])
         now = time.perf_counter()
         if self.config.speculative_method is not None and scheduled:
             # NOTE: before the outputs are made, so that the draft model runs on the device while the
@@ -288,6 +317,7 @@ class LLMEngine:
 
 
 def _reads_output_tokens(scheduler_output: SchedulerOutput) -> bool:
-    """Whether a step's sampling reads its requests' earlier output tokens (penalties), so the step
-    before it must be finished first."""
+    """Whether a step's sampling reads its requests' earlier output tokens on the device (penalties), so
+    the step before it must be finished before it is launched. (Grammars read them on the host: that
+    step is finished after the forward pass is launched, see step().)"""
     return any(s.request.sampling_params.has_penalties for s in scheduler_output.scheduled)

@@ -4,7 +4,8 @@ Owns the model, the paged KV cache, the sampler, per-request seeded generators a
 decode CUDA graphs. Inputs are flattened over the batch (see layers/attention.py for the layout).
 Requests with draft tokens sample at every draft position plus one and are verified by rejection
 sampling (spec_decode/), which keeps the target distribution exactly; a request keeps its tokens up
-to and including the first rejected position.
+to and including the first rejected position. Constrained requests (structured output) get their
+grammar bitmask filled on the host after the forward pass is launched, so it overlaps the device's work.
 
 Tensor parallel: every rank has a ModelRunner over its shard. Rank 0's `execute_model` hands the
 step's flat inputs to `step_broadcaster` (set by the MultiProcExecutor) before its forward pass; the
@@ -48,12 +49,14 @@ from infergrid.worker.engine.scheduler import (
     ScheduledRequest,
     SchedulerOutput,
 )
-from infergrid.worker.layers.attention import AttentionMetadata, get_attention_backend
+from infergrid.worker.layers.attention import AttentionMetadata
+from infergrid.worker.layers.attention_backends import get_attention_backend
 from infergrid.worker.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from infergrid.worker.loader import load_model, resolve_dtype
 from infergrid.worker.model_config import ModelConfig
 from infergrid.worker.sampling_params import SamplingParams
 from infergrid.worker.spec_decode.speculative_decoder import SpeculativeDecoder
+from infergrid.worker.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +179,8 @@ class ModelRunner:
         self.spec_decoder: SpeculativeDecoder | None = None
         if config.speculative_method is not None and rank == 0:
             self.spec_decoder = SpeculativeDecoder(self)
+        # Structured output (rank 0, set by the engine): grammar matchers that fill each step's bitmask.
+        self.structured_output: StructuredOutputManager | None = None
 
     # -- KV cache ----------------------------------------------------------------------------------
     def graph_plan(self) -> GraphPlan:
@@ -290,13 +295,18 @@ class ModelRunner:
         """Forget per-request state (seeded generators) of finished requests."""
         for req_id in request_ids:
             self.generators.pop(req_id, None)
+        if self.structured_output is not None:
+            self.structured_output.remove_requests(request_ids)
         if self.spec_decoder is not None:
             self.spec_decoder.remove_requests(request_ids)
 
     @torch.inference_mode()
-    def execute_model(self, scheduler_output: SchedulerOutput) -> PendingRunnerOutput:
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      before_sample: Callable[[], None] | None = None) -> PendingRunnerOutput:
         """Launch one scheduled batch and its sampling; `.result()` gives the tokens of the requests
-        that sample (see the module docstring)."""
+        that sample (see the module docstring). `before_sample` (only when the step samples) runs once
+        the forward pass is launched, before the grammar bitmask is filled: the engine finishes the
+        previous step there, whose tokens the grammar matchers need, while the device runs this one."""
         self.remove_requests(scheduler_output.finished_req_ids)
         if scheduler_output.is_empty:
             return PendingRunnerOutput()
@@ -313,6 +323,12 @@ class ModelRunner:
             self._end_step(batch.step_id)
             return PendingRunnerOutput()
         assert logits is not None
+        if before_sample is not None:
+            before_sample()
+        if self.structured_output is not None:  # the host fills the grammar bitmask while the device runs
+            bitmask = self.structured_output.fill_bitmask(
+                [(s.request_id, s.spec_token_ids) for s in scheduler_output.scheduled if s.needs_sample])
+            sampling_metadata.token_bitmask = None if bitmask is None else self._to_device(bitmask)
         if self.spec_decoder is not None and any(r.draft_index for r in rows):  # drafts to verify
             out = self.spec_decoder.verify(logits, sampling_metadata, rows)
         else:

@@ -103,22 +103,3 @@ class Attention(nn.Module):
         if meta.has_kv_cache:
             write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
-
-
-def get_attention_backend(device: torch.device, name: str | None = None) -> AttentionBackend:
-    """`name` (or INFERGRID_ATTENTION_BACKEND) picks `torch` or `triton`; default: triton on CUDA."""
-    from infergrid.worker import envs
-    from infergrid.worker.layers.torch_attention import TorchAttentionBackend
-
-    name = name or envs.attention_backend()
-    if name is None:
-        name = "triton" if device.type == "cuda" else "torch"
-    if name == "torch":
-        return TorchAttentionBackend()
-    if name == "triton":
-        if device.type != "cuda":
-            raise ValueError("the triton attention backend needs a CUDA device")
-        from infergrid.worker.layers.triton_attention import TritonAttentionBackend
-
-        return TritonAttentionBackend()
-    raise ValueError(f"attention backend must be 'torch' or 'triton', got {name!r}")

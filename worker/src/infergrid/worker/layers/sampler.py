@@ -1,6 +1,7 @@
-"""Batched sampling: penalties, temperature, min_p, top_k, top_p, per-request seeds, logprobs.
+"""Batched sampling: grammar bitmask, penalties, temperature, min_p, top_k, top_p, per-request seeds, logprobs.
 
-Order (as in vLLM v1): raw logprobs are taken from the model's logits; then min-tokens masking,
+Order (as in vLLM v1): raw logprobs are taken from the model's logits; then the structured-output
+bitmask (rows whose grammar forbids a token get -inf there), min-tokens masking,
 repetition / frequency / presence penalties; greedy rows take the argmax here; the others are
 divided by their temperature, filtered by min_p, top_k and top_p, and sampled with the
 "exponential race" (argmax of p / q, q ~ Exp(1)), which equals sampling from p. A seeded request
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from infergrid.worker.layers.argmax import argmax_rows
+from infergrid.worker.structured_output.bitmask import apply_token_bitmask
 
 _NEG_INF = float("-inf")
 
@@ -35,6 +37,9 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> seeded generator
     banned_token_ids: dict[int, list[int]] = field(default_factory=dict)  # row -> ids masked (min_tokens)
     max_num_logprobs: int | None = None  # top-k logprobs to return (None = none)
+    # [B, ceil(V / 32)] int32 grammar bitmask (structured output); None when no row is constrained.
+    # NOTE: set after the forward pass is launched (the host fills it while the device runs).
+    token_bitmask: torch.Tensor | None = None
 
 
 @dataclass
@@ -145,7 +150,9 @@ class Sampler(torch.nn.Module):
 
     @staticmethod
     def apply_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        """min_tokens bans, then repetition / frequency / presence penalties."""
+        """Grammar bitmask, min_tokens bans, then repetition / frequency / presence penalties."""
+        if meta.token_bitmask is not None:
+            logits = apply_token_bitmask(logits, meta.token_bitmask)  # (in place: idempotent)
         if meta.banned_token_ids:
             logits = logits.clone()
             for row, ids in meta.banned_token_ids.items():

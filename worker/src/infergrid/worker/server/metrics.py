@@ -61,6 +61,8 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 MAX_TOKEN_BUCKET = 1_000_000
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# Grammar compile times: a regex or choice takes ~1 ms, a large JSON schema up to seconds.
+GRAMMAR_COMPILE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass
@@ -192,6 +194,12 @@ class ServerMetrics:
                                ["model_name", "finished_reason"], registry=r)
         self.client_aborts = Counter("infergrid:client_disconnects", "Requests aborted because the client left.",
                                      label, registry=r).labels(self.model_name)
+        self.grammar_compile = Histogram(
+            "infergrid:grammar_compile_seconds", "Structured output: time to compile a grammar (cache misses).",
+            label, registry=r, buckets=GRAMMAR_COMPILE_BUCKETS).labels(self.model_name)
+        self.constrained_requests = Counter(
+            "infergrid:structured_output_requests", "Requests whose output follows a grammar, by constraint kind.",
+            ["model_name", "kind"], registry=r)
         for name in ("ttft", "itl", "e2e", "queue"):
             self.windows[name] = LatencyWindow()
         for reason in ("stop", "length", "abort"):  # export the common series from the first scrape

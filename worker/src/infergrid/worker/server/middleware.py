@@ -157,7 +157,7 @@ class IgnoredFieldsMiddleware:
             if message["type"] == "http.response.start" and ignored:
                 # Printable ASCII only: a field name may hold any character (h11 drops bad headers).
                 value = ",".join(ignored)[:1000].encode("ascii", "backslashreplace")
-                value = bytes(b for b in value if 0x20 <= b < 0x7F)
+                value = bytes(b for b in value if 0x20 <= b < 0x7F).strip()  # (h11: no edge whitespace)
                 message = {**message, "headers": [*message.get("headers", ()), (b"x-ignored-fields", value)]}
             await send(message)
 

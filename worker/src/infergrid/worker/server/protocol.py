@@ -70,6 +70,18 @@ class ResponseModel(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------- sampling
+class GuidedOptions(StrictModel):
+    """vLLM's `structured_outputs` object: one of json, regex, choice, grammar, json_object."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = Field(None, min_length=1)
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, min_length=1)
+    json_object: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+
+
 class SamplingFields(StrictModel):
     """Sampling knobs shared by /v1/completions, /v1/chat/completions and /v1/generate."""
 
@@ -88,6 +100,13 @@ class SamplingFields(StrictModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="lower runs first")
+    # Structured output, vLLM's extra fields (at most one; response_format is the OpenAI way).
+    guided_json: dict[str, Any] | str | None = Field(None, description="a JSON schema the output follows")
+    guided_regex: str | None = Field(None, min_length=1, description="a regex the output matches")
+    guided_choice: list[str] | None = Field(None, min_length=1, description="the output is one of these")
+    guided_grammar: str | None = Field(None, min_length=1, description="an EBNF grammar (xgrammar's dialect)")
+    guided_whitespace_pattern: str | None = Field(None, description="not supported; must be null")
+    structured_outputs: GuidedOptions | None = Field(None, description="vLLM's newer spelling of guided_*")
 
 
 class StreamOptions(StrictModel):
@@ -175,12 +194,69 @@ class ChatMessage(StrictModel):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class JsonSchemaFormat(StrictModel):
+    """`response_format.json_schema`: a named JSON schema (`strict` is always enforced here)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
 
 
 class ResponseFormat(StrictModel):
-    """Only plain text output is supported."""
+    """`text`, `json_object` (any JSON object) or `json_schema` (the output follows the schema)."""
 
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionCall(StrictModel):
+    """A function call in an assistant message of the conversation (arguments: JSON text)."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(StrictModel):
+    """A tool call in an assistant message of the conversation."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(StrictModel):
+    """A callable function: its name, description and JSON schema of its arguments."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(StrictModel):
+    """One tool the model may call."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(StrictModel):
+    """`tool_choice.function`."""
+
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    """`tool_choice` forcing one function."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields, RequestModel):
@@ -196,8 +272,10 @@ class ChatCompletionRequest(SamplingFields, RequestModel):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
-    tool_choice: Literal["none"] | None = None
-    tools: list[dict[str, Any]] | None = Field(None, max_length=0, description="not supported")
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools, none without")
+    parallel_tool_calls: bool = True
     logit_bias: dict[str, float] | None = Field(None, description="not supported; must be null or empty")
     user: str | None = None
     add_generation_prompt: bool = True
@@ -224,11 +302,27 @@ class ChatChoiceLogprobs(ResponseModel):
     content: list[TokenLogprob] | None = None
 
 
+class ResponseFunctionCall(ResponseModel):
+    """A generated function call: name and arguments (JSON text)."""
+
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(ResponseModel):
+    """A generated tool call."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class AssistantMessage(ResponseModel):
-    """The generated message."""
+    """The generated message (content, or tool calls, or both)."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(ResponseModel):

@@ -19,6 +19,7 @@ from .errors import bad_request
 from .logprobs import LogprobFormatter
 from .protocol import BatchRequest, BatchResponse, GenerateRequest, GenerateResponse
 from .serving_base import PromptInput, ServingBase
+from .structured import compile_grammar, structured_outputs_of
 
 
 class SeedServing(ServingBase):
@@ -36,12 +37,19 @@ class SeedServing(ServingBase):
             prompt = self.prompt_from_ids(req.prompt_token_ids or [], f"{param_prefix}prompt_token_ids")
         self.check_length(prompt, req.max_tokens, f"{param_prefix}prompt", f"{param_prefix}max_tokens")
         try:
-            params = self.sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
+            params = self.sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
+                                          structured_outputs=structured_outputs_of(req)[0])
         except Exception as exc:
             if param_prefix and getattr(exc, "param", None):
                 exc.param = param_prefix + exc.param  # type: ignore[attr-defined]
             raise
         return prompt, params
+
+    async def compile_constraint(self, req: GenerateRequest, params: SamplingParams, param_prefix: str = "") -> None:
+        """Compile a guided_* constraint off the event loop (400 naming the field when it is invalid)."""
+        if params.structured_outputs is not None:
+            field = param_prefix + structured_outputs_of(req)[1]
+            await compile_grammar(self.engine, params.structured_outputs, field, self.metrics)
 
     @staticmethod
     def deadline_of(req: GenerateRequest, arrival: float) -> float | None:
@@ -67,6 +75,7 @@ class SeedServing(ServingBase):
         """POST /v1/generate."""
         started = time.monotonic()
         prompt, params = self.prepare(req)
+        await self.compile_constraint(req, params)
         request_id = f"gen-{uuid.uuid4().hex}"
         with self.admission.admit(1):
             final, ttft = await self.run_to_end(prompt, params, request_id, priority=req.priority,
@@ -77,6 +86,8 @@ class SeedServing(ServingBase):
         """POST /v1/batch: all items validated before any runs; answers in request order."""
         started = time.monotonic()
         prepared = [self.prepare(r, f"requests[{i}].") for i, r in enumerate(batch.requests)]
+        for i, (r, (_, params)) in enumerate(zip(batch.requests, prepared, strict=True)):
+            await self.compile_constraint(r, params, f"requests[{i}].")
         ids = [f"batch-{uuid.uuid4().hex}" for _ in prepared]
         with self.admission.admit(len(prepared)):
             tasks = [asyncio.ensure_future(self.run_to_end(p, sp, rid, priority=r.priority,

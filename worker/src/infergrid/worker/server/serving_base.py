@@ -14,6 +14,7 @@ import anyio
 
 from infergrid.worker.engine.async_llm import EngineDeadError, EngineShuttingDownError
 from infergrid.worker.sampling_params import SamplingParams
+from infergrid.worker.structured_output.params import StructuredOutputsParams
 
 from .admission import AdmissionController
 from .errors import APIError, bad_request
@@ -120,7 +121,8 @@ class ServingBase:
 
     # --------------------------------------------------------------------------------- sampling
     def sampling_params(self, req: SamplingFields, *, max_tokens: int | None, n: int = 1,
-                        logprobs: int | None = None) -> SamplingParams:
+                        logprobs: int | None = None,
+                        structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         """SamplingParams from the request's fields (400 naming the field if the engine refuses)."""
         logit_bias = getattr(req, "logit_bias", None)
         if logit_bias:
@@ -133,7 +135,7 @@ class ServingBase:
             "n": n, "max_tokens": max_tokens, "min_tokens": req.min_tokens, "top_k": top_k,
             "seed": req.seed, "stop": stop, "stop_token_ids": req.stop_token_ids, "ignore_eos": req.ignore_eos,
             "logprobs": logprobs, "include_stop_str_in_output": req.include_stop_str_in_output,
-            "skip_special_tokens": req.skip_special_tokens,
+            "skip_special_tokens": req.skip_special_tokens, "structured_outputs": structured_outputs,
         }
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):

@@ -30,6 +30,7 @@ from .streaming import (
     sse_error,
     sse_event,
 )
+from .structured import compile_grammar, structured_outputs_of
 
 # Most prompts in one /v1/completions request.
 MAX_PROMPTS = 256
@@ -77,12 +78,16 @@ class OpenAIServingCompletion(ServingBase):
         prompts = self.parse_prompts(req.prompt)
         for i, p in enumerate(prompts):
             self.check_length(p, req.max_tokens, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
-        params = self.sampling_params(req, max_tokens=req.max_tokens, n=req.n, logprobs=req.logprobs)
+        constraint, _ = structured_outputs_of(req)
+        params = self.sampling_params(req, max_tokens=req.max_tokens, n=req.n, logprobs=req.logprobs,
+                                      structured_outputs=constraint)
         return prompts, params
 
     async def create(self, req: CompletionRequest) -> CompletionResponse | Response:
         """Answer one completions request."""
         prompts, params = self.prepare(req)
+        if params.structured_outputs is not None:
+            await compile_grammar(self.engine, params.structured_outputs, structured_outputs_of(req)[1], self.metrics)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         weight = len(prompts) * req.n  # the engine runs n sequences per prompt

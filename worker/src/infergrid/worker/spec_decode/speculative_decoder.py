@@ -459,10 +459,11 @@ class SpeculativeDecoder:
         caught_up = self.draft.num_catch_up_tokens_total - num_caught_up
         if batch is None:
             return {}, caught_up
-        if self.drafts_on_host or any(s.request.sampling_params.has_penalties for s, _ in candidates
+        if self.drafts_on_host or any(s.request.sampling_params.reads_output_tokens for s, _ in candidates
                                       if s.request_id in batch.rows):
             # Wait for the drafts: other TP ranks read input ids from the step header, and penalties at
-            # draft positions count the drafts before them (on the host).
+            # draft positions count the drafts before them (on the host), as grammar matchers advance
+            # over them (structured output).
             return batch.to_host(), caught_up
         return {req_id: [DRAFT_PLACEHOLDER_ID] * n for req_id, n in batch.num_drafts.items()}, caught_up
 
