@@ -99,7 +99,7 @@ gpu-wheels: install ## wheels the lent GPU machine lacks (pytest tools, py-spy, 
 	  xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 \
 	  jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 attrs==26.1.0
 
-demo: install testbed-build ## local control plane + operator + tiny model + one completion (DEMO_ONCE=1 tears down)
+demo: install testbed-build ## local control plane + operator + SmolLM2-135M-Instruct + one question (DEMO_ONCE=1 tears down; DEMO_MODEL=tiny: tiny random model)
 	$(PY) -m infergrid.testbed.demo
 
 clean: ## remove .venv and .testbed (the binary cache in ~/.cache/infergrid stays)
