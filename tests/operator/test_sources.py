@@ -58,3 +58,14 @@ def test_hf_source_downloads_in_an_init_container_with_the_token_from_a_secret()
     assert token_env[0] in init["env"]
     assert init["securityContext"] == SECURITY
     assert {"name": "model-cache", "mountPath": "/model-cache"} in init["volumeMounts"]
+
+
+def test_a_gguf_file_source_is_a_host_path_of_type_file():
+    source = ModelSource.parse("file:///models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert source.is_gguf_file
+    mount = plan_model_mount(source, "model", image="img", image_pull_policy=None, security_context=SECURITY,
+                             token_env=[])
+    assert mount.path == "/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert mount.volumes == ({"name": "model-host", "hostPath": {"path": mount.path, "type": "File"}},)
+    assert not ModelSource.parse("pvc://weights/gguf-models").is_gguf_file
+    assert ModelSource.parse("pvc://weights/m/x.gguf").is_gguf_file

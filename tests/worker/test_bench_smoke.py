@@ -87,6 +87,18 @@ def test_gemv_shapes_bench_runs_on_cpu():
     assert "| argmax | 1 |" in proc.stdout
 
 
+def test_ngram_real_text_bench_runs_on_cpu(tmp_path, smollm2):
+    out = tmp_path / "ngram_real.json"
+    cmd = [sys.executable, "bench/bench_ngram_real.py", "--model", smollm2, "--ks", "4", "--max-tokens", "32",
+           "--prompts", "repeat-article", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "acceptance" in proc.stdout and "repeat-article" in proc.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["k"] == 4 and row["same_text_as_off"] and row["drafts_proposed"] > 0
+    assert row["acceptance"] > 0.5  # the greedy reply copies the article
+
+
 def test_structured_output_bench_runs_on_cpu(tmp_path):
     out = tmp_path / "structured.json"
     env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",

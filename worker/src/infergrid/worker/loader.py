@@ -1,7 +1,9 @@
 """Hugging Face model directory -> our model with weights on the target device.
 
 Sources: a local directory, `file:///path`, or `hf://org/name[@revision]` (downloaded with
-`huggingface_hub.snapshot_download`; needs network, never used by tests). Weights come from
+`huggingface_hub.snapshot_download`; needs network, never used by tests). A `.gguf` file (or a
+directory holding one and no config.json) is converted once into a Hugging Face directory under the
+model cache (gguf_checkpoint.py) and loaded from there. Weights come from
 `*.safetensors` (sharded via `model.safetensors.index.json` or not), read lazily: a tensor-parallel
 rank reads only its shard of each tensor (`safe_open(...).get_slice`).
 """
@@ -17,6 +19,8 @@ from collections.abc import Iterator
 import torch
 from safetensors import safe_open
 
+from infergrid.worker import envs
+from infergrid.worker.gguf_checkpoint import find_gguf_file, gguf_model_dir
 from infergrid.worker.layers.attention import AttentionBackend
 from infergrid.worker.lazy_weight import LazyWeight
 from infergrid.worker.model_config import ModelConfig, parse_dtype
@@ -39,6 +43,12 @@ def resolve_model_path(source: str, revision: str | None = None) -> str:
 
         logger.info("downloading %s (revision %s) from the Hugging Face Hub", repo, revision or "main")
         return snapshot_download(repo, revision=revision, allow_patterns=_DOWNLOAD_PATTERNS)
+    if not os.path.exists(source):
+        raise ValueError(f"model path {source!r} is not a directory or a .gguf file "
+                         "(use a local path, file:// or hf://)")
+    gguf_file = find_gguf_file(source)
+    if gguf_file is not None:
+        return gguf_model_dir(gguf_file, envs.model_cache_dir())
     if not os.path.isdir(source):
         raise ValueError(f"model path {source!r} is not a directory (use a local path, file:// or hf://)")
     return source

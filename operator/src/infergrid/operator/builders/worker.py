@@ -16,7 +16,13 @@ from infergrid.operator.builders.common import (
 from infergrid.operator.builders.overrides import merge_overrides
 from infergrid.operator.config import OperatorConfig
 from infergrid.operator.engine_args import build_engine_args
-from infergrid.operator.sources import MODEL_CACHE_PATH, MODEL_CACHE_VOLUME, ModelMount, plan_model_mount
+from infergrid.operator.sources import (
+    GGUF_CACHE_PATH,
+    MODEL_CACHE_PATH,
+    MODEL_CACHE_VOLUME,
+    ModelMount,
+    plan_model_mount,
+)
 from infergrid.operator.spec import ServiceSpec, desired_replicas
 
 STARTUP_PERIOD_SECONDS = 10
@@ -160,6 +166,8 @@ def _worker_env(uses_cache: bool) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        # a GGUF source (file or directory) is converted here: the root filesystem is read-only
+        {"name": "INFERGRID_MODEL_CACHE_DIR", "value": GGUF_CACHE_PATH},
     ]
     if uses_cache:
         env += [{"name": "HF_HOME", "value": f"{MODEL_CACHE_PATH}/.hf"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
