@@ -130,7 +130,7 @@ def test_workers_convert_gguf_sources_into_their_writable_tmp():
     assert {"name": "model-host", "hostPath": {"path": "/models/smollm2.gguf", "type": "File"}} in \
         deployment["spec"]["template"]["spec"]["volumes"]
     worker = container(deployment)
-    assert {"name": "INFERGRID_MODEL_CACHE_DIR", "value": "/tmp/infergrid-models"} in worker["env"]
+    assert flag_value(full_command(deployment), "--model-cache-dir") == "/tmp/infergrid-models"
     assert {"name": "tmp", "mountPath": "/tmp"} in worker["volumeMounts"]
     assert flag_value(full_command(deployment), "--model") == "/models/smollm2.gguf"
 

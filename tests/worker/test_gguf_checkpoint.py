@@ -86,19 +86,18 @@ def test_the_demo_model_is_made_once_and_checked(smollm2: str, tmp_path: Path, c
 
 
 @pytest.mark.slow
-def test_a_gguf_file_or_directory_is_a_model_source(smollm2: str, tmp_path: Path, monkeypatch) -> None:
+def test_a_gguf_file_or_directory_is_a_model_source(smollm2: str, tmp_path: Path) -> None:
     """Converted once into the model cache (a second resolve reuses it), then served like any checkpoint."""
     cache = tmp_path / "cache"
-    monkeypatch.setenv("INFERGRID_MODEL_CACHE_DIR", str(cache))
     holder = tmp_path / "holder"
     holder.mkdir()
     gguf_file = holder / "smollm2.gguf"
     os.symlink(demo_gguf_path(), gguf_file)
     assert find_gguf_file(str(holder)) == str(gguf_file)
-    converted = resolve_model_path(f"file://{holder}")
-    assert converted == resolve_model_path(str(gguf_file))
+    converted = resolve_model_path(f"file://{holder}", cache_dir=str(cache))
+    assert converted == resolve_model_path(str(gguf_file), cache_dir=str(cache))
     assert converted.startswith(str(cache / "gguf" / "smollm2-"))
-    llm = LLM(f"file://{gguf_file}", dtype="float32", max_model_len=256)
+    llm = LLM(f"file://{gguf_file}", dtype="float32", max_model_len=256, model_cache_dir=str(cache))
     answer = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                       SamplingParams(temperature=0, max_tokens=12))[0].outputs[0].text
     assert "Paris" in answer

@@ -55,6 +55,7 @@ class EngineConfig:
     device: str | None = None
     seed: int = 0
     num_gpu_blocks_override: int | None = None
+    model_cache_dir: str | None = None  # where .gguf sources are converted (default: models.default_cache_dir())
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:

@@ -37,7 +37,7 @@ def demo_gguf_path() -> str:
 
 def default_demo_model_dir() -> str:
     """Where the converted demo model is cached: <model cache>/SmolLM2-135M-Instruct-Q4_1."""
-    return os.path.join(envs.model_cache_dir(), DEMO_MODEL_NAME)
+    return os.path.join(envs.default_model_cache_dir(), DEMO_MODEL_NAME)
 
 
 def make_demo_model(out: str | None = None, gguf_path: str | None = None) -> str:

@@ -49,12 +49,10 @@ def emulate_cuda_graphs() -> bool:
     return _flag("INFERGRID_EMULATE_CUDA_GRAPHS", False)
 
 
-def model_cache_dir() -> str:
-    """INFERGRID_MODEL_CACHE_DIR: where converted models live (GGUF sources, the demo model); default
-    $INFERGRID_CACHE/models, else $XDG_CACHE_HOME/infergrid/models, else ~/.cache/infergrid/models."""
-    explicit = _get("INFERGRID_MODEL_CACHE_DIR")
-    if explicit is not None:
-        return os.path.expanduser(explicit)
+def default_model_cache_dir() -> str:
+    """Where converted models live (GGUF sources, the demo model) unless `--model-cache-dir` / the engine's
+    `model_cache_dir` says otherwise: $INFERGRID_CACHE/models (the cache root the test bed's binaries and
+    the images use too), else $XDG_CACHE_HOME/infergrid/models, else ~/.cache/infergrid/models."""
     root = _get("INFERGRID_CACHE")
     if root is None:
         root = os.path.join(os.path.expanduser(_get("XDG_CACHE_HOME", "~/.cache") or "~/.cache"), "infergrid")

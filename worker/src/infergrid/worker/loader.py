@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 
 
-def resolve_model_path(source: str, revision: str | None = None) -> str:
+def resolve_model_path(source: str, revision: str | None = None, cache_dir: str | None = None) -> str:
     """Turn a model source into a local directory, downloading `hf://` sources."""
     if source.startswith("file://"):
         source = source.removeprefix("file://")
@@ -48,7 +48,7 @@ def resolve_model_path(source: str, revision: str | None = None) -> str:
                          "(use a local path, file:// or hf://)")
     gguf_file = find_gguf_file(source)
     if gguf_file is not None:
-        return gguf_model_dir(gguf_file, envs.model_cache_dir())
+        return gguf_model_dir(gguf_file, cache_dir or envs.default_model_cache_dir())
     if not os.path.isdir(source):
         raise ValueError(f"model path {source!r} is not a directory (use a local path, file:// or hf://)")
     return source

@@ -77,6 +77,7 @@ def build_worker_pod_template(spec: ServiceSpec, config: OperatorConfig) -> dict
         "command": ["infergrid-worker", "serve"],
         "args": [
             "--model", mounts[0].path,
+            "--model-cache-dir", GGUF_CACHE_PATH,  # a .gguf source is converted here (read-only root)
             "--host", "$(POD_IP)",
             "--port", str(c.WORKER_PORT),
             "--served-model-name", spec.served_name,
@@ -166,8 +167,6 @@ def _worker_env(uses_cache: bool) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        # a GGUF source (file or directory) is converted here: the root filesystem is read-only
-        {"name": "INFERGRID_MODEL_CACHE_DIR", "value": GGUF_CACHE_PATH},
     ]
     if uses_cache:
         env += [{"name": "HF_HOME", "value": f"{MODEL_CACHE_PATH}/.hf"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]

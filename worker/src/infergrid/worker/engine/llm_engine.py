@@ -82,7 +82,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.model_path = resolve_model_path(config.model)
+        self.model_path = resolve_model_path(config.model, cache_dir=config.model_cache_dir)
         self.model_config = ModelConfig.from_pretrained(self.model_path)
         self.tokenizer = load_tokenizer(self.model_path)
         self.max_model_len = resolve_max_model_len(config, self.model_config)

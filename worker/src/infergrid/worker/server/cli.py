@@ -18,7 +18,11 @@ API_KEY_ENV = "INFERGRID_API_KEY"
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the `serve` options to `parser`."""
     srv = parser.add_argument_group("server")
-    srv.add_argument("--model", required=True, help="Hugging Face model directory")
+    srv.add_argument("--model", required=True, help="Hugging Face model directory or a .gguf file (or a directory "
+                     "holding one), local, file:// or hf://")
+    srv.add_argument("--model-cache-dir", default=None,
+                     help="where .gguf sources are converted (default: $INFERGRID_CACHE/models or "
+                          "~/.cache/infergrid/models)")
     srv.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     srv.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
     srv.add_argument("--api-key", default=None,
@@ -74,7 +78,7 @@ def engine_config_from_args(args: argparse.Namespace) -> Any:
         tensor_parallel_size=args.tensor_parallel_size,
         speculative_method=args.speculative_method, num_speculative_tokens=args.num_speculative_tokens,
         draft_model=args.draft_model, draft_lm_head_dtype=args.draft_lm_head_dtype, device=args.device, seed=args.seed,
-        num_gpu_blocks_override=args.num_gpu_blocks_override,
+        num_gpu_blocks_override=args.num_gpu_blocks_override, model_cache_dir=args.model_cache_dir,
     )
 
 

@@ -155,7 +155,7 @@ class DraftProposer:
 
     def __init__(self, config: EngineConfig, target: ModelRunner) -> None:
         assert config.draft_model is not None  # EngineConfig checks
-        path = resolve_model_path(config.draft_model)
+        path = resolve_model_path(config.draft_model, cache_dir=config.model_cache_dir)
         self.model_config = ModelConfig.from_pretrained(path)
         target_cfg = target.model_config
         if self.model_config.vocab_size != target_cfg.vocab_size:
