@@ -77,11 +77,11 @@ def build_worker_pod_template(spec: ServiceSpec, config: OperatorConfig) -> dict
         "command": ["infergrid-worker", "serve"],
         "args": [
             "--model", mounts[0].path,
-            "--model-cache-dir", GGUF_CACHE_PATH,  # a .gguf source is converted here (read-only root)
             "--host", "$(POD_IP)",
             "--port", str(c.WORKER_PORT),
             "--served-model-name", spec.served_name,
             "--drain-timeout", str(spec.drain_seconds),
+            "--model-cache-dir", GGUF_CACHE_PATH,  # a .gguf source is converted here (read-only root)
             *build_engine_args(spec.engine, mounts[1].path if len(mounts) > 1 else None),
         ],
         "env": _worker_env(uses_cache),
