@@ -73,8 +73,12 @@ def test_autoscaled_service_scales_up_survives_an_operator_kill_replaces_a_stall
              "one ready worker")
     marks["ready"] = time.monotonic() - t0
     selector = f"infergrid.dev/inferenceservice={NAME},app.kubernetes.io/component=worker"
-    load = LoadGenerator(lambda: ready_pod_ips(cp.client, ns, selector), NAME, max_concurrency=6,
-                         max_tokens=48, timeout=10.0)
+    # Pods the load leaves alone once stopped, as the router would after ejecting them within ~1 s
+    # (otherwise every client thread piles onto the stopped pod, the others see no load, and a
+    # low-load scale-down removes the victim before the health monitor's verdict).
+    stopped_ips: set[str] = set()
+    load = LoadGenerator(lambda: [ip for ip in ready_pod_ips(cp.client, ns, selector) if ip not in stopped_ips],
+                         NAME, max_concurrency=6, max_tokens=48, timeout=10.0)
     try:
         # ---- 1 -> 3 under load; SIGKILL the operator right after its first scale write
         load.start(6)
@@ -106,6 +110,7 @@ def test_autoscaled_service_scales_up_survives_an_operator_kill_replaces_a_stall
         process = runner.find(ns, victim_name)
         assert process is not None and process.pid is not None
         stopped_at = time.monotonic()
+        stopped_ips.add(victim_ip)
         os.killpg(process.pid, signal.SIGSTOP)
         event = wait_for(lambda: next((e for e in events_for(cp, ns, NAME) if e["reason"] == "WorkerUnresponsive"),
                                       None), 60, "a WorkerUnresponsive Event")
