@@ -153,20 +153,21 @@ def test_killing_a_rank_makes_the_worker_unhealthy_and_exit_without_orphans(tiny
     assert_matches_tp1(server, expected)
     killed_at = time.monotonic()
     os.kill(server.rank_pids[1], signal.SIGKILL)
-    saw_unhealthy = False
+    # The worker answers 503 naming the dead rank from the moment it notices until it exits, which
+    # can be only ~0.1 s on a loaded machine: a poll may miss that window, so the exit and its log
+    # line are what must happen, and any 503 seen on the way must name the rank.
     while server.proc.poll() is None and time.monotonic() - killed_at < 10.0:
         try:
             r = httpx.get(f"{server.url}/health", timeout=1.0)
             if r.status_code == 503:
-                saw_unhealthy = True
                 assert "rank 1" in r.json()["error"]["message"]
         except httpx.HTTPError:
             pass
-        time.sleep(0.05)
+        time.sleep(0.02)
     exit_code = server.proc.wait(max(0.1, killed_at + 10.0 - time.monotonic()))
     assert time.monotonic() - killed_at < 10.0
-    assert saw_unhealthy and exit_code == 1, server.log()[-4000:]
-    assert "tensor-parallel rank 1" in server.log()
+    assert exit_code == 1, server.log()[-4000:]
+    assert "engine is dead: tensor-parallel rank 1" in server.log()
     assert not wait_gone(server.rank_pids, 2.0), "orphaned processes remain"
 
 
