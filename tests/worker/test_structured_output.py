@@ -192,6 +192,33 @@ def test_pipelined_steps_give_the_same_constrained_output(tiny_llama):
         jsonschema.validate(json.loads(outs[i].outputs[0].text), SCHEMA)
 
 
+def test_outputs_of_the_step_in_flight_are_made_after_the_constrained_sampling(tiny_llama):
+    """Between a constrained step's forward pass and its sampling only the previous step's tokens are
+    applied (scheduler, grammar matchers); its outputs (detokenizing) wait until the sampling is launched."""
+    llm = LLM(tiny_llama, **BASE)
+    engine = llm.llm_engine
+    inside, made_inside = [False], []
+    execute, process = engine.model_executor.execute_model, engine.output_processor.process
+
+    def spy_execute(*args, **kwargs):
+        inside[0] = True
+        try:
+            return execute(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    def spy_process(*args, **kwargs):
+        made_inside.append(inside[0])
+        return process(*args, **kwargs)
+
+    engine.model_executor.execute_model, engine.output_processor.process = spy_execute, spy_process
+    outs = llm.generate(["Tell me about a pet", "Once upon a time"], [json_params(temperature=0.0)] * 2)
+    assert engine.num_pipelined_steps_total > 20 and len(made_inside) > 20
+    assert not any(made_inside)
+    for out in outs:
+        jsonschema.validate(json.loads(out.outputs[0].text), SCHEMA)
+
+
 @pytest.mark.parametrize("method", ["ngram", "draft=target"])
 def test_speculation_keeps_greedy_constrained_output_and_grammar_refuses_drafts(tiny_llama, method, monkeypatch):
     """A draft model equal to the target drafts the *unconstrained* argmax: wherever the grammar forbids

@@ -8,8 +8,10 @@ With async scheduling (the default without speculative decoding) a step is pipel
 so the host's scheduling, input preparation and output processing overlap the GPU's work instead
 of leaving it idle between steps. Step N+1 is scheduled before N's tokens are known (see the
 scheduler's placeholders); the previous step is finished first when the next one needs its tokens on
-the host (penalties) or nothing is left to launch; when a grammar needs them (structured output: its
-bitmask is filled from them) it is finished between the next one's forward pass and its sampling.
+the host (penalties) or nothing is left to launch. When a grammar needs them (structured output: its
+bitmask is filled from them), only their application (scheduler and grammar matchers) sits between the
+next step's forward pass and its sampling; detokenizing and making the outputs wait until that sampling
+is launched, so they overlap it.
 With speculative decoding a step is pipelined only while no request speculates (adaptive k switched
 every one off): otherwise the next step's drafts are proposed from its tokens, so it runs synchronously.
 """
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from infergrid.worker.config import EngineConfig
 from infergrid.worker.distributed.executor import make_executor
 from infergrid.worker.distributed.parallel_state import verify_tensor_parallel_size
-from infergrid.worker.engine.model_runner import PendingRunnerOutput
+from infergrid.worker.engine.model_runner import ModelRunnerOutput, PendingRunnerOutput
 from infergrid.worker.engine.output_processor import OutputProcessor
 from infergrid.worker.engine.request import Request, RequestStatus
 from infergrid.worker.engine.scheduler import Scheduler, SchedulerOutput
@@ -64,6 +66,14 @@ class _LaunchedStep:
     output: PendingRunnerOutput
     start: float  # perf_counter() when it was scheduled
     is_pipelined: bool  # the next step is scheduled before this one's tokens are known
+    applied: _AppliedStep | None = None  # its tokens, once applied to the scheduler (`_apply_step`)
+
+
+@dataclass
+class _AppliedStep:
+    runner_output: ModelRunnerOutput
+    num_outputs_before: list[int]  # per scheduled request, its output tokens before the step
+    finished: list[Request]  # requests the scheduler finished (length, stop token)
 
 
 def child_request_ids(request_id: str, n: int) -> list[str]:
@@ -193,11 +203,13 @@ class LLMEngine:
         if self._in_flight is not None and (scheduler_output.is_empty or _reads_output_tokens(scheduler_output)):
             outputs += self._finish_in_flight()
         before_sample = None
-        if self._in_flight is not None and self._is_constrained(scheduler_output):
-            # Grammar matchers need the step in flight's tokens before this one samples: it is finished
-            # once this step's forward pass is launched (the device runs it meanwhile).
+        in_flight = self._in_flight
+        if in_flight is not None and self._is_constrained(scheduler_output):
+            # Grammar matchers need the step in flight's tokens before this one samples: they are applied
+            # once this step's forward pass is launched (the device runs it meanwhile); the outputs are
+            # made after this step's sampling is launched (below).
             def before_sample() -> None:
-                outputs.extend(self._finish_in_flight())
+                self._apply_step(in_flight)
         pending = self.model_executor.execute_model(scheduler_output, before_sample)
         launched = _LaunchedStep(scheduler_output, pending, start, is_pipelined)
         outputs += self._finish_in_flight()
@@ -226,17 +238,29 @@ class LLMEngine:
         step, self._in_flight = self._in_flight, None
         return [] if step is None else self._finish_step(step)
 
-    def _finish_step(self, step: _LaunchedStep) -> list[RequestOutput]:
-        """Wait for a launched step's tokens and apply them: scheduler, outputs, next drafts."""
+    def _apply_step(self, step: _LaunchedStep) -> _AppliedStep:
+        """Wait for a launched step's tokens and apply them to the scheduler and the grammar matchers
+        (once: `_finish_step` makes the outputs later)."""
+        if step.applied is not None:
+            return step.applied
         scheduler_output = step.scheduler_output
         runner_output = step.output.result()
         num_outputs_before = [s.request.num_output_tokens for s in scheduler_output.scheduled]
         finished = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
-        scheduled = [s.request for s in scheduler_output.scheduled]
         if self.structured_output.has_requests:  # grammar matchers advance over the tokens kept
-            for request, before in zip(scheduled, num_outputs_before, strict=True):
+            for s, before in zip(scheduler_output.scheduled, num_outputs_before, strict=True):
+                request = s.request
                 if len(request.output_token_ids) > before:
                     self.structured_output.accept_tokens(request.request_id, request.output_token_ids[before:])
+        step.applied = _AppliedStep(runner_output, num_outputs_before, finished)
+        return step.applied
+
+    def _finish_step(self, step: _LaunchedStep) -> list[RequestOutput]:
+        """Apply a launched step's tokens (if not done yet), then its outputs and the next drafts."""
+        scheduler_output = step.scheduler_output
+        applied = self._apply_step(step)
+        runner_output, num_outputs_before, finished = applied.runner_output, applied.num_outputs_before, applied.finished
+        scheduled = [s.request for s in scheduler_output.scheduled]
         now = time.perf_counter()
         if self.config.speculative_method is not None and scheduled:
             # NOTE: before the outputs are made, so that the draft model runs on the device while the
