@@ -318,23 +318,10 @@ class LLMEngine:
             self.model_executor.shutdown()
 
     def get_stats(self) -> EngineStats:
-        s = self.scheduler.make_stats()
-        return EngineStats(
-            num_running=s.num_running,
-            num_waiting=s.num_waiting,
-            kv_cache_usage=s.kv_cache_usage,
-            num_total_blocks=s.num_total_blocks,
-            num_used_blocks=s.num_used_blocks,
-            num_preemptions_total=s.num_preemptions_total,
+        return dataclasses.replace(
+            self.scheduler.make_stats(),
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
-            prefix_cache_queries_total=s.prefix_cache_queries_total,
-            prefix_cache_hits_total=s.prefix_cache_hits_total,
-            prefix_cache_evicted_blocks_total=s.prefix_cache_evicted_blocks_total,
-            spec_decode_num_drafts_total=s.spec_decode_num_drafts_total,
-            spec_decode_num_draft_tokens_total=s.spec_decode_num_draft_tokens_total,
-            spec_decode_num_accepted_tokens_total=s.spec_decode_num_accepted_tokens_total,
-            spec_decode_num_accepted_tokens_per_pos=s.spec_decode_num_accepted_tokens_per_pos,
             last_step_time=self.last_step_time,
             num_steps_total=self.num_steps_total,
         )

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from infergrid.worker.config import EngineConfig
 from infergrid.worker.engine.kv_cache_manager import KVCacheManager, cdiv
 from infergrid.worker.engine.request import Request, RequestStatus
+from infergrid.worker.engine.stats import EngineStats
 
 # Input token of a position whose token the previous step is still sampling (async scheduling).
 PLACEHOLDER_TOKEN_ID = -1
@@ -85,26 +86,6 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
-
-
-@dataclass(frozen=True)
-class SchedulerStats:
-    """A snapshot of queue, KV-cache and counter values (names as in the engine's stats)."""
-
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_total_blocks: int
-    num_used_blocks: int
-    num_preemptions_total: int
-    prefix_cache_queries_total: int
-    prefix_cache_hits_total: int
-    prefix_cache_evicted_blocks_total: int
-    spec_decode_num_drafts_total: int
-    spec_decode_num_draft_tokens_total: int
-    spec_decode_num_accepted_tokens_total: int
-    # [i] = drafts accepted at draft position i (0-based), over all verifications.
-    spec_decode_num_accepted_tokens_per_pos: tuple[int, ...] = ()
 
 
 class Scheduler:
@@ -431,10 +412,11 @@ class Scheduler:
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
 
-    def make_stats(self) -> SchedulerStats:
+    def make_stats(self) -> EngineStats:
+        """The stats the scheduler keeps (the engine adds its token and step counters)."""
         kv = self.kv_cache_manager
         total = kv.num_usable_blocks
-        return SchedulerStats(
+        return EngineStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
             kv_cache_usage=kv.get_usage(),
