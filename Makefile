@@ -16,7 +16,7 @@ BASE_IMAGE ?= local
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install lint test test-unit e2e bench gpu-wheels demo testbed-build testbed-up testbed-down \
+.PHONY: help install lint test test-unit e2e bench gpu-wheels bench-before demo testbed-build testbed-up testbed-down \
 	prometheus-tools dashboards clean docker-ready images images-test
 
 help: ## list the targets
@@ -88,6 +88,13 @@ bench: install testbed-build ## benchmarks: operator + autoscaling run (any mach
 	  $(PY) bench/bench_spec_decode.py --out bench/results/spec_decode.json && \
 	  $(PY) bench/bench_tensor_parallel.py --out bench/results/tensor_parallel.json; \
 	else echo "no CUDA device: GPU benchmarks skipped (run them on a GPU machine)"; fi
+
+BEFORE_DIR ?= build/before
+bench-before: ## REV=<commit> [BEFORE_DIR=build/before]: that commit's sources, for a before/after GPU run (bench/compare_revisions.py)
+	@test -n "$(REV)" || { echo "usage: make bench-before REV=<commit>"; exit 2; }
+	rm -rf "$(BEFORE_DIR)" && mkdir -p "$(BEFORE_DIR)"
+	git archive "$(REV)" common worker bench | tar -x -C "$(BEFORE_DIR)"
+	git rev-parse "$(REV)" > "$(BEFORE_DIR)/COMMIT"
 
 gpu-wheels: install ## wheels the lent GPU machine lacks (pytest tools, py-spy, the worker server's HTTP stack, xgrammar, jsonschema) into build/gpu-wheels
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -3,7 +3,8 @@
 #   bash bench/gpu_suite.sh [OUT_DIR] [PART]   (2+ GPUs: also the tensor-parallel tests and bench)
 # PART: all (default) | single (one-GPU tests and benches) | tp (tensor-parallel tests and bench) |
 # roofline (engine tests, bench_offline vs transformers, the prefix cache, bench_serving at three rates, a batch-1 trace) |
-# serving (the same without bench_offline and the trace) | structured (structured-output GPU tests and bench),
+# serving (the same without bench_offline and the trace) | structured (structured-output GPU tests and bench) |
+# spec-ab (bench_spec_decode of build/before, made by `make bench-before REV=...`, against this tree: carry build/before),
 # so that each set fits in a call of at most 10 minutes.
 # The machine needs python3 with torch + transformers; `make gpu-wheels` puts pytest etc. in build/gpu-wheels
 # (installed into /tmp/site). Each step has its own time limit so one hang cannot eat the session;
@@ -31,6 +32,11 @@ if [ "$part" = structured ]; then
   step structured_tests 200 python3 -m pytest -p no:cacheprovider -m gpu tests/worker/test_structured_output_gpu.py \
     -q --timeout 150
   step structured 300 python3 bench/bench_structured_output.py --out "$out/structured.json"
+  exit 0
+fi
+if [ "$part" = spec-ab ]; then
+  step spec_ab 570 python3 bench/compare_revisions.py --before build/before --rounds 2 --run-timeout 280 \
+    --out "$out/spec_ab.json" -- --max-tokens 128
   exit 0
 fi
 if [ "$part" = roofline ] || [ "$part" = serving ]; then

@@ -113,3 +113,26 @@ def test_structured_output_bench_runs_on_cpu(tmp_path):
     for mode in ("unconstrained", "half constrained"):
         assert report["results"][mode]["tokens"] == [4 * 12]
     assert report["half_constrained_vs_unconstrained"] > 0
+
+
+def test_compare_revisions_runs_each_tree_with_its_own_sources(tmp_path):
+    """bench/compare_revisions.py: a 'before' tree made by `make bench-before` and this tree, one round;
+    each tree's runs import the worker from that tree."""
+    before = tmp_path / "before"
+    subprocess.run(["make", "-s", "bench-before", "REV=HEAD", f"BEFORE_DIR={before}"], cwd=REPO, check=True,
+                   capture_output=True)
+    out = tmp_path / "ab.json"
+    cmd = [sys.executable, "bench/compare_revisions.py", "--before", str(before), "--rounds", "1", "--out", str(out),
+           "--", "--shape", "tiny", "--batch-sizes", "1", "--max-tokens", "8", "--modes", "off", "ngram"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["commits"]["before"] == (before / "COMMIT").read_text().strip()
+    assert report["worker_sources"]["before"].startswith(str(before.resolve()))
+    assert report["worker_sources"]["after"].startswith(str(REPO / "worker" / "src"))
+    rows = {(r["mode"], r["batch_size"]): r for r in report["rows"]}
+    assert set(rows) == {("off", 1), ("ngram", 1)}
+    for r in rows.values():
+        assert len(r["before_tok_s_all"]) == len(r["after_tok_s_all"]) == len(r["after_over_before_all"]) == 1
+    assert rows[("off", 1)]["before_speedup_all"] == rows[("off", 1)]["after_speedup_all"] == [1.0]
+    assert "| ngram" in proc.stdout
