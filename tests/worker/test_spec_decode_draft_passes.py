@@ -11,7 +11,7 @@ import torch
 from spec_prompts import PROMPTS as ALL_PROMPTS
 
 from infergrid.worker import LLM, SamplingParams
-from infergrid.worker.layers.sampler import SamplingMetadata, random_sample
+from infergrid.worker.sample.sampler import SamplingMetadata, random_sample
 from infergrid.worker.spec_decode.draft_proposer import DraftBatch, DraftProposer, DraftRequest
 
 PROMPTS = ALL_PROMPTS[:5]

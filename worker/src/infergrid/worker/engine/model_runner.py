@@ -51,7 +51,7 @@ from infergrid.worker.engine.scheduler import (
 )
 from infergrid.worker.layers.attention import AttentionMetadata
 from infergrid.worker.layers.attention_backends import get_attention_backend
-from infergrid.worker.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
+from infergrid.worker.sample.sampler import Sampler, SamplerOutput, SamplingMetadata
 from infergrid.worker.loader import load_model, resolve_dtype
 from infergrid.worker.model_config import ModelConfig
 from infergrid.worker.sampling_params import SamplingParams

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from infergrid.worker.engine.block_pool import NULL_BLOCK_ID
-from infergrid.worker.layers.argmax import argmax_rows
+from infergrid.worker.sample.argmax import argmax_rows
 from infergrid.worker.layers.attention import AttentionMetadata
 from infergrid.worker.layers.triton_guard import tl, triton
 from infergrid.worker.spec_decode.draft_loop_graph import DraftLoopGraphRunner, slot_mapping_of

@@ -28,7 +28,7 @@ import torch
 
 from infergrid.worker.engine.block_pool import NULL_BLOCK_ID
 from infergrid.worker.engine.cuda_graph import GraphSet, decode_metadata
-from infergrid.worker.layers.argmax import argmax_rows
+from infergrid.worker.sample.argmax import argmax_rows
 from infergrid.worker.layers.triton_guard import tl, triton
 
 if TYPE_CHECKING:

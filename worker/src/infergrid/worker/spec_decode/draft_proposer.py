@@ -64,9 +64,9 @@ from infergrid.worker.engine.kv_cache import kv_block_bytes
 from infergrid.worker.engine.model_runner import ModelRunner
 from infergrid.worker.engine.request import Request
 from infergrid.worker.engine.scheduler import ScheduledRequest, SchedulerOutput
-from infergrid.worker.layers.argmax import argmax_rows
+from infergrid.worker.sample.argmax import argmax_rows
 from infergrid.worker.layers.fp8_lm_head import Fp8LMHead
-from infergrid.worker.layers.sampler import Sampler, SamplingMetadata, random_sample
+from infergrid.worker.sample.sampler import Sampler, SamplingMetadata, random_sample
 from infergrid.worker.loader import resolve_model_path
 from infergrid.worker.model_config import ModelConfig
 from infergrid.worker.spec_decode.ahead_graph import AheadGraphRunner

@@ -40,7 +40,7 @@ import torch
 from infergrid.worker import envs
 from infergrid.worker.engine.request import RequestStatus
 from infergrid.worker.engine.scheduler import DRAFT_PLACEHOLDER_ID, ScheduledRequest, SchedulerOutput
-from infergrid.worker.layers.sampler import SamplerOutput, SamplingMetadata
+from infergrid.worker.sample.sampler import SamplerOutput, SamplingMetadata
 from infergrid.worker.spec_decode.adaptive import (
     CHECK,
     MAX_BACKOFF,
@@ -58,7 +58,7 @@ from infergrid.worker.spec_decode.cost_model import (
 )
 from infergrid.worker.spec_decode.goodput_guard import GoodputGuard
 from infergrid.worker.spec_decode.ngram_proposer import NgramProposer
-from infergrid.worker.spec_decode.rejection_sampler import NO_DRAFT, RejectionSampler, keep_accepted_prefix
+from infergrid.worker.sample.rejection_sampler import NO_DRAFT, RejectionSampler, keep_accepted_prefix
 
 if TYPE_CHECKING:
     from infergrid.worker.engine.model_runner import ModelRunner

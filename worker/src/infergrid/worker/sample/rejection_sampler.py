@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from infergrid.worker.layers.argmax import argmax_rows
-from infergrid.worker.layers.sampler import (
+from infergrid.worker.sample.argmax import argmax_rows
+from infergrid.worker.sample.sampler import (
     Sampler,
     SamplerOutput,
     SamplingMetadata,
