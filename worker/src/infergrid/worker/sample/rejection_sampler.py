@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from infergrid.worker.layers.triton_guard import tl, triton
 from infergrid.worker.sample.argmax import argmax_rows
 from infergrid.worker.sample.sampler import (
     Sampler,
@@ -29,7 +30,6 @@ from infergrid.worker.sample.sampler import (
     SamplingMetadata,
     random_sample,
 )
-from infergrid.worker.layers.triton_guard import tl, triton
 
 NO_DRAFT = -1
 CUT_BLOCK = 128
