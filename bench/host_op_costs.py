@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from infergrid.worker.engine import graph_inputs
+from infergrid.worker.runner import graph_inputs
 from infergrid.worker.runner.graph_inputs import GraphInputs
 from infergrid.worker.runner.host_staging import PinnedStaging
 from infergrid.worker.sample import rejection_sampler as rs

@@ -31,9 +31,8 @@ other ranks run the same forward in `follow_step` and join the logits gather, an
 NOTE: every choice that changes a step's collectives is rank 0's and travels in the step header (the
 step id, the CUDA graph and its padded batch size); the graphs captured are rank 0's GraphPlan.
 
-Async scheduling: `execute_model` only launches the step (runner_output.py). An input token the
-previous step is still sampling is filled in on the device from that step's sampled tokens; with
-tensor parallelism rank 0 broadcasts its sampled tokens so that every rank can do the same.
+Async scheduling: `execute_model` only launches the step (runner_output.py); an input token the previous
+step is still sampling is filled in on the device (input_batch.py), on every rank (rank 0 broadcasts).
 """
 
 from __future__ import annotations
@@ -322,11 +321,7 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     def _graphs(self, kind: GraphKind) -> CUDAGraphRunner | None:
-        if kind is GraphKind.DECODE:
-            return self.decode_graphs
-        if kind is GraphKind.MULTI_TOKEN:
-            return self.multi_token_graphs
-        return None
+        return {GraphKind.DECODE: self.decode_graphs, GraphKind.MULTI_TOKEN: self.multi_token_graphs}.get(kind)
 
     def _choose_graph(self, num_seqs: int, num_tokens: int, max_query_len: int,
                       num_block_columns: int) -> tuple[GraphKind, int]:
