@@ -146,6 +146,33 @@ def test_worker_package_has_no_import_cycles():
     assert not cycles, "import cycles in the worker package:\n" + "\n\n".join(describe(graph, c) for c in cycles)
 
 
+def reachable(graph: dict[str, set[str]], starts: Iterable[str]) -> set[str]:
+    """Every module imported, directly or not, by the modules `starts`."""
+    seen: set[str] = set()
+    todo = list(starts)
+    while todo:
+        for w in graph.get(todo.pop(), ()):
+            if w not in seen:
+                seen.add(w)
+                todo.append(w)
+    return seen
+
+
+def test_layers_point_one_way():
+    """The runner and the samplers never reach speculative decoding nor the executors (they are handed
+    a Speculator); speculative decoding reaches the runner, not the executors or the engine loop."""
+    graph = import_graph(Path(infergrid.worker.__file__).parent, PACKAGE)
+
+    def under(*packages: str) -> set[str]:
+        return {m for m in graph if any(m == p or m.startswith(p + ".") for p in packages)}
+
+    executors = {f"{PACKAGE}.distributed.executor", f"{PACKAGE}.engine.llm_engine", f"{PACKAGE}.engine.async_llm"}
+    runner, sample, spec = under(f"{PACKAGE}.runner"), under(f"{PACKAGE}.sample"), under(f"{PACKAGE}.spec_decode")
+    assert not reachable(graph, runner | sample) & (spec | executors)
+    assert not reachable(graph, sample) & runner
+    assert not reachable(graph, spec) & executors
+
+
 def _write(root: Path, files: dict[str, str]) -> None:
     for name, text in files.items():
         path = root / name
