@@ -48,6 +48,7 @@ from infergrid.worker.distributed import debug
 from infergrid.worker.engine.block_pool import NULL_BLOCK_ID
 from infergrid.worker.layers.attention import AttentionMetadata
 from infergrid.worker.runner.graph_inputs import GraphInputs, stage_graph_inputs
+from infergrid.worker.runner.input_batch import BatchInputs
 
 logger = logging.getLogger(__name__)
 
@@ -281,9 +282,9 @@ class CUDAGraphRunner(GraphSet):
             return None
         return pack_key(bs, next(t for t in self.capacities[bs] if t >= num_tokens))
 
-    def run(self, batch: Any, key: int | None = None) -> torch.Tensor:
-        """Replay the graph of `key` (default: the smallest that holds the batch) for `batch` (a
-        BatchInputs: input_ids, positions, meta); returns hidden states [T, hidden]."""
+    def run(self, batch: BatchInputs, key: int | None = None) -> torch.Tensor:
+        """Replay the graph of `key` (default: the smallest that holds the batch); returns hidden
+        states [T, hidden]."""
         meta = batch.meta
         n, t = meta.num_seqs, batch.input_ids.shape[0]
         if key is None:
