@@ -458,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
     results = run_interleaved(args, engines, prompts)
-    states = {mode: engine.model_runner.spec_decoder.describe() for mode, (engine, _) in engines.items()
-              if engine.model_runner.spec_decoder is not None}
+    states = {mode: engine.spec_decoder.describe() for mode, (engine, _) in engines.items()
+              if engine.spec_decoder is not None}
     off = {(family(r.mode), r.batch_size): r for r in results if method(r.mode) == "off"}
     for r in results:
         base = off.get((family(r.mode), r.batch_size))

@@ -140,7 +140,7 @@ def run_one_tp(args: argparse.Namespace, model: str, tp: int, out: str, is_async
             ))
         info = {"tp": tp, "scheduling": "async" if is_async else "sync", "load_s": load_s, "num_gpu_blocks": engine.num_blocks,
                 "rank_pids": engine.model_executor.rank_pids,
-                "cuda_graphs": engine.model_runner.cuda_graphs is not None,
+                "cuda_graphs": engine.model_runner.decode_graphs is not None,
                 "results": [asdict(r) for r in results]}
         with open(out, "w", encoding="utf-8") as f:  # before profiling: a profiler failure loses no result
             json.dump(info, f)

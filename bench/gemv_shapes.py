@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from infergrid.worker.layers.sampler import argmax_rows
+from infergrid.worker.sample.sampler import argmax_rows
 
 # (name, N, K): y[M, N] = x[M, K] @ W[N, K]^T
 SHAPES = [

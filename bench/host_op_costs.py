@@ -1,7 +1,7 @@
 """Host time of the small launches a decode step is made of, on this machine: one tiny torch op, a
 pinned upload, the torch ops vs the one Triton kernel that stage a step into a CUDA graph's buffers
-(engine/graph_inputs.py), and the torch ops vs the kernel that cut a verification's rejected rows
-(spec_decode/rejection_sampler.keep_accepted_prefix). Baseline and candidates in the same run.
+(runner/graph_inputs.py), and the torch ops vs the kernel that cut a verification's rejected rows
+(sample/rejection_sampler.keep_accepted_prefix). Baseline and candidates in the same run.
 
     PYTHONPATH=worker/src python bench/host_op_costs.py                  # GPU
     .venv/bin/python bench/host_op_costs.py --calls 5                    # CPU smoke (torch ops only)
@@ -21,10 +21,10 @@ from collections.abc import Callable
 
 import torch
 
-from infergrid.worker.engine import graph_inputs
-from infergrid.worker.engine.graph_inputs import GraphInputs
-from infergrid.worker.engine.host_staging import PinnedStaging
-from infergrid.worker.spec_decode import rejection_sampler as rs
+from infergrid.worker.runner import graph_inputs
+from infergrid.worker.runner.graph_inputs import GraphInputs
+from infergrid.worker.runner.host_staging import PinnedStaging
+from infergrid.worker.sample import rejection_sampler as rs
 
 
 def _drain() -> None:

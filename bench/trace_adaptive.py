@@ -61,7 +61,7 @@ def install() -> None:
     add = bench_spec_decode._Runs.add
 
     def logged_add(self, engine, prompts, max_tokens, tag):
-        spec = engine.model_runner.spec_decoder
+        spec = engine.spec_decoder
         _record(None, f"run {tag} {spec.method if spec is not None else 'off'}: {len(prompts)} prompts")
         add(self, engine, prompts, max_tokens, tag)
         _record(None, f"end {tag}: {self.tok_s[-1]:.0f} tok/s, {self.steps[-1]} steps")

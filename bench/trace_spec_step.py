@@ -71,26 +71,27 @@ def analyze(path: str, steps: int, wall_ms: float, top: int) -> None:
 
 def _phases(engine: Any) -> list[tuple[str, Any, str]]:
     """(label, object, method name) of the host phases timed, in call order (nesting by indent)."""
-    from infergrid.worker.engine.cuda_graph import GraphSet
-    from infergrid.worker.engine.model_runner import PendingRunnerOutput
+    from infergrid.worker.runner import model_runner
+    from infergrid.worker.runner.cuda_graph import GraphSet
+    from infergrid.worker.runner.runner_output import PendingRunnerOutput
 
-    runner, spec = engine.model_runner, engine.model_runner.spec_decoder
+    runner, spec = engine.model_runner, engine.spec_decoder
     speculating = spec is not None
     phases = [("step", engine, "step"), (" schedule", engine.scheduler, "schedule"),
-              (" execute_model", runner, "execute_model"), ("  sampling_metadata", runner, "_sampling_metadata"),
-              ("  prepare_inputs", runner, "_prepare_inputs"), ("   upload", runner, "_upload"),
+              (" execute_model", runner, "execute_model"), ("  sampling_metadata", runner.sampling, "build"),
+              ("  prepare_inputs", runner, "prepare_inputs"), ("   upload", runner, "upload"),
               *([("   fill_drafts", spec, "fill_drafts")] if speculating else []),
-              ("   batch_from_flat", runner, "_batch_from_flat"), ("  forward (launch)", runner, "_forward"),
+              ("   batch_from_flat", model_runner, "batch_from_flat"), ("  forward (launch)", runner, "forward"),
               ("   graph replay", GraphSet, "replay"), ("  compute_logits", runner.model, "compute_logits"),
               *([("  verify", spec, "verify"), ("   rejection_sampler", spec.rejection_sampler, "forward"),
                  ("  propose_ahead", spec, "propose_ahead")] if speculating else []),
               (" result (wait + tokens to lists)", PendingRunnerOutput, "result"),
               (" update_from_output", engine.scheduler, "update_from_output"),
-              (" propose_draft_token_ids", runner, "propose_draft_token_ids"),
+              *([(" propose (drafts)", spec, "propose")] if speculating else []),
               *([("  collect checks", spec, "_collect_checks"), ("  checks", spec, "_check"),
                  ("  _propose", spec, "_propose")] if speculating else []),
-              *([("   draft prepare_inputs", spec.draft.runner, "_prepare_inputs"),
-                 ("   draft forward", spec.draft.runner, "_forward"),
+              *([("   draft prepare_inputs", spec.draft.runner, "prepare_inputs"),
+                 ("   draft forward", spec.draft.runner, "forward"),
                  ("   draft compute_logits", spec.draft.runner.model, "compute_logits")]
                 if speculating and spec.draft is not None else []),
               (" output_processor.process", engine.output_processor, "process"),
@@ -141,8 +142,8 @@ def time_host_phases(engine: Any, prompt: list[list[int]], max_tokens: int) -> N
         spread = (f"  ({len(times)} calls, median {times[len(times) // 2] * 1e6:.0f} us, max {times[-1] * 1e6:.0f} us)"
                   if times and len(times) < steps // 2 else "")
         print(f"  {label:<36} {sum(times) * 1e6 / steps:8.1f} us/step{spread}")
-    if engine.model_runner.spec_decoder is not None:
-        print(f"  speculative decoding: {engine.model_runner.spec_decoder.describe()}")
+    if engine.spec_decoder is not None:
+        print(f"  speculative decoding: {engine.spec_decoder.describe()}")
 
 
 def time_device_lag(engine: Any, prompt: list[list[int]], max_tokens: int) -> None:

@@ -141,11 +141,11 @@ def test_cuda_graph_greedy_matches_transformers(tiny_model, name):
     path = tiny_model(name)
     llm = LLM(path, dtype="float32", max_model_len=128, max_num_seqs=32, device="cuda")
     runner = llm.llm_engine.model_runner
-    assert runner.backend.name == "triton" and runner.cuda_graphs is not None
+    assert runner.backend.name == "triton" and runner.decode_graphs is not None
     prompts = _prompts(llm.llm_engine.model_config.vocab_size)
     outs = llm.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == _hf_greedy(path, prompts)
-    assert runner.cuda_graphs.num_replays > 0
+    assert runner.decode_graphs.num_replays > 0
 
 
 def test_cuda_chunked_prefill_and_preemption(tiny_model):
@@ -172,7 +172,7 @@ def test_cuda_seeded_sampling_is_reproducible(tiny_llama):
 
 
 def test_memory_profile_sizes_the_pool(tiny_llama):
-    from infergrid.worker.engine.kv_cache import GPUMemoryManager
+    from infergrid.worker.runner.kv_cache import GPUMemoryManager
 
     llm = LLM(tiny_llama, dtype="bfloat16", max_model_len=1024, device="cuda", gpu_memory_utilization=0.5)
     runner = llm.llm_engine.model_runner

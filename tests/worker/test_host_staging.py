@@ -1,4 +1,4 @@
-"""PinnedStaging (engine/host_staging.py): uploads through the reused pinned buffer arrive intact,
+"""PinnedStaging (runner/host_staging.py): uploads through the reused pinned buffer arrive intact,
 also across many wraps of both halves while earlier copies may still be queued."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from infergrid.worker.engine.host_staging import PinnedStaging
+from infergrid.worker.runner.host_staging import PinnedStaging
 
 pytestmark = pytest.mark.gpu
 

@@ -1,9 +1,9 @@
 """Triton kernels that replace a handful of torch ops on the host's critical path, run by Triton's
 interpreter on the CPU against those torch ops: the staging of a step's inputs into a CUDA graph's
-buffers (engine/graph_inputs.py) and the cut of each request's rows after its first rejected draft
-(spec_decode/rejection_sampler.keep_accepted_prefix), the inputs of a draft proposal made ahead
+buffers (runner/graph_inputs.py) and the cut of each request's rows after its first rejected draft
+(sample/rejection_sampler.keep_accepted_prefix), the inputs of a draft proposal made ahead
 (spec_decode/ahead_graph.AheadGraphRunner), the metadata of a draft graph's passes and the two-stage
-argmax (layers/argmax.py); and the paged-attention kernel's context splits against plain attention."""
+argmax (sample/argmax.py); and the paged-attention kernel's context splits against plain attention."""
 
 import os
 import subprocess
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
 import torch
-from infergrid.worker.engine.graph_inputs import GraphInputs, _stage_torch, _stage_triton
+from infergrid.worker.runner.graph_inputs import GraphInputs, _stage_torch, _stage_triton
 
 def buffers(n, q, cols, with_qsl, seed):
     g = torch.Generator().manual_seed(seed)  # stale values from earlier steps: must survive where not written
@@ -58,7 +58,7 @@ print("cases", cases)
 CUT_SCRIPT = r"""
 import random
 import torch
-from infergrid.worker.spec_decode import rejection_sampler as rs
+from infergrid.worker.sample import rejection_sampler as rs
 
 rng = random.Random(0)
 cases = cut = kept = 0
@@ -123,7 +123,7 @@ print("cases", cases)
 
 ARGMAX_SCRIPT = r"""
 import torch
-from infergrid.worker.layers.argmax import _argmax_rows_torch, _argmax_rows_triton
+from infergrid.worker.sample.argmax import _argmax_rows_torch, _argmax_rows_triton
 
 g = torch.Generator().manual_seed(0)
 cases = 0

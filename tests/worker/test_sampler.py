@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from infergrid.worker.layers.argmax import argmax_rows
-from infergrid.worker.layers.sampler import (
+from infergrid.worker.sample.argmax import argmax_rows
+from infergrid.worker.sample.sampler import (
     Sampler,
     SamplingMetadata,
     apply_min_p,

@@ -19,7 +19,7 @@ from spec_prompts import PROMPTS
 from test_spec_decode_draft_passes import reference_propose
 
 from infergrid.worker import LLM, SamplingParams
-from infergrid.worker.spec_decode.draft_proposer import DraftRequest
+from infergrid.worker.spec_decode.draft_batch import DraftRequest
 
 BASE = dict(dtype="float32", max_model_len=128, max_num_seqs=8, block_size=4)
 
@@ -71,8 +71,9 @@ def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_dra
     monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
     monkeypatch.setenv("INFERGRID_EMULATE_CUDA_GRAPHS", "1" if graphs else "0")
     llm = _llm(tiny_model("llama"), noisy_draft)
-    decoder = llm.llm_engine.model_runner.spec_decoder
-    d = decoder.draft
+    decoder = llm.llm_engine.spec_decoder
+    proposer = decoder.draft
+    d = proposer.model  # the draft model's state (runner, KV validity, graphs)
     if varying_k:  # 1..max_k drafts, by request and step
         calls = Counter()
 
@@ -81,7 +82,7 @@ def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_dra
             return 1 + (calls[req_id] * 3 + sum(map(ord, req_id))) % d.max_k
 
         monkeypatch.setattr(decoder.adaptive, "num_drafts", num_drafts)
-    propose_ahead, use_ahead = d.propose_ahead, d.use_ahead
+    propose_ahead, use_ahead = proposer.propose_ahead, proposer.use_ahead
     rng_at_ahead = {}
     accepted = Counter()  # drafts accepted in the verification the ahead drafts followed
     seen = Counter()
@@ -99,13 +100,13 @@ def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_dra
         return propose_ahead(requests, sampled)
 
     def checked(ahead, requests, batch):
-        kv, valid, caught_up = d.runner.kv_cache.clone(), d.valid.copy(), d.num_catch_up_tokens_total
+        kv, valid, caught_up = d.runner.kv_cache.clone(), d.kv.valid.copy(), d.num_catch_up_tokens_total
         rng = rng_state()
         set_rng_state(rng_at_ahead["state"])
         expected = reference_propose(d, [DraftRequest(dr.request, dr.block_ids, dr.num_drafts) for dr in requests])
         set_rng_state(rng)
         d.runner.kv_cache.copy_(kv)
-        d.valid[:], d.num_catch_up_tokens_total = valid, caught_up
+        d.kv.valid[:], d.num_catch_up_tokens_total = valid, caught_up
         got = use_ahead(ahead, requests, batch)
         values = got.to_host()
         same_draws = (len(requests) == len(ahead.requests) and all(dr.num_drafts == d.max_k for dr in requests)
@@ -124,7 +125,7 @@ def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_dra
             accepted[(req.num_tokens - assumed.num_computed_tokens - 2, assumed.num_drafts)] += 1
         return got
 
-    d.propose_ahead, d.use_ahead = recorded, checked
+    proposer.propose_ahead, proposer.use_ahead = recorded, checked
     outs = llm.generate(PROMPTS, params)
     assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
     assert decoder.num_ahead_proposals_total == sum(accepted.values()) > 20
@@ -161,7 +162,7 @@ def test_greedy_identical_with_drafts_proposed_ahead(tiny_model, noisy_draft, mo
         if p.is_greedy:
             assert out.outputs[0].token_ids == base.outputs[0].token_ids
             assert out.outputs[0].finish_reason == base.outputs[0].finish_reason
-    decoder = llm.llm_engine.model_runner.spec_decoder
+    decoder = llm.llm_engine.spec_decoder
     assert decoder.num_ahead_proposals_total > 0
     stats = llm.llm_engine.get_stats()
     assert 0 < stats.spec_decode_num_accepted_tokens_total < stats.spec_decode_num_draft_tokens_total

@@ -13,7 +13,7 @@ import torch
 from spec_stats import g_test_pvalue
 
 from infergrid.worker import LLM, SamplingParams
-from infergrid.worker.spec_decode import rejection_sampler
+from infergrid.worker.sample import rejection_sampler
 
 NUM_SAMPLES = 20_000
 NUM_BROKEN_SAMPLES = 2_000

@@ -11,8 +11,9 @@ import torch
 from spec_prompts import PROMPTS as ALL_PROMPTS
 
 from infergrid.worker import LLM, SamplingParams
-from infergrid.worker.layers.sampler import SamplingMetadata, random_sample
-from infergrid.worker.spec_decode.draft_proposer import DraftBatch, DraftProposer, DraftRequest
+from infergrid.worker.sample.sampler import SamplingMetadata, random_sample
+from infergrid.worker.spec_decode.draft_batch import DraftBatch, DraftRequest
+from infergrid.worker.spec_decode.draft_model import DraftModel
 
 PROMPTS = ALL_PROMPTS[:5]
 
@@ -26,7 +27,7 @@ PARAMS = [
 
 
 @torch.inference_mode()
-def reference_propose(d: DraftProposer,
+def reference_propose(d: DraftModel,
                       requests: list[DraftRequest]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
     """The pass-by-pass loop: each pass samples on the host before the next is prepared."""
     runner, bs = d.runner, d.block_size
@@ -34,22 +35,22 @@ def reference_propose(d: DraftProposer,
     for dr in requests:
         req = dr.request
         computed = req.num_computed_tokens
-        start = d.valid_prefix(dr.block_ids, computed)
+        start = d.kv.valid_prefix(dr.block_ids, computed)
         num_new = req.num_tokens - start
         if budget <= 0:
             break
         if num_new > budget:
-            first.append(d._sched(req, start, req.all_token_ids[start : start + budget], dr.block_ids, False))
-            d._mark_valid(dr.block_ids, start, min(start + budget, computed))
+            first.append(d.sched(req, start, req.all_token_ids[start : start + budget], dr.block_ids, False))
+            d.kv.mark_valid(dr.block_ids, start, min(start + budget, computed))
             budget = 0
             continue
         table = list(dr.block_ids)
         while len(table) <= (req.num_tokens + dr.num_drafts - 2) // bs:
             table.append(scratch)
             scratch += 1
-        proposing.append((dr, table, d._sched(req, start, req.all_token_ids[start:], table, True)))
+        proposing.append((dr, table, d.sched(req, start, req.all_token_ids[start:], table, True)))
         budget -= num_new
-        d._mark_valid(dr.block_ids, start, computed)
+        d.kv.mark_valid(dr.block_ids, start, computed)
     # The one thing the sync-free passes change: proposing rows come in descending number of drafts
     # (stably) after the catch-up-only ones. It changes only which unseeded random draw a row gets.
     proposing.sort(key=lambda p: -p[0].num_drafts)
@@ -58,21 +59,21 @@ def reference_propose(d: DraftProposer,
     if not first:
         return {}
     d.num_catch_up_tokens_total += sum(s.num_new_tokens for s in first)
-    batch = runner._prepare_inputs(first)
-    hidden = runner._forward(batch)
+    batch = runner.prepare_inputs(first)
+    hidden = runner.forward(batch)
     if not proposing:
         return {}
-    tokens, probs = _sample(d, runner.model.compute_logits(hidden[batch.logits_indices]),
+    tokens, probs = _sample(d, runner.compute_logits(hidden[batch.logits_indices]),
                             [dr.request for dr, _ in proposing])
     drafts = [[t] for t in tokens]
     q = [[p] if p is not None else [] for p in probs]
     for j in range(1, max(dr.num_drafts for dr, _ in proposing)):
         active = [i for i, (dr, _) in enumerate(proposing) if dr.num_drafts > j]
-        scheds = [d._sched(proposing[i][0].request, proposing[i][0].request.num_tokens - 1 + j, [drafts[i][-1]],
+        scheds = [d.sched(proposing[i][0].request, proposing[i][0].request.num_tokens - 1 + j, [drafts[i][-1]],
                            proposing[i][1], True) for i in active]
-        batch = runner._prepare_inputs(scheds)
-        hidden = runner._forward(batch)
-        tokens, probs = _sample(d, runner.model.compute_logits(hidden[batch.logits_indices]),
+        batch = runner.prepare_inputs(scheds)
+        hidden = runner.forward(batch)
+        tokens, probs = _sample(d, runner.compute_logits(hidden[batch.logits_indices]),
                                 [proposing[i][0].request for i in active])
         for i, t, p in zip(active, tokens, probs, strict=True):
             drafts[i].append(t)
@@ -82,7 +83,7 @@ def reference_propose(d: DraftProposer,
             for i, (dr, _) in enumerate(proposing)}
 
 
-def _sample(d: DraftProposer, logits: torch.Tensor, requests) -> tuple[list[int], list[torch.Tensor | None]]:
+def _sample(d: DraftModel, logits: torch.Tensor, requests) -> tuple[list[int], list[torch.Tensor | None]]:
     params = [r.sampling_params for r in requests]
     greedy = [p.is_greedy for p in params]
     if all(greedy):
@@ -98,7 +99,7 @@ def _sample(d: DraftProposer, logits: torch.Tensor, requests) -> tuple[list[int]
         meta.min_p = torch.tensor([p.min_p for p in params], device=dev)
     for i, (r, p) in enumerate(zip(requests, params, strict=True)):
         if p.seed is not None and not greedy[i]:
-            meta.generators[i] = d._generator(r.request_id, p.seed)
+            meta.generators[i] = d.generator(r.request_id, p.seed)
     probs = d.sampler.compute_probs(logits, meta)
     sampled = torch.where(torch.tensor(greedy, device=dev), logits.argmax(dim=-1), random_sample(probs, meta.generators))
     return sampled.tolist(), [None if g else probs[i] for i, g in enumerate(greedy)]
@@ -112,19 +113,20 @@ def test_sync_free_passes_propose_what_the_pass_by_pass_loop_proposes(tiny_model
     extra = {} if budget is None else dict(max_num_batched_tokens=budget)
     llm = LLM(tiny_model("llama"), dtype="float32", max_model_len=128, max_num_seqs=8, block_size=4,
               speculative_method="draft", num_speculative_tokens=4, draft_model=tiny_model("llama_draft"), **extra)
-    d = llm.llm_engine.model_runner.spec_decoder.draft
-    propose = d.propose
+    proposer = llm.llm_engine.spec_decoder.draft
+    d = proposer.model
+    propose = proposer.propose
     seen = {"calls": 0, "mixed_k": 0, "catch_up_only": 0, "sampled": 0}
     tolist = torch.Tensor.tolist
 
     def checked(requests: list[DraftRequest]) -> DraftBatch | None:
-        kv, valid, caught_up = d.runner.kv_cache.clone(), d.valid.copy(), d.num_catch_up_tokens_total
+        kv, valid, caught_up = d.runner.kv_cache.clone(), d.kv.valid.copy(), d.num_catch_up_tokens_total
         gens = {k: g.get_state() for k, g in d.generators.items()}
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state() if d.runner.device.type == "cuda" else None  # (on a GPU machine)
         expected = reference_propose(d, requests)
         d.runner.kv_cache.copy_(kv)
-        d.valid[:], d.num_catch_up_tokens_total = valid, caught_up
+        d.kv.valid[:], d.num_catch_up_tokens_total = valid, caught_up
         d.generators = {k: g for k, g in d.generators.items() if k in gens}
         for k, state in gens.items():
             d.generators[k].set_state(state)
@@ -152,7 +154,7 @@ def test_sync_free_passes_propose_what_the_pass_by_pass_loop_proposes(tiny_model
         seen["catch_up_only"] += len(values) < len(requests)
         return got
 
-    d.propose = checked
+    proposer.propose = checked
     outs = llm.generate(PROMPTS, PARAMS)
     assert [len(o.outputs[0].token_ids) for o in outs if o.outputs[0].finish_reason == "length"]
     assert seen["calls"] > 10 and seen["mixed_k"] > 0 and seen["sampled"] > 0
@@ -160,5 +162,5 @@ def test_sync_free_passes_propose_what_the_pass_by_pass_loop_proposes(tiny_model
         assert seen["catch_up_only"] > 0
     if graphs:  # passes 2..k replay the draft's decode graphs (one loop graph when all rows are greedy
         # and draft k), pass 1 its multi-token graphs
-        assert d.runner.cuda_graphs.num_replays > 0 and d.runner.multi_token_graphs.num_replays > 0
+        assert d.runner.decode_graphs.num_replays > 0 and d.runner.multi_token_graphs.num_replays > 0
         assert d.loop_graphs is not None and d.loop_graphs.num_replays > 0

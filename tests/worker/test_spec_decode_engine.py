@@ -53,15 +53,15 @@ def open_guard(monkeypatch) -> None:
 
 def draft_model_steps(llm: LLM) -> set[int]:
     """The engine steps (numbered by the speculative decoder) in which the draft model runs from now on."""
-    decoder = llm.llm_engine.model_runner.spec_decoder
+    decoder = llm.llm_engine.spec_decoder
     runner, steps = decoder.draft.runner, set()
-    forward = runner._forward
+    forward = runner.forward
 
     def recorded(batch):
         steps.add(decoder.num_steps - 1)  # (counted at the start of propose)
         return forward(batch)
 
-    runner._forward = recorded
+    runner.forward = recorded
     return steps
 
 
@@ -170,7 +170,7 @@ def test_adaptive_k_switches_a_useless_draft_off(models, monkeypatch):
     # steps until rejections add up, then the checks (on the same steps for all requests).
     assert len(ran) <= 0.3 * s.num_steps_total and {8, 16, 32, 64} <= ran and min(ran) <= 2
     # The engine learned that this draft fails: new requests start off, with no first tries.
-    assert llm.llm_engine.model_runner.spec_decoder.adaptive.engine_rate() < 0.1
+    assert llm.llm_engine.spec_decoder.adaptive.engine_rate() < 0.1
     ran.clear()
     drafts_before = s.spec_decode_num_drafts_total
     llm.generate(PROMPTS, greedy(40))
@@ -178,7 +178,7 @@ def test_adaptive_k_switches_a_useless_draft_off(models, monkeypatch):
     # ... and, since a draft model's check is an eager catch-up pass that keeps finding nothing, their
     # first checks wait MAX_BACKOFF steps, on the multiples of MAX_BACKOFF: none in 40 steps.
     assert not ran
-    to_next_multiple = MAX_BACKOFF - llm.llm_engine.model_runner.spec_decoder.num_steps % MAX_BACKOFF
+    to_next_multiple = MAX_BACKOFF - llm.llm_engine.spec_decoder.num_steps % MAX_BACKOFF
     assert to_next_multiple > 16  # (else a request that starts now waits for the multiple after)
     llm.generate(PROMPTS, greedy(to_next_multiple + 8))
     assert ran and all(step % MAX_BACKOFF == 0 for step in ran)
@@ -211,7 +211,7 @@ def test_preemption_chunked_prefill_and_prefix_hits(models, method, monkeypatch)
     assert s.spec_decode_num_draft_tokens_total > 0
     if method == "draft=target":
         assert acceptance(llm) >= 0.97
-        assert llm.llm_engine.model_runner.spec_decoder.num_ahead_proposals_total > 0  # proposed ahead
+        assert llm.llm_engine.spec_decoder.num_ahead_proposals_total > 0  # proposed ahead
     check_counters(llm)
 
 
@@ -251,7 +251,7 @@ def test_abort_with_pending_drafts_and_max_model_len_edge(models, monkeypatch):
     assert len(edge.token_ids) == 64 - len(prompt_ids) and edge.finish_reason == "length"
     assert edge.token_ids[:40] == expected[0]
     assert engine.scheduler.kv_cache_manager.get_usage() == 0.0
-    decoder = engine.model_runner.spec_decoder
+    decoder = engine.spec_decoder
     assert "a" not in decoder.drafted and "a" not in decoder.adaptive._states  # forgotten
     assert decoder.num_ahead_proposals_total > 0
 
@@ -273,7 +273,7 @@ def test_draft_catches_up_each_token_about_once(models, monkeypatch):
     it recomputes next step), not the whole context every step; a prefix hit spares its blocks."""
     monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
     llm = LLM(models["target"], **BASE, **spec_args("draft=target", models))
-    draft = llm.llm_engine.model_runner.spec_decoder.draft
+    draft = llm.llm_engine.spec_decoder.draft
     prompt = PROMPTS[1]
     num_prompt = len(llm.tokenizer(prompt)["input_ids"])
     llm.generate([prompt], greedy(40))
@@ -313,7 +313,7 @@ def test_hindsight_check_scores_the_draft_against_the_emitted_tokens(models):
     """A check runs the draft over a request's emitted tokens: a draft equal to the target would have
     proposed every greedy token (score = window), a random one about none; for a sampled request the
     score is the sum of q(emitted token), strictly between 0 and the window."""
-    from infergrid.worker.spec_decode.draft_proposer import DraftRequest
+    from infergrid.worker.spec_decode.draft_batch import DraftRequest
 
     scores = {}
     for name in ("draft=target", "draft=random"):
@@ -323,7 +323,7 @@ def test_hindsight_check_scores_the_draft_against_the_emitted_tokens(models):
         engine.add_request("s", PROMPTS[1], SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True))
         for _ in range(14):
             engine.step()
-        decoder = engine.model_runner.spec_decoder
+        decoder = engine.spec_decoder
         running = {r.request_id: r for r in engine.scheduler.running}
         checks = [(DraftRequest(r, engine.scheduler.kv_cache_manager.get_block_ids(r), 0), 8) for r in running.values()]
         assert all(r.num_output_tokens >= 8 for r in running.values())

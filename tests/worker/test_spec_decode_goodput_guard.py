@@ -120,7 +120,7 @@ def test_a_blocked_engine_proposes_nothing_checks_nothing_and_pipelines(tiny_mod
     outs = llm.generate(prompts, params)
     plain = LLM(tiny_model("llama"), **kwargs).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
-    decoder = llm.llm_engine.model_runner.spec_decoder
+    decoder = llm.llm_engine.spec_decoder
     assert llm.llm_engine.get_stats().spec_decode_num_drafts_total == 0
     assert decoder.num_checks_total == 0 and not decoder.adaptive.any_on
     assert sum(decisions) >= len(decisions) - 3  # (the steps right after the new requests' first decisions)

@@ -75,7 +75,7 @@ def test_engine_decisions_are_the_same_with_and_without_the_shortcut(tiny_model,
                             lambda self, step, ids, on=shortcut: skipped.append(on and can_skip(self, step, ids))
                             or skipped[-1])
         llm = LLM(tiny_model("llama"), dtype="float32", max_model_len=256, max_num_seqs=8, block_size=8, **spec)
-        decoder = llm.llm_engine.model_runner.spec_decoder
+        decoder = llm.llm_engine.spec_decoder
         log: list[tuple[int, dict]] = []
         propose = decoder.propose
 

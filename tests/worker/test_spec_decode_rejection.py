@@ -9,8 +9,8 @@ import pytest
 import torch
 from spec_stats import g_test_pvalue
 
-from infergrid.worker.layers.sampler import Sampler, SamplingMetadata
-from infergrid.worker.spec_decode.rejection_sampler import NO_DRAFT, RejectionSampler, rejection_sample
+from infergrid.worker.sample.rejection_sampler import NO_DRAFT, RejectionSampler, rejection_sample
+from infergrid.worker.sample.sampler import Sampler, SamplingMetadata
 
 N = 40_000
 V = 12

@@ -263,20 +263,19 @@ class _FakeOutput:
 
 def test_draft_kv_validity_follows_target_writes_and_catch_ups():
     """valid[block] = leading slots whose draft KV matches the target's tokens (block size 4)."""
-    from infergrid.worker.spec_decode.draft_proposer import DraftProposer
+    from infergrid.worker.spec_decode.draft_kv import DraftKVValidity
 
-    d = DraftProposer.__new__(DraftProposer)  # only the bookkeeping, no model
-    d.block_size, d.valid = 4, np.zeros(10, dtype=np.int64)
+    d = DraftKVValidity(block_size=4, num_blocks=10)
     table = [7, 2, 9]
     assert d.valid_prefix(table, 11) == 0
-    d._mark_valid(table, 0, 10)  # draft caught up positions 0..9
+    d.mark_valid(table, 0, 10)  # draft caught up positions 0..9
     assert d.valid[[7, 2, 9]].tolist() == [4, 4, 2] and d.valid_prefix(table, 11) == 10
     assert d.valid_prefix(table, 6) == 6  # never past the target's computed tokens
     d.note_target_writes(_FakeOutput(_FakeSched(9, 3, table)))  # target wrote 9..11 (drafts)
     assert d.valid[9] == 1 and d.valid_prefix(table, 11) == 9
     d.note_target_writes(_FakeOutput(_FakeSched(0, 8, [2, 5])))  # block 2 reused by another request
     assert d.valid[2] == 0 and d.valid_prefix(table, 11) == 4
-    d._mark_valid(table, 4, 11)
+    d.mark_valid(table, 4, 11)
     assert d.valid_prefix(table, 11) == 11
     d.note_target_writes(_FakeOutput(_FakeSched(11, 1, table)))  # a decode inside block 9: nothing to reset
     assert d.valid_prefix(table, 12) == 11
@@ -295,12 +294,12 @@ def test_multi_token_graph_buffers_for_a_mixed_batch():
     import torch
 
     from infergrid.worker.layers.attention import AttentionMetadata
-    from infergrid.worker.spec_decode.verify_graph import MultiTokenCUDAGraphRunner, unpack_key
+    from infergrid.worker.runner.cuda_graph import CUDAGraphRunner, unpack_key
 
     runner = SimpleNamespace(config=SimpleNamespace(max_num_seqs=8), device=torch.device("cpu"), block_size=4,
                              max_blocks_per_seq=6, max_model_len=24, dtype=torch.float32,
                              model_config=SimpleNamespace(hidden_size=2))
-    graphs = MultiTokenCUDAGraphRunner(runner, max_query_len=4)
+    graphs = CUDAGraphRunner(runner, max_query_len=4)
     seen = {}
 
     class FakeGraph:
@@ -340,7 +339,7 @@ def test_multi_token_graph_buffers_for_a_mixed_batch():
 
 
 def test_token_capacities_grow_from_a_quarter_more_than_the_batch_to_the_full_bucket():
-    from infergrid.worker.spec_decode.verify_graph import pack_key, token_capacities, unpack_key
+    from infergrid.worker.runner.cuda_graph import pack_key, token_capacities, unpack_key
 
     assert token_capacities(1, 5) == [2, 3, 4, 5]
     assert token_capacities(4, 4) == [5, 6, 8, 12, 16]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from infergrid.worker import LLM, SamplingParams
-from infergrid.worker.layers.sampler import Sampler, SamplingMetadata
+from infergrid.worker.sample.sampler import Sampler, SamplingMetadata
 from infergrid.worker.spec_decode.goodput_guard import GoodputGuard
 from infergrid.worker.structured_output.grammar import GrammarCompiler, GrammarError, no_control_characters
 from infergrid.worker.structured_output.manager import StructuredOutputManager

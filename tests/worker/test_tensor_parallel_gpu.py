@@ -38,7 +38,7 @@ def generate(path: str, tp: int, enforce_eager: bool) -> tuple[list, bool]:
     executor = llm.llm_engine.model_executor
     try:
         outs = [o.outputs[0] for o in llm.generate(PROMPTS, GREEDY)]
-        used_graphs = llm.llm_engine.model_runner.cuda_graphs is not None
+        used_graphs = llm.llm_engine.model_runner.decode_graphs is not None
     finally:
         start = time.monotonic()
         llm.llm_engine.shutdown()

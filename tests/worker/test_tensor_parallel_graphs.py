@@ -21,8 +21,7 @@ import torch.distributed as dist
 from infergrid.worker import LLM, SamplingParams
 from infergrid.worker.distributed import debug, messages
 from infergrid.worker.distributed.messages import Command, GraphKind, GraphPlan, StepHeader
-from infergrid.worker.engine.cuda_graph import num_live_graphs
-from infergrid.worker.spec_decode.verify_graph import unpack_key
+from infergrid.worker.runner.cuda_graph import num_live_graphs, unpack_key
 
 PROMPTS = ["Hello, how are you", "The quick brown fox jumps over the lazy dog. A small model",
            "What is the capital of France? Paris is", "Once upon a time", "1 2 3 4 5 6 7 8 9"]
@@ -59,7 +58,7 @@ def test_tp2_through_the_graph_paths_matches_tp1_and_every_step_agrees(tiny_llam
     monkeypatch.delenv("INFERGRID_TP_DEBUG", raising=False)
     reference = LLM(tiny_llama, **ENGINE_ARGS)
     expected = [o.outputs[0] for o in reference.generate(PROMPTS, GREEDY)]
-    assert reference.llm_engine.model_runner.cuda_graphs is None  # the plain CPU path
+    assert reference.llm_engine.model_runner.decode_graphs is None  # the plain CPU path
 
     monkeypatch.setenv("INFERGRID_EMULATE_CUDA_GRAPHS", "1")  # the spawned rank inherits both
     monkeypatch.setenv("INFERGRID_TP_DEBUG", "1")
@@ -69,9 +68,10 @@ def test_tp2_through_the_graph_paths_matches_tp1_and_every_step_agrees(tiny_llam
     runner = engine.model_runner
     try:
         got = [o.outputs[0] for o in llm.generate(PROMPTS, GREEDY)]
-        decode, verify = runner.cuda_graphs, runner.multi_token_graphs
+        decode, verify = runner.decode_graphs, runner.multi_token_graphs
         assert decode is not None and verify is not None
-        assert sorted(decode.graphs) == [1, 2, 4, 8]
+        assert sorted(decode.graphs) == sorted(decode.keys) and [unpack_key(k) for k in sorted(decode.graphs)] == [
+            (1, 1), (2, 2), (4, 4), (8, 8)]  # decode: the query-length-1 case, one capacity per batch size
         assert sorted(verify.graphs) == sorted(verify.keys) and {unpack_key(k)[0] for k in verify.graphs} == {1, 2, 4, 8}
         assert decode.num_replays > 0 and verify.num_replays > 0  # both graph kinds, as rank 0 named them
         # INIT_KV_CACHE, and every step before and after its forward pass, were checked on both ranks
@@ -86,7 +86,7 @@ def test_tp2_through_the_graph_paths_matches_tp1_and_every_step_agrees(tiny_llam
             tok = next(iter(e_lp))
             assert g_lp[tok].logprob == pytest.approx(e_lp[tok].logprob, abs=1e-4)
     # Graphs released before the group was left, on rank 0 and on rank 1 (which then exited cleanly).
-    assert runner.cuda_graphs is None and runner.multi_token_graphs is None
+    assert runner.decode_graphs is None and runner.multi_token_graphs is None
     assert decode.graphs == {} and verify.graphs == {}
     assert [r.process.exitcode for r in engine.model_executor._ranks] == [0]
     del reference

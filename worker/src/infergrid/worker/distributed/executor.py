@@ -6,6 +6,10 @@
                                        +-- ranks 1..N-1: processes (rank_process.py -> worker_proc.py),
                                            one per GPU
 
+The executor builds rank 0's runner and, when speculating, the SpeculativeDecoder around it
+(`spec_decoder`), which it hands to the runner as its Speculator and the engine takes from here; it
+sizes the KV cache for both (the draft model's pool mirrors the target's block ids).
+
 Rank 0 lives in the engine process (the scheduler's): it builds the step's inputs, sends each
 follower the step (a fixed-size header and the flat int64 inputs), runs its shard of the model and
 samples from the logits gathered to it. A monitor thread waits on the followers' process sentinels:
@@ -45,7 +49,7 @@ from infergrid.worker import envs
 from infergrid.worker.config import EngineConfig
 from infergrid.worker.distributed import messages
 from infergrid.worker.distributed.communication import tensor_parallel_barrier
-from infergrid.worker.distributed.messages import Command, StepHeader
+from infergrid.worker.distributed.messages import Command, GraphPlan, StepHeader
 from infergrid.worker.distributed.parallel_state import (
     abort_tensor_parallel,
     backend_for_device,
@@ -54,14 +58,11 @@ from infergrid.worker.distributed.parallel_state import (
 )
 from infergrid.worker.distributed.rank_process import RankProcess, start_rank
 from infergrid.worker.distributed.worker_proc import WorkerArgs
-from infergrid.worker.engine.model_runner import (
-    ModelRunner,
-    ModelRunnerOutput,
-    PendingRunnerOutput,
-    resolve_device,
-)
 from infergrid.worker.engine.scheduler import SchedulerOutput
 from infergrid.worker.model_config import ModelConfig
+from infergrid.worker.runner.model_runner import ModelRunner, resolve_device
+from infergrid.worker.runner.runner_output import ModelRunnerOutput, PendingRunnerOutput
+from infergrid.worker.spec_decode.speculative_decoder import SpeculativeDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +81,26 @@ class RankDiedError(RuntimeError):
 
 
 class Executor(ABC):
-    """Runs the model for LLMEngine. `driver_runner` is rank 0's ModelRunner (the one that samples)."""
+    """Runs the model for LLMEngine. `driver_runner` is rank 0's ModelRunner (the one that samples);
+    `spec_decoder` its speculative decoder (None without speculation)."""
 
     driver_runner: ModelRunner
+    spec_decoder: SpeculativeDecoder | None = None
+
+    def _attach_spec_decoder(self, config: EngineConfig) -> None:
+        """Build the speculative decoder around rank 0's runner and hand it to the runner."""
+        if config.speculative_method is not None:
+            self.spec_decoder = SpeculativeDecoder(self.driver_runner)
+            self.driver_runner.speculator = self.spec_decoder
+
+    def _initialize_kv_cache(self, plan: GraphPlan | None = None) -> int:
+        """Rank 0's KV cache (and its graphs), sized for the draft model's pool too; then the draft's."""
+        spec = self.spec_decoder
+        num_blocks = self.driver_runner.initialize_kv_cache(
+            plan, extra_block_bytes=spec.extra_kv_block_bytes() if spec is not None else 0)
+        if spec is not None:
+            spec.initialize_kv_cache(num_blocks)
+        return num_blocks
 
     @property
     @abstractmethod
@@ -114,13 +132,14 @@ class UniProcExecutor(Executor):
     def __init__(self, config: EngineConfig, model_dir: str, model_config: ModelConfig, max_model_len: int,
                  eos_token_ids: list[int]) -> None:
         self.driver_runner = ModelRunner(config, model_dir, model_config, max_model_len, eos_token_ids)
+        self._attach_spec_decoder(config)
 
     @property
     def rank_pids(self) -> list[int]:
         return [os.getpid()]
 
     def initialize_kv_cache(self) -> int:
-        return self.driver_runner.initialize_kv_cache()
+        return self._initialize_kv_cache()
 
     def execute_model(self, scheduler_output: SchedulerOutput,
                       before_sample: Callable[[], None] | None = None) -> PendingRunnerOutput:
@@ -199,6 +218,7 @@ class MultiProcExecutor(Executor):
                                  debug_collectives=is_tp_debug)
             tensor_parallel_barrier(device)  # every rank joined (one that cannot fails here, before loading)
             self.driver_runner = ModelRunner(config, model_dir, model_config, max_model_len, eos_token_ids, rank=0)
+            self._attach_spec_decoder(config)
             self._wait_for_all("loaded", _LOAD_TIMEOUT_S)
         except BaseException:
             self.shutdown()
@@ -217,7 +237,7 @@ class MultiProcExecutor(Executor):
     def initialize_kv_cache(self) -> int:
         plan = self.driver_runner.graph_plan()  # every rank captures exactly these graphs
         self._send_all(messages.pack(Command.INIT_KV_CACHE, plan))
-        return self.driver_runner.initialize_kv_cache(plan)
+        return self._initialize_kv_cache(plan)
 
     def execute_model(self, scheduler_output: SchedulerOutput,
                       before_sample: Callable[[], None] | None = None) -> PendingRunnerOutput:

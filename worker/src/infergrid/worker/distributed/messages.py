@@ -39,8 +39,8 @@ class GraphKind(enum.IntEnum):
     """How a step's forward pass runs (the same on every rank)."""
 
     EAGER = 0
-    DECODE = 1  # engine/cuda_graph.py: one query token per sequence
-    MULTI_TOKEN = 2  # spec_decode/verify_graph.py: up to max_query_len query tokens per sequence
+    DECODE = 1  # runner/cuda_graph.py CUDAGraphRunner, max_query_len 1: one query token per sequence
+    MULTI_TOKEN = 2  # the same class, max_query_len 1 + k: up to that many query tokens per sequence
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ def _follow(args: WorkerArgs, conn: Connection) -> None:
     from infergrid.worker.distributed.communication import tensor_parallel_barrier
     from infergrid.worker.distributed.messages import Command, GraphPlan, StepHeader
     from infergrid.worker.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
-    from infergrid.worker.engine.model_runner import ModelRunner, resolve_device
+    from infergrid.worker.runner.model_runner import ModelRunner, resolve_device
 
     store = dist.TCPStore("127.0.0.1", args.store_port, args.world_size, False, timeout=timedelta(seconds=300))
     device = resolve_device(args.config.device, args.rank)

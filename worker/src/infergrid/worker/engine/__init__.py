@@ -1,1 +1,2 @@
-"""The engine: Scheduler -> KVCacheManager -> BlockPool (pure Python), ModelRunner, LLMEngine, AsyncLLM."""
+"""The engine: LLMEngine, AsyncLLM and the core: Scheduler -> KVCacheManager -> BlockPool (pure Python; the
+ModelRunner is in runner/, the executors in distributed/)."""

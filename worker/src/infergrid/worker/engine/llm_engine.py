@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from infergrid.worker.config import EngineConfig
 from infergrid.worker.distributed.executor import make_executor
 from infergrid.worker.distributed.parallel_state import verify_tensor_parallel_size
-from infergrid.worker.engine.model_runner import ModelRunnerOutput, PendingRunnerOutput
 from infergrid.worker.engine.output_processor import OutputProcessor
 from infergrid.worker.engine.request import Request, RequestStatus
 from infergrid.worker.engine.scheduler import Scheduler, SchedulerOutput
@@ -36,6 +35,7 @@ from infergrid.worker.engine.stats import EngineStats
 from infergrid.worker.loader import resolve_model_path
 from infergrid.worker.model_config import ModelConfig
 from infergrid.worker.outputs import RequestOutput
+from infergrid.worker.runner.runner_output import ModelRunnerOutput, PendingRunnerOutput
 from infergrid.worker.sampling_params import SamplingParams
 from infergrid.worker.structured_output.grammar import GrammarCompiler
 from infergrid.worker.structured_output.manager import StructuredOutputManager
@@ -106,6 +106,7 @@ class LLMEngine:
             config, self.model_path, self.model_config, self.max_model_len, self.eos_token_ids
         )
         self.model_runner = self.model_executor.driver_runner
+        self.spec_decoder = self.model_executor.spec_decoder  # built by the executor (None: no speculation)
         try:
             self.num_blocks = self.model_executor.initialize_kv_cache()
         except BaseException:
@@ -229,7 +230,7 @@ class LLMEngine:
         """Whether the step about to be scheduled may run ahead of its tokens (see the module docstring)."""
         if not self.scheduler.async_scheduling:
             return False
-        spec = self.model_runner.spec_decoder
+        spec = self.spec_decoder
         if spec is None:
             return True
         return spec.is_quiet()
@@ -276,8 +277,8 @@ class LLMEngine:
             gap = now - last if last else None
             since_last = gap if step.is_pipelined == last_pipelined else None
             if step.is_pipelined and since_last is not None:
-                self.model_runner.spec_decoder.observe_pipelined_step(scheduler_output, since_last)  # type: ignore[union-attr]
-            drafts = self.model_runner.propose_draft_token_ids(
+                self.spec_decoder.observe_pipelined_step(scheduler_output, since_last)  # type: ignore[union-attr]
+            drafts = self.spec_decoder.propose(  # type: ignore[union-attr]
                 scheduler_output, runner_output.sampled_token_ids, seconds, step.is_pipelined,
                 None if step.is_pipelined else since_last, gap)
         outputs_start = time.perf_counter()

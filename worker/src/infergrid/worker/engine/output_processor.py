@@ -12,9 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from infergrid.worker.engine.model_runner import ModelRunnerOutput, TokenLogprobs
 from infergrid.worker.engine.request import Request
 from infergrid.worker.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from infergrid.worker.runner.runner_output import ModelRunnerOutput, TokenLogprobs
 from infergrid.worker.sampling_params import SamplingParams
 from infergrid.worker.tokenizer import IncrementalDetokenizer
 

@@ -1,1 +1,1 @@
-"""Model building blocks: norms, rotary embeddings, linears, paged attention, sampler."""
+"""Model building blocks: norms, rotary embeddings, linears, paged attention (sampling: sample/)."""

@@ -33,7 +33,7 @@ class AttentionMetadata:
     """
 
     slot_mapping: torch.Tensor  # [T] int64
-    # int32 (int64 where a CUDA graph's staging casts them: engine/graph_inputs.py)
+    # int32 (int64 where a CUDA graph's staging casts them: runner/graph_inputs.py)
     query_start_loc: torch.Tensor  # [B + 1]
     seq_lens: torch.Tensor  # [B]
     block_tables: torch.Tensor  # [B, max_blocks]

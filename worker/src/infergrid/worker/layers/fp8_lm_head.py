@@ -3,7 +3,7 @@
 A small draft model's passes are dominated by its LM head: a 2-layer draft of a 1B-shape target
 reads a 525 MB bf16 head (128k x 2048) per pass, ~125 us on an H200, against ~45 us for its two
 layers' weights. Drafts need not be exact -- the target verifies them, and any draft distribution
-q keeps the target's distribution exactly (spec_decode/rejection_sampler.py) -- so the draft's head
+q keeps the target's distribution exactly (sample/rejection_sampler.py) -- so the draft's head
 may be quantized: per-tensor FP8 weights (scale = max |w| / 448) read in ~70 us
 (`torch._scaled_mm`, cuBLASLt's FP8 GEMM; bench/results/spec_decode_h200.txt). Activations are cast
 to FP8 as they are (after the final RMSNorm they are O(1), clamped to e4m3's +-448), rows padded to

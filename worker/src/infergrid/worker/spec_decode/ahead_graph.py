@@ -1,7 +1,7 @@
 """CUDA graphs of a draft model's proposal made ahead, in the steady state: all k passes in one replay.
 
 DraftProposer.propose_ahead queues the next proposal of a verification's requests right behind it
-(draft_proposer.py). In the steady state, every request is greedy and the draft's KV is valid up
+(ahead_proposer.py). In the steady state, every request is greedy and the draft's KV is valid up
 to its last known token, so pass 1 has the same shape for all of them: the last known token and
 k + 1 sampled tokens (the target's; padded with -1 for a request that verified fewer drafts). Then the whole proposal reads only
 device tensors and runs as one graph per batch bucket:
@@ -18,24 +18,21 @@ Passes 2..k are the draft loop graph's (draft_loop_graph.py), this graph only pu
 The host uploads four small arrays in one copy, one kernel stages them into the static buffers (the
 target's sampled rows gathered, the padding written) and one graph runs: instead of ~45 kernels and two graphs
 (no measurable change in tokens/s at batch 1 on an H200, where the step is GPU-bound by then). Padded
-rows are dummy sequences at position 0 whose KV goes to the null block, as in engine/cuda_graph.py.
+rows are dummy sequences at position 0 whose KV goes to the null block, as in runner/cuda_graph.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
 from infergrid.worker.engine.block_pool import NULL_BLOCK_ID
-from infergrid.worker.layers.argmax import argmax_rows
 from infergrid.worker.layers.attention import AttentionMetadata
 from infergrid.worker.layers.triton_guard import tl, triton
+from infergrid.worker.runner.cuda_graph import GraphPool, GraphTarget
+from infergrid.worker.sample.argmax import argmax_rows
 from infergrid.worker.spec_decode.draft_loop_graph import DraftLoopGraphRunner, slot_mapping_of
-
-if TYPE_CHECKING:
-    from infergrid.worker.engine.model_runner import ModelRunner
 
 
 class AheadGraphRunner(DraftLoopGraphRunner):
@@ -44,8 +41,9 @@ class AheadGraphRunner(DraftLoopGraphRunner):
     kind = "draft_ahead"
     what = "proposals made ahead"
 
-    def __init__(self, runner: ModelRunner, num_drafts: int, max_batch_size: int | None = None) -> None:
-        super().__init__(runner, num_drafts, max_batch_size)
+    def __init__(self, runner: GraphTarget, num_drafts: int, max_batch_size: int | None = None,
+                 pool: GraphPool | None = None) -> None:
+        super().__init__(runner, num_drafts, max_batch_size, pool)
         self.query_len = q = num_drafts + 2
         dev, n = runner.device, self.max_batch_size
         self.last_token = torch.zeros(n, dtype=torch.int64, device=dev)
@@ -62,7 +60,8 @@ class AheadGraphRunner(DraftLoopGraphRunner):
         self.rows = torch.arange(n, dtype=torch.int64, device=dev) * q
         self.emitted_rows = torch.zeros(n, dtype=torch.int64, device=dev)  # each request's last emitted token
 
-    def _make_forward(self, bs: int) -> Callable[[], None]:
+    def make_forward(self, key: int) -> Callable[[], None]:
+        bs = key
         runner = self.runner
         model, backend, block_size = runner.model, runner.backend, runner.block_size
         q = self.query_len

@@ -2,7 +2,7 @@
 
 After its first pass (the catch-up, which gives each proposing request its first draft), a proposal
 step's passes are decode passes of the same rows: the previous pass's drafts in, their argmax out
-(draft_proposer.py). When every proposing row is greedy and drafts max_k tokens, DraftProposer runs
+(draft_passes.py). When every proposing row is greedy and drafts max_k tokens, the proposer runs
 them as one graph per batch bucket:
 
     static inputs:  drafts[:, 0] (first drafts), start (d1's position) [bs]; block_tables [bs, W]
@@ -13,28 +13,22 @@ them as one graph per batch bucket:
 
 so the later passes cost one replay instead of k - 1 (each with its input copies, an eager LM head
 and an argmax); their metadata is computed in the graph from `start` and the block tables. Padded
-rows are dummy sequences at position 0 writing to the null block, as in engine/cuda_graph.py.
-Proposals made ahead in the steady state add pass 1 in front (ahead_graph.py).
+rows are dummy sequences at position 0 writing to the null block, as in runner/cuda_graph.py.
+Proposals made ahead in the steady state add pass 1 in front (ahead_graph.py). Both are GraphSets
+(runner/cuda_graph.py) of the draft's runner: captured by it (`ModelRunner.add_graphs`) into its
+memory pool, released with its other graphs.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
 from infergrid.worker.engine.block_pool import NULL_BLOCK_ID
-from infergrid.worker.engine.cuda_graph import GraphSet, decode_metadata
-from infergrid.worker.layers.argmax import argmax_rows
 from infergrid.worker.layers.triton_guard import tl, triton
-
-if TYPE_CHECKING:
-    from infergrid.worker.engine.model_runner import ModelRunner
-
-logger = logging.getLogger(__name__)
+from infergrid.worker.runner.cuda_graph import GraphPool, GraphSet, GraphTarget, decode_metadata
+from infergrid.worker.sample.argmax import argmax_rows
 
 
 def slot_mapping_of(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -48,8 +42,9 @@ class DraftLoopGraphRunner(GraphSet):
     kind = "draft_loop"
     what = "draft passes 2..k"
 
-    def __init__(self, runner: ModelRunner, num_drafts: int, max_batch_size: int | None = None) -> None:
-        super().__init__(runner, max_batch_size)
+    def __init__(self, runner: GraphTarget, num_drafts: int, max_batch_size: int | None = None,
+                 pool: GraphPool | None = None) -> None:
+        super().__init__(runner, max_batch_size, pool)
         self.num_drafts = num_drafts
         dev, n, p = runner.device, self.max_batch_size, max(num_drafts - 1, 1)
         self.drafts = torch.zeros(n, num_drafts, dtype=torch.int64, device=dev)
@@ -101,15 +96,11 @@ class DraftLoopGraphRunner(GraphSet):
         self.slot_mapping[j, :bs] = slot_mapping_of(tables, positions[:, None], self.runner.block_size)[:, 0]
         self.seq_lens[j, :bs] = (positions + 1).to(torch.int32)
 
-    def _make_forward(self, bs: int) -> Callable[[], None]:
-        return self._later_passes(bs)
+    def make_forward(self, key: int) -> Callable[[], None]:
+        return self._later_passes(key)
 
-    @torch.inference_mode()
-    def capture(self) -> None:
-        start = time.monotonic()
-        self.capture_all(self.runner.device, self.batch_sizes, self._make_forward)
-        logger.info("captured %d CUDA graphs of %s (%d drafts; batch sizes %s) in %.1f s",
-                    len(self.graphs), self.what, self.num_drafts, self.batch_sizes, time.monotonic() - start)
+    def describe(self) -> str:
+        return f"{self.what} ({self.num_drafts} drafts; batch sizes {self.batch_sizes})"
 
     def fits(self, num_seqs: int, num_block_columns: int) -> bool:
         return bool(self.graphs) and num_seqs <= self.max_batch_size and num_block_columns <= self.block_tables.shape[1]

@@ -1,4 +1,8 @@
-"""SpeculativeDecoder: the model runner's speculative-decoding part (proposers, verifier, adaptive k).
+"""SpeculativeDecoder: speculative decoding for the rank-0 runner (proposers, verifier, adaptive k).
+
+The executor builds it around the rank-0 ModelRunner and hands it to the runner as its `Speculator`
+(runner/speculator.py: fill_drafts, verify, propose_ahead, remove_requests); the engine gets it from
+the executor and calls `propose` after each step. The runner never imports this package.
 
 Per engine step (continuous batching; any mix of requests with and without drafts, prefill chunks,
 preempted and prefix-hit requests):
@@ -6,10 +10,10 @@ preempted and prefix-hit requests):
     schedule()        requests carry the drafts proposed last step (Request.spec_token_ids); the
                       scheduler budgets 1 + len(drafts) tokens for each and trims drafts to fit
     execute_model()   one target forward pass; a request with drafts samples at every draft
-                      position + 1; `verify` = lossless rejection sampling (rejection_sampler.py);
+                      position + 1; `verify` = lossless rejection sampling (sample/rejection_sampler.py);
                       then `propose_ahead`: the draft model's next drafts (requests without
                       penalties or a seed), queued behind it for any number of accepted drafts
-                      (draft_proposer.py)
+                      (ahead_proposer.py)
     update_from_output()  appends accepted drafts + one token and rewinds the rejected drafts' KV
     propose()         observes acceptance (adaptive.py) and the step's time (cost_model.py), runs
                       the hindsight checks due for requests that are off, then proposes up to k
@@ -40,7 +44,8 @@ import torch
 from infergrid.worker import envs
 from infergrid.worker.engine.request import RequestStatus
 from infergrid.worker.engine.scheduler import DRAFT_PLACEHOLDER_ID, ScheduledRequest, SchedulerOutput
-from infergrid.worker.layers.sampler import SamplerOutput, SamplingMetadata
+from infergrid.worker.sample.rejection_sampler import NO_DRAFT, RejectionSampler, keep_accepted_prefix
+from infergrid.worker.sample.sampler import SamplerOutput, SamplingMetadata
 from infergrid.worker.spec_decode.adaptive import (
     CHECK,
     MAX_BACKOFF,
@@ -56,19 +61,14 @@ from infergrid.worker.spec_decode.cost_model import (
     GPU_FIXED_COST_TOKENS,
     StepCostModel,
 )
+from infergrid.worker.spec_decode.draft_batch import AheadDrafts, AheadRequest, DraftBatch, DraftRequest
+from infergrid.worker.spec_decode.draft_proposer import DraftProposer, PendingCheck
 from infergrid.worker.spec_decode.goodput_guard import GoodputGuard
 from infergrid.worker.spec_decode.ngram_proposer import NgramProposer
-from infergrid.worker.spec_decode.rejection_sampler import NO_DRAFT, RejectionSampler, keep_accepted_prefix
 
 if TYPE_CHECKING:
-    from infergrid.worker.engine.model_runner import ModelRunner
     from infergrid.worker.engine.request import Request
-    from infergrid.worker.spec_decode.draft_proposer import (
-        AheadDrafts,
-        DraftBatch,
-        DraftProposer,
-        PendingCheck,
-    )
+    from infergrid.worker.runner.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class SpeculativeDecoder:
         config = runner.config
         self.method = config.speculative_method
         self.max_k = config.num_speculative_tokens
-        self._to_device = runner._to_device
+        self._to_device = runner.to_device
         self.rejection_sampler = RejectionSampler(runner.sampler)
         self.ngram: NgramProposer | None = None
         self.draft: DraftProposer | None = None
@@ -91,8 +91,6 @@ class SpeculativeDecoder:
             self.ngram = NgramProposer()
             proposer_cost = 0.0
         elif self.method == "draft":
-            from infergrid.worker.spec_decode.draft_proposer import DraftProposer
-
             self.draft = DraftProposer(config, runner)
             proposer_cost = self.draft.cost_ratio  # on a CPU the host computes the passes
             if runner.device.type == "cuda":
@@ -152,7 +150,7 @@ class SpeculativeDecoder:
 
     # -- verification ------------------------------------------------------------------------------
     def verify(self, logits: torch.Tensor, meta: SamplingMetadata, rows: Sequence[Any]) -> SamplerOutput:
-        """Rejection-sample a batch whose rows (model runner `_SampleRow`s: `.sched`, `.draft_index`)
+        """Rejection-sample a batch whose rows (runner/sampling_metadata.py `SampleRow`s: `.sched`, `.draft_index`)
         include draft positions. A row's sampled token is -1 where its request does not get that far
         (a draft before it was rejected), else the token it emits."""
         host_ids: list[int] = []
@@ -217,8 +215,6 @@ class SpeculativeDecoder:
         self.ahead = None
         if self.draft is None:
             return
-        from infergrid.worker.spec_decode.draft_proposer import AheadRequest
-
         start = time.perf_counter()
         requests = []
         for i, row in enumerate(rows):
@@ -442,8 +438,6 @@ class SpeculativeDecoder:
                     drafts[sched.request_id] = tokens
             return drafts, 0
         assert self.draft is not None
-        from infergrid.worker.spec_decode.draft_proposer import DraftRequest
-
         self._keep_unverified_drafts()
         num_caught_up = self.draft.num_catch_up_tokens_total
         requests = [DraftRequest(s.request, s.block_ids, k) for s, k in candidates]

@@ -6,8 +6,9 @@ the largest batch the scheduler can form measures the peak activation memory; th
     total_gpu_memory * gpu_memory_utilization - (memory in use after loading + peak activations)
 
 On CPU the pool is INFERGRID_CPU_KV_CACHE_SPACE_GB (default 1 GiB). Either way it is capped at what
-max_num_seqs full-length sequences could ever use, and `num_gpu_blocks_override` wins outright.
-Blocks include the reserved null block 0.
+max_num_seqs full-length sequences could ever use, and `num_gpu_blocks_override` (or the block count a
+draft model's runner is given: its target's) wins outright. Blocks include the reserved null block 0.
+`profile_forward` is the profiling pass: the model at the largest batch, no KV cache, plus sampling.
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
+import torch.nn as nn
 
 from infergrid.worker import envs
+from infergrid.worker.layers.attention import AttentionMetadata
 from infergrid.worker.model_config import ModelConfig
+from infergrid.worker.sample.sampler import Sampler, SamplingMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -123,3 +129,32 @@ def determine_num_blocks(
         block_bytes, source,
     )
     return num_blocks
+
+
+def profile_forward(model: nn.Module, backend: Any, sampler: Sampler, device: torch.device, budget: int,
+                    max_model_len: int, max_num_seqs: int, block_size: int) -> None:
+    """A forward pass over `budget` tokens in sequences of up to max_model_len (no KV cache yet), then
+    the sampler over max_num_seqs rows: the peak activation memory of any step."""
+    seq_len = min(max_model_len, budget)
+    lens = [seq_len] * (budget // seq_len) + ([budget % seq_len] if budget % seq_len else [])
+    qsl = torch.tensor(np.cumsum([0, *lens]), dtype=torch.int32, device=device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(budget, dtype=torch.int64, device=device),
+        query_start_loc=qsl,
+        seq_lens=seq_lens,
+        block_tables=torch.zeros((len(lens), 0), dtype=torch.int32, device=device),
+        max_query_len=seq_len,
+        max_seq_len=seq_len,
+        block_size=block_size,
+        has_kv_cache=False,
+    )
+    backend.prepare(meta)
+    input_ids = torch.zeros(budget, dtype=torch.int64, device=device)
+    positions = torch.cat([torch.arange(n, device=device) for n in lens])
+    hidden = model(input_ids, positions, meta)
+    num_rows = min(max_num_seqs, budget)
+    logits = model.compute_logits(hidden[:num_rows])
+    if logits is not None:  # None on tensor-parallel ranks other than 0 (they never sample)
+        temperature = torch.ones(num_rows, device=device)
+        sampler(logits, SamplingMetadata(temperature=temperature, all_greedy=False, max_num_logprobs=20))

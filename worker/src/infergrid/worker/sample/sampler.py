@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from infergrid.worker.layers.argmax import argmax_rows
+from infergrid.worker.sample.argmax import argmax_rows
 from infergrid.worker.structured_output.bitmask import apply_token_bitmask
 
 _NEG_INF = float("-inf")

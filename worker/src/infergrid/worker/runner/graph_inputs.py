@@ -1,6 +1,6 @@
 """A step's inputs into a CUDA graph's static buffers, in one kernel.
 
-A graph replays on fixed buffers (engine/cuda_graph.py, spec_decode/verify_graph.py), so every step
+A graph replays on fixed buffers (runner/cuda_graph.py), so every step
 first copies its inputs there: token ids, positions and slots (the padding up to the graph's token
 count: position 0, the null slot), sequence lengths and query starts (the padding: dummy
 sequences), block tables, with int64 -> int32 casts. As torch ops that is ~11 small launches, 111 us

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import torch
 
-from infergrid.worker.layers.argmax import argmax_rows
-from infergrid.worker.layers.sampler import (
+from infergrid.worker.layers.triton_guard import tl, triton
+from infergrid.worker.sample.argmax import argmax_rows
+from infergrid.worker.sample.sampler import (
     Sampler,
     SamplerOutput,
     SamplingMetadata,
     random_sample,
 )
-from infergrid.worker.layers.triton_guard import tl, triton
 
 NO_DRAFT = -1
 CUT_BLOCK = 128
