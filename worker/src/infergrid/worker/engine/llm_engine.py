@@ -10,8 +10,9 @@ of leaving it idle between steps. Step N+1 is scheduled before N's tokens are kn
 scheduler's placeholders); the previous step is finished first when the next one needs its tokens on
 the host (penalties) or nothing is left to launch; when a grammar needs them (structured output: its
 bitmask is filled from them) it is finished between the next one's forward pass and its sampling.
-With speculative decoding a step is pipelined only while no request speculates (adaptive k switched
-every one off): otherwise the next step's drafts are proposed from its tokens, so it runs synchronously.
+With speculative decoding a step is pipelined only while no request will propose drafts (the batch is
+over the cutoff, or every request is cooling down: spec_decode/guard.py): otherwise the next step's
+drafts are proposed from its tokens, so it runs synchronously.
 """
 
 from __future__ import annotations
@@ -115,8 +116,6 @@ class LLMEngine:
         self.num_pipelined_steps_total = 0  # steps scheduled before the previous one's tokens were known
         self.last_step_time = time.monotonic()
         self._in_flight: _LaunchedStep | None = None  # async scheduling: launched, not finished yet
-        self._last_finish: tuple[float, bool] = (0.0, False)  # perf_counter() of the last finish, pipelined?
-        self._output_seconds = 0.0  # the last step's output processing
 
     # -- requests ----------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -237,37 +236,20 @@ class LLMEngine:
             for request, before in zip(scheduled, num_outputs_before, strict=True):
                 if len(request.output_token_ids) > before:
                     self.structured_output.accept_tokens(request.request_id, request.output_token_ids[before:])
-        now = time.perf_counter()
         if self.config.speculative_method is not None and scheduled:
             # NOTE: before the outputs are made, so that the draft model runs on the device while the
             # host detokenizes (a request a stop string ends there had its drafts proposed for nothing).
-            # A pipelined step's wall time spans the next one's launch: its cost sample is the time
-            # since the previous pipelined step finished. A synchronous one's is its own time plus its
-            # outputs' (not made yet: the last step's stand in), as a pipelined step's includes them.
-            # Any step after another also gives its finish-to-finish time (`gap`: the goodput guard's
-            # sample, switches included); after one of the same kind that is also a pipelined step's
-            # cost sample, or a synchronous one's realized cost (the batch-level check's calibration).
-            seconds = None if step.is_pipelined else now - step.start + self._output_seconds
-            last, last_pipelined = self._last_finish
-            gap = now - last if last else None
-            since_last = gap if step.is_pipelined == last_pipelined else None
-            if step.is_pipelined and since_last is not None:
-                self.model_runner.spec_decoder.observe_pipelined_step(scheduler_output, since_last)  # type: ignore[union-attr]
             drafts = self.model_runner.propose_draft_token_ids(
-                scheduler_output, runner_output.sampled_token_ids, seconds, step.is_pipelined,
-                None if step.is_pipelined else since_last, gap)
-        outputs_start = time.perf_counter()
+                scheduler_output, runner_output.sampled_token_ids, step.is_pipelined)
         outputs, stopped = self.output_processor.process(
             scheduled, runner_output, [*scheduler_output.expired_requests, *finished]
         )
-        self._output_seconds = time.perf_counter() - outputs_start
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         if self.config.speculative_method is not None and scheduled:
             self.scheduler.update_draft_token_ids(drafts)
         if scheduled:
             self._record_step(scheduled, num_outputs_before)
             self.num_pipelined_steps_total += step.is_pipelined
-            self._last_finish = (now, step.is_pipelined)
         return outputs
 
     def _record_step(self, scheduled: list[Request], num_outputs_before: list[int]) -> None:

@@ -342,17 +342,13 @@ class ModelRunner:
         return pending
 
     def propose_draft_token_ids(
-        self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, list[int]],
-        step_seconds: float | None = None, pipelined: bool = False, wall_seconds: float | None = None,
-        gap_seconds: float | None = None,
+        self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, list[int]], pipelined: bool = False,
     ) -> dict[str, list[int]]:
-        """Speculative decoding, after the scheduler applied this step (which took `step_seconds` and
-        ran `pipelined` or not; `wall_seconds`: since the previous synchronous step finished, after a
-        synchronous step; `gap_seconds`: since the previous step finished): next step's drafts per request."""
+        """Speculative decoding, after the scheduler applied this step (run `pipelined` or not): next
+        step's drafts per request."""
         if self.spec_decoder is None:
             return {}
-        return self.spec_decoder.propose(scheduler_output, sampled_token_ids, step_seconds, pipelined, wall_seconds,
-                                         gap_seconds)
+        return self.spec_decoder.propose(scheduler_output, sampled_token_ids, pipelined)
 
     def _forward(self, batch: _BatchInputs) -> torch.Tensor:
         if self.tp_size > 1 and debug.is_enabled():  # what this rank is about to run, checked before it does

@@ -1,1 +1,1 @@
-"""Speculative decoding: proposers (n-gram, draft model), lossless verification, adaptive k."""
+"""Speculative decoding: proposers (n-gram, draft model), lossless verification, a fixed k with a guard."""

@@ -30,8 +30,8 @@ result is known, `use_ahead` hands out those drafts to the requests whose state 
 (`AheadDrafts.matches`) and marks their draft KV valid up to the computed tokens; the others propose
 as below. So the device drafts while the host applies the step's result and schedules the next.
 In the steady state (greedy, draft KV valid up to the last known token) the whole proposal is one
-CUDA graph replay (ahead_graph.py); requests that verified fewer than k drafts (adaptive k) have
-their sampled rows padded with -1, read as rejections.
+CUDA graph replay (ahead_graph.py); requests that verified fewer than k drafts (trimmed by the token
+budget or max_tokens) have their sampled rows padded with -1, read as rejections.
 
 Passes 2..k are decode passes of the same rows (fewer at the end when requests ask for fewer drafts):
 their inputs are built and uploaded once, each pass reads the previous pass's drafts on the device,
@@ -137,14 +137,6 @@ class DraftBatch:
         return {req_id: values[row][: self.num_drafts[req_id]] for req_id, row in self.rows.items()}
 
 
-def model_cost(cfg: ModelConfig) -> int:
-    """Weights read per decode step (parameters, embeddings lookup excluded): a proxy for step cost."""
-    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
-    q = cfg.num_attention_heads * cfg.head_dim
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size
-    return cfg.num_hidden_layers * per_layer + cfg.vocab_size * h
-
-
 class DraftProposer:
     """Runs the draft model for the requests that speculate (see the module docstring).
 
@@ -182,7 +174,6 @@ class DraftProposer:
         self.runner = ModelRunner(draft_config, path, self.model_config, target.max_model_len, target.eos_token_ids)
         if config.draft_lm_head_dtype == "fp8":  # (before any CUDA graph is captured)
             self.runner.model.lm_head = Fp8LMHead(self.runner.model.lm_head.weight)
-        self.cost_ratio = model_cost(self.model_config) / model_cost(target_cfg)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         self.valid = np.zeros(0, dtype=np.int64)
@@ -493,59 +484,6 @@ class DraftProposer:
             {dr.request.request_id: dr.request for dr, _, _ in proposing},
         )
 
-    @torch.inference_mode()
-    def look_back(self, checks: list[tuple[DraftRequest, int]]) -> PendingCheck:
-        """Hindsight checks (adaptive.py): for each (request, window), run the draft over the request's
-        tokens up to its last one and score its predictions of the last `window` emitted tokens: 1
-        per greedy match, q(emitted token) per sampled position (at the request's temperature; the
-        chance that a draft sampled from q equals a token sampled from p, a lower bound of the
-        acceptance). One catch-up pass, queued on the device behind the step running now; the draft
-        KV it computes is kept (the request's next proposal catches up from there). Nothing waits for
-        the device here: `result()` does, once it is needed."""
-        budget = self.max_catch_up_tokens
-        scheds: list[ScheduledRequest] = []
-        scored: list[tuple[str, int, int]] = []  # request id, first hidden row, window
-        row = 0
-        for dr, window in checks:
-            req = dr.request
-            last = req.num_tokens - 1  # its KV stays for the next step (its block may not exist yet)
-            window = min(window, req.num_output_tokens, last)
-            start = min(self.valid_prefix(dr.block_ids, min(req.num_computed_tokens, last)), last - window)
-            if window <= 0 or last - start > budget:
-                scored.append((req.request_id, -1, 0))
-                continue
-            budget -= last - start
-            scheds.append(self._sched(req, start, req.all_token_ids[start:last], dr.block_ids, needs_sample=False))
-            self._mark_valid(dr.block_ids, start, min(last, req.num_computed_tokens))
-            row += last - start
-            scored.append((req.request_id, row - window, window))
-        if not scheds:
-            return PendingCheck(scored, None)
-        self.num_catch_up_tokens_total += row
-        runner = self.runner
-        hidden = runner._forward(runner._prepare_inputs(scheds))
-        requests = {dr.request.request_id: dr.request for dr, _ in checks}
-        rows, targets, owners, inv_temps, greedy = [], [], [], [], []
-        for i, (req_id, first, window) in enumerate(scored):
-            if window:
-                req = requests[req_id]
-                params = req.sampling_params
-                rows += range(first, first + window)
-                targets += req.all_token_ids[req.num_tokens - window:]
-                owners += [i] * window
-                inv_temps += [0.0 if params.is_greedy else 1.0 / params.temperature] * window
-                greedy += [params.is_greedy] * window
-        up = runner._to_device
-        rows_t, targets_t, owners_t = (_upload(x, torch.int64, up) for x in (rows, targets, owners))
-        logits = runner.model.compute_logits(hidden[rows_t]).float()
-        matched = (logits.argmax(dim=-1) == targets_t).float()
-        if not all(greedy):
-            probs = torch.softmax(logits * _upload(inv_temps, torch.float32, up)[:, None], dim=-1)
-            q = probs.gather(1, targets_t[:, None])[:, 0]
-            matched = torch.where(_upload(greedy, torch.bool, up), matched, q)
-        sums = torch.zeros(len(scored), dtype=torch.float32, device=runner.device).index_add_(0, owners_t, matched)
-        return PendingCheck(scored, sums)
-
     def _later_passes(self, num_tokens: list[int], tables: list[list[int]], num_drafts: list[int]) -> _LaterPasses:
         """Device inputs of passes 2..k for rows ordered by num_drafts (descending): pass j feeds
         row i's draft d_{j-1} at position num_tokens - 2 + j, for the rows with num_drafts >= j."""
@@ -600,25 +538,6 @@ class _LaterPasses:
     seq_lens: torch.Tensor  # int32 [passes, rows]
     query_start_loc: torch.Tensor  # int32 [rows + 1] (0, 1, 2, ...)
     block_tables: torch.Tensor  # int32 [rows, width]
-
-
-class PendingCheck:
-    """Hindsight-check scores on their way to the host; `result()` waits for them."""
-
-    def __init__(self, scored: list[tuple[str, int, int]], sums: torch.Tensor | None) -> None:
-        self._scored = scored
-        self._sums = None if sums is None else sums.to("cpu", non_blocking=sums.is_cuda)
-        self._event: torch.cuda.Event | None = None
-        if sums is not None and sums.is_cuda:
-            self._event = torch.cuda.Event()
-            self._event.record()
-
-    def result(self) -> dict[str, tuple[float, int]]:
-        """request id -> (score, positions scored); 0 positions where a request could not be checked."""
-        if self._event is not None:
-            self._event.synchronize()
-        sums = self._sums.tolist() if self._sums is not None else []
-        return {req_id: (sums[i] if window else 0.0, window) for i, (req_id, _, window) in enumerate(self._scored)}
 
 
 class _DraftSampler:
