@@ -178,3 +178,15 @@ def test_bad_cutoffs_are_refused():
     for bad in (0, -1, 2.5, True, None):
         with pytest.raises(ValueError, match="disable_by_batch_size"):
             SpeculationGuard(bad)  # type: ignore[arg-type]
+
+
+def test_an_idle_engine_is_not_quiet():
+    """New requests on the engine's clock want drafts right after their prefill: with no request known
+    (a fresh engine, or every request gone), the next step must not be pipelined."""
+    guard = SpeculationGuard(disable_by_batch_size=4)
+    assert not guard.is_quiet
+    step(guard, dict.fromkeys("abcde"))
+    assert guard.is_quiet
+    for r in "abcde":
+        guard.remove(r)
+    assert not guard.is_quiet

@@ -25,7 +25,8 @@ Clocks, so that decisions are deterministic (steps, never time):
 
 `is_quiet` tells the engine that no request will want drafts at the next two `end_step`s, so the step
 about to be scheduled may run pipelined (ahead of its predecessor's tokens, whose proposal then finds
-it already scheduled). It is exact for own-clock requests: one whose cool-down ends at own step t makes
+it already scheduled). An idle engine is not quiet, so that new requests draft right after their
+prefill. It is exact for own-clock requests: one whose cool-down ends at own step t makes
 the engine unquiet from its own step t - 2 on, so its step t is synchronous in any batch. A request on
 the engine's clock that wants drafts after a pipelined step (a new one, or the batch shrank below the
 cutoff) just waits for the next synchronous step, which its wanting forces.
@@ -75,7 +76,7 @@ class SpeculationGuard:
         self.disable_by_batch_size = disable_by_batch_size
         self.step = 0  # end_step() calls so far: the engine's clock
         self.is_over_cutoff = False  # the current (or, between steps, the last) step's batch
-        self.is_quiet = True
+        self._is_quiet = False
         self.num_cool_downs_total = 0
         self.num_steps_over_cutoff_total = 0
         self._states: dict[str, _RequestState] = {}
@@ -119,7 +120,13 @@ class SpeculationGuard:
     def end_step(self) -> None:
         """The step's decisions are made: advance the engine's clock and decide `is_quiet`."""
         self.step += 1
-        self.is_quiet = not any(self._may_want_soon(s) for s in self._states.values())
+        self._is_quiet = not any(self._may_want_soon(s) for s in self._states.values())
+
+    @property
+    def is_quiet(self) -> bool:
+        """Whether no request will want drafts at the next two steps (see the module docstring). False
+        while no request is known: new requests on the engine's clock want drafts after their prefill."""
+        return self._is_quiet and bool(self._states)
 
     def remove(self, req_id: str) -> None:
         self._states.pop(req_id, None)
