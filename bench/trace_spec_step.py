@@ -87,8 +87,7 @@ def _phases(engine: Any) -> list[tuple[str, Any, str]]:
               (" result (wait + tokens to lists)", PendingRunnerOutput, "result"),
               (" update_from_output", engine.scheduler, "update_from_output"),
               (" propose_draft_token_ids", runner, "propose_draft_token_ids"),
-              *([("  collect checks", spec, "_collect_checks"), ("  checks", spec, "_check"),
-                 ("  _propose", spec, "_propose")] if speculating else []),
+              *([("  _propose", spec, "_propose")] if speculating else []),
               *([("   draft prepare_inputs", spec.draft.runner, "_prepare_inputs"),
                  ("   draft forward", spec.draft.runner, "_forward"),
                  ("   draft compute_logits", spec.draft.runner.model, "compute_logits")]
@@ -207,7 +206,7 @@ def main() -> int:
         target, draft = checkpoints[sd.family(mode)]
         engine = sd.make_engine(sargs, target, draft, mode, eager=False)
         prompt = prompts[sd.family(mode)][:1]
-        for rep in range(3):  # warm: kernels compiled, adaptive k settled
+        for rep in range(3):  # warm: kernels compiled
             sd.run_batch(engine, prompt, sargs.max_tokens, f"w{rep}")
         steps_before = engine.num_steps_total
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
