@@ -271,3 +271,42 @@ async def test_async_streaming_with_speculation(models):
         assert sum(stats.spec_decode_num_accepted_tokens_per_pos) == stats.spec_decode_num_accepted_tokens_total
     finally:
         await engine.shutdown(drain_timeout=5)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft=random"])
+def test_seeded_sampled_request_drafts_the_same_alone_and_in_a_batch_over_the_cutoff(models, method, monkeypatch):
+    """A seeded sampled request's random draws follow its drafts, so the guard decides them on the request's
+    own clock and ignores the batch cutoff: alone, or among greedy requests that push the batch over
+    the cutoff (their steps then carry no drafts of theirs), it proposes at the same own steps, verifies
+    as many drafts and emits the same tokens."""
+    # (n-gram: a low temperature keeps the tiny model's loops, so that lookups find something)
+    temperature = 0.2 if method == "ngram" else 1.0
+    seeded = SamplingParams(temperature=temperature, top_k=20, max_tokens=60, seed=5, ignore_eos=True)
+    runs = []
+    for others in (0, 3):
+        llm = LLM(models["target"], **BASE, **spec_args(method, models), speculative_disable_by_batch_size=2)
+        decoder = llm.llm_engine.model_runner.spec_decoder
+        proposals: list[int] = []  # the seeded request's drafts per proposal step in which it sampled
+        propose = decoder.propose
+
+        def recorded(scheduler_output, sampled_token_ids, pipelined=False, propose=propose, proposals=proposals):
+            drafts = propose(scheduler_output, sampled_token_ids, pipelined)
+            if "s" in sampled_token_ids:
+                proposals.append(len(drafts.get("s", [])))
+            return drafts
+
+        monkeypatch.setattr(decoder, "propose", recorded)
+        engine = llm.llm_engine
+        engine.add_request("s", PROMPTS[1], seeded)
+        for i in range(others):
+            engine.add_request(f"g{i}", PROMPTS[2 + i], greedy(50))
+        finals = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finals[out.request_id] = out.outputs[0].token_ids
+        runs.append((finals["s"], proposals, decoder.guard.num_steps_over_cutoff_total))
+    (alone, alone_proposals, _), (batched, batched_proposals, num_over) = runs
+    assert num_over > 0  # the greedy requests made steps over the cutoff
+    assert batched == alone and batched_proposals == alone_proposals
+    assert sum(alone_proposals) > 0
