@@ -11,6 +11,7 @@ import pytest
 from infergrid.worker.spec_decode.guard import (
     COOL_DOWN_STEPS,
     MAX_COOL_DOWN_STEPS,
+    MIN_VERIFICATIONS,
     OWN_CLOCK_LEAD,
     WINDOW,
     SpeculationGuard,
@@ -55,14 +56,14 @@ def test_poor_acceptance_cools_a_request_down_doubling_each_time_it_fails_again(
     for t in range(4000):
         if step(guard, {"r": 0 if on_steps and on_steps[-1] == t - 1 else None}):
             on_steps.append(t)
-    # Runs of WINDOW verifications, then cool-downs that double up to the cap, resuming at multiples.
+    # Runs of MIN_VERIFICATIONS verifications, then cool-downs that double up to the cap, resuming at multiples.
     runs = []
     for t in on_steps:
         if runs and t == runs[-1][1] + 1:
             runs[-1][1] = t
         else:
             runs.append([t, t])
-    assert all(end - start + 1 == WINDOW for start, end in runs[:-1])
+    assert all(end - start + 1 == MIN_VERIFICATIONS for start, end in runs[:-1])
     gaps = [b[0] - a[1] - 1 for a, b in zip(runs, runs[1:], strict=False)]
     cool_downs = [COOL_DOWN_STEPS * 2**i for i in range(5)] + [MAX_COOL_DOWN_STEPS] * (len(gaps) - 5)
     assert all(c <= g < 2 * c for g, c in zip(gaps, cool_downs, strict=True))
@@ -75,19 +76,46 @@ def test_a_good_window_resets_the_cool_down_and_good_acceptance_never_stops():
     for t in range(500):
         assert step(guard, {"r": 2 if t else None}) == {"r"}  # 2 accepted per verification: always on
     assert guard.num_cool_downs_total == 0
-    # Fail once (cool-down 16), fail again (32), pass a window, fail: back to 16.
-    gaps, last_on, accepted = [], guard.step - 1, [0] * (2 * WINDOW) + [1] * WINDOW + [0] * WINDOW
+    # Fail once (cool-down 16: 7 zeros push the 2s out), fail again (32: 4 zeros), pass a full window,
+    # fail (5 zeros push the 1s out): back to 16.
+    zeros_out = WINDOW - 1
+    gaps, last_on, accepted = [], guard.step - 1, [0] * (zeros_out + MIN_VERIFICATIONS) + [1] * WINDOW + [0] * 5
     had_drafts = True
-    while accepted:
+    while accepted or len(gaps) < 3:
         now = guard.step
-        wants = step(guard, {"r": accepted.pop(0) if had_drafts else None})
+        wants = step(guard, {"r": accepted.pop(0) if had_drafts and accepted else None})
         had_drafts = bool(wants)
         if wants:
             if now - last_on > 1:
                 gaps.append(now - last_on - 1)
             last_on = now
+    assert not accepted and guard.num_cool_downs_total == 3
     assert [COOL_DOWN_STEPS <= gaps[0] < 2 * COOL_DOWN_STEPS, 2 * COOL_DOWN_STEPS <= gaps[1] < 4 * COOL_DOWN_STEPS,
             COOL_DOWN_STEPS <= gaps[2] < 2 * COOL_DOWN_STEPS] == [True] * 3
+
+
+def cool_down_gaps(accepted: list[int]) -> list[int]:
+    """A request that accepts the given numbers of drafts, verification after verification: the lengths
+    of its cool-downs (until it has used them all and resumed once more)."""
+    guard = SpeculationGuard(disable_by_batch_size=32)
+    gaps: list[int] = []
+    last_on, had_drafts = -1, False
+    while accepted or not had_drafts:
+        now = guard.step
+        had_drafts = bool(step(guard, {"r": accepted.pop(0) if had_drafts else None}))
+        if had_drafts:
+            gaps += [now - last_on - 1] if now - last_on > 1 else []
+            last_on = now
+    return gaps
+
+
+def test_only_a_full_window_that_passes_resets_the_cool_down():
+    fail_twice = [0] * (2 * MIN_VERIFICATIONS)
+    c = COOL_DOWN_STEPS
+    gaps = cool_down_gaps(fail_twice + [1, 1, 1, 0, 0, 0, 0])  # passes at 4, 5, 6 verifications; fails at 7
+    assert all(n <= g < 2 * n for g, n in zip(gaps, [c, 2 * c, 4 * c], strict=True))  # (to the next multiple)
+    gaps = cool_down_gaps(fail_twice + [1] * WINDOW + [0] * 5)  # a full window passes first
+    assert all(n <= g < 2 * n for g, n in zip(gaps, [c, 2 * c, c], strict=True))
 
 
 def run(guard: SpeculationGuard, arrivals: dict[str, int], num_steps: int, accept: int = 0,
@@ -120,7 +148,7 @@ def test_is_quiet_from_the_step_every_request_cools_down_until_two_steps_before_
         quiet.append(guard.is_quiet)
     # Quiet after each step from the first one off up to the one two steps before it resumes.
     resume = resumes(on)[0]
-    assert [t for t, q in enumerate(quiet) if q and t < resume] == list(range(WINDOW, resume - 2))
+    assert [t for t, q in enumerate(quiet) if q and t < resume] == list(range(MIN_VERIFICATIONS, resume - 2))
     # The same on a seeded request's own clock, whatever the engine's step count.
     guard = SpeculationGuard(disable_by_batch_size=32)
     for _ in range(5):
@@ -131,7 +159,8 @@ def test_is_quiet_from_the_step_every_request_cools_down_until_two_steps_before_
         quiet.append(guard.is_quiet)
     assert on[0] == OWN_CLOCK_LEAD
     resume = resumes(on)[0]
-    assert [t for t, q in enumerate(quiet) if q and t < resume] == list(range(OWN_CLOCK_LEAD + WINDOW, resume - 2))
+    assert [t for t, q in enumerate(quiet) if q and t < resume] == list(range(OWN_CLOCK_LEAD + MIN_VERIFICATIONS,
+                                                                               resume - 2))
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -10,9 +10,11 @@ so only two guards remain, for the two cases where speculating is slower than no
   verifies 1 + k tokens per request; at a large batch the step is no longer memory-bound and the
   pipelining it gives up costs more than the drafts save.
 - Poor acceptance: a request whose drafts were accepted less than MIN_MEAN_ACCEPTED per verification
-  over its last WINDOW verifications (a proposal that found nothing counts as a verification with none
-  accepted) stops speculating for a cool-down of COOL_DOWN_STEPS, doubling each time it fails again
-  (at most MAX_COOL_DOWN_STEPS; back to COOL_DOWN_STEPS once a full window passes), then tries again.
+  on average over its last WINDOW verifications (judged from its MIN_VERIFICATIONS-th on, so that
+  drafts that always fail cost few steps; a proposal that found nothing counts as a verification with
+  none accepted) stops speculating for a cool-down of COOL_DOWN_STEPS, doubling each time it fails
+  again (at most MAX_COOL_DOWN_STEPS; back to COOL_DOWN_STEPS once a full window passes), then tries
+  again.
   (Random text, no draft accepted, measured 0.88x of off at batch 32 on an H100 under the old controller.)
 
 Clocks, so that decisions are deterministic (steps, never time):
@@ -37,7 +39,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-WINDOW = 8  # verifications a request's acceptance is judged over
+WINDOW = 8  # verifications a request's acceptance is judged over (the most recent ones)
+MIN_VERIFICATIONS = 4  # ... from this many on (after a start or a cool-down)
 # Accepted drafts per verification below which a request stops speculating: fewer than one extra token
 # every two steps does not pay for the synchronous step and the proposer's work (at k = 4 that is a
 # per-draft acceptance below ~0.35).
@@ -106,10 +109,12 @@ class SpeculationGuard:
         if state is None:
             return
         state.accepted.append(num_accepted)
-        if len(state.accepted) < WINDOW:
+        num_verified = len(state.accepted)
+        if num_verified < MIN_VERIFICATIONS:
             return
-        if sum(state.accepted) >= MIN_MEAN_ACCEPTED * WINDOW:
-            state.cool_down = COOL_DOWN_STEPS
+        if sum(state.accepted) >= MIN_MEAN_ACCEPTED * num_verified:
+            if num_verified == WINDOW:  # a full window passed: the next failure starts over
+                state.cool_down = COOL_DOWN_STEPS
             return
         now = state.num_steps if state.own_clock else self.step
         state.resume_at = _resume_step(now, state.cool_down)
