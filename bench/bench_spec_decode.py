@@ -8,11 +8,11 @@ shape in bf16). Random weights give random text, so the workload is built to sho
 - "draft" is a random --draft-layers-layer checkpoint of the same vocabulary and the target's width
   (or --draft-hidden: a narrower draft reads a smaller LM head per pass, its main cost): its tokens
   agree with the target's about as often as chance, which measures the "never slower when
-  acceptance is low" target (the adaptive k switches it off);
+  acceptance is low" target (the guard cools its requests down: spec_decode/guard.py);
 - "draft-fp8" ("copy:draft-fp8", "agree:draft-fp8"): the same draft with its LM head in FP8
   (--draft-lm-head-dtype fp8: half the bytes of its largest weight per pass);
-- "draft=target" drafts with the target itself and adaptive k off: acceptance ~1.0, the upper bound
-  of the acceptance length (a draft as big as the target is no speedup, by construction);
+- "draft=target" drafts with the target itself: acceptance ~1.0, the upper bound of the acceptance
+  length (a draft as big as the target is no speedup, by construction);
 - "copy:*" repeat off / ngram / draft on "copy" checkpoints of the same shapes: tied embeddings and
   near-zero decoder-layer weights, so the model repeats its input token (text of no interest, but
   n-gram and a 2-layer copy draft then accept ~100% while every step still reads all the weights):
@@ -47,9 +47,13 @@ agreement; bf16 kernels of different batch shapes may flip near-ties, so this is
     PYTHONPATH=common/src:worker/src python bench/bench_spec_decode.py --out bench/results/spec_decode.json    # GPU
     .venv/bin/python bench/bench_spec_decode.py --shape tiny --batch-sizes 1 4 --max-tokens 16 --repeats 2  # CPU smoke
 
+Every speculative mode runs at a fixed k (--num-speculative-tokens) with the engine's guard: no drafts
+in a step of more than --speculative-disable-by-batch-size sampling requests (default: the engine's,
+32), and a request whose drafts keep failing cools down for a while.
+
 Prints a table and writes JSON (--out), then a verdict per row. Targets (SPEC): >= 2x at acceptance
 >= 0.8 at batch 1; never slower (>= 0.95x here, for run-to-run noise) when acceptance is low (below
-0.3, or nothing verified); and, since adaptive k is meant to make speculation never a net loss,
+0.3, or nothing verified); and, since the guard is meant to make speculation never a net loss,
 >= 0.95x in every other row too (moderate acceptance, high acceptance at batch 32).
 """
 
@@ -176,6 +180,8 @@ def engine_config(args: argparse.Namespace, model: str, mode: str, draft: str | 
         spec = dict(speculative_method="draft", num_speculative_tokens=args.num_speculative_tokens,
                     draft_model=model if kind == "draft=target" else draft,
                     draft_lm_head_dtype="fp8" if kind == "draft-fp8" else None)
+    if spec and args.speculative_disable_by_batch_size is not None:
+        spec["speculative_disable_by_batch_size"] = args.speculative_disable_by_batch_size
     return EngineConfig(
         model=model, dtype=args.dtype, device=args.device, block_size=args.block_size,
         max_model_len=args.prompt_len + args.max_tokens + args.num_speculative_tokens + 8,
@@ -209,16 +215,7 @@ def make_engine(args: argparse.Namespace, model: str, draft: str | None, mode: s
     config = engine_config(args, model, mode, draft, eager)
     blocks_per_seq = -(-config.max_model_len // config.block_size)
     config = dataclasses.replace(config, num_gpu_blocks_override=max(args.batch_sizes) * blocks_per_seq + 2)
-    previous = os.environ.get("INFERGRID_SPEC_DECODE_ADAPTIVE")
-    if mode == "draft=target":
-        os.environ["INFERGRID_SPEC_DECODE_ADAPTIVE"] = "0"  # measure the acceptance upper bound
-    try:
-        engine = LLMEngine(config)
-    finally:
-        if previous is None:
-            os.environ.pop("INFERGRID_SPEC_DECODE_ADAPTIVE", None)
-        else:
-            os.environ["INFERGRID_SPEC_DECODE_ADAPTIVE"] = previous
+    engine = LLMEngine(config)
     for bs in args.batch_sizes:  # warm-up: every batch shape and the verification graphs
         run_batch(engine, [[FIRST_TOKEN_ID] * 8] * bs, min(args.max_tokens, 2 * args.num_speculative_tokens + 4),
                   f"warm{bs}")
@@ -330,7 +327,7 @@ def print_table(header: str, results: list[BatchResult]) -> list[str]:
     verdicts = []
     for r in results:
         if method(r.mode) in ("off", "off-sync") or r.speedup is None or r.mode == "draft=target":
-            continue  # (draft=target runs with adaptive k off, and its draft costs a target)
+            continue  # (draft=target's draft costs a target)
         head = f"{r.mode} batch {r.batch_size}: " + (
             "no drafts verified" if r.acceptance_rate is None else f"acceptance {r.acceptance_rate:.2f}")
         if r.acceptance_rate is not None and r.acceptance_rate >= HIGH_ACCEPTANCE and r.batch_size == 1:
@@ -341,7 +338,7 @@ def print_table(header: str, results: list[BatchResult]) -> list[str]:
             ok = r.speedup >= NEVER_SLOWER
             verdicts.append(f"{head} -> {r.speedup:.2f}x ({'meets' if ok else 'BELOW'} the never-slower target, "
                             f">= {NEVER_SLOWER:g}x)")
-        else:  # moderate acceptance, or high at a larger batch: adaptive k should make it no net loss
+        else:  # moderate acceptance, or high at a larger batch: the guard should make it no net loss
             ok = r.speedup >= NEVER_SLOWER
             verdicts.append(f"{head} -> {r.speedup:.2f}x ({'no' if ok else 'A'} net loss, >= {NEVER_SLOWER:g}x)")
     for line in verdicts:
@@ -362,6 +359,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the 'agree' modes run once for each of these draft agreements p")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
     p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--speculative-disable-by-batch-size", type=int, default=None,
+                   help="no drafts above this many sampling requests per step (default: the engine's)")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--phrase-len", type=int, default=16, help="prompts repeat a random phrase of this length")
     p.add_argument("--max-tokens", type=int, default=256)

@@ -88,8 +88,7 @@ def _phases(engine: Any) -> list[tuple[str, Any, str]]:
               (" result (wait + tokens to lists)", PendingRunnerOutput, "result"),
               (" update_from_output", engine.scheduler, "update_from_output"),
               *([(" propose (drafts)", spec, "propose")] if speculating else []),
-              *([("  collect checks", spec, "_collect_checks"), ("  checks", spec, "_check"),
-                 ("  _propose", spec, "_propose")] if speculating else []),
+              *([("  _propose", spec, "_propose")] if speculating else []),
               *([("   draft prepare_inputs", spec.draft.runner, "prepare_inputs"),
                  ("   draft forward", spec.draft.runner, "forward"),
                  ("   draft compute_logits", spec.draft.runner.model, "compute_logits")]
@@ -208,7 +207,7 @@ def main() -> int:
         target, draft = checkpoints[sd.family(mode)]
         engine = sd.make_engine(sargs, target, draft, mode, eager=False)
         prompt = prompts[sd.family(mode)][:1]
-        for rep in range(3):  # warm: kernels compiled, adaptive k settled
+        for rep in range(3):  # warm: kernels compiled
             sd.run_batch(engine, prompt, sargs.max_tokens, f"w{rep}")
         steps_before = engine.num_steps_total
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

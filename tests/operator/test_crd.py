@@ -91,6 +91,11 @@ def test_crd_defaults_match_the_operator_defaults():
     # NOTE: no CRD default for numTokens (a CEL rule refuses it with method none); the operator's is 4.
     assert "default" not in node("spec.engine.speculative.numTokens")
     assert engine.speculative.num_tokens == 4
+    assert "default" not in node("spec.engine.speculative.disableByBatchSize")  # (the worker's default)
+    assert node("spec.engine.speculative.disableByBatchSize")["minimum"] == 1
+    assert engine.speculative.disable_by_batch_size is None
+    tuned = ServiceSpec.from_body(isvc_body(engine={"speculative": {"method": "ngram", "disableByBatchSize": 8}}))
+    assert tuned.engine.speculative.disable_by_batch_size == 8
     scaled = ServiceSpec.from_body(isvc_body(autoscaling={"maxReplicas": 4})).autoscaling
     assert node("spec.autoscaling.minReplicas")["default"] == scaled.min_replicas
     assert node("spec.autoscaling.targetQueueDepth")["default"] == scaled.target_queue_depth

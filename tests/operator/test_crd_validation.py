@@ -48,6 +48,10 @@ INVALID = [
     # fields that would otherwise be accepted and ignored
     ("num-tokens-without-method", {**VALID, "engine": {"speculative": {"numTokens": 8}}},
      "spec.engine.speculative.numTokens"),
+    ("disable-by-batch-size-zero", {**VALID, "engine": {"speculative": {"method": "ngram", "disableByBatchSize": 0}}},
+     "spec.engine.speculative.disableByBatchSize"),
+    ("disable-by-batch-size-without-method", {**VALID, "engine": {"speculative": {"disableByBatchSize": 8}}},
+     "spec.engine.speculative.disableByBatchSize"),
     ("num-tokens-with-method-none", {**VALID, "engine": {"speculative": {"method": "none", "numTokens": 8}}},
      "spec.engine.speculative.numTokens"),
     ("draft-revision-on-file-source", {**VALID, "engine": {"speculative": {

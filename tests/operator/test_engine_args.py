@@ -40,3 +40,11 @@ def test_ngram_speculation_has_no_draft_model():
 def test_method_none_means_no_speculation_whatever_num_tokens_says():
     args = build_engine_args(EngineSpec(speculative=SpeculativeSpec(method="none", num_tokens=8)))
     assert not any(arg.startswith(("--speculative", "--num-speculative", "--draft")) for arg in args)
+
+
+def test_disable_by_batch_size_maps_to_its_flag_only_when_set():
+    spec = SpeculativeSpec(method="ngram", num_tokens=4, disable_by_batch_size=8)
+    assert build_engine_args(EngineSpec(speculative=spec))[-2:] == ["--speculative-disable-by-batch-size", "8"]
+    # Unset: the worker's default, and no flag (existing services keep their spec hash).
+    args = build_engine_args(EngineSpec(speculative=SpeculativeSpec(method="ngram", num_tokens=4)))
+    assert "--speculative-disable-by-batch-size" not in args

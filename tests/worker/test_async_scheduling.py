@@ -140,15 +140,28 @@ def test_engine_runs_one_step_ahead(tiny_llama):
     assert not engine.has_unfinished_requests()
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft"])
-def test_speculative_engine_pipelines_while_no_request_speculates(tiny_model, monkeypatch, method):
-    """A random draft is switched off after its first tries: from then on the steps run ahead of
-    their tokens (hindsight checks need no synchronous step), and the greedy text is the plain
-    engine's."""
-    from infergrid.worker.engine.llm_engine import LLMEngine
-    from infergrid.worker.spec_decode.cost_model import StepCostModel
+def _record_proposals(llm: LLM, monkeypatch) -> list[tuple[int, bool, int]]:
+    """Per proposal step of the engine: (requests that sampled, pipelined, requests given drafts)."""
+    decoder = llm.llm_engine.spec_decoder
+    record: list[tuple[int, bool, int]] = []
+    propose = decoder.propose
 
-    monkeypatch.setattr(StepCostModel, "draft_token_cost", lambda self, batch_size, measured=True: 0.1)
+    def recorded(scheduler_output, sampled_token_ids, pipelined=False):
+        drafts = propose(scheduler_output, sampled_token_ids, pipelined)
+        record.append((len(sampled_token_ids), pipelined, len(drafts)))
+        return drafts
+
+    monkeypatch.setattr(decoder, "propose", recorded)
+    return record
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_speculative_engine_pipelines_while_every_request_cools_down(tiny_model, monkeypatch, method):
+    """A random draft (and n-gram lookups on text that rarely repeats) fail: the requests cool down
+    together (spec_decode/guard.py) and meanwhile the steps run ahead of their tokens; the greedy text
+    is the plain engine's."""
+    from infergrid.worker.engine.llm_engine import LLMEngine
+
     spec = dict(speculative_method=method, num_speculative_tokens=3)
     if method == "draft":
         spec["draft_model"] = tiny_model("llama_draft")
@@ -157,10 +170,32 @@ def test_speculative_engine_pipelines_while_no_request_speculates(tiny_model, mo
     decisions: list[bool] = []
     can_pipeline = LLMEngine._can_pipeline
     monkeypatch.setattr(LLMEngine, "_can_pipeline", lambda self: decisions.append(can_pipeline(self)) or decisions[-1])
+    record = _record_proposals(llm, monkeypatch)
     params = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
     spec_tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
     plain = LLM(tiny_model("llama"), **kwargs)
     assert spec_tokens == [o.outputs[0].token_ids for o in plain.generate(PROMPTS, params)]
     stats = llm.llm_engine.get_stats()
     assert stats.spec_decode_num_drafts_total > 0  # it did speculate (first tries)
-    assert 0.6 * len(decisions) < sum(decisions) < len(decisions)
+    assert 0.4 * len(decisions) < sum(decisions) < len(decisions)
+    assert not any(num_drafted for _, pipelined, num_drafted in record if pipelined)
+
+
+def test_batch_over_the_cutoff_runs_pipelined_without_drafts(tiny_model, monkeypatch):
+    """speculative_disable_by_batch_size=2 with 4 requests of different lengths: while more than 2 sample,
+    no drafts and every step after the first pipelined; once 2 are left, drafts; greedy output is the
+    plain engine's."""
+    kwargs = dict(dtype="float32", max_model_len=256, max_num_seqs=8, block_size=8)
+    llm = LLM(tiny_model("llama"), **kwargs, speculative_method="draft", num_speculative_tokens=3,
+              draft_model=tiny_model("llama"), speculative_disable_by_batch_size=2)
+    record = _record_proposals(llm, monkeypatch)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (20, 24, 60, 70)]
+    spec_tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:4], params)]
+    assert spec_tokens == [o.outputs[0].token_ids for o in LLM(tiny_model("llama"), **kwargs).generate(
+        PROMPTS[:4], params)]
+    over = [r for r in record if r[0] > 2]
+    under = [r for r in record if r[0] <= 2]
+    assert len(over) >= 15 and not any(num_drafted for _, _, num_drafted in over)
+    assert sum(pipelined for _, pipelined, _ in over) >= len(over) - 1  # (the first step: an idle engine's)
+    assert sum(num_drafted for _, _, num_drafted in under) >= 5  # 2 left: they speculate (a perfect draft)
+    assert llm.llm_engine.get_stats().spec_decode_num_accepted_tokens_total > 0

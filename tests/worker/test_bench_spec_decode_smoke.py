@@ -20,7 +20,6 @@ def test_spec_decode_bench_runs_on_cpu(tmp_path):
     out = tmp_path / "spec_decode.json"
     env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("common/src", "worker/src", "operator/src", "testbed/src")))
-    env.pop("INFERGRID_SPEC_DECODE_ADAPTIVE", None)
     cmd = [sys.executable, "bench/bench_spec_decode.py", "--shape", "tiny", "--batch-sizes", "1", "4",
            "--max-tokens", "24", "--prompt-len", "48", "--draft-layers", "1", "--agreements", "0.8", "--out", str(out)]
     start = time.monotonic()
@@ -51,23 +50,18 @@ def test_spec_decode_bench_runs_on_cpu(tmp_path):
         random_draft = rows[("draft", bs)]
         assert random_draft["acceptance_rate"] is None or random_draft["acceptance_rate"] < 0.3
         assert rows[("ngram", bs)]["num_steps"] < rows[("off", bs)]["num_steps"]
-        # A model that repeats its input is easy to predict. (On a CPU a draft model's passes are host
-        # work worth ~0.7 of a tiny target's step: adaptive k may keep it off at one of the batch sizes,
-        # depending on the machine's timings: the draft must have been verified at one of them at least.)
+        # A model that repeats its input is easy to predict (k is fixed: both proposers speculate).
         assert rows[("copy:ngram", bs)]["acceptance_rate"] >= 0.9
         assert rows[("copy:ngram", bs)]["num_steps"] < rows[("copy:off", bs)]["num_steps"]
-        copy_draft = rows[("copy:draft", bs)]
-        assert copy_draft["acceptance_rate"] is None or copy_draft["acceptance_rate"] >= 0.9
-    assert any(rows[("copy:draft", bs)]["acceptance_rate"] is not None for bs in (1, 4))
+        assert rows[("copy:draft", bs)]["acceptance_rate"] >= 0.9
 
 
 def test_agree_modes_accept_the_chosen_share_of_drafts(tmp_path):
-    """The "agree" checkpoints and prompts give the acceptance they are built for: with k = 4 fixed
-    (adaptive k off), drafts that agree with the target on a share p = 0.8 of the tokens are accepted
+    """The "agree" checkpoints and prompts give the acceptance they are built for: with k = 4 fixed,
+    drafts that agree with the target on a share p = 0.8 of the tokens are accepted
     at (p + p^2 + p^3 + p^4) / 4 = 0.59 of the proposed drafts, 1 + 4 * 0.59 = 3.36 tokens a step."""
     out = tmp_path / "agree.json"
     env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
-               INFERGRID_SPEC_DECODE_ADAPTIVE="0",
                PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("common/src", "worker/src", "operator/src", "testbed/src")))
     cmd = [sys.executable, "bench/bench_spec_decode.py", "--shape", "tiny", "--batch-sizes", "4", "--max-tokens", "64",
            "--prompt-len", "96", "--draft-layers", "1", "--repeats", "1", "--modes", "agree:draft", "agree:ngram",
@@ -133,19 +127,3 @@ def test_fp8_lm_head_gemm_runs_on_cpu():
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "M |" not in line]
     assert [int(r[0]) for r in rows] == [1, 3]
     assert all(float(r[1]) > 0 and float(r[3]) > 0 and 0.0 <= float(r[6]) <= 1.0 for r in rows)
-
-
-def test_trace_adaptive_logs_the_controllers_decisions(tmp_path):
-    """bench/trace_adaptive.py wraps the controller's decision points (their signatures must keep
-    matching) and prints each run's markers and the decisions it logged."""
-    env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("common/src", "worker/src", "operator/src", "testbed/src")))
-    env.pop("INFERGRID_SPEC_DECODE_ADAPTIVE", None)
-    cmd = [sys.executable, "bench/trace_adaptive.py", "--shape", "tiny", "--batch-sizes", "1", "--max-tokens", "24",
-           "--prompt-len", "48", "--repeats", "1", "--modes", "copy:ngram", "--out", str(tmp_path / "t.json"),
-           "--", "--max-lines", "50"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "== adaptive-k events:" in proc.stdout
-    assert "run b1r0 ngram: 1 prompts" in proc.stdout and "run b1r0 off: 1 prompts" in proc.stdout
-    assert "pays B=1" in proc.stdout  # n-gram on a copying model speculates: the batch-level check ran

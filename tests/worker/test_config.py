@@ -13,6 +13,7 @@ def test_defaults_use_vllm_names_and_values():
     assert (c.max_num_seqs, c.max_num_batched_tokens, c.enforce_eager) == (256, None, False)
     assert (c.enable_prefix_caching, c.tensor_parallel_size, c.seed) == (True, 1, 0)
     assert (c.speculative_method, c.num_speculative_tokens, c.draft_model) == (None, 0, None)
+    assert c.speculative_disable_by_batch_size == 32
     assert c.device is None and c.num_gpu_blocks_override is None
 
 
@@ -48,6 +49,9 @@ def test_frozen():
         ({"speculative_method": "ngram"}, "num_speculative_tokens must be >= 1"),
         ({"speculative_method": "draft", "num_speculative_tokens": 2}, "draft_model must be set"),
         ({"draft_model": "/d"}, "draft_model is only used when speculative_method is 'draft'"),
+        ({"speculative_disable_by_batch_size": 0}, "speculative_disable_by_batch_size must be an integer >= 1"),
+        ({"speculative_disable_by_batch_size": None}, "speculative_disable_by_batch_size must be an integer >= 1"),
+        ({"speculative_disable_by_batch_size": True}, "speculative_disable_by_batch_size must be an integer >= 1"),
         ({"device": ""}, "device must be None or a device string"),
         ({"seed": "1"}, "seed must be an integer"),
         ({"num_gpu_blocks_override": 1}, "num_gpu_blocks_override must be an integer >= 2"),

@@ -14,6 +14,7 @@ import torch
 from real_prompts import CHATS, SUMMARY_CHAT
 
 from infergrid.worker import LLM, SamplingParams
+from infergrid.worker.spec_decode import guard as spec_guard
 from infergrid.worker.tokenizer import apply_chat_template
 
 MAX_NEW_TOKENS = 64
@@ -132,8 +133,8 @@ def test_ngram_speculation_keeps_the_greedy_tokens(smollm2, prompts, baseline) -
 
 
 def test_ngram_acceptance_on_text_that_repeats_the_prompt(smollm2, monkeypatch) -> None:
-    """Drafts proposed at every step (adaptive off) so the number is the acceptance itself."""
-    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
+    """Drafts proposed at every step (no cool-down) so the number is the acceptance itself."""
+    monkeypatch.setattr(spec_guard, "MIN_MEAN_ACCEPTED", 0.0)
     params = SamplingParams(temperature=0.0, max_tokens=128)
     plain = LLM(smollm2, **ENGINE_ARGS)
     prompt = apply_chat_template(plain.tokenizer, SUMMARY_CHAT)

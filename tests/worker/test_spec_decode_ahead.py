@@ -19,6 +19,7 @@ from spec_prompts import PROMPTS
 from test_spec_decode_draft_passes import reference_propose
 
 from infergrid.worker import LLM, SamplingParams
+from infergrid.worker.spec_decode import guard as spec_guard
 from infergrid.worker.spec_decode.draft_batch import DraftRequest
 
 BASE = dict(dtype="float32", max_model_len=128, max_num_seqs=8, block_size=4)
@@ -64,11 +65,11 @@ def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_dra
                                                           varying_k):
     """`graphs`: the CUDA-graph code path on CPU (stand-in graphs replay the forward on static buffers);
     an all-greedy batch in the steady state proposes in one replay (ahead_graph.py), also when its
-    requests verify different numbers of drafts (`varying_k`, as adaptive k makes them: the replay
-    pads the sampled rows). Greedy drafts must be equal always; sampled drafts and their
+    requests verify different numbers of drafts (`varying_k`, as the token budget or max_tokens trim
+    them: the replay pads the sampled rows). Greedy drafts must be equal always; sampled drafts and their
     distributions q when the loop replays the same random draws (the same rows, each drafting k
     tokens, from the same RNG state)."""
-    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
+    monkeypatch.setattr(spec_guard, "MIN_MEAN_ACCEPTED", 0.0)  # always k drafts
     monkeypatch.setenv("INFERGRID_EMULATE_CUDA_GRAPHS", "1" if graphs else "0")
     llm = _llm(tiny_model("llama"), noisy_draft)
     decoder = llm.llm_engine.spec_decoder
@@ -77,11 +78,15 @@ def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_dra
     if varying_k:  # 1..max_k drafts, by request and step
         calls = Counter()
 
-        def num_drafts(req_id, draft_cost, step, plain_goodput=1.0, now=True):
-            calls[req_id] += 1
-            return 1 + (calls[req_id] * 3 + sum(map(ord, req_id))) % d.max_k
+        propose = decoder._propose
 
-        monkeypatch.setattr(decoder.adaptive, "num_drafts", num_drafts)
+        def varying(candidates, ahead=None):
+            for i, (sched, _) in enumerate(candidates):
+                calls[sched.request_id] += 1
+                candidates[i] = (sched, 1 + (calls[sched.request_id] * 3 + sum(map(ord, sched.request_id))) % d.max_k)
+            return propose(candidates, ahead)
+
+        monkeypatch.setattr(decoder, "_propose", varying)
     propose_ahead, use_ahead = proposer.propose_ahead, proposer.use_ahead
     rng_at_ahead = {}
     accepted = Counter()  # drafts accepted in the verification the ahead drafts followed
@@ -144,7 +149,7 @@ def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_dra
 def test_greedy_identical_with_drafts_proposed_ahead(tiny_model, noisy_draft, monkeypatch):
     """Mixed batches: greedy requests take drafts proposed ahead, the sampled one and the one with
     penalties the normal proposal, in the same steps; a small context limit cuts requests short."""
-    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
+    monkeypatch.setattr(spec_guard, "MIN_MEAN_ACCEPTED", 0.0)  # always k drafts
     params = [
         SamplingParams(temperature=0.0, max_tokens=60),
         SamplingParams(temperature=0.0, max_tokens=33, repetition_penalty=1.3),

@@ -56,7 +56,8 @@ def reference(tiny_model) -> tuple[list[int], torch.Tensor, torch.Tensor]:
 def _sample(target: str, draft: str, prompt_ids: list[int], n: int) -> tuple[torch.Tensor, float]:
     llm = LLM(target, dtype="float32", max_model_len=16, block_size=8, max_num_seqs=1024,
               max_num_batched_tokens=4096, enable_prefix_caching=False,
-              speculative_method="draft", num_speculative_tokens=2, draft_model=draft)
+              speculative_method="draft", num_speculative_tokens=2, draft_model=draft,
+              speculative_disable_by_batch_size=1024)  # (the whole batch speculates)
     outs = llm.generate([prompt_ids] * n, PARAMS)
     stats = llm.llm_engine.get_stats()
     assert stats.spec_decode_num_drafts_total == n  # every second token went through verification
@@ -64,8 +65,7 @@ def _sample(target: str, draft: str, prompt_ids: list[int], n: int) -> tuple[tor
     return tokens, stats.spec_decode_num_accepted_tokens_total / stats.spec_decode_num_draft_tokens_total
 
 
-def test_verified_token_has_the_target_distribution(tiny_model, perturbed_draft, reference, monkeypatch):
-    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
+def test_verified_token_has_the_target_distribution(tiny_model, perturbed_draft, reference):
     ids, p1, p2 = reference
     tokens, rate = _sample(tiny_model("llama"), perturbed_draft, ids, NUM_SAMPLES)
     vocab = p1.numel()
@@ -75,7 +75,6 @@ def test_verified_token_has_the_target_distribution(tiny_model, perturbed_draft,
 
 
 def test_same_test_catches_an_always_accept_verifier(tiny_model, perturbed_draft, reference, monkeypatch):
-    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
     real = rejection_sampler.rejection_sample
 
     def always_accept(target_probs, draft_token_ids, is_greedy, generators=None, *args, **kwargs):

@@ -12,6 +12,7 @@ from spec_prompts import PROMPTS as ALL_PROMPTS
 
 from infergrid.worker import LLM, SamplingParams
 from infergrid.worker.sample.sampler import SamplingMetadata, random_sample
+from infergrid.worker.spec_decode import guard as spec_guard
 from infergrid.worker.spec_decode.draft_batch import DraftBatch, DraftRequest
 from infergrid.worker.spec_decode.draft_model import DraftModel
 
@@ -108,7 +109,7 @@ def _sample(d: DraftModel, logits: torch.Tensor, requests) -> tuple[list[int], l
 @pytest.mark.parametrize(("budget", "graphs"), [(None, False), (16, False), (None, True)])
 def test_sync_free_passes_propose_what_the_pass_by_pass_loop_proposes(tiny_model, monkeypatch, budget, graphs):
     """`graphs`: the CUDA-graph code path on CPU (stand-in graphs replay the forward on static buffers)."""
-    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")  # always k drafts (fewer only near max_tokens)
+    monkeypatch.setattr(spec_guard, "MIN_MEAN_ACCEPTED", 0.0)  # always k drafts (fewer only near max_tokens)
     monkeypatch.setenv("INFERGRID_EMULATE_CUDA_GRAPHS", "1" if graphs else "0")
     extra = {} if budget is None else dict(max_num_batched_tokens=budget)
     llm = LLM(tiny_model("llama"), dtype="float32", max_model_len=128, max_num_seqs=8, block_size=4,

@@ -1,8 +1,7 @@
 """Speculative decoding end to end on tiny checkpoints: greedy output is identical with speculation
 on and off (n-gram and draft-model proposers) in mixed batches, under forced preemption, chunked
 prefill and prefix-cache hits; a draft equal to the target accepts ~100%, a random one ~chance;
-adaptive k turns speculation off when it does not pay (and never runs a draft that cannot pay);
-the counters add up."""
+the guard (spec_decode/guard.py) cools down requests whose drafts fail; the counters add up."""
 
 from __future__ import annotations
 
@@ -11,9 +10,7 @@ from spec_prompts import PROMPTS
 
 from infergrid.worker import LLM, SamplingParams
 from infergrid.worker.engine.request import RequestStatus
-from infergrid.worker.spec_decode.adaptive import MAX_BACKOFF
-from infergrid.worker.spec_decode.cost_model import StepCostModel
-from infergrid.worker.spec_decode.goodput_guard import GoodputGuard
+from infergrid.worker.spec_decode import guard
 
 BASE = dict(dtype="float32", max_model_len=256, max_num_seqs=8, block_size=8)
 
@@ -38,17 +35,10 @@ def models(tiny_model):
     return {"target": tiny_model("llama"), "random": tiny_model("llama_draft")}
 
 
-def cheap_drafts(monkeypatch) -> None:
-    """The tiny drafts are as big as the target, so they never pay (a draft token costs c >= 1 step)
-    and the adaptive policy never proposes; price one at 0.1 of a step to exercise adaptive k."""
-    monkeypatch.setattr(StepCostModel, "draft_token_cost", lambda self, batch_size, measured=True: 0.1)
-    open_guard(monkeypatch)
-
-
-def open_guard(monkeypatch) -> None:
-    """The goodput guard never blocks: what it measures on this machine would decide when (its own
-    tests: test_spec_decode_units.py, test_async_scheduling.py)."""
-    monkeypatch.setattr(GoodputGuard, "blocks", lambda self, batch_size, step: False)
+def never_cool_down(monkeypatch) -> None:
+    """Every request keeps speculating whatever its acceptance (the guard's own tests:
+    test_spec_decode_guard.py), so that a random draft is verified at every step."""
+    monkeypatch.setattr(guard, "MIN_MEAN_ACCEPTED", 0.0)
 
 
 def draft_model_steps(llm: LLM) -> set[int]:
@@ -58,7 +48,7 @@ def draft_model_steps(llm: LLM) -> set[int]:
     forward = runner.forward
 
     def recorded(batch):
-        steps.add(decoder.num_steps - 1)  # (counted at the start of propose)
+        steps.add(decoder.num_steps)  # (the guard counts the step at the end of propose)
         return forward(batch)
 
     runner.forward = recorded
@@ -96,13 +86,11 @@ def check_counters(llm: LLM) -> None:
     assert s.spec_decode_num_drafts_total <= s.spec_decode_num_draft_tokens_total
 
 
-@pytest.mark.parametrize("adaptive", ["0", "1"])
+@pytest.mark.parametrize("cool_down", [True, False])
 @pytest.mark.parametrize("method", ["ngram", "draft=target", "draft=random", "draft=target, fp8 head"])
-def test_greedy_identical_in_mixed_batches(models, baseline, method, adaptive, monkeypatch):
-    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", adaptive)
-    if adaptive == "1" and method != "ngram":
-        cheap_drafts(monkeypatch)
-    open_guard(monkeypatch)  # (the steps speculation saves are asserted below)
+def test_greedy_identical_in_mixed_batches(models, baseline, method, cool_down, monkeypatch):
+    if not cool_down:
+        never_cool_down(monkeypatch)
     fp8 = dict(draft_lm_head_dtype="fp8") if method.endswith("fp8 head") else {}
     llm = LLM(models["target"], **BASE, **spec_args(method.split(",")[0], models), **fp8)
     outs = llm.generate(PROMPTS, MIXED_PARAMS)
@@ -124,7 +112,7 @@ def test_greedy_identical_in_mixed_batches(models, baseline, method, adaptive, m
 
 
 def test_draft_equal_to_target_accepts_all_and_random_draft_accepts_chance(models, monkeypatch):
-    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
+    never_cool_down(monkeypatch)
     params = greedy(48)
     same = LLM(models["target"], **BASE, **spec_args("draft=target", models))
     same.generate(PROMPTS, params)
@@ -143,46 +131,25 @@ def test_draft_equal_to_target_accepts_all_and_random_draft_accepts_chance(model
     check_counters(rand)
 
 
-def test_adaptive_k_switches_a_useless_draft_off(models, monkeypatch):
-    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "1")
+def test_guard_cools_a_useless_draft_down_and_keeps_a_good_lookup_on(models):
     # n-gram on looping text keeps speculating at full depth.
     ngram = LLM(models["target"], **BASE, **spec_args("ngram", models))
     ngram.generate(PROMPTS, greedy(96))
     assert acceptance(ngram) > 0.7
     n = ngram.llm_engine.get_stats()
     assert n.spec_decode_num_draft_tokens_total > 3 * n.spec_decode_num_drafts_total
-    # A draft as big as the target can never pay: it never even runs.
-    same_size = LLM(models["target"], **BASE, **spec_args("draft=random", models))
-    ran = draft_model_steps(same_size)
-    same_size.generate(PROMPTS, greedy(96))
-    assert not ran and same_size.llm_engine.get_stats().spec_decode_num_drafts_total == 0
-    # Priced as cheap, a random draft is tried and its rejections switch it off.
-    cheap_drafts(monkeypatch)
+    assert ngram.llm_engine.spec_decoder.guard.num_cool_downs_total <= len(PROMPTS)
+    # A random draft is verified WINDOW times per request, then cools down for 16, 32, 64 steps; the
+    # requests cool down together, and the engine pipelines meanwhile.
     llm = LLM(models["target"], **BASE, **spec_args("draft=random", models))
     ran = draft_model_steps(llm)
     llm.generate(PROMPTS, greedy(96))
     s = llm.llm_engine.get_stats()
-    num_sampling_steps = 96 * len(PROMPTS)  # one verification per generated token at chance acceptance
-    # Off after the first rejections; then only hindsight checks, 8, 16, 32, 64 steps apart.
-    assert s.spec_decode_num_draft_tokens_total < 0.1 * 3 * num_sampling_steps
-    # The draft model runs only in steps in which a request proposes or is checked (not for
-    # requests at k = 0): the first tries (new requests start on at the default prior), a few
-    # steps until rejections add up, then the checks (on the same steps for all requests).
-    assert len(ran) <= 0.3 * s.num_steps_total and {8, 16, 32, 64} <= ran and min(ran) <= 2
-    # The engine learned that this draft fails: new requests start off, with no first tries.
-    assert llm.llm_engine.spec_decoder.adaptive.engine_rate() < 0.1
-    ran.clear()
-    drafts_before = s.spec_decode_num_drafts_total
-    llm.generate(PROMPTS, greedy(40))
-    assert llm.llm_engine.get_stats().spec_decode_num_drafts_total == drafts_before
-    # ... and, since a draft model's check is an eager catch-up pass that keeps finding nothing, their
-    # first checks wait MAX_BACKOFF steps, on the multiples of MAX_BACKOFF: none in 40 steps.
-    assert not ran
-    to_next_multiple = MAX_BACKOFF - llm.llm_engine.spec_decoder.num_steps % MAX_BACKOFF
-    assert to_next_multiple > 16  # (else a request that starts now waits for the multiple after)
-    llm.generate(PROMPTS, greedy(to_next_multiple + 8))
-    assert ran and all(step % MAX_BACKOFF == 0 for step in ran)
-    assert llm.llm_engine.get_stats().spec_decode_num_drafts_total == drafts_before
+    assert 0 < s.spec_decode_num_drafts_total <= 4 * guard.WINDOW * len(PROMPTS)
+    assert len(ran) <= 0.5 * s.num_steps_total
+    assert llm.llm_engine.num_pipelined_steps_total >= 0.4 * s.num_steps_total
+    decoder = llm.llm_engine.spec_decoder
+    assert decoder.guard.num_cool_downs_total >= 2 * len(PROMPTS)
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft=target"])
@@ -191,7 +158,7 @@ def test_preemption_chunked_prefill_and_prefix_hits(models, method, monkeypatch)
     recompute; a 16-token budget chunks the prompts; a shared prefix gives prefix-cache hits.
     Output stays identical, and a draft equal to the target still accepts ~all (its KV stays
     consistent through rewinds, preemption and hit blocks)."""
-    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
+    never_cool_down(monkeypatch)
     prefix = "The quick brown fox jumps over the lazy dog. A small model can still say a few words. "
     prompts = [prefix + p for p in PROMPTS]
     params = [greedy(36 + 3 * i) for i in range(len(prompts))]
@@ -227,8 +194,7 @@ def test_stop_token_inside_accepted_drafts(models, baseline, method):
     assert llm.llm_engine.get_stats().generation_tokens_total == stop_at + 1
 
 
-def test_abort_with_pending_drafts_and_max_model_len_edge(models, monkeypatch):
-    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
+def test_abort_with_pending_drafts_and_max_model_len_edge(models):
     expected = [o.outputs[0].token_ids for o in LLM(models["target"], **BASE).generate(
         [PROMPTS[0], PROMPTS[2]], greedy(40))]
     llm = LLM(models["target"], **{**BASE, "max_model_len": 64}, **spec_args("draft=target", models))
@@ -252,12 +218,11 @@ def test_abort_with_pending_drafts_and_max_model_len_edge(models, monkeypatch):
     assert edge.token_ids[:40] == expected[0]
     assert engine.scheduler.kv_cache_manager.get_usage() == 0.0
     decoder = engine.spec_decoder
-    assert "a" not in decoder.drafted and "a" not in decoder.adaptive._states  # forgotten
+    assert "a" not in decoder.drafted and "a" not in decoder.guard._states  # forgotten
     assert decoder.num_ahead_proposals_total > 0
 
 
-def test_seeded_sampling_with_speculation_is_reproducible(models, monkeypatch):
-    cheap_drafts(monkeypatch)
+def test_seeded_sampling_with_speculation_is_reproducible(models):
     params = SamplingParams(n=2, temperature=1.0, max_tokens=24, seed=11, ignore_eos=True)
     llm = LLM(models["target"], **BASE, **spec_args("draft=random", models))
     first = llm.generate(PROMPTS[:2], params)
@@ -268,10 +233,9 @@ def test_seeded_sampling_with_speculation_is_reproducible(models, monkeypatch):
     assert RequestStatus.FINISHED_LENGTH.finish_reason == first[0].outputs[0].finish_reason
 
 
-def test_draft_catches_up_each_token_about_once(models, monkeypatch):
+def test_draft_catches_up_each_token_about_once(models):
     """The draft computes the prompt once and then each new token about once (plus the bonus token
     it recomputes next step), not the whole context every step; a prefix hit spares its blocks."""
-    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
     llm = LLM(models["target"], **BASE, **spec_args("draft=target", models))
     draft = llm.llm_engine.spec_decoder.draft
     prompt = PROMPTS[1]
@@ -309,25 +273,40 @@ async def test_async_streaming_with_speculation(models):
         await engine.shutdown(drain_timeout=5)
 
 
-def test_hindsight_check_scores_the_draft_against_the_emitted_tokens(models):
-    """A check runs the draft over a request's emitted tokens: a draft equal to the target would have
-    proposed every greedy token (score = window), a random one about none; for a sampled request the
-    score is the sum of q(emitted token), strictly between 0 and the window."""
-    from infergrid.worker.spec_decode.draft_batch import DraftRequest
+@pytest.mark.parametrize("method", ["ngram", "draft=random"])
+def test_seeded_sampled_request_drafts_the_same_alone_and_in_a_batch_over_the_cutoff(models, method, monkeypatch):
+    """A seeded sampled request's random draws follow its drafts, so the guard decides them on the request's
+    own clock and ignores the batch cutoff: alone, or among greedy requests that push the batch over
+    the cutoff (their steps then carry no drafts of theirs), it proposes at the same own steps, verifies
+    as many drafts and emits the same tokens."""
+    # (n-gram: a low temperature keeps the tiny model's loops, so that lookups find something)
+    temperature = 0.2 if method == "ngram" else 1.0
+    seeded = SamplingParams(temperature=temperature, top_k=20, max_tokens=60, seed=5, ignore_eos=True)
+    runs = []
+    for others in (0, 3):
+        llm = LLM(models["target"], **BASE, **spec_args(method, models), speculative_disable_by_batch_size=2)
+        decoder = llm.llm_engine.spec_decoder
+        proposals: list[int] = []  # the seeded request's drafts per proposal step in which it sampled
+        propose = decoder.propose
 
-    scores = {}
-    for name in ("draft=target", "draft=random"):
-        llm = LLM(models["target"], **BASE, **spec_args(name, models))
+        def recorded(scheduler_output, sampled_token_ids, pipelined=False, propose=propose, proposals=proposals):
+            drafts = propose(scheduler_output, sampled_token_ids, pipelined)
+            if "s" in sampled_token_ids:
+                proposals.append(len(drafts.get("s", [])))
+            return drafts
+
+        monkeypatch.setattr(decoder, "propose", recorded)
         engine = llm.llm_engine
-        engine.add_request("g", PROMPTS[0], greedy(30, ignore_eos=True))
-        engine.add_request("s", PROMPTS[1], SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True))
-        for _ in range(14):
-            engine.step()
-        decoder = engine.spec_decoder
-        running = {r.request_id: r for r in engine.scheduler.running}
-        checks = [(DraftRequest(r, engine.scheduler.kv_cache_manager.get_block_ids(r), 0), 8) for r in running.values()]
-        assert all(r.num_output_tokens >= 8 for r in running.values())
-        scores[name] = decoder.draft.look_back(checks).result()
-    assert scores["draft=target"]["g"] == (8.0, 8)
-    assert scores["draft=random"]["g"][0] <= 1.0
-    assert 0.0 < scores["draft=target"]["s"][0] < 8.0 and scores["draft=target"]["s"][1] == 8
+        engine.add_request("s", PROMPTS[1], seeded)
+        for i in range(others):
+            engine.add_request(f"g{i}", PROMPTS[2 + i], greedy(50))
+        finals = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finals[out.request_id] = out.outputs[0].token_ids
+        runs.append((finals["s"], proposals, decoder.guard.num_steps_over_cutoff_total))
+    (alone, alone_proposals, _), (batched, batched_proposals, num_over) = runs
+    assert num_over > 0  # the greedy requests made steps over the cutoff
+    assert batched == alone and batched_proposals == alone_proposals
+    assert sum(alone_proposals) > 0

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from infergrid.worker import LLM, SamplingParams
+from infergrid.worker.spec_decode import guard as spec_guard
 
 pytestmark = pytest.mark.gpu
 
@@ -23,7 +24,7 @@ def _needs_cuda():
 
 @pytest.mark.parametrize("method", ["ngram", "draft", "draft-fp8"])
 def test_greedy_identical_with_cuda_graphs(tiny_llama, method, monkeypatch):
-    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
+    monkeypatch.setattr(spec_guard, "MIN_MEAN_ACCEPTED", 0.0)  # always k drafts
     params = [SamplingParams(temperature=0.0, max_tokens=40 + 7 * i, ignore_eos=True) for i in range(len(PROMPTS))]
     expected = [o.outputs[0].token_ids for o in LLM(tiny_llama, **ARGS).generate(PROMPTS, params)]
     spec = dict(speculative_method=method.split("-")[0], num_speculative_tokens=3)
@@ -50,8 +51,8 @@ def test_greedy_identical_with_cuda_graphs(tiny_llama, method, monkeypatch):
 
 
 def test_sampled_requests_with_a_draft_run_on_cuda(tiny_llama, tiny_model, monkeypatch):
-    # Always k drafts: adaptive k never runs a draft as big as the target (it cannot pay).
-    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
+    # Always k drafts: the random draft's requests would cool down.
+    monkeypatch.setattr(spec_guard, "MIN_MEAN_ACCEPTED", 0.0)
     llm = LLM(tiny_llama, **ARGS, speculative_method="draft", num_speculative_tokens=3,
               draft_model=tiny_model("llama_draft"))
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=32, seed=5, ignore_eos=True)

@@ -152,10 +152,7 @@ def test_greedy_outputs_match_tp1(tiny_model, name, tp):
     assert not wait_gone(pids[1:], 5.0), "ranks still running after shutdown"
 
 
-def test_ngram_speculative_decoding_under_tp2_matches_tp1(tiny_llama, monkeypatch):
-    # k fixed: whether adaptive k speculates depends on this machine's timings, and the test is about
-    # verification batches going through the broadcast.
-    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")
+def test_ngram_speculative_decoding_under_tp2_matches_tp1(tiny_llama):
     if "llama" not in _reference:
         _reference["llama"] = generate(tiny_llama, 1)[0]
     llm = LLM(tiny_llama, tensor_parallel_size=2, speculative_method="ngram", num_speculative_tokens=3, **ENGINE_ARGS)
@@ -169,11 +166,10 @@ def test_ngram_speculative_decoding_under_tp2_matches_tp1(tiny_llama, monkeypatc
 
 
 @pytest.mark.parametrize("draft", ["llama", "llama_draft"])
-def test_draft_model_speculative_decoding_under_tp2_matches_tp1(tiny_model, tiny_llama, monkeypatch, draft):
+def test_draft_model_speculative_decoding_under_tp2_matches_tp1(tiny_model, tiny_llama, draft):
     """The draft model runs unsharded on rank 0 and its drafts reach the other ranks in the step header:
     the same greedy tokens as TP=1 without speculation, with the target itself as the draft (every
     draft accepted) and with an unrelated one (nearly every draft rejected, KV slots rolled back)."""
-    monkeypatch.setenv("INFERGRID_SPEC_DECODE_ADAPTIVE", "0")  # (k fixed, as above)
     if "llama" not in _reference:
         _reference["llama"] = generate(tiny_llama, 1)[0]
     llm = LLM(tiny_llama, tensor_parallel_size=2, speculative_method="draft", num_speculative_tokens=3,

@@ -146,6 +146,12 @@ def test_cli_maps_vllm_engine_args() -> None:
     assert (cfg.gpu_memory_utilization, cfg.max_num_seqs, cfg.max_num_batched_tokens) == (0.5, 8, 1024)
     assert cfg.enforce_eager and not cfg.enable_prefix_caching and cfg.tensor_parallel_size == 2
     assert (cfg.speculative_method, cfg.num_speculative_tokens, cfg.num_gpu_blocks_override) == ("ngram", 3, 64)
+    assert cfg.speculative_disable_by_batch_size == 32  # (the engine's default)
+    tuned = parse("--model", "/m", "--speculative-method", "ngram", "--num-speculative-tokens", "3",
+                  "--speculative-disable-by-batch-size", "8")
+    assert cli.engine_config_from_args(tuned).speculative_disable_by_batch_size == 8
+    with pytest.raises(ValueError, match="speculative_disable_by_batch_size must be an integer >= 1"):
+        cli.engine_config_from_args(parse("--model", "/m", "--speculative-disable-by-batch-size", "0"))
 
 
 def test_cli_server_settings(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,6 +30,8 @@ def build_engine_args(engine: EngineSpec, draft_model_path: str | None = None) -
             args += ["--draft-model", draft_model_path]
         if spec.method == "draft" and spec.draft_lm_head_dtype:
             args += ["--draft-lm-head-dtype", spec.draft_lm_head_dtype]
+        if spec.disable_by_batch_size is not None:  # (else the worker's default: no flag, no new spec hash)
+            args += ["--speculative-disable-by-batch-size", str(spec.disable_by_batch_size)]
     return args
 
 

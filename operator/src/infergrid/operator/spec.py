@@ -25,11 +25,13 @@ class SecretKeyRef:
 class SpeculativeSpec:
     """Speculative decoding: `none`, `ngram` or `draft` (with a draft model source).
 
-    `num_tokens` has the CRD's default (4); it means nothing while `method` is `none`.
+    `num_tokens` has the CRD's default (4); it means nothing while `method` is `none`, nor does
+    `disable_by_batch_size` (None: the worker's default).
     """
 
     method: str = "none"
     num_tokens: int = 4
+    disable_by_batch_size: int | None = None  # no drafts in a step where more requests sample
     draft_source: ModelSource | None = None
     draft_lm_head_dtype: str | None = None  # "fp8" (draft.lmHeadDtype)
 
@@ -163,6 +165,7 @@ def _parse_engine(engine: Mapping[str, Any]) -> EngineSpec:
         speculative=SpeculativeSpec(
             method=spec.get("method", "none"),
             num_tokens=int(spec.get("numTokens", 4)),
+            disable_by_batch_size=None if spec.get("disableByBatchSize") is None else int(spec["disableByBatchSize"]),
             draft_source=ModelSource.parse(draft["source"], revision=draft.get("revision")) if draft else None,
             draft_lm_head_dtype=(spec.get("draft") or {}).get("lmHeadDtype"),
         ),

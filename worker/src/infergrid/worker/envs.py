@@ -30,12 +30,6 @@ def cuda_graph_max_batch_size() -> int | None:
     return int(value) if value is not None else None
 
 
-def spec_decode_adaptive() -> bool:
-    """INFERGRID_SPEC_DECODE_ADAPTIVE: 0 = always propose num_speculative_tokens drafts (benchmarks of
-    the acceptance upper bound); default 1 = per-request adaptive number of drafts (spec_decode/adaptive.py)."""
-    return _flag("INFERGRID_SPEC_DECODE_ADAPTIVE", True)
-
-
 def tp_debug() -> bool:
     """INFERGRID_TP_DEBUG=1: tensor-parallel ranks record every collective they issue and check, before and
     after each step's forward pass, over a separate gloo group, that all ranks issued the same sequence

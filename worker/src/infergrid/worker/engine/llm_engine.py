@@ -12,8 +12,9 @@ the host (penalties) or nothing is left to launch. When a grammar needs them (st
 bitmask is filled from them), only their application (scheduler and grammar matchers) sits between the
 next step's forward pass and its sampling; detokenizing and making the outputs wait until that sampling
 is launched, so they overlap it.
-With speculative decoding a step is pipelined only while no request speculates (adaptive k switched
-every one off): otherwise the next step's drafts are proposed from its tokens, so it runs synchronously.
+With speculative decoding a step is pipelined only while no request will propose drafts (the batch is
+over the cutoff, or every request is cooling down: spec_decode/guard.py): otherwise the next step's
+drafts are proposed from its tokens, so it runs synchronously.
 """
 
 from __future__ import annotations
@@ -64,7 +65,6 @@ def resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> in
 class _LaunchedStep:
     scheduler_output: SchedulerOutput
     output: PendingRunnerOutput
-    start: float  # perf_counter() when it was scheduled
     is_pipelined: bool  # the next step is scheduled before this one's tokens are known
     applied: _AppliedStep | None = None  # its tokens, once applied to the scheduler (`_apply_step`)
 
@@ -126,8 +126,6 @@ class LLMEngine:
         self.num_pipelined_steps_total = 0  # steps scheduled before the previous one's tokens were known
         self.last_step_time = time.monotonic()
         self._in_flight: _LaunchedStep | None = None  # async scheduling: launched, not finished yet
-        self._last_finish: tuple[float, bool] = (0.0, False)  # perf_counter() of the last finish, pipelined?
-        self._output_seconds = 0.0  # the last step's output processing
 
     # -- requests ----------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -197,7 +195,6 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule a batch and run it; returns outputs of requests that changed. With async
         scheduling, the outputs are the previous step's, and this step is left running."""
-        start = time.perf_counter()
         is_pipelined = self._can_pipeline()
         scheduler_output = self.scheduler.schedule(pipelined=is_pipelined)
         outputs: list[RequestOutput] = []
@@ -212,7 +209,7 @@ class LLMEngine:
             def before_sample() -> None:
                 self._apply_step(in_flight)
         pending = self.model_executor.execute_model(scheduler_output, before_sample)
-        launched = _LaunchedStep(scheduler_output, pending, start, is_pipelined)
+        launched = _LaunchedStep(scheduler_output, pending, is_pipelined)
         outputs += self._finish_in_flight()
         if is_pipelined and not scheduler_output.is_empty:
             self._in_flight = launched
@@ -262,37 +259,19 @@ class LLMEngine:
         applied = self._apply_step(step)
         runner_output, num_outputs_before, finished = applied.runner_output, applied.num_outputs_before, applied.finished
         scheduled = [s.request for s in scheduler_output.scheduled]
-        now = time.perf_counter()
-        if self.config.speculative_method is not None and scheduled:
+        if self.spec_decoder is not None and scheduled:
             # NOTE: before the outputs are made, so that the draft model runs on the device while the
             # host detokenizes (a request a stop string ends there had its drafts proposed for nothing).
-            # A pipelined step's wall time spans the next one's launch: its cost sample is the time
-            # since the previous pipelined step finished. A synchronous one's is its own time plus its
-            # outputs' (not made yet: the last step's stand in), as a pipelined step's includes them.
-            # Any step after another also gives its finish-to-finish time (`gap`: the goodput guard's
-            # sample, switches included); after one of the same kind that is also a pipelined step's
-            # cost sample, or a synchronous one's realized cost (the batch-level check's calibration).
-            seconds = None if step.is_pipelined else now - step.start + self._output_seconds
-            last, last_pipelined = self._last_finish
-            gap = now - last if last else None
-            since_last = gap if step.is_pipelined == last_pipelined else None
-            if step.is_pipelined and since_last is not None:
-                self.spec_decoder.observe_pipelined_step(scheduler_output, since_last)  # type: ignore[union-attr]
-            drafts = self.spec_decoder.propose(  # type: ignore[union-attr]
-                scheduler_output, runner_output.sampled_token_ids, seconds, step.is_pipelined,
-                None if step.is_pipelined else since_last, gap)
-        outputs_start = time.perf_counter()
+            drafts = self.spec_decoder.propose(scheduler_output, runner_output.sampled_token_ids, step.is_pipelined)
         outputs, stopped = self.output_processor.process(
             scheduled, runner_output, [*scheduler_output.expired_requests, *finished]
         )
-        self._output_seconds = time.perf_counter() - outputs_start
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        if self.config.speculative_method is not None and scheduled:
+        if self.spec_decoder is not None and scheduled:
             self.scheduler.update_draft_token_ids(drafts)
         if scheduled:
             self._record_step(scheduled, num_outputs_before)
             self.num_pipelined_steps_total += step.is_pipelined
-            self._last_finish = (now, step.is_pipelined)
         return outputs
 
     def _record_step(self, scheduled: list[Request], num_outputs_before: list[int]) -> None:

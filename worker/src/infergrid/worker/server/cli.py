@@ -60,6 +60,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     eng.add_argument("--draft-model", default=None, help="draft model directory (--speculative-method draft)")
     eng.add_argument("--draft-lm-head-dtype", choices=["fp8"], default=None,
                      help="the draft model's LM head in FP8 (half its bytes per pass; the target verifies)")
+    eng.add_argument("--speculative-disable-by-batch-size", type=int, default=None, metavar="N",
+                     help="propose no drafts in a step in which more than N requests sample (default 32; "
+                          "N >= --max-num-seqs: never)")
     eng.add_argument("--num-gpu-blocks-override", type=int, default=None, help="force the KV pool size (tests)")
     eng.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     eng.add_argument("--seed", type=int, default=0, help="engine seed")
@@ -68,8 +71,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def engine_config_from_args(args: argparse.Namespace) -> Any:
     """EngineConfig from parsed args (raises ValueError naming the bad field)."""
-    from infergrid.worker.config import EngineConfig
+    from infergrid.worker.config import DEFAULT_SPECULATIVE_DISABLE_BY_BATCH_SIZE, EngineConfig
 
+    disable_by_batch_size = args.speculative_disable_by_batch_size
     return EngineConfig(
         model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
@@ -77,7 +81,10 @@ def engine_config_from_args(args: argparse.Namespace) -> Any:
         enable_prefix_caching=args.enable_prefix_caching, async_scheduling=args.async_scheduling,
         tensor_parallel_size=args.tensor_parallel_size,
         speculative_method=args.speculative_method, num_speculative_tokens=args.num_speculative_tokens,
-        draft_model=args.draft_model, draft_lm_head_dtype=args.draft_lm_head_dtype, device=args.device, seed=args.seed,
+        draft_model=args.draft_model, draft_lm_head_dtype=args.draft_lm_head_dtype,
+        speculative_disable_by_batch_size=DEFAULT_SPECULATIVE_DISABLE_BY_BATCH_SIZE if disable_by_batch_size is None
+        else disable_by_batch_size,
+        device=args.device, seed=args.seed,
         num_gpu_blocks_override=args.num_gpu_blocks_override, model_cache_dir=args.model_cache_dir,
     )
 

@@ -1,4 +1,4 @@
-"""Speculative decoding: proposers (n-gram, draft model), lossless verification, adaptive k.
+"""Speculative decoding: proposers (n-gram, draft model), lossless verification, a fixed k with a guard.
 
     speculative_decoder.py  SpeculativeDecoder: built by the executor around the rank-0 runner and
                             handed to it as its Speculator (runner/speculator.py); the engine calls propose()
@@ -8,7 +8,7 @@
                             draft_batch.py, draft_passes.py, draft_sampler.py, ahead_proposer.py
     draft_loop_graph.py     the draft's CUDA graphs (GraphSets of its runner: runner/cuda_graph.py)
     ahead_graph.py
-    adaptive.py, cost_model.py, goodput_guard.py   how many drafts pay
+    guard.py                which requests propose (k drafts each): the batch cutoff, cool-downs
 
 This package imports runner/ and sample/ (the rejection sampler lives there); nothing under runner/
 imports it (tests/worker/test_import_graph.py).

@@ -40,14 +40,6 @@ logger = logging.getLogger(__name__)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def model_cost(cfg: ModelConfig) -> int:
-    """Weights read per decode step (parameters, embeddings lookup excluded): a proxy for step cost."""
-    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
-    q = cfg.num_attention_heads * cfg.head_dim
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size
-    return cfg.num_hidden_layers * per_layer + cfg.vocab_size * h
-
-
 class DraftModel:
     """The draft checkpoint, its runner, KV validity, graphs and per-request generators.
 
@@ -85,7 +77,6 @@ class DraftModel:
         )
         self.runner = ModelRunner(draft_config, path, self.model_config, target.max_model_len, target.eos_token_ids,
                                   lm_head_dtype=config.draft_lm_head_dtype)
-        self.cost_ratio = model_cost(self.model_config) / model_cost(target_cfg)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         self.kv = DraftKVValidity(self.block_size)

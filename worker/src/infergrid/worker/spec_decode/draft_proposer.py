@@ -4,7 +4,7 @@
                        pool mirrors the target's block ids; its graphs; per-request generators
     draft_kv.py        which draft KV is valid (per block: leading slots matching the target's tokens)
     draft_batch.py     requests in, drafts out (DraftRequest, DraftBatch, AheadRequest, AheadDrafts)
-    draft_proposer.py  this file: a proposal after the verification, and hindsight checks
+    draft_proposer.py  this file: a proposal after the verification
     ahead_proposer.py  a proposal queued behind the verification it follows (propose_ahead, use_ahead)
     draft_passes.py    passes 2..k on the device (the draft loop graph when all rows are greedy)
     draft_sampler.py   sampling a pass on the device (argmax, or a sample from q)
@@ -33,7 +33,7 @@ from infergrid.worker.spec_decode import ahead_proposer
 from infergrid.worker.spec_decode.draft_batch import AheadDrafts, AheadRequest, DraftBatch, DraftRequest
 from infergrid.worker.spec_decode.draft_model import DraftModel
 from infergrid.worker.spec_decode.draft_passes import later_pass_inputs
-from infergrid.worker.spec_decode.draft_sampler import DraftSampler, upload
+from infergrid.worker.spec_decode.draft_sampler import DraftSampler
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +52,6 @@ class DraftProposer:
     @property
     def runner(self) -> ModelRunner:
         return self.model.runner
-
-    @property
-    def cost_ratio(self) -> float:
-        """The draft's decode-step cost over the target's (weights read)."""
-        return self.model.cost_ratio
 
     @property
     def num_catch_up_tokens_total(self) -> int:
@@ -171,60 +166,6 @@ class DraftProposer:
         """The drafts proposed ahead for `requests`, merged with `batch` (ahead_proposer.py)."""
         return ahead_proposer.use_ahead(self.model, ahead, requests, batch)
 
-    @torch.inference_mode()
-    def look_back(self, checks: list[tuple[DraftRequest, int]]) -> PendingCheck:
-        """Hindsight checks (adaptive.py): for each (request, window), run the draft over the request's
-        tokens up to its last one and score its predictions of the last `window` emitted tokens: 1
-        per greedy match, q(emitted token) per sampled position (at the request's temperature; the
-        chance that a draft sampled from q equals a token sampled from p, a lower bound of the
-        acceptance). One catch-up pass, queued on the device behind the step running now; the draft
-        KV it computes is kept (the request's next proposal catches up from there). Nothing waits for
-        the device here: `result()` does, once it is needed."""
-        draft = self.model
-        budget = draft.max_catch_up_tokens
-        scheds: list[ScheduledRequest] = []
-        scored: list[tuple[str, int, int]] = []  # request id, first hidden row, window
-        row = 0
-        for dr, window in checks:
-            req = dr.request
-            last = req.num_tokens - 1  # its KV stays for the next step (its block may not exist yet)
-            window = min(window, req.num_output_tokens, last)
-            start = min(draft.kv.valid_prefix(dr.block_ids, min(req.num_computed_tokens, last)), last - window)
-            if window <= 0 or last - start > budget:
-                scored.append((req.request_id, -1, 0))
-                continue
-            budget -= last - start
-            scheds.append(draft.sched(req, start, req.all_token_ids[start:last], dr.block_ids, needs_sample=False))
-            draft.kv.mark_valid(dr.block_ids, start, min(last, req.num_computed_tokens))
-            row += last - start
-            scored.append((req.request_id, row - window, window))
-        if not scheds:
-            return PendingCheck(scored, None)
-        draft.num_catch_up_tokens_total += row
-        runner = draft.runner
-        hidden = runner.forward(runner.prepare_inputs(scheds))
-        requests = {dr.request.request_id: dr.request for dr, _ in checks}
-        rows, targets, owners, inv_temps, greedy = [], [], [], [], []
-        for i, (req_id, first, window) in enumerate(scored):
-            if window:
-                req = requests[req_id]
-                params = req.sampling_params
-                rows += range(first, first + window)
-                targets += req.all_token_ids[req.num_tokens - window:]
-                owners += [i] * window
-                inv_temps += [0.0 if params.is_greedy else 1.0 / params.temperature] * window
-                greedy += [params.is_greedy] * window
-        up = runner.to_device
-        rows_t, targets_t, owners_t = (upload(x, torch.int64, up) for x in (rows, targets, owners))
-        logits = runner.compute_logits(hidden[rows_t]).float()
-        matched = (logits.argmax(dim=-1) == targets_t).float()
-        if not all(greedy):
-            probs = torch.softmax(logits * upload(inv_temps, torch.float32, up)[:, None], dim=-1)
-            q = probs.gather(1, targets_t[:, None])[:, 0]
-            matched = torch.where(upload(greedy, torch.bool, up), matched, q)
-        sums = torch.zeros(len(scored), dtype=torch.float32, device=runner.device).index_add_(0, owners_t, matched)
-        return PendingCheck(scored, sums)
-
 
 def _batch(proposing: list[tuple[DraftRequest, list[int], ScheduledRequest]], drafts: torch.Tensor,
            probs: dict[str, torch.Tensor]) -> DraftBatch:
@@ -233,22 +174,3 @@ def _batch(proposing: list[tuple[DraftRequest, list[int], ScheduledRequest]], dr
         {dr.request.request_id: dr.num_drafts for dr, _, _ in proposing}, probs,
         {dr.request.request_id: dr.request for dr, _, _ in proposing},
     )
-
-
-class PendingCheck:
-    """Hindsight-check scores on their way to the host; `result()` waits for them."""
-
-    def __init__(self, scored: list[tuple[str, int, int]], sums: torch.Tensor | None) -> None:
-        self._scored = scored
-        self._sums = None if sums is None else sums.to("cpu", non_blocking=sums.is_cuda)
-        self._event: torch.cuda.Event | None = None
-        if sums is not None and sums.is_cuda:
-            self._event = torch.cuda.Event()
-            self._event.record()
-
-    def result(self) -> dict[str, tuple[float, int]]:
-        """request id -> (score, positions scored); 0 positions where a request could not be checked."""
-        if self._event is not None:
-            self._event.synchronize()
-        sums = self._sums.tolist() if self._sums is not None else []
-        return {req_id: (sums[i] if window else 0.0, window) for i, (req_id, _, window) in enumerate(self._scored)}

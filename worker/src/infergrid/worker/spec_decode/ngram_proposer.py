@@ -26,7 +26,6 @@ accepts draft i with probability p(draft i), which is exactly "sample from p, ke
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 
 import numpy as np
@@ -85,18 +84,16 @@ class NgramProposer:
         self._indexes: dict[str, _TokenIndex] = {}
         self._offsets: dict[str, int] = {}  # request -> output position minus source position of its last match
 
-    def propose(self, token_ids: Sequence[int], k: int, request_id: str | None = None,
-                end: int | None = None) -> list[int]:
-        """Up to k draft tokens continuing `token_ids[:end]` (empty when no n-gram suffix recurs and the
-        request follows no passage). `end` below len(token_ids) asks what the lookup alone would have
-        proposed then (hindsight checks: they neither follow nor move the request's alignment)."""
-        num = len(token_ids) if end is None else end
+    def propose(self, token_ids: Sequence[int], k: int, request_id: str | None = None) -> list[int]:
+        """Up to k draft tokens continuing `token_ids` (empty when no n-gram suffix recurs and the
+        request follows no passage)."""
+        num = len(token_ids)
         if k <= 0 or num < self.min_n + 1:
             return []
         index = _TokenIndex() if request_id is None else self._indexes.setdefault(request_id, _TokenIndex())
         index.sync(token_ids)
-        start = self._lookup(token_ids, num, index, end is not None)
-        if end is None and request_id is not None:
+        start = self._lookup(token_ids, num, index)
+        if request_id is not None:
             if start is None:
                 start = self._follow(token_ids, num, request_id)
             else:
@@ -106,13 +103,13 @@ class NgramProposer:
         period = num - start  # past the end the copy repeats (a loop proposes a full k)
         return [token_ids[start + i % period] for i in range(k)]
 
-    def _lookup(self, token_ids: Sequence[int], num: int, index: _TokenIndex, bounded: bool) -> int | None:
+    def _lookup(self, token_ids: Sequence[int], num: int, index: _TokenIndex) -> int | None:
         """Where the drafts start: after the most recent earlier occurrence of the longest suffix of
         token_ids[:num] (min_n..max_n tokens), or None."""
         candidates = index.positions.get(token_ids[num - 1])
         if not candidates:
             return None
-        stop = bisect.bisect_left(candidates, num - 1) if bounded else len(candidates)
+        stop = len(candidates)
         lo = max(0, num - self.max_lookback)  # the window searched: token_ids[lo:num]
         best_len, best_end = 0, -1
         for checked, e in enumerate(candidates[i] for i in range(stop - 1, -1, -1)):
@@ -141,16 +138,6 @@ class NgramProposer:
             del self._offsets[request_id]  # the output left the passage
             return None
         return num - offset
-
-    def hindsight(self, token_ids: Sequence[int], num_positions: int, request_id: str | None = None) -> int:
-        """At how many of the last `num_positions` positions the lookup would have proposed the token
-        that came next (a hindsight check of adaptive k; for a sampled request, the chance of that
-        equals the chance that the verifier accepts the draft)."""
-        num = len(token_ids)
-        return sum(
-            1 for t in range(max(1, num - num_positions), num)
-            if self.propose(token_ids, 1, request_id, end=t) == [token_ids[t]]
-        )
 
     def _lookup_vectorized(self, tokens: np.ndarray) -> int | None:
         """The same search over a window as one numpy pass per n (the start within the window)."""

@@ -1,4 +1,4 @@
-"""SpeculativeDecoder: speculative decoding for the rank-0 runner (proposers, verifier, adaptive k).
+"""SpeculativeDecoder: speculative decoding for the rank-0 runner (proposers, verifier, guard).
 
 The executor builds it around the rank-0 ModelRunner and hands it to the runner as its `Speculator`
 (runner/speculator.py: fill_drafts, verify, propose_ahead, remove_requests); the engine gets it from
@@ -15,55 +15,31 @@ preempted and prefix-hit requests):
                       penalties or a seed), queued behind it for any number of accepted drafts
                       (ahead_proposer.py)
     update_from_output()  appends accepted drafts + one token and rewinds the rejected drafts' KV
-    propose()         observes acceptance (adaptive.py) and the step's time (cost_model.py), runs
-                      the hindsight checks due for requests that are off, then proposes up to k
-                      tokens for every request that sampled and speculates (n-gram lookup or the
-                      draft model), if the step as a whole pays (`_pays`) and speculation has
-                      not delivered less than pipelined steps at this batch size (goodput_guard.py)
+    propose()         notes each verification's acceptance and proposes k drafts (n-gram lookup or
+                      the draft model) for every running request that sampled, unless the guard
+                      (guard.py) holds it back: the step's batch is over the cutoff, or the request
+                      is cooling down after poor acceptance
 
-The proposals (and, for a sampled draft, their distributions q) wait for the next step. A request
-at k = 0 costs a dictionary lookup per step here: no lookup, no draft-model pass, no draft rows; a
-step in which every request is off with no check due skips even that (AdaptiveNumDrafts.can_skip),
-and the engine pipelines such steps (LLMEngine with async scheduling). Checks never make a step
-synchronous: the n-gram one is a host lookup over tokens already known, the draft model's is one
-catch-up pass queued on the device behind the running step, its scores read CHECK_RESULT_DELAY
-steps later.
+The proposals (and, for a sampled draft, their distributions q) wait for the next step. While no
+request will want drafts (`is_quiet`) the engine pipelines its steps (LLMEngine, async scheduling).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from infergrid.worker import envs
 from infergrid.worker.engine.request import RequestStatus
 from infergrid.worker.engine.scheduler import DRAFT_PLACEHOLDER_ID, ScheduledRequest, SchedulerOutput
 from infergrid.worker.sample.rejection_sampler import NO_DRAFT, RejectionSampler, keep_accepted_prefix
 from infergrid.worker.sample.sampler import SamplerOutput, SamplingMetadata
-from infergrid.worker.spec_decode.adaptive import (
-    CHECK,
-    MAX_BACKOFF,
-    MIN_BACKOFF,
-    NEW_OFF_WAIT,
-    AdaptiveNumDrafts,
-    best_num_drafts,
-    expected_tokens,
-)
-from infergrid.worker.spec_decode.cost_model import (
-    DEFAULT_FIXED_COST_TOKENS,
-    GPU_DRAFT_HOST_COST,
-    GPU_FIXED_COST_TOKENS,
-    StepCostModel,
-)
 from infergrid.worker.spec_decode.draft_batch import AheadDrafts, AheadRequest, DraftBatch, DraftRequest
-from infergrid.worker.spec_decode.draft_proposer import DraftProposer, PendingCheck
-from infergrid.worker.spec_decode.goodput_guard import GoodputGuard
+from infergrid.worker.spec_decode.draft_proposer import DraftProposer
+from infergrid.worker.spec_decode.guard import SpeculationGuard
 from infergrid.worker.spec_decode.ngram_proposer import NgramProposer
 
 if TYPE_CHECKING:
@@ -72,12 +48,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-HINDSIGHT_WINDOW = 8  # emitted tokens a hindsight check scores (at most)
-CHECK_RESULT_DELAY = 2  # steps until a draft-model check's scores are applied (the device is past them)
-
 
 class SpeculativeDecoder:
-    """Owns the proposer, the per-request adaptive k and the verifier for one ModelRunner (rank 0)."""
+    """Owns the proposer, the guard and the verifier for one ModelRunner (rank 0)."""
 
     def __init__(self, runner: ModelRunner) -> None:
         config = runner.config
@@ -89,22 +62,11 @@ class SpeculativeDecoder:
         self.draft: DraftProposer | None = None
         if self.method == "ngram":
             self.ngram = NgramProposer()
-            proposer_cost = 0.0
         elif self.method == "draft":
             self.draft = DraftProposer(config, runner)
-            proposer_cost = self.draft.cost_ratio  # on a CPU the host computes the passes
-            if runner.device.type == "cuda":
-                proposer_cost = min(proposer_cost, GPU_DRAFT_HOST_COST)
         else:
             raise ValueError(f"speculative_method must be 'ngram' or 'draft', got {self.method!r}")
-        on_gpu = runner.device.type == "cuda"
-        self.cost = StepCostModel(proposer_cost, GPU_FIXED_COST_TOKENS if on_gpu else DEFAULT_FIXED_COST_TOKENS)
-        self.guard = GoodputGuard()  # what speculating steps delivered against pipelined ones, measured
-        # n-gram checks are host lookups: a new request that starts off is checked as soon as any other.
-        # A draft model's checks cost an eager catch-up pass: while it keeps failing, new requests wait longest.
-        self.adaptive = AdaptiveNumDrafts(self.max_k, enabled=envs.spec_decode_adaptive(),
-                                          new_off_wait=NEW_OFF_WAIT if self.draft is not None else MIN_BACKOFF,
-                                          failing_off_wait=MAX_BACKOFF if self.draft is not None else None)
+        self.guard = SpeculationGuard(config.speculative_disable_by_batch_size)
         # Draft method: the last proposal step's drafts, on the device (requests' spec_token_ids hold
         # DRAFT_PLACEHOLDER_ID for them) and, for sampled requests, their distributions q.
         self.draft_batch: DraftBatch | None = None
@@ -113,18 +75,16 @@ class SpeculativeDecoder:
         self.drafts_on_host = runner.tp_size > 1
         # Draft method: drafts proposed ahead of the verification running now (propose_ahead).
         self.ahead: AheadDrafts | None = None
-        self._ahead_seconds = 0.0  # host time propose_ahead took (the proposer's, within the step)
-        # Draft-model hindsight checks on their way: (step to apply at, scores, their requests).
-        self._pending_checks: list[tuple[int, PendingCheck, dict[str, Request]]] = []
         self.num_ahead_proposals_total = 0  # requests whose drafts were proposed ahead (draft model)
-        self.num_checks_total = 0  # hindsight checks of requests that were off
-        self.num_batch_offs_total = 0  # steps whose drafters the batch-level check switched off
-        self.num_steps = 0  # propose() calls: the step count adaptive k aligns checks to
-        self._catch_up_seen = 0  # the draft's catch-up token count at the previous propose() call
         # Requests given drafts that have not sampled since (a superset of those with drafts to verify).
         self.drafted: set[str] = set()
-        logger.info("speculative decoding: %s, up to %d tokens per step (proposer cost %.3f per token, adaptive %s)",
-                    self.method, self.max_k, proposer_cost, self.adaptive.enabled)
+        logger.info("speculative decoding: %s, %d tokens per step, off above %d requests sampling per step",
+                    self.method, self.max_k, self.guard.disable_by_batch_size)
+
+    @property
+    def num_steps(self) -> int:
+        """propose() calls so far (the guard's clock)."""
+        return self.guard.step
 
     def _upload(self, values: list[int]) -> torch.Tensor:
         """A small host list -> int64 device tensor, without waiting for the device."""
@@ -141,7 +101,7 @@ class SpeculativeDecoder:
 
     def remove_requests(self, request_ids: set[str]) -> None:
         for req_id in request_ids:
-            self.adaptive.remove(req_id)
+            self.guard.remove(req_id)
             self.drafted.discard(req_id)
             if self.ngram is not None:
                 self.ngram.remove(req_id)
@@ -215,7 +175,6 @@ class SpeculativeDecoder:
         self.ahead = None
         if self.draft is None:
             return
-        start = time.perf_counter()
         requests = []
         for i, row in enumerate(rows):
             sched = row.sched
@@ -228,85 +187,25 @@ class SpeculativeDecoder:
                                              len(sched.spec_token_ids), i))
         if requests:
             self.ahead = self.draft.propose_ahead(requests, sampled)
-            self._ahead_seconds = time.perf_counter() - start
-
-    def observe_pipelined_step(self, scheduler_output: SchedulerOutput, seconds: float) -> None:
-        """A pipelined step took `seconds` (from the previous step's finish to its own)."""
-        if scheduler_output.num_batched_tokens == len(scheduler_output.scheduled):  # a decode step
-            self.cost.observe_pipelined_step(scheduler_output.num_batched_tokens, seconds)
 
     def is_quiet(self) -> bool:
-        """True when no request will propose drafts until some request is switched on (in a propose()
-        call, which then gives its first drafts two steps later at the earliest after a pipelined
-        step): the engine may pipeline the step it is about to schedule."""
-        return not self.drafted and not self.adaptive.any_on
+        """True when no request will propose drafts at the next two proposal steps (guard.py): the
+        engine may pipeline the step it is about to schedule."""
+        return not self.drafted and self.guard.is_quiet
 
     def propose(
-        self,
-        scheduler_output: SchedulerOutput,
-        sampled_token_ids: Mapping[str, Sequence[int]],
-        step_seconds: float | None = None,
+        self, scheduler_output: SchedulerOutput, sampled_token_ids: Mapping[str, Sequence[int]],
         pipelined: bool = False,
-        wall_seconds: float | None = None,
-        gap_seconds: float | None = None,
     ) -> dict[str, list[int]]:
-        """After the scheduler applied this step (which took `step_seconds`, proposing excluded; it
-        ran `pipelined` ahead of its tokens or not; `wall_seconds`: finish to finish, after a synchronous
-        step, else None; `gap_seconds`: finish to finish after a step of either kind): learn from the
-        verified drafts and the hindsight
-        checks, run the checks now due, and propose the next drafts for every running request that
-        sampled and speculates, if the step as a whole pays. Returns request id -> drafts (none after
-        a pipelined step: the next step is already running)."""
+        """After the scheduler applied this step (run `pipelined` ahead of its tokens or not): note the
+        verified drafts and propose k drafts for every running request that sampled and that the guard
+        lets speculate. Returns request id -> drafts (none after a pipelined step: the next step is
+        already running; a request that wanted drafts then gets them after the next synchronous step,
+        which its wanting makes the engine run)."""
         ahead, self.ahead = self.ahead, None
-        # The drafts proposed ahead were the proposer's work inside this step: its time is the proposer's.
-        ahead_seconds, self._ahead_seconds = self._ahead_seconds, 0.0
-        if step_seconds is not None:
-            step_seconds = max(0.0, step_seconds - ahead_seconds)
         if self.draft is not None:
             self.draft.note_target_writes(scheduler_output)
-        num_sampled = len(sampled_token_ids)
-        # Decode steps only (every request samples, at most 1 + k tokens each): prefill is another regime.
-        is_decode = (num_sampled == len(scheduler_output.scheduled)
-                     and scheduler_output.num_batched_tokens <= num_sampled * (1 + self.max_k))
-        num_emitted = sum(map(len, sampled_token_ids.values()))
-        if gap_seconds is not None and is_decode and num_sampled:  # switching steps included (goodput_guard.py)
-            self.guard.observe(num_sampled, pipelined, num_emitted, gap_seconds, self.num_steps)
-        if self.draft is not None:
-            # A step whose device work included draft catch-ups beyond a step's worth (a request's first
-            # proposal after a switch-on, a hindsight check) measures a transition, not the steady
-            # state: kept out of the fit and the calibration, which would otherwise price speculation
-            # by what switching it on and off costs, and switch it off more.
-            total = self.draft.num_catch_up_tokens_total
-            caught_up, self._catch_up_seen = total - self._catch_up_seen, total
-            is_decode = is_decode and caught_up <= 2 * num_sampled * (self.max_k + 1)
-        if step_seconds is not None and is_decode:
-            self.cost.observe_step(scheduler_output.num_batched_tokens, step_seconds)
-        # A synchronous step's realized cost (finish to finish) against what the batch-level check predicted.
-        self.cost.observe_speculating_step(num_sampled, num_emitted, wall_seconds if is_decode else None)
-        adaptive, step = self.adaptive, self.num_steps
-        self.num_steps += 1
-        now = not pipelined
-        # Every request off, no check due or in flight: nothing to observe, nothing to propose.
-        if not self.drafted and not self._pending_checks and adaptive.can_skip(step, sampled_token_ids.keys()):
-            return {}
-        # What a check's drafts must beat: 1 / rho, over kappa (how the predictions of speculating steps
-        # at this size compared with what they delivered), as in the batch-level check.
-        batch = max(1, num_sampled)
-        cost, plain = self.cost.draft_token_cost(batch), self.cost.plain_goodput(batch) / self.cost.calibration(batch)
-        blocked = self.guard.blocks(batch, step)
-        if blocked:  # no check switches a request on (the batch-level check switches off those that are on)
-            plain = math.inf
-        # NOTE: a seeded sampled request's random draws depend on its drafts, so its drafts must not
-        # depend on timing or on other requests: default costs, its own step count, no batch check.
-        seeded_cost = self.cost.draft_token_cost(max(1, num_sampled), measured=False)
-
-        def decide_args(request: Request) -> tuple[float, int | None, float]:
-            """(c, step, what a check's drafts must beat alone: 1 / (rho * kappa))"""
-            return (seeded_cost, None, 1.0) if _own_clock(request) else (cost, step, plain)
-
-        self._collect_checks(step, decide_args, now)
-        wanted: list[tuple[ScheduledRequest, int]] = []
-        checks: list[ScheduledRequest] = []
+        guard = self.guard
         sampling: list[ScheduledRequest] = []
         for sched in scheduler_output.scheduled:
             req_id = sched.request_id
@@ -314,132 +213,50 @@ class SpeculativeDecoder:
                 continue
             self.drafted.discard(req_id)
             if sched.spec_token_ids:
-                adaptive.observe(req_id, len(sched.spec_token_ids), len(sampled_token_ids[req_id]) - 1)
+                guard.observe(req_id, len(sampled_token_ids[req_id]) - 1)
+            if sched.request.status == RequestStatus.RUNNING:
+                sampling.append(sched)
+        guard.begin_step(len(sampling))
+        wanted: list[tuple[ScheduledRequest, int]] = []
+        for sched in sampling:
             request = sched.request
-            if request.status != RequestStatus.RUNNING:
-                continue
-            sampling.append(sched)
-            c, own_step, _ = decide_args(request)
-            # Marginal: in a synchronous step (the batch-level check below decides that) drafts need
-            # only beat 1 token per step.
-            k = adaptive.num_drafts(req_id, c, own_step, 1.0, now)
-            if k == CHECK and blocked and own_step is not None:  # it could not switch on: not worth a lookup
-                adaptive.observe_check(req_id, 0.0, 0, c, own_step, plain, now)
-            elif k == CHECK:
-                checks.append(sched)
-            elif k:
+            if guard.wants_drafts(sched.request_id, _own_clock(request)):
                 # Drafts past prompt + max_tokens - 1 positions would be trimmed by the scheduler anyway.
-                k = min(k, request.max_tokens - request.num_output_tokens - 1)  # type: ignore[operator]
+                k = min(self.max_k, request.max_tokens - request.num_output_tokens - 1)  # type: ignore[operator]
                 if k > 0:
                     wanted.append((sched, k))
-        if checks:
-            self._check(checks, decide_args, step, now)
-        if adaptive.any_on and not self._pays(sampling, dict((s.request_id, k) for s, k in wanted), cost, step,
-                                              blocked):
-            return {}
-        if not wanted:
-            self.cost.discard_prediction()
-            return {}
-        if pipelined:
-            raise RuntimeError(f"requests {[s.request_id for s, _ in wanted][:3]} want drafts after a pipelined "
-                               "step: adaptive k switched them on too early")
-        start = time.perf_counter()
-        drafts, num_caught_up = self._propose(wanted, ahead)
-        if not drafts:  # the step runs without drafts: not the speculating step the check predicted
-            self.cost.discard_prediction()
-        for sched, _ in wanted:
-            if sched.request_id not in drafts:  # nothing to propose (no n-gram match)
-                adaptive.miss(sched.request_id)
-        self.drafted.update(drafts)
-        # Time per draft position, in steps that caught up no more than a step's worth of tokens
-        # (a first proposal catches up on a whole prompt: not the per-step cost).
-        if step_seconds is not None and num_caught_up <= len(wanted) * (self.max_k + 2):
-            max_k = max(k for _, k in wanted)
-            self.cost.observe_proposer((time.perf_counter() - start + ahead_seconds) / max_k, step_seconds)
+        drafts: dict[str, list[int]] = {}
+        if wanted and pipelined:
+            seeded = [s.request_id for s, _ in wanted if _own_clock(s.request)]
+            if seeded:  # (guard.is_quiet is exact for them: a bug, not a timing)
+                raise RuntimeError(f"seeded sampled requests {seeded[:3]} want drafts after a pipelined step")
+        elif wanted:
+            drafts = self._propose(wanted, ahead)
+            if self.ngram is not None:  # a lookup that found nothing: a verification with none accepted
+                for sched, _ in wanted:
+                    if sched.request_id not in drafts:
+                        guard.observe(sched.request_id, 0)
+            self.drafted.update(drafts)
+        guard.end_step()
         return drafts
 
     def describe(self) -> str:
-        """The estimates behind the decisions (for benchmarks and debugging)."""
+        """The guard's state (for benchmarks and debugging)."""
         caught_up = f", draft caught up {self.draft.num_catch_up_tokens_total} tokens" if self.draft else ""
-        return (f"{self.cost.describe()}, {self.guard.describe(self.num_steps)}, "
-                f"engine acceptance {self.adaptive.engine_rate():.2f}, "
-                f"{len(self.drafted)} drafted, any on: {self.adaptive.any_on}, {self.num_checks_total} checks, "
-                f"{self.num_batch_offs_total} batch-level switch-offs{caught_up}")
-
-    def _pays(self, sampling: list[ScheduledRequest], wanted: dict[str, int], draft_cost: float, step: int,
-              blocked: bool) -> bool:
-        """The batch-level check, over the requests of this step that are on (`wanted`: those that
-        propose now, with their k; the others just switched on, at their estimated k). A speculating
-        step is synchronous for every request in it, so the drafters' expected extra tokens must beat
-        the pipelining the whole batch gives up (cost_model.speculation_pays). If they do not, the
-        drafters (those on the engine's clock) go off until their next hindsight check: this step
-        and the next ones run pipelined, without drafts."""
-        adaptive = self.adaptive
-        if not adaptive.enabled:
-            return True
-        on: list[tuple[str, int, float]] = []  # request, k, expected extra tokens
-        for sched in sampling:
-            req_id = sched.request_id
-            if not adaptive.is_on(req_id):
-                continue
-            if _own_clock(sched.request):  # synchronous anyway
-                return True
-            rate = adaptive.acceptance_rate(req_id)
-            k = wanted.get(req_id) or best_num_drafts(rate, self.max_k, draft_cost)
-            if k:
-                on.append((req_id, k, expected_tokens(rate, k) - 1.0))
-        if not on:
-            return True
-        extra = sum(gain for _, _, gain in on)
-        if blocked:  # the goodput guard: speculation delivered less than pipelined steps at this size
-            self.cost.discard_prediction()
-        elif self.cost.speculation_pays(len(sampling), draft_cost, extra, sum(k for _, k, _ in on),
-                                        max(k for _, k, _ in on)):
-            return True
-        logger.debug("step %d: speculation does not pay for the batch (%s)", step, self.describe())
-        self.num_batch_offs_total += 1
-        for req_id, _, _ in on:
-            adaptive.switch_off(req_id, step)
-        return False
-
-    def _check(self, checks: list[ScheduledRequest], decide_args: Callable, step: int, now: bool) -> None:
-        """Hindsight checks of off requests (adaptive.py): n-gram at once, the draft model queued."""
-        self.num_checks_total += len(checks)
-        if self.ngram is not None:
-            for sched in checks:
-                request = sched.request
-                window = min(HINDSIGHT_WINDOW, request.num_output_tokens)
-                matched = self.ngram.hindsight(request.all_token_ids, window, sched.request_id)
-                self.adaptive.observe_check(sched.request_id, matched, window, *decide_args(request), now)
-            return
-        assert self.draft is not None
-        from infergrid.worker.spec_decode.draft_proposer import DraftRequest
-
-        pending = self.draft.look_back([(DraftRequest(s.request, s.block_ids, 0), HINDSIGHT_WINDOW) for s in checks])
-        self._pending_checks.append((step + CHECK_RESULT_DELAY, pending, {s.request_id: s.request for s in checks}))
-
-    def _collect_checks(self, step: int, decide_args: Callable, now: bool) -> None:
-        """Apply the draft model's hindsight checks queued CHECK_RESULT_DELAY steps ago (the steps since
-        waited for the device, so this does not; and a fixed delay keeps the decisions deterministic)."""
-        while self._pending_checks and self._pending_checks[0][0] <= step:
-            _, pending, requests = self._pending_checks.pop(0)
-            for req_id, (matched, window) in pending.result().items():
-                self.adaptive.observe_check(req_id, matched, window, *decide_args(requests[req_id]), now)
+        return f"k = {self.max_k}, {self.guard.describe()}, {len(self.drafted)} drafted{caught_up}"
 
     def _propose(self, candidates: list[tuple[ScheduledRequest, int]],
-                 ahead: AheadDrafts | None = None) -> tuple[dict[str, list[int]], int]:
-        """Drafts for (request, k) pairs, and the tokens the draft model caught up on to make them
-        (those proposed `ahead` are taken from there)."""
+                 ahead: AheadDrafts | None = None) -> dict[str, list[int]]:
+        """Drafts for (request, k) pairs (those proposed `ahead` are taken from there)."""
         if self.ngram is not None:
             drafts = {}
             for sched, k in candidates:
                 tokens = self.ngram.propose(sched.request.all_token_ids, k, sched.request_id)
                 if tokens:
                     drafts[sched.request_id] = tokens
-            return drafts, 0
+            return drafts
         assert self.draft is not None
         self._keep_unverified_drafts()
-        num_caught_up = self.draft.num_catch_up_tokens_total
         requests = [DraftRequest(s.request, s.block_ids, k) for s, k in candidates]
         is_ready = [ahead is not None and ahead.matches(dr.request) for dr in requests]
         ready = [dr for dr, r in zip(requests, is_ready, strict=True) if r]
@@ -450,16 +267,15 @@ class SpeculativeDecoder:
             batch = self.draft.use_ahead(ahead, ready, batch)
             self.num_ahead_proposals_total += len(ready)
         self.draft_batch = batch
-        caught_up = self.draft.num_catch_up_tokens_total - num_caught_up
         if batch is None:
-            return {}, caught_up
+            return {}
         if self.drafts_on_host or any(s.request.sampling_params.reads_output_tokens for s, _ in candidates
                                       if s.request_id in batch.rows):
             # Wait for the drafts: other TP ranks read input ids from the step header, and penalties at
             # draft positions count the drafts before them (on the host), as grammar matchers advance
             # over them (structured output).
-            return batch.to_host(), caught_up
-        return {req_id: [DRAFT_PLACEHOLDER_ID] * n for req_id, n in batch.num_drafts.items()}, caught_up
+            return batch.to_host()
+        return {req_id: [DRAFT_PLACEHOLDER_ID] * n for req_id, n in batch.num_drafts.items()}
 
     def _keep_unverified_drafts(self) -> None:
         """Requests still holding drafts of the batch about to be replaced (not scheduled since: a
@@ -478,5 +294,6 @@ class SpeculativeDecoder:
 
 
 def _own_clock(request: Request) -> bool:
-    """A seeded sampled request decides on its own clock and default costs (see propose())."""
+    """A seeded sampled request: its random draws follow its drafts, so the guard decides them on the
+    request's own clock, apart from the batch (guard.py)."""
     return request.sampling_params.seed is not None and not request.sampling_params.is_greedy
