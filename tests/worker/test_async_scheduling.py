@@ -12,7 +12,7 @@ from test_scheduler import EOS, make_request, make_scheduler, plan
 
 from infergrid.worker import LLM, SamplingParams
 from infergrid.worker.engine.request import RequestStatus
-from infergrid.worker.engine.scheduler import PLACEHOLDER_TOKEN_ID
+from infergrid.worker.engine.scheduler_output import PLACEHOLDER_TOKEN_ID
 
 
 def test_next_step_decodes_a_placeholder_until_max_tokens():

@@ -160,7 +160,8 @@ def reachable(graph: dict[str, set[str]], starts: Iterable[str]) -> set[str]:
 
 def test_layers_point_one_way():
     """The runner and the samplers never reach speculative decoding nor the executors (they are handed
-    a Speculator); speculative decoding reaches the runner, not the executors or the engine loop."""
+    a Speculator); speculative decoding reaches the runner, not the executors or the engine loop; and
+    neither reaches the scheduler: they read its output (engine/scheduler_output.py), pure data."""
     graph = import_graph(Path(infergrid.worker.__file__).parent, PACKAGE)
 
     def under(*packages: str) -> set[str]:
@@ -171,6 +172,7 @@ def test_layers_point_one_way():
     assert not reachable(graph, runner | sample) & (spec | executors)
     assert not reachable(graph, sample) & runner
     assert not reachable(graph, spec) & executors
+    assert f"{PACKAGE}.engine.scheduler" not in reachable(graph, runner | sample | spec)
 
 
 def _write(root: Path, files: dict[str, str]) -> None:

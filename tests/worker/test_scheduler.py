@@ -6,7 +6,8 @@ import pytest
 
 from infergrid.worker.config import EngineConfig
 from infergrid.worker.engine.request import Request, RequestStatus
-from infergrid.worker.engine.scheduler import Scheduler, SchedulerOutput
+from infergrid.worker.engine.scheduler import Scheduler
+from infergrid.worker.engine.scheduler_output import SchedulerOutput
 from infergrid.worker.sampling_params import SamplingParams
 
 BS = 4

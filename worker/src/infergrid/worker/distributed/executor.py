@@ -58,7 +58,7 @@ from infergrid.worker.distributed.parallel_state import (
 )
 from infergrid.worker.distributed.rank_process import RankProcess, start_rank
 from infergrid.worker.distributed.worker_proc import WorkerArgs
-from infergrid.worker.engine.scheduler import SchedulerOutput
+from infergrid.worker.engine.scheduler_output import SchedulerOutput
 from infergrid.worker.model_config import ModelConfig
 from infergrid.worker.runner.model_runner import ModelRunner, resolve_device
 from infergrid.worker.runner.runner_output import ModelRunnerOutput, PendingRunnerOutput

@@ -31,7 +31,8 @@ from infergrid.worker.distributed.executor import make_executor
 from infergrid.worker.distributed.parallel_state import verify_tensor_parallel_size
 from infergrid.worker.engine.output_processor import OutputProcessor
 from infergrid.worker.engine.request import Request, RequestStatus
-from infergrid.worker.engine.scheduler import Scheduler, SchedulerOutput
+from infergrid.worker.engine.scheduler import Scheduler
+from infergrid.worker.engine.scheduler_output import SchedulerOutput
 from infergrid.worker.engine.stats import EngineStats
 from infergrid.worker.loader import resolve_model_path
 from infergrid.worker.model_config import ModelConfig

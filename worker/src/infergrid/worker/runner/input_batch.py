@@ -22,7 +22,11 @@ import numpy as np
 import torch
 
 from infergrid.worker.distributed.messages import GraphKind, StepHeader
-from infergrid.worker.engine.scheduler import DRAFT_PLACEHOLDER_ID, PLACEHOLDER_TOKEN_ID, ScheduledRequest
+from infergrid.worker.engine.scheduler_output import (
+    DRAFT_PLACEHOLDER_ID,
+    PLACEHOLDER_TOKEN_ID,
+    ScheduledRequest,
+)
 from infergrid.worker.layers.attention import AttentionMetadata
 
 # (num_seqs, num_tokens, max_query_len, num_block_columns) -> (graph kind, graph key)

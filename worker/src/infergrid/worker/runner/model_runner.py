@@ -55,7 +55,7 @@ from infergrid.worker.distributed.communication import (
 )
 from infergrid.worker.distributed.messages import GraphKind, GraphPlan, StepHeader
 from infergrid.worker.distributed.parallel_state import kv_head_layout
-from infergrid.worker.engine.scheduler import ScheduledRequest, SchedulerOutput
+from infergrid.worker.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 from infergrid.worker.layers.attention import AttentionMetadata
 from infergrid.worker.layers.attention_backends import get_attention_backend
 from infergrid.worker.layers.fp8_lm_head import Fp8LMHead

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from infergrid.worker.engine.scheduler import ScheduledRequest
+from infergrid.worker.engine.scheduler_output import ScheduledRequest
 from infergrid.worker.sample.sampler import SamplingMetadata
 from infergrid.worker.sampling_params import SamplingParams
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from infergrid.worker.engine.scheduler import ScheduledRequest
+from infergrid.worker.engine.scheduler_output import ScheduledRequest
 from infergrid.worker.spec_decode.draft_batch import AheadDrafts, AheadRequest, DraftBatch, DraftRequest
 from infergrid.worker.spec_decode.draft_model import DraftModel
 from infergrid.worker.spec_decode.draft_passes import passes_from

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from infergrid.worker.engine.scheduler import SchedulerOutput
+from infergrid.worker.engine.scheduler_output import SchedulerOutput
 
 
 class DraftKVValidity:

@@ -25,7 +25,7 @@ import torch
 
 from infergrid.worker.config import EngineConfig
 from infergrid.worker.engine.request import Request
-from infergrid.worker.engine.scheduler import ScheduledRequest
+from infergrid.worker.engine.scheduler_output import ScheduledRequest
 from infergrid.worker.loader import resolve_model_path
 from infergrid.worker.model_config import ModelConfig
 from infergrid.worker.runner.kv_cache import kv_block_bytes

@@ -27,7 +27,7 @@ import logging
 import torch
 
 from infergrid.worker.config import EngineConfig
-from infergrid.worker.engine.scheduler import ScheduledRequest, SchedulerOutput
+from infergrid.worker.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 from infergrid.worker.runner.model_runner import ModelRunner
 from infergrid.worker.spec_decode import ahead_proposer
 from infergrid.worker.spec_decode.draft_batch import AheadDrafts, AheadRequest, DraftBatch, DraftRequest

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from infergrid.worker.engine.request import RequestStatus
-from infergrid.worker.engine.scheduler import DRAFT_PLACEHOLDER_ID, ScheduledRequest, SchedulerOutput
+from infergrid.worker.engine.scheduler_output import DRAFT_PLACEHOLDER_ID, ScheduledRequest, SchedulerOutput
 from infergrid.worker.sample.rejection_sampler import NO_DRAFT, RejectionSampler, keep_accepted_prefix
 from infergrid.worker.sample.sampler import SamplerOutput, SamplingMetadata
 from infergrid.worker.spec_decode.draft_batch import AheadDrafts, AheadRequest, DraftBatch, DraftRequest
