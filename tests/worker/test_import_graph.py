@@ -167,7 +167,8 @@ def test_layers_point_one_way():
     def under(*packages: str) -> set[str]:
         return {m for m in graph if any(m == p or m.startswith(p + ".") for p in packages)}
 
-    executors = {f"{PACKAGE}.distributed.executor", f"{PACKAGE}.engine.llm_engine", f"{PACKAGE}.engine.async_llm"}
+    executors = {f"{PACKAGE}.distributed.executor", f"{PACKAGE}.distributed.multiproc_executor",
+                 f"{PACKAGE}.engine.llm_engine", f"{PACKAGE}.engine.async_llm"}
     runner, sample, spec = under(f"{PACKAGE}.runner"), under(f"{PACKAGE}.sample"), under(f"{PACKAGE}.spec_decode")
     assert not reachable(graph, runner | sample) & (spec | executors)
     assert not reachable(graph, sample) & runner

@@ -27,7 +27,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from infergrid.worker.config import EngineConfig
-from infergrid.worker.distributed.executor import make_executor
+from infergrid.worker.distributed.executor import Executor, UniProcExecutor
+from infergrid.worker.distributed.multiproc_executor import MultiProcExecutor
 from infergrid.worker.distributed.parallel_state import verify_tensor_parallel_size
 from infergrid.worker.engine.output_processor import OutputProcessor
 from infergrid.worker.engine.request import Request, RequestStatus
@@ -75,6 +76,13 @@ class _AppliedStep:
     runner_output: ModelRunnerOutput
     num_outputs_before: list[int]  # per scheduled request, its output tokens before the step
     finished: list[Request]  # requests the scheduler finished (length, stop token)
+
+
+def make_executor(config: EngineConfig, model_dir: str, model_config: ModelConfig, max_model_len: int,
+                  eos_token_ids: list[int]) -> Executor:
+    """UniProcExecutor for tensor_parallel_size 1, else MultiProcExecutor."""
+    cls = MultiProcExecutor if config.tensor_parallel_size > 1 else UniProcExecutor
+    return cls(config, model_dir, model_config, max_model_len, eos_token_ids)
 
 
 def child_request_ids(request_id: str, n: int) -> list[str]:
