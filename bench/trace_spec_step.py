@@ -88,11 +88,11 @@ def _phases(engine: Any) -> list[tuple[str, Any, str]]:
               (" result (wait + tokens to lists)", PendingRunnerOutput, "result"),
               (" update_from_output", engine.scheduler, "update_from_output"),
               *([(" propose (drafts)", spec, "propose")] if speculating else []),
-              *([("  _propose", spec, "_propose")] if speculating else []),
-              *([("   draft prepare_inputs", spec.draft.runner, "prepare_inputs"),
-                 ("   draft forward", spec.draft.runner, "forward"),
-                 ("   draft compute_logits", spec.draft.runner.model, "compute_logits")]
-                if speculating and spec.draft is not None else []),
+              *([("  propose_drafts", spec.proposer, "propose_drafts")] if speculating else []),
+              *([("   draft prepare_inputs", spec.proposer.runner, "prepare_inputs"),
+                 ("   draft forward", spec.proposer.runner, "forward"),
+                 ("   draft compute_logits", spec.proposer.runner.model, "compute_logits")]
+                if speculating and hasattr(spec.proposer, "runner") else []),
               (" output_processor.process", engine.output_processor, "process"),
               (" update_draft_token_ids", engine.scheduler, "update_draft_token_ids")]
     return phases

@@ -73,20 +73,20 @@ def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_dra
     monkeypatch.setenv("INFERGRID_EMULATE_CUDA_GRAPHS", "1" if graphs else "0")
     llm = _llm(tiny_model("llama"), noisy_draft)
     decoder = llm.llm_engine.spec_decoder
-    proposer = decoder.draft
+    proposer = decoder.proposer
     d = proposer.model  # the draft model's state (runner, KV validity, graphs)
     if varying_k:  # 1..max_k drafts, by request and step
         calls = Counter()
 
-        propose = decoder._propose
+        propose = proposer.propose_drafts
 
-        def varying(candidates, ahead=None):
-            for i, (sched, _) in enumerate(candidates):
+        def varying(wanted, unverified):
+            for i, (sched, _) in enumerate(wanted):
                 calls[sched.request_id] += 1
-                candidates[i] = (sched, 1 + (calls[sched.request_id] * 3 + sum(map(ord, sched.request_id))) % d.max_k)
-            return propose(candidates, ahead)
+                wanted[i] = (sched, 1 + (calls[sched.request_id] * 3 + sum(map(ord, sched.request_id))) % d.max_k)
+            return propose(wanted, unverified)
 
-        monkeypatch.setattr(decoder, "_propose", varying)
+        monkeypatch.setattr(proposer, "propose_drafts", varying)
     propose_ahead, use_ahead = proposer.propose_ahead, proposer.use_ahead
     rng_at_ahead = {}
     accepted = Counter()  # drafts accepted in the verification the ahead drafts followed
@@ -133,7 +133,7 @@ def test_drafts_proposed_ahead_equal_the_pass_by_pass_loop(tiny_model, noisy_dra
     proposer.propose_ahead, proposer.use_ahead = recorded, checked
     outs = llm.generate(PROMPTS, params)
     assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
-    assert decoder.num_ahead_proposals_total == sum(accepted.values()) > 20
+    assert decoder.proposer.num_ahead_proposals_total == sum(accepted.values()) > 20
     assert seen["greedy"] > 10 and (seen["sampled"] > 5 or params is GREEDY_PARAMS)
     # Every outcome of a verification: no draft accepted, some, all of them.
     assert any(a == 0 for a, _ in accepted) and any(0 < a < k for a, k in accepted)
@@ -168,6 +168,6 @@ def test_greedy_identical_with_drafts_proposed_ahead(tiny_model, noisy_draft, mo
             assert out.outputs[0].token_ids == base.outputs[0].token_ids
             assert out.outputs[0].finish_reason == base.outputs[0].finish_reason
     decoder = llm.llm_engine.spec_decoder
-    assert decoder.num_ahead_proposals_total > 0
+    assert decoder.proposer.num_ahead_proposals_total > 0
     stats = llm.llm_engine.get_stats()
     assert 0 < stats.spec_decode_num_accepted_tokens_total < stats.spec_decode_num_draft_tokens_total

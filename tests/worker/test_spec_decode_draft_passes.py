@@ -114,7 +114,7 @@ def test_sync_free_passes_propose_what_the_pass_by_pass_loop_proposes(tiny_model
     extra = {} if budget is None else dict(max_num_batched_tokens=budget)
     llm = LLM(tiny_model("llama"), dtype="float32", max_model_len=128, max_num_seqs=8, block_size=4,
               speculative_method="draft", num_speculative_tokens=4, draft_model=tiny_model("llama_draft"), **extra)
-    proposer = llm.llm_engine.spec_decoder.draft
+    proposer = llm.llm_engine.spec_decoder.proposer
     d = proposer.model
     propose = proposer.propose
     seen = {"calls": 0, "mixed_k": 0, "catch_up_only": 0, "sampled": 0}

@@ -44,7 +44,7 @@ def never_cool_down(monkeypatch) -> None:
 def draft_model_steps(llm: LLM) -> set[int]:
     """The engine steps (numbered by the speculative decoder) in which the draft model runs from now on."""
     decoder = llm.llm_engine.spec_decoder
-    runner, steps = decoder.draft.runner, set()
+    runner, steps = decoder.proposer.runner, set()
     forward = runner.forward
 
     def recorded(batch):
@@ -178,7 +178,7 @@ def test_preemption_chunked_prefill_and_prefix_hits(models, method, monkeypatch)
     assert s.spec_decode_num_draft_tokens_total > 0
     if method == "draft=target":
         assert acceptance(llm) >= 0.97
-        assert llm.llm_engine.spec_decoder.num_ahead_proposals_total > 0  # proposed ahead
+        assert llm.llm_engine.spec_decoder.proposer.num_ahead_proposals_total > 0  # proposed ahead
     check_counters(llm)
 
 
@@ -219,7 +219,7 @@ def test_abort_with_pending_drafts_and_max_model_len_edge(models):
     assert engine.scheduler.kv_cache_manager.get_usage() == 0.0
     decoder = engine.spec_decoder
     assert "a" not in decoder.drafted and "a" not in decoder.guard._states  # forgotten
-    assert decoder.num_ahead_proposals_total > 0
+    assert decoder.proposer.num_ahead_proposals_total > 0
 
 
 def test_seeded_sampling_with_speculation_is_reproducible(models):
@@ -237,7 +237,7 @@ def test_draft_catches_up_each_token_about_once(models):
     """The draft computes the prompt once and then each new token about once (plus the bonus token
     it recomputes next step), not the whole context every step; a prefix hit spares its blocks."""
     llm = LLM(models["target"], **BASE, **spec_args("draft=target", models))
-    draft = llm.llm_engine.spec_decoder.draft
+    draft = llm.llm_engine.spec_decoder.proposer
     prompt = PROMPTS[1]
     num_prompt = len(llm.tokenizer(prompt)["input_ids"])
     llm.generate([prompt], greedy(40))

@@ -42,12 +42,12 @@ def test_greedy_identical_with_cuda_graphs(tiny_llama, method, monkeypatch):
     if method.startswith("draft"):  # a request's first proposal replays the loop graph (passes 2..k); the later
         # ones are made ahead, all k passes in one replay (ahead_graph.py)
         decoder = llm.llm_engine.spec_decoder
-        draft = decoder.draft.model
+        draft = decoder.proposer.model
         assert draft.loop_graphs.num_replays > 0 and draft.ahead_graphs.num_replays > 0
-        assert decoder.num_ahead_proposals_total > 0
+        assert decoder.proposer.num_ahead_proposals_total > 0
         assert stats.spec_decode_num_accepted_tokens_total >= 0.9 * stats.spec_decode_num_draft_tokens_total
         if method == "draft-fp8":
-            assert decoder.draft.runner.model.lm_head.use_fp8_gemm
+            assert decoder.proposer.runner.model.lm_head.use_fp8_gemm
 
 
 def test_sampled_requests_with_a_draft_run_on_cuda(tiny_llama, tiny_model, monkeypatch):

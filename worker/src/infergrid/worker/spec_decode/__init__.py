@@ -2,6 +2,7 @@
 
     speculative_decoder.py  SpeculativeDecoder: built by the executor around the rank-0 runner and
                             handed to it as its Speculator (runner/speculator.py); the engine calls propose()
+    proposer.py             Proposer: the interface of both drafters (the decoder holds one)
     ngram_proposer.py       drafts from the request's own tokens
     draft_proposer.py       drafts from a smaller model (draft_model.py: on a ModelRunner of its own,
                             through its public methods) and the files it is split into: draft_kv.py,

@@ -23,11 +23,13 @@ the drafts stay there for the target's next step (DraftBatch).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from infergrid.worker.config import EngineConfig
-from infergrid.worker.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from infergrid.worker.engine.scheduler_output import DRAFT_PLACEHOLDER_ID, ScheduledRequest, SchedulerOutput
 from infergrid.worker.runner.model_runner import ModelRunner
 from infergrid.worker.spec_decode import ahead_proposer
 from infergrid.worker.spec_decode.draft_batch import AheadDrafts, AheadRequest, DraftBatch, DraftRequest
@@ -48,6 +50,15 @@ class DraftProposer:
 
     def __init__(self, config: EngineConfig, target: ModelRunner) -> None:
         self.model = DraftModel(config, target)
+        # NOTE: with tensor parallelism the other ranks take each step's input ids from rank 0's step
+        # header, so the drafts (the draft model runs unsharded, on rank 0 only) go to the host.
+        self.drafts_on_host = target.tp_size > 1
+        # The last proposal's drafts, on the device (requests' spec_token_ids hold DRAFT_PLACEHOLDER_ID
+        # for them) and, for sampled requests, their distributions q.
+        self.device_drafts: DraftBatch | None = None
+        self.ahead: AheadDrafts | None = None  # proposed ahead of the verification running now
+        self._ahead_for_step: AheadDrafts | None = None  # this step's, for propose_drafts
+        self.num_ahead_proposals_total = 0  # requests whose drafts were proposed ahead
 
     @property
     def runner(self) -> ModelRunner:
@@ -67,9 +78,11 @@ class DraftProposer:
         """Allocate the draft pool: the target's block ids plus scratch blocks; capture graphs."""
         self.model.initialize_kv_cache(num_target_blocks)
 
-    def note_target_writes(self, scheduler_output: SchedulerOutput) -> None:
-        """The target wrote KV for every scheduled token (draft_kv.py)."""
+    def note_step(self, scheduler_output: SchedulerOutput) -> None:
+        """The target wrote KV for every scheduled token (draft_kv.py); the drafts proposed ahead of
+        this step's verification are this step's to hand out (`propose_drafts`), or nobody's."""
         self.model.kv.note_target_writes(scheduler_output)
+        self._ahead_for_step, self.ahead = self.ahead, None
 
     def remove_requests(self, request_ids: set[str]) -> None:
         self.model.remove_requests(request_ids)
@@ -165,6 +178,67 @@ class DraftProposer:
     def use_ahead(self, ahead: AheadDrafts, requests: list[DraftRequest], batch: DraftBatch | None) -> DraftBatch:
         """The drafts proposed ahead for `requests`, merged with `batch` (ahead_proposer.py)."""
         return ahead_proposer.use_ahead(self.model, ahead, requests, batch)
+
+    # -- the Proposer interface (proposer.py) ------------------------------------------------------
+    def launch_ahead(self, rows: Sequence[Any], sampled: torch.Tensor) -> None:
+        """Right after a verification is launched (the runner's sample rows and their sampled tokens):
+        propose the next drafts of its requests (no penalties, no seed) at once, queued behind it, for
+        whatever number of drafts it accepts. `propose_drafts` then hands them to the requests that
+        still want drafts, and the device runs the draft model while the host applies the step's
+        result, instead of waiting for it."""
+        self.ahead = None
+        requests = []
+        for i, row in enumerate(rows):
+            sched = row.sched
+            params = sched.request.sampling_params
+            # NOTE: not a seeded sampled request: its draft draws must not depend on whether the
+            # drafts were proposed ahead (which depends on the batch: the catch-up budget).
+            if (row.draft_index == 0 and sched.spec_token_ids and not params.has_penalties
+                    and (params.is_greedy or params.seed is None)):
+                requests.append(AheadRequest(sched.request, sched.block_ids, sched.num_computed_tokens,
+                                             len(sched.spec_token_ids), i))
+        if requests:
+            self.ahead = self.propose_ahead(requests, sampled)
+
+    def propose_drafts(self, wanted: list[tuple[ScheduledRequest, int]], unverified: set[str]) -> dict[str, list[int]]:
+        """Drafts for (request, k) pairs: those proposed ahead where the request is as they assumed,
+        the others proposed now; left on the device (DRAFT_PLACEHOLDER_IDs) unless they must go to the host."""
+        ahead, self._ahead_for_step = self._ahead_for_step, None
+        self._keep_unverified_drafts(unverified)
+        requests = [DraftRequest(s.request, s.block_ids, k) for s, k in wanted]
+        is_ready = [ahead is not None and ahead.matches(dr.request) for dr in requests]
+        ready = [dr for dr, r in zip(requests, is_ready, strict=True) if r]
+        rest = [dr for dr, r in zip(requests, is_ready, strict=True) if not r]
+        batch = self.propose(rest) if rest else None
+        if ready:
+            assert ahead is not None
+            batch = self.use_ahead(ahead, ready, batch)
+            self.num_ahead_proposals_total += len(ready)
+        self.device_drafts = batch
+        if batch is None:
+            return {}
+        if self.drafts_on_host or any(s.request.sampling_params.reads_output_tokens for s, _ in wanted
+                                      if s.request_id in batch.rows):
+            # Wait for the drafts: other TP ranks read input ids from the step header, and penalties at
+            # draft positions count the drafts before them (on the host), as grammar matchers advance
+            # over them (structured output).
+            return batch.to_host()
+        return {req_id: [DRAFT_PLACEHOLDER_ID] * n for req_id, n in batch.num_drafts.items()}
+
+    def _keep_unverified_drafts(self, unverified: set[str]) -> None:
+        """Requests still holding drafts of the batch about to be replaced (not scheduled since: a
+        full token budget) get their values on the host (a wait, but a rare one)."""
+        old = self.device_drafts
+        if old is None:
+            return
+        stale = [req_id for req_id in unverified if req_id in old.rows]
+        if not stale:
+            return
+        values = old.to_host()
+        for req_id in stale:
+            request = old.requests.get(req_id)
+            if request is not None and DRAFT_PLACEHOLDER_ID in request.spec_token_ids:
+                request.spec_token_ids = values[req_id][: len(request.spec_token_ids)]
 
 
 def _batch(proposing: list[tuple[DraftRequest, list[int], ScheduledRequest]], drafts: torch.Tensor,

@@ -27,8 +27,14 @@ accepts draft i with probability p(draft i), which is exactly "sample from p, ke
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from infergrid.worker.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 
 DEFAULT_MIN_N = 2
 DEFAULT_MAX_N = 4
@@ -156,3 +162,31 @@ class NgramProposer:
     def remove(self, request_id: str) -> None:
         self._indexes.pop(request_id, None)
         self._offsets.pop(request_id, None)
+
+    # -- the Proposer interface (proposer.py): host lookups, no KV, nothing on the device --------------
+    device_drafts = None
+
+    def kv_block_bytes(self) -> int:
+        return 0
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        return None
+
+    def remove_requests(self, request_ids: set[str]) -> None:
+        for request_id in request_ids:
+            self.remove(request_id)
+
+    def launch_ahead(self, rows: Sequence[Any], sampled: torch.Tensor) -> None:
+        return None
+
+    def note_step(self, scheduler_output: SchedulerOutput) -> None:
+        return None
+
+    def propose_drafts(self, wanted: list[tuple[ScheduledRequest, int]], unverified: set[str]) -> dict[str, list[int]]:
+        """A lookup per request (those that find nothing get no drafts)."""
+        drafts = {}
+        for sched, k in wanted:
+            tokens = self.propose(sched.request.all_token_ids, k, sched.request_id)
+            if tokens:
+                drafts[sched.request_id] = tokens
+        return drafts

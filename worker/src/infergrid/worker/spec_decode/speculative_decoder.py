@@ -11,12 +11,12 @@ preempted and prefix-hit requests):
                       scheduler budgets 1 + len(drafts) tokens for each and trims drafts to fit
     execute_model()   one target forward pass; a request with drafts samples at every draft
                       position + 1; `verify` = lossless rejection sampling (sample/rejection_sampler.py);
-                      then `propose_ahead`: the draft model's next drafts (requests without
-                      penalties or a seed), queued behind it for any number of accepted drafts
-                      (ahead_proposer.py)
+                      then `propose_ahead`: the proposer's `launch_ahead` (the draft model queues
+                      the next drafts of requests without penalties or a seed behind it, for any
+                      number of accepted drafts: ahead_proposer.py)
     update_from_output()  appends accepted drafts + one token and rewinds the rejected drafts' KV
-    propose()         notes each verification's acceptance and proposes k drafts (n-gram lookup or
-                      the draft model) for every running request that sampled, unless the guard
+    propose()         notes each verification's acceptance and asks the proposer (proposer.py: n-gram
+                      lookup or the draft model) for k drafts for every running request that sampled, unless the guard
                       (guard.py) holds it back: the step's batch is over the cutoff, or the request
                       is cooling down after poor acceptance
 
@@ -37,10 +37,10 @@ from infergrid.worker.engine.request import RequestStatus
 from infergrid.worker.engine.scheduler_output import DRAFT_PLACEHOLDER_ID, ScheduledRequest, SchedulerOutput
 from infergrid.worker.sample.rejection_sampler import NO_DRAFT, RejectionSampler, keep_accepted_prefix
 from infergrid.worker.sample.sampler import SamplerOutput, SamplingMetadata
-from infergrid.worker.spec_decode.draft_batch import AheadDrafts, AheadRequest, DraftBatch, DraftRequest
 from infergrid.worker.spec_decode.draft_proposer import DraftProposer
 from infergrid.worker.spec_decode.guard import SpeculationGuard
 from infergrid.worker.spec_decode.ngram_proposer import NgramProposer
+from infergrid.worker.spec_decode.proposer import Proposer
 
 if TYPE_CHECKING:
     from infergrid.worker.engine.request import Request
@@ -58,24 +58,14 @@ class SpeculativeDecoder:
         self.max_k = config.num_speculative_tokens
         self._to_device = runner.to_device
         self.rejection_sampler = RejectionSampler(runner.sampler)
-        self.ngram: NgramProposer | None = None
-        self.draft: DraftProposer | None = None
+        self.proposer: Proposer
         if self.method == "ngram":
-            self.ngram = NgramProposer()
+            self.proposer = NgramProposer()
         elif self.method == "draft":
-            self.draft = DraftProposer(config, runner)
+            self.proposer = DraftProposer(config, runner)
         else:
             raise ValueError(f"speculative_method must be 'ngram' or 'draft', got {self.method!r}")
         self.guard = SpeculationGuard(config.speculative_disable_by_batch_size)
-        # Draft method: the last proposal step's drafts, on the device (requests' spec_token_ids hold
-        # DRAFT_PLACEHOLDER_ID for them) and, for sampled requests, their distributions q.
-        self.draft_batch: DraftBatch | None = None
-        # NOTE: with tensor parallelism the other ranks take each step's input ids from rank 0's step
-        # header, so the drafts (the draft model runs unsharded, on rank 0 only) go to the host.
-        self.drafts_on_host = runner.tp_size > 1
-        # Draft method: drafts proposed ahead of the verification running now (propose_ahead).
-        self.ahead: AheadDrafts | None = None
-        self.num_ahead_proposals_total = 0  # requests whose drafts were proposed ahead (draft model)
         # Requests given drafts that have not sampled since (a superset of those with drafts to verify).
         self.drafted: set[str] = set()
         logger.info("speculative decoding: %s, %d tokens per step, off above %d requests sampling per step",
@@ -93,20 +83,16 @@ class SpeculativeDecoder:
     # -- memory ------------------------------------------------------------------------------------
     def extra_kv_block_bytes(self) -> int:
         """KV bytes per block beyond the target's (the draft model's pool mirrors the target's)."""
-        return self.draft.kv_block_bytes() if self.draft is not None else 0
+        return self.proposer.kv_block_bytes()
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        if self.draft is not None:
-            self.draft.initialize_kv_cache(num_blocks)
+        self.proposer.initialize_kv_cache(num_blocks)
 
     def remove_requests(self, request_ids: set[str]) -> None:
         for req_id in request_ids:
             self.guard.remove(req_id)
             self.drafted.discard(req_id)
-            if self.ngram is not None:
-                self.ngram.remove(req_id)
-        if self.draft is not None:
-            self.draft.remove_requests(request_ids)
+        self.proposer.remove_requests(request_ids)
 
     # -- verification ------------------------------------------------------------------------------
     def verify(self, logits: torch.Tensor, meta: SamplingMetadata, rows: Sequence[Any]) -> SamplerOutput:
@@ -118,7 +104,7 @@ class SpeculativeDecoder:
         segment_start: list[int] = []  # each row's request's first row
         prob_rows: list[int] = []
         probs: list[torch.Tensor] = []
-        batch = self.draft_batch
+        batch = self.proposer.device_drafts
         for i, row in enumerate(rows):
             spec = row.sched.spec_token_ids
             j = row.draft_index
@@ -158,7 +144,7 @@ class SpeculativeDecoder:
                     draft_indices: np.ndarray) -> None:
         """The target's input ids at `positions` are DRAFT_PLACEHOLDER_IDs: set them, on the device,
         to draft `draft_indices[i]` of request `request_ids[i]` from the last proposal step."""
-        batch = self.draft_batch
+        batch = self.proposer.device_drafts
         if batch is None:
             raise RuntimeError("input ids with drafts on the device, but no proposal")
         src = [batch.source_index(r, int(j)) for r, j in zip(request_ids, draft_indices.tolist(), strict=True)]
@@ -167,26 +153,9 @@ class SpeculativeDecoder:
 
     # -- proposing ---------------------------------------------------------------------------------
     def propose_ahead(self, rows: Sequence[Any], sampled: torch.Tensor) -> None:
-        """Right after a verification is launched (rows and sampled tokens as in `verify`): the draft
-        model proposes the next drafts of its requests (no penalties, no seed) at once, queued behind
-        it, for whatever number of drafts it accepts (DraftProposer.propose_ahead). `propose` then
-        takes them for the requests that still want drafts, and the device runs the draft model
-        while the host applies the step's result, instead of waiting for it."""
-        self.ahead = None
-        if self.draft is None:
-            return
-        requests = []
-        for i, row in enumerate(rows):
-            sched = row.sched
-            params = sched.request.sampling_params
-            # NOTE: not a seeded sampled request: its draft draws must not depend on whether the
-            # drafts were proposed ahead (which depends on the batch: the catch-up budget).
-            if (row.draft_index == 0 and sched.spec_token_ids and not params.has_penalties
-                    and (params.is_greedy or params.seed is None)):
-                requests.append(AheadRequest(sched.request, sched.block_ids, sched.num_computed_tokens,
-                                             len(sched.spec_token_ids), i))
-        if requests:
-            self.ahead = self.draft.propose_ahead(requests, sampled)
+        """Right after a verification is launched (rows and sampled tokens as in `verify`): a proposer
+        that can queues the next drafts behind it (the draft model: draft_proposer.py)."""
+        self.proposer.launch_ahead(rows, sampled)
 
     def is_quiet(self) -> bool:
         """True when no request will propose drafts at the next two proposal steps (guard.py): the
@@ -202,9 +171,7 @@ class SpeculativeDecoder:
         lets speculate. Returns request id -> drafts (none after a pipelined step: the next step is
         already running; a request that wanted drafts then gets them after the next synchronous step,
         which its wanting makes the engine run)."""
-        ahead, self.ahead = self.ahead, None
-        if self.draft is not None:
-            self.draft.note_target_writes(scheduler_output)
+        self.proposer.note_step(scheduler_output)
         guard = self.guard
         sampling: list[ScheduledRequest] = []
         for sched in scheduler_output.scheduled:
@@ -231,66 +198,20 @@ class SpeculativeDecoder:
             if seeded:  # (guard.is_quiet is exact for them: a bug, not a timing)
                 raise RuntimeError(f"seeded sampled requests {seeded[:3]} want drafts after a pipelined step")
         elif wanted:
-            drafts = self._propose(wanted, ahead)
-            if self.ngram is not None:  # a lookup that found nothing: a verification with none accepted
-                for sched, _ in wanted:
-                    if sched.request_id not in drafts:
-                        guard.observe(sched.request_id, 0)
+            drafts = self.proposer.propose_drafts(wanted, self.drafted)
+            for sched, _ in wanted:  # (a lookup that found nothing: a verification with none accepted)
+                if sched.request_id not in drafts:
+                    guard.observe(sched.request_id, 0)
             self.drafted.update(drafts)
         guard.end_step()
         return drafts
 
     def describe(self) -> str:
         """The guard's state (for benchmarks and debugging)."""
-        caught_up = f", draft caught up {self.draft.num_catch_up_tokens_total} tokens" if self.draft else ""
+        proposer = self.proposer
+        caught_up = (f", draft caught up {proposer.num_catch_up_tokens_total} tokens, "
+                     f"{proposer.num_ahead_proposals_total} proposed ahead" if isinstance(proposer, DraftProposer) else "")
         return f"k = {self.max_k}, {self.guard.describe()}, {len(self.drafted)} drafted{caught_up}"
-
-    def _propose(self, candidates: list[tuple[ScheduledRequest, int]],
-                 ahead: AheadDrafts | None = None) -> dict[str, list[int]]:
-        """Drafts for (request, k) pairs (those proposed `ahead` are taken from there)."""
-        if self.ngram is not None:
-            drafts = {}
-            for sched, k in candidates:
-                tokens = self.ngram.propose(sched.request.all_token_ids, k, sched.request_id)
-                if tokens:
-                    drafts[sched.request_id] = tokens
-            return drafts
-        assert self.draft is not None
-        self._keep_unverified_drafts()
-        requests = [DraftRequest(s.request, s.block_ids, k) for s, k in candidates]
-        is_ready = [ahead is not None and ahead.matches(dr.request) for dr in requests]
-        ready = [dr for dr, r in zip(requests, is_ready, strict=True) if r]
-        rest = [dr for dr, r in zip(requests, is_ready, strict=True) if not r]
-        batch = self.draft.propose(rest) if rest else None
-        if ready:
-            assert ahead is not None
-            batch = self.draft.use_ahead(ahead, ready, batch)
-            self.num_ahead_proposals_total += len(ready)
-        self.draft_batch = batch
-        if batch is None:
-            return {}
-        if self.drafts_on_host or any(s.request.sampling_params.reads_output_tokens for s, _ in candidates
-                                      if s.request_id in batch.rows):
-            # Wait for the drafts: other TP ranks read input ids from the step header, and penalties at
-            # draft positions count the drafts before them (on the host), as grammar matchers advance
-            # over them (structured output).
-            return batch.to_host()
-        return {req_id: [DRAFT_PLACEHOLDER_ID] * n for req_id, n in batch.num_drafts.items()}
-
-    def _keep_unverified_drafts(self) -> None:
-        """Requests still holding drafts of the batch about to be replaced (not scheduled since: a
-        full token budget) get their values on the host (a wait, but a rare one)."""
-        old = self.draft_batch
-        if old is None:
-            return
-        stale = [req_id for req_id in self.drafted if req_id in old.rows]
-        if not stale:
-            return
-        values = old.to_host()
-        for req_id in stale:
-            request = old.requests.get(req_id)
-            if request is not None and DRAFT_PLACEHOLDER_ID in request.spec_token_ids:
-                request.spec_token_ids = values[req_id][: len(request.spec_token_ids)]
 
 
 def _own_clock(request: Request) -> bool:
