@@ -19,17 +19,6 @@ def attention_backend() -> str | None:
     return _get("INFERGRID_ATTENTION_BACKEND")
 
 
-def cpu_kv_cache_space_bytes() -> int:
-    """INFERGRID_CPU_KV_CACHE_SPACE_GB: KV pool size on CPU (default 1 GiB; fractions allowed)."""
-    return int(float(_get("INFERGRID_CPU_KV_CACHE_SPACE_GB", "1")) * (1 << 30))
-
-
-def cuda_graph_max_batch_size() -> int | None:
-    """INFERGRID_CUDA_GRAPH_MAX_BS: largest decode batch captured in a CUDA graph (default max_num_seqs, capped at 512)."""
-    value = _get("INFERGRID_CUDA_GRAPH_MAX_BS")
-    return int(value) if value is not None else None
-
-
 def tp_debug() -> bool:
     """INFERGRID_TP_DEBUG=1: tensor-parallel ranks record every collective they issue and check, before and
     after each step's forward pass, over a separate gloo group, that all ranks issued the same sequence

@@ -43,7 +43,6 @@ from typing import Any, Protocol
 
 import torch
 
-from infergrid.worker import envs
 from infergrid.worker.distributed import debug
 from infergrid.worker.engine.block_pool import NULL_BLOCK_ID
 from infergrid.worker.layers.attention import AttentionMetadata
@@ -51,6 +50,8 @@ from infergrid.worker.runner.graph_inputs import GraphInputs, stage_graph_inputs
 from infergrid.worker.runner.input_batch import BatchInputs
 
 logger = logging.getLogger(__name__)
+
+MAX_GRAPH_BATCH_SIZE = 512  # larger decode batches run eagerly (their launch gaps are a small share)
 
 
 class GraphTarget(Protocol):
@@ -75,8 +76,8 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
 
 
 def default_max_batch_size(max_num_seqs: int) -> int:
-    """Largest batch captured: max_num_seqs, capped by INFERGRID_CUDA_GRAPH_MAX_BS (default 512)."""
-    return min(max_num_seqs, envs.cuda_graph_max_batch_size() or 512)
+    """Largest batch captured: max_num_seqs, at most MAX_GRAPH_BATCH_SIZE."""
+    return min(max_num_seqs, MAX_GRAPH_BATCH_SIZE)
 
 
 def pack_key(batch_size: int, capacity: int) -> int:

@@ -5,7 +5,7 @@ the largest batch the scheduler can form measures the peak activation memory; th
 
     total_gpu_memory * gpu_memory_utilization - (memory in use after loading + peak activations)
 
-On CPU the pool is INFERGRID_CPU_KV_CACHE_SPACE_GB (default 1 GiB). Either way it is capped at what
+On CPU the pool is CPU_KV_CACHE_BYTES (1 GiB). Either way it is capped at what
 max_num_seqs full-length sequences could ever use, and `num_gpu_blocks_override` (or the block count a
 draft model's runner is given: its target's) wins outright. Blocks include the reserved null block 0.
 `profile_forward` is the profiling pass: the model at the largest batch, no KV cache, plus sampling.
@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from infergrid.worker import envs
 from infergrid.worker.layers.attention import AttentionMetadata
 from infergrid.worker.model_config import ModelConfig
 from infergrid.worker.sample.sampler import Sampler, SamplingMetadata
@@ -31,6 +30,7 @@ from infergrid.worker.sample.sampler import Sampler, SamplingMetadata
 logger = logging.getLogger(__name__)
 
 _GIB = float(1 << 30)
+CPU_KV_CACHE_BYTES = 1 << 30  # the KV pool on CPU (tests, the demo); --num-gpu-blocks-override sets any other size
 
 
 def kv_block_bytes(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -115,9 +115,8 @@ def determine_num_blocks(
             source += (f", capped at what max_num_seqs {max_num_seqs} sequences of max_model_len {max_model_len} "
                        f"can use: {max_num_seqs} x {-(-max_model_len // block_size)} blocks + the null block")
     else:
-        budget = envs.cpu_kv_cache_space_bytes()
-        num_blocks = min(budget // block_bytes, max_useful_blocks(max_num_seqs, max_model_len, block_size))
-        source = "INFERGRID_CPU_KV_CACHE_SPACE_GB"
+        num_blocks = min(CPU_KV_CACHE_BYTES // block_bytes, max_useful_blocks(max_num_seqs, max_model_len, block_size))
+        source = f"{CPU_KV_CACHE_BYTES / _GIB:g} GiB on CPU"
     if num_blocks < 2:
         raise ValueError(
             f"not enough memory for the KV cache: {num_blocks} blocks of {block_bytes} bytes "
