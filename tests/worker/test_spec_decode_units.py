@@ -236,3 +236,26 @@ def test_fp8_lm_head_rounds_the_weights_and_keeps_the_argmax_mostly():
     assert (quantized.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
 
 
+
+
+@pytest.mark.parametrize("cls", ["NgramProposer", "DraftProposer"])
+def test_both_drafters_implement_the_proposer_interface(cls):
+    """SpeculativeDecoder talks to either drafter through `Proposer` alone (spec_decode/proposer.py):
+    each implements every member with the interface's parameters."""
+    import inspect
+
+    from infergrid.worker.spec_decode import draft_proposer, ngram_proposer
+    from infergrid.worker.spec_decode.proposer import Proposer
+
+    drafter = getattr(ngram_proposer if cls == "NgramProposer" else draft_proposer, cls)
+    members = [name for name in vars(Proposer) if not name.startswith("_")]
+    assert set(members) >= {"device_drafts", "propose_drafts", "launch_ahead", "note_step", "remove_requests"}
+    for name in members:
+        expected = vars(Proposer)[name]
+        if isinstance(expected, property):  # an attribute or a property of the drafter
+            assert name in vars(drafter) or name in inspect.signature(drafter.__init__).parameters or \
+                name in inspect.getsource(drafter.__init__), f"{cls} lacks {name}"
+            continue
+        method = getattr(drafter, name, None)
+        assert callable(method), f"{cls} lacks {name}()"
+        assert list(inspect.signature(method).parameters)[1:] == list(inspect.signature(expected).parameters)[1:], name

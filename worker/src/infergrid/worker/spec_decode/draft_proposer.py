@@ -74,9 +74,10 @@ class DraftProposer:
         """Bytes of one draft KV block (the target sizes its pool for both)."""
         return self.model.kv_block_bytes()
 
-    def initialize_kv_cache(self, num_target_blocks: int) -> None:
-        """Allocate the draft pool: the target's block ids plus scratch blocks; capture graphs."""
-        self.model.initialize_kv_cache(num_target_blocks)
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the draft pool for a target pool of `num_blocks`: the target's block ids plus
+        scratch blocks; capture graphs."""
+        self.model.initialize_kv_cache(num_blocks)
 
     def note_step(self, scheduler_output: SchedulerOutput) -> None:
         """The target wrote KV for every scheduled token (draft_kv.py); the drafts proposed ahead of
