@@ -20,17 +20,8 @@ import json
 import sys
 from typing import Any
 
-ARTICLE = (
-    "The city council met on Tuesday evening to discuss the new bicycle lanes on Main Street. "
-    "The council approved the plan to build protected bicycle lanes on Main Street by next summer. "
-    "The new bicycle lanes will connect the train station with the university campus. "
-    "Shop owners on Main Street asked the council to keep some parking spaces for delivery vans. "
-    "The council agreed to keep ten parking spaces for delivery vans on Main Street."
-)
-CODE = (
-    "def area(width, height):\n    return width * height\n\n"
-    "def perimeter(width, height):\n    return 2 * (width + height)\n"
-)
+from infergrid.testbed.real_prompts import ARTICLE, CODE
+
 PROMPTS: dict[str, str] = {
     "repeat-article": f"Repeat the following text exactly, sentence by sentence:\n\n{ARTICLE}",
     "summarise-article": f"Summarise this article in three sentences:\n\n{ARTICLE}",

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from real_prompts import CHATS, SUMMARY_CHAT
 
+from infergrid.testbed.real_prompts import CHATS, SUMMARY_CHAT
 from infergrid.worker import LLM, SamplingParams
 from infergrid.worker.spec_decode import guard as spec_guard
 from infergrid.worker.tokenizer import apply_chat_template

@@ -1,4 +1,5 @@
-"""Chat prompts for the real-model tests (SmolLM2-135M-Instruct): varied lengths, tasks and styles."""
+"""Real-text prompts for the real-model tests and benchmarks (SmolLM2-135M-Instruct, the demo model):
+chats of varied lengths, tasks and styles, and the texts a reply copies (n-gram speculation's best case)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ ARTICLE = (
     "The new bicycle lanes will connect the train station with the university campus. "
     "Shop owners on Main Street asked the council to keep some parking spaces for delivery vans. "
     "The council agreed to keep ten parking spaces for delivery vans on Main Street."
+)
+CODE = (
+    "def area(width, height):\n    return width * height\n\n"
+    "def perimeter(width, height):\n    return 2 * (width + height)\n"
 )
 SUMMARY_CHAT: list[dict[str, str]] = [
     {"role": "user", "content": f"Repeat the following text exactly, sentence by sentence:\n\n{ARTICLE}"},
