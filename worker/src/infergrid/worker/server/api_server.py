@@ -22,19 +22,16 @@ from .lifecycle import Lifecycle
 from .metrics import EngineStatsCollector, ServerGauges, ServerMetrics
 from .middleware import ApiKeyMiddleware, BodyGuardMiddleware, IgnoredFieldsMiddleware
 from .protocol import (
-    BatchRequest,
-    BatchResponse,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
-    GenerateRequest,
-    GenerateResponse,
     ModelCard,
     ModelList,
 )
 from .seed_api import SeedServing
+from .seed_protocol import BatchRequest, BatchResponse, GenerateRequest, GenerateResponse
 from .serving_chat import OpenAIServingChat
 from .serving_completions import OpenAIServingCompletion
 

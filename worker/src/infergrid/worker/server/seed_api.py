@@ -17,7 +17,7 @@ from infergrid.worker.sampling_params import SamplingParams
 
 from .errors import bad_request
 from .logprobs import LogprobFormatter
-from .protocol import BatchRequest, BatchResponse, GenerateRequest, GenerateResponse
+from .seed_protocol import BatchRequest, BatchResponse, GenerateRequest, GenerateResponse
 from .serving_base import PromptInput, ServingBase
 from .structured import compile_grammar, structured_outputs_of
 
