@@ -8,8 +8,12 @@ state="${INFERGRID_CACHE:-$HOME/.cache/infergrid}/images"
 mkdir -p "$state"
 
 missing=()
-command -v docker >/dev/null || missing+=(docker.io)
 command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+# docker.io when no daemon answers and the client or the daemon binary is missing (a machine may have
+# only a client, e.g. a static one in /usr/local/bin)
+if ! docker info >/dev/null 2>&1 && ! { command -v docker && command -v dockerd; } >/dev/null; then
+  missing+=(docker.io)
+fi
 if ((${#missing[@]})); then
   if [[ $(id -u) != 0 ]]; then
     log "missing ${missing[*]}: install them (apt-get install ${missing[*]}) or run as root"; exit 1
