@@ -100,8 +100,9 @@ def ensure_local_base() -> str:
     if not tarball.exists():
         log("making the Debian bookworm base with mmdebstrap")
         partial = tarball.with_suffix(".partial")
-        subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=python3,python3-venv",
-                        "bookworm", str(partial)], check=True)
+        # (--format: without it the target's name decides, and one not ending in .tar makes a directory)
+        subprocess.run(["mmdebstrap", "--quiet", "--format=tar", "--variant=minbase",
+                        "--include=python3,python3-venv", "bookworm", str(partial)], check=True)
         partial.rename(tarball)
     docker("import", "--change", "CMD [\"python3\"]", str(tarball), LOCAL_BASE, capture=True)
     log(f"base {LOCAL_BASE} imported in {time.monotonic() - started:.0f} s")
