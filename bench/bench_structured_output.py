@@ -75,37 +75,6 @@ def with_tokenizer(checkpoint: str, tokenizer_dir: str | None) -> str:
     return out
 
 
-class LaunchGaps:
-    """Host time from the end of each sampling launch to the start of the next forward pass (wraps the
-    runner's `forward` and `sampler`). A constrained step's sampling waits for the grammar bitmask, so
-    the device has nothing queued after it: it idles for this long (on a GPU, minus the sampling's own
-    run time). Unconstrained pipelined steps queue the next forward pass before waiting, so there the
-    figure is only the host's own step time."""
-
-    def __init__(self, runner: Any) -> None:
-        self._last_sample_end: float | None = None
-        self.gaps: list[float] = []
-        forward, sampler = runner.forward, runner.sampler
-
-        def timed_forward(*args: Any, **kwargs: Any) -> Any:
-            if self._last_sample_end is not None:
-                self.gaps.append(time.perf_counter() - self._last_sample_end)
-                self._last_sample_end = None
-            return forward(*args, **kwargs)
-
-        def timed_sampler(*args: Any, **kwargs: Any) -> Any:
-            out = sampler(*args, **kwargs)
-            self._last_sample_end = time.perf_counter()
-            return out
-
-        runner.forward, runner.sampler = timed_forward, timed_sampler
-
-    def take_median_ms(self) -> float:
-        """The median gap (ms) since the last call; forgets them."""
-        gaps, self.gaps, self._last_sample_end = self.gaps, [], None
-        return 1e3 * statistics.median(gaps) if gaps else 0.0
-
-
 def run(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[float, int]:
     sync()
     start = time.perf_counter()
@@ -161,11 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         run(llm, prompts[:2], [free, constrained])  # warm-up (kernels, matcher)
         results: dict[str, dict[str, list[float]]] = {
-            m: {"tok_s": [], "wall_s": [], "tokens": [], "fill_ms_per_step": [], "launch_gap_ms": [], "steps": []}
-            for m in modes}
+            m: {"tok_s": [], "wall_s": [], "tokens": [], "fill_ms_per_step": [], "steps": []} for m in modes}
         manager, engine = llm.llm_engine.structured_output, llm.llm_engine
-        gaps = LaunchGaps(engine.model_runner)
-        gaps.take_median_ms()
         for _ in range(args.repeats):
             for mode, params in modes.items():
                 fills, fill_s, steps = manager.num_fills_total, manager.fill_seconds_total, engine.num_steps_total
@@ -177,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
                 num_fills = manager.num_fills_total - fills
                 results[mode]["fill_ms_per_step"].append(
                     1e3 * (manager.fill_seconds_total - fill_s) / num_fills if num_fills else 0.0)
-                results[mode]["launch_gap_ms"].append(gaps.take_median_ms())
         expected = args.batch * args.max_tokens
         complete = all(t == expected for r in results.values() for t in r["tokens"])
     finally:
@@ -189,12 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nstructured output: {args.shape}, {args.dtype}, {dev}; batch {args.batch}, prompt {args.prompt_len}, "
           f"{args.max_tokens} new tokens; {args.repeats} interleaved repeats, median [min-max]; "
           f"schema compiled in {compile_s or 0.0:.3f} s")
-    print("| mode | tok/s | vs unconstrained | host bitmask fill ms/step (overlaps the forward pass) "
-          "| host ms from a sampling to the next forward pass |")
-    print("|---|---|---|---|---|")
+    print("| mode | tok/s | vs unconstrained | host bitmask fill ms/step (overlaps the forward pass) |")
+    print("|---|---|---|---|")
     for mode, r in results.items():
         print(f"| {mode} | {fmt_range(r['tok_s'])} | {statistics.median(r['tok_s']) / base:.3f}x "
-              f"| {fmt_range(r['fill_ms_per_step'], '.3f')} | {fmt_range(r['launch_gap_ms'], '.3f')} |")
+              f"| {fmt_range(r['fill_ms_per_step'], '.3f')} |")
     if not complete:
         print("WARNING: some requests ended before max_tokens: the modes did not decode the same tokens")
     import transformers

@@ -9,10 +9,9 @@ so the host's scheduling, input preparation and output processing overlap the GP
 of leaving it idle between steps. Step N+1 is scheduled before N's tokens are known (see the
 scheduler's placeholders); the previous step is finished first when the next one needs its tokens on
 the host (penalties) or nothing is left to launch. When a grammar needs them (structured output: its
-bitmask is filled from them), the previous step is finished between the next one's forward pass and its
-sampling, while the device runs that forward pass: all of the host's per-step work then overlaps the
-device except scheduling and preparing the next step, which sit between a sampling and the next
-forward pass (bench/README.md, structured output).
+bitmask is filled from them), only their application (scheduler and grammar matchers) sits between the
+next step's forward pass and its sampling; detokenizing and making the outputs wait until that sampling
+is launched, so they overlap it.
 With speculative decoding a step is pipelined only while no request will propose drafts (the batch is
 over the cutoff, or every request is cooling down: spec_decode/guard.py): otherwise the next step's
 drafts are proposed from its tokens, so it runs synchronously.
@@ -39,7 +38,7 @@ from infergrid.worker.engine.stats import EngineStats
 from infergrid.worker.loader import resolve_model_path
 from infergrid.worker.model_config import ModelConfig
 from infergrid.worker.outputs import RequestOutput
-from infergrid.worker.runner.runner_output import PendingRunnerOutput
+from infergrid.worker.runner.runner_output import ModelRunnerOutput, PendingRunnerOutput
 from infergrid.worker.sampling_params import SamplingParams
 from infergrid.worker.structured_output.grammar import GrammarCompiler
 from infergrid.worker.structured_output.manager import StructuredOutputManager
@@ -69,6 +68,14 @@ class _LaunchedStep:
     scheduler_output: SchedulerOutput
     output: PendingRunnerOutput
     is_pipelined: bool  # the next step is scheduled before this one's tokens are known
+    applied: _AppliedStep | None = None  # its tokens, once applied to the scheduler (`_apply_step`)
+
+
+@dataclass
+class _AppliedStep:
+    runner_output: ModelRunnerOutput
+    num_outputs_before: list[int]  # per scheduled request, its output tokens before the step
+    finished: list[Request]  # requests the scheduler finished (length, stop token)
 
 
 def make_executor(config: EngineConfig, model_dir: str, model_config: ModelConfig, max_model_len: int,
@@ -203,13 +210,13 @@ class LLMEngine:
         if self._in_flight is not None and (scheduler_output.is_empty or _reads_output_tokens(scheduler_output)):
             outputs += self._finish_in_flight()
         before_sample = None
-        if self._in_flight is not None and self._is_constrained(scheduler_output):
-            # Grammar matchers need the step in flight's tokens before this one samples: it is finished
-            # (tokens applied, outputs made) once this step's forward pass is launched, while the device
-            # runs it. NOTE: its outputs too, not only its tokens: made after the sampling is launched,
-            # they would sit between this step and the next one's forward pass, with the device idle.
+        in_flight = self._in_flight
+        if in_flight is not None and self._is_constrained(scheduler_output):
+            # Grammar matchers need the step in flight's tokens before this one samples: they are applied
+            # once this step's forward pass is launched (the device runs it meanwhile); the outputs are
+            # made after this step's sampling is launched (below).
             def before_sample() -> None:
-                outputs.extend(self._finish_in_flight())
+                self._apply_step(in_flight)
         pending = self.model_executor.execute_model(scheduler_output, before_sample)
         launched = _LaunchedStep(scheduler_output, pending, is_pipelined)
         outputs += self._finish_in_flight()
@@ -238,17 +245,29 @@ class LLMEngine:
         step, self._in_flight = self._in_flight, None
         return [] if step is None else self._finish_step(step)
 
-    def _finish_step(self, step: _LaunchedStep) -> list[RequestOutput]:
-        """Wait for a launched step's tokens and apply them: scheduler, grammar matchers, outputs, drafts."""
+    def _apply_step(self, step: _LaunchedStep) -> _AppliedStep:
+        """Wait for a launched step's tokens and apply them to the scheduler and the grammar matchers
+        (once: `_finish_step` makes the outputs later)."""
+        if step.applied is not None:
+            return step.applied
         scheduler_output = step.scheduler_output
         runner_output = step.output.result()
-        scheduled = [s.request for s in scheduler_output.scheduled]
-        num_outputs_before = [request.num_output_tokens for request in scheduled]
+        num_outputs_before = [s.request.num_output_tokens for s in scheduler_output.scheduled]
         finished = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
         if self.structured_output.has_requests:  # grammar matchers advance over the tokens kept
-            for request, before in zip(scheduled, num_outputs_before, strict=True):
+            for s, before in zip(scheduler_output.scheduled, num_outputs_before, strict=True):
+                request = s.request
                 if len(request.output_token_ids) > before:
                     self.structured_output.accept_tokens(request.request_id, request.output_token_ids[before:])
+        step.applied = _AppliedStep(runner_output, num_outputs_before, finished)
+        return step.applied
+
+    def _finish_step(self, step: _LaunchedStep) -> list[RequestOutput]:
+        """Apply a launched step's tokens (if not done yet), then its outputs and the next drafts."""
+        scheduler_output = step.scheduler_output
+        applied = self._apply_step(step)
+        runner_output, num_outputs_before, finished = applied.runner_output, applied.num_outputs_before, applied.finished
+        scheduled = [s.request for s in scheduler_output.scheduled]
         if self.spec_decoder is not None and scheduled:
             # NOTE: before the outputs are made, so that the draft model runs on the device while the
             # host detokenizes (a request a stop string ends there had its drafts proposed for nothing).

@@ -265,8 +265,8 @@ class ModelRunner:
                       before_sample: Callable[[], None] | None = None) -> PendingRunnerOutput:
         """Launch one scheduled batch and its sampling; `.result()` gives the tokens of the requests
         that sample (see the module docstring). `before_sample` (only when the step samples) runs once
-        the forward pass is launched, before the grammar bitmask is filled: the engine finishes the
-        previous step there (the grammar matchers need its tokens) while the device runs this one."""
+        the forward pass is launched, before the grammar bitmask is filled: the engine applies the
+        previous step's tokens there (the grammar matchers need them) while the device runs this one."""
         self.remove_requests(scheduler_output.finished_req_ids)
         if scheduler_output.is_empty:
             return PendingRunnerOutput()
