@@ -75,6 +75,31 @@ def with_tokenizer(checkpoint: str, tokenizer_dir: str | None) -> str:
     return out
 
 
+class CallTimes:
+    """Host seconds inside the runner's `forward` and `sampler` calls (wrapped). On a GPU both only
+    launch work, so a call that takes long is waiting for the device (a hidden synchronization); on a
+    CPU they include the compute."""
+
+    def __init__(self, runner: Any) -> None:
+        self.seconds = {"forward": 0.0, "sampler": 0.0}
+        for name in self.seconds:
+            setattr(runner, name, self._timed(name, getattr(runner, name)))
+
+    def _timed(self, name: str, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+        return call
+
+    def take(self) -> dict[str, float]:
+        """The seconds since the last call, by wrapped call; resets them."""
+        taken, self.seconds = self.seconds, dict.fromkeys(self.seconds, 0.0)
+        return taken
+
+
 def run(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[float, int]:
     sync()
     start = time.perf_counter()
@@ -130,12 +155,18 @@ def main(argv: list[str] | None = None) -> int:
         }
         run(llm, prompts[:2], [free, constrained])  # warm-up (kernels, matcher)
         results: dict[str, dict[str, list[float]]] = {
-            m: {"tok_s": [], "wall_s": [], "tokens": [], "fill_ms_per_step": [], "steps": []} for m in modes}
+            m: {"tok_s": [], "wall_s": [], "tokens": [], "fill_ms_per_step": [], "steps": [], "forward_ms_per_step": [],
+                "sampler_ms_per_step": [], "other_host_ms_per_step": []} for m in modes}
         manager, engine = llm.llm_engine.structured_output, llm.llm_engine
+        calls = CallTimes(engine.model_runner)
         for _ in range(args.repeats):
             for mode, params in modes.items():
                 fills, fill_s, steps = manager.num_fills_total, manager.fill_seconds_total, engine.num_steps_total
+                calls.take()
                 wall, tokens = run(llm, prompts, params)
+                inside, num_steps = calls.take(), engine.num_steps_total - steps
+                for name, seconds in (*inside.items(), ("other_host", wall - sum(inside.values()))):
+                    results[mode][f"{name}_ms_per_step"].append(1e3 * seconds / num_steps)
                 results[mode]["tok_s"].append(tokens / wall)
                 results[mode]["wall_s"].append(wall)
                 results[mode]["tokens"].append(tokens)
@@ -154,11 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nstructured output: {args.shape}, {args.dtype}, {dev}; batch {args.batch}, prompt {args.prompt_len}, "
           f"{args.max_tokens} new tokens; {args.repeats} interleaved repeats, median [min-max]; "
           f"schema compiled in {compile_s or 0.0:.3f} s")
-    print("| mode | tok/s | vs unconstrained | host bitmask fill ms/step (overlaps the forward pass) |")
-    print("|---|---|---|---|")
+    print("| mode | tok/s | vs unconstrained | host bitmask fill ms/step (overlaps the forward pass) "
+          "| host ms/step in forward calls | in sampler calls | elsewhere |")
+    print("|---|---|---|---|---|---|---|")
     for mode, r in results.items():
         print(f"| {mode} | {fmt_range(r['tok_s'])} | {statistics.median(r['tok_s']) / base:.3f}x "
-              f"| {fmt_range(r['fill_ms_per_step'], '.3f')} |")
+              f"| {fmt_range(r['fill_ms_per_step'], '.3f')} | {fmt_range(r['forward_ms_per_step'], '.3f')} "
+              f"| {fmt_range(r['sampler_ms_per_step'], '.3f')} | {fmt_range(r['other_host_ms_per_step'], '.3f')} |")
     if not complete:
         print("WARNING: some requests ended before max_tokens: the modes did not decode the same tokens")
     import transformers
