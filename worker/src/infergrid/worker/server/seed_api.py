@@ -7,7 +7,6 @@ stop_reason "deadline". `/v1/batch` validates every item first, then runs them t
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 import uuid
@@ -18,7 +17,7 @@ from infergrid.worker.sampling_params import SamplingParams
 from .errors import bad_request
 from .logprobs import LogprobFormatter
 from .seed_protocol import BatchRequest, BatchResponse, GenerateRequest, GenerateResponse
-from .serving_base import PromptInput, ServingBase
+from .serving_base import PromptInput, ServingBase, gather_or_cancel
 from .structured import compile_grammar, structured_outputs_of
 
 
@@ -90,16 +89,9 @@ class SeedServing(ServingBase):
             await self.compile_constraint(r, params, f"requests[{i}].")
         ids = [f"batch-{uuid.uuid4().hex}" for _ in prepared]
         with self.admission.admit(len(prepared)):
-            tasks = [asyncio.ensure_future(self.run_to_end(p, sp, rid, priority=r.priority,
-                                                           deadline_s=self.deadline_of(r, started)))
-                     for (p, sp), rid, r in zip(prepared, ids, batch.requests, strict=True)]
-            try:
-                results = await asyncio.gather(*tasks)
-            except BaseException:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+            results = await gather_or_cancel([
+                self.run_to_end(p, sp, rid, priority=r.priority, deadline_s=self.deadline_of(r, started))
+                for (p, sp), rid, r in zip(prepared, ids, batch.requests, strict=True)])
         responses = [self.response(rid, r, final, ttft, started)
                      for rid, r, (final, ttft) in zip(ids, batch.requests, results, strict=True)]
         elapsed = time.monotonic() - started

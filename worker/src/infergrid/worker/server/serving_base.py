@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -21,6 +21,8 @@ from .errors import APIError, bad_request
 from .lifecycle import Lifecycle
 from .metrics import RequestTimer, ServerMetrics
 from .protocol import SamplingFields
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -206,13 +208,19 @@ class ServingBase:
     async def run_all(self, prompts: Sequence[PromptInput], params: Sequence[SamplingParams],
                       request_ids: Sequence[str], priority: int = 0) -> list[Any]:
         """Run several engine requests concurrently; all are aborted if one fails."""
-        tasks = [asyncio.ensure_future(self.run_to_end(p, sp, rid, priority=priority))
-                 for p, sp, rid in zip(prompts, params, request_ids, strict=True)]
-        try:
-            results = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        results = await gather_or_cancel([self.run_to_end(p, sp, rid, priority=priority)
+                                          for p, sp, rid in zip(prompts, params, request_ids, strict=True)])
         return [final for final, _ in results]
+
+
+async def gather_or_cancel(coros: Sequence[Awaitable[T]]) -> list[T]:
+    """Run these concurrently and return their results in order; when one fails (or the caller is
+    cancelled), the others are cancelled and awaited before the error propagates."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
