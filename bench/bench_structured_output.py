@@ -20,6 +20,7 @@ fill, which grows with the tokenizer's size, is cheaper than with a real 128k to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -100,6 +101,37 @@ class CallTimes:
         return taken
 
 
+def profile_modes(llm: LLM, prompts: list[list[int]], modes: dict[str, list[SamplingParams]], tokens: int,
+                  out_dir: str) -> dict[str, dict[str, float]]:
+    """Each mode's batch for `tokens` new tokens under torch.profiler: profile_<mode>.txt (ops by self
+    device time, else CPU time) and trace_<mode>.json in out_dir. Returns per mode the wall and device-busy
+    ms per step (busy from the trace: kernels, copies, memsets; device only)."""
+    from bench_tensor_parallel import gpu_busy_ms
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    os.makedirs(out_dir, exist_ok=True)
+    engine, found = llm.llm_engine, {}
+    for mode, params in modes.items():
+        short = [dataclasses.replace(p, max_tokens=tokens) for p in params]
+        steps = engine.num_steps_total
+        with profile(activities=activities) as prof:
+            wall, _ = run(llm, prompts, short)
+        num_steps = engine.num_steps_total - steps
+        tag = mode.replace(" ", "_")
+        with open(os.path.join(out_dir, f"profile_{tag}.txt"), "w", encoding="utf-8") as f:
+            f.write(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                              row_limit=40, max_name_column_width=70))
+        trace = os.path.join(out_dir, f"trace_{tag}.json")
+        prof.export_chrome_trace(trace)
+        found[mode] = {"steps": num_steps, "wall_ms_per_step": 1e3 * wall / num_steps,
+                       "device_busy_ms_per_step": gpu_busy_ms(trace) / num_steps if cuda else 0.0}
+        print(f"profiled {mode}: {num_steps} steps, {found[mode]['wall_ms_per_step']:.3f} ms/step wall under the "
+              f"profiler, device busy {found[mode]['device_busy_ms_per_step']:.3f} ms/step; {trace}")
+    return found
+
+
 def run(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[float, int]:
     sync()
     start = time.perf_counter()
@@ -122,6 +154,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.45)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("bench", "results", "structured_output.json"))
+    p.add_argument("--profile-dir", default=None,
+                   help="also profile --profile-tokens steps of each mode (torch.profiler): a table and a Chrome "
+                        "trace each, and the device's busy ms per step beside the wall ms")
+    p.add_argument("--profile-tokens", type=int, default=32)
     args = p.parse_args(argv)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     args.device = "cuda" if cuda else "cpu"
@@ -176,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     1e3 * (manager.fill_seconds_total - fill_s) / num_fills if num_fills else 0.0)
         expected = args.batch * args.max_tokens
         complete = all(t == expected for r in results.values() for t in r["tokens"])
+        profiled = profile_modes(llm, prompts, modes, args.profile_tokens, args.profile_dir) if args.profile_dir else {}
     finally:
         shutil.rmtree(checkpoint, ignore_errors=True)
 
@@ -203,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokenizer": args.tokenizer or "tiny_model byte-level BPE (1024)", "grammar_compile_s": compile_s,
         "results": {m: {**r, "tok_s_median": statistics.median(r["tok_s"])} for m, r in results.items()},
         "half_constrained_vs_unconstrained": half / base, "all_requests_ran_to_max_tokens": complete,
+        "profiled": profiled,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:

@@ -31,7 +31,8 @@ export INFERGRID_COMMIT=${INFERGRID_COMMIT:-$(git rev-parse HEAD 2>/dev/null || 
 if [ "$part" = structured ]; then
   step structured_tests 200 python3 -m pytest -p no:cacheprovider -m gpu tests/worker/test_structured_output_gpu.py \
     -q --timeout 150
-  step structured 300 python3 bench/bench_structured_output.py --out "$out/structured.json"
+  step structured 300 python3 bench/bench_structured_output.py --out "$out/structured.json" --profile-dir "$out"
+  gzip -f "$out"/trace_*constrained.json 2>/dev/null
   exit 0
 fi
 if [ "$part" = spec-ab ]; then

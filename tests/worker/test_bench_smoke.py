@@ -104,14 +104,23 @@ def test_structured_output_bench_runs_on_cpu(tmp_path):
     env = dict(os.environ, INFERGRID_BENCH_CACHE=str(tmp_path), CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("common/src", "worker/src", "operator/src", "testbed/src")))
     cmd = [sys.executable, "bench/bench_structured_output.py", "--device", "cpu", "--batch", "4", "--max-tokens", "12",
-           "--repeats", "1", "--out", str(out)]
+           "--repeats", "1", "--out", str(out), "--profile-dir", str(tmp_path / "prof"), "--profile-tokens", "4"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| half constrained |" in proc.stdout and "WARNING" not in proc.stdout
     report = json.loads(out.read_text())
     assert report["device"].startswith("cpu") and report["all_requests_ran_to_max_tokens"]
     for mode in ("unconstrained", "half constrained"):
-        assert report["results"][mode]["tokens"] == [4 * 12]
+        result = report["results"][mode]
+        assert result["tokens"] == [4 * 12]
+        # the host's time per step, split at the runner's forward and sampler calls
+        assert result["forward_ms_per_step"][0] > 0 and result["sampler_ms_per_step"][0] > 0
+        assert result["other_host_ms_per_step"][0] > 0
+        tag = mode.replace(" ", "_")
+        assert (tmp_path / "prof" / f"trace_{tag}.json").stat().st_size > 0
+        assert "aten::" in (tmp_path / "prof" / f"profile_{tag}.txt").read_text()
+        assert report["profiled"][mode]["steps"] >= 4 and report["profiled"][mode]["wall_ms_per_step"] > 0
+    assert report["results"]["half constrained"]["fill_ms_per_step"][0] > 0
     assert report["half_constrained_vs_unconstrained"] > 0
 
 
