@@ -26,10 +26,15 @@ import openai
 import pytest
 from operator_cluster import apply_isvc, condition, events_for, get_isvc, wait_for, worker_pods
 
+from infergrid.operator.autoscaler.health import UNRESPONSIVE_SECONDS
 from infergrid.testbed.load import LoadGenerator, ready_pod_ips
 
 NAME = "auto"
-DELAY = 8  # scaleDownDelaySeconds
+# scaleDownDelaySeconds: longer than the health monitor takes to call a stopped worker unresponsive
+# (UNRESPONSIVE_SECONDS + a scrape) and than the load's requests stuck on it take to time out (10 s):
+# while they are stuck the load looks low, and a low-load scale-down would delete the stopped worker
+# before the health monitor's verdict (the ReplicaSet removes a not-ready pod before ready ones)
+DELAY = int(UNRESPONSIVE_SECONDS) + 5
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +116,7 @@ def test_autoscaled_service_scales_up_survives_an_operator_kill_replaces_a_stall
         assert process is not None and process.pid is not None
         stopped_at = time.monotonic()
         stopped_ips.add(victim_ip)
+        load.refresh_targets()  # no request sent from now on goes to the victim
         os.killpg(process.pid, signal.SIGSTOP)
         event = wait_for(lambda: next((e for e in events_for(cp, ns, NAME) if e["reason"] == "WorkerUnresponsive"),
                                       None), 60, "a WorkerUnresponsive Event")

@@ -186,7 +186,7 @@ async def test_shutdown_finishes_in_flight_requests_and_closes_idle_ones(served:
     while len(app.seen) < 2:
         await asyncio.sleep(0.01)
     drained = asyncio.get_running_loop().create_task(server.shutdown(10.0))
-    assert await asyncio.wait_for(idle_reader.read(), 3) == b""  # the idle one closes at once
+    assert await asyncio.wait_for(idle_reader.read(), 3) == b""  # the idle one closes after its grace
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)  # no longer accepting
     app.release.set()
@@ -194,3 +194,20 @@ async def test_shutdown_finishes_in_flight_requests_and_closes_idle_ones(served:
     assert (status, body, headers["connection"]) == (200, b"released", "close")
     await asyncio.wait_for(drained, 5)
     assert not app.cancelled.is_set()
+
+
+async def test_a_request_on_an_idle_connection_during_shutdown_is_answered_not_reset(
+        served: tuple[App, HttpServer, int]) -> None:
+    """A keep-alive client's next request may be on the wire when the drain starts: it gets its answer
+    with `Connection: close` (a reset would look like a failed request to a client that cannot retry)."""
+    _, server, port = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    await read_response(reader)
+    drained = asyncio.get_running_loop().create_task(server.shutdown(10.0))
+    await asyncio.sleep(0.2)  # the drain has started; the connection is still idle
+    writer.write(b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n")
+    status, headers, body = await read_response(reader)
+    assert (status, body, headers["connection"]) == (200, b"GET /b ", "close")
+    assert await asyncio.wait_for(reader.read(), 3) == b""
+    await asyncio.wait_for(drained, 5)

@@ -12,6 +12,10 @@ answer is one `transport.write` of bytes: a whole `Response`, or a head followed
 - Bodies over `max_body_bytes` are dropped as they arrive and answered 413; `Expect: 100-continue` is
   answered before the body is read; a malformed request gets a 400 and the connection closes.
 - An idle keep-alive connection closes after `keepalive_timeout` seconds.
+- Shutdown drains without resetting clients: in-flight answers finish and carry `Connection: close`;
+  a keep-alive connection idle when it starts is closed only once it has been idle for
+  `_DRAIN_IDLE_GRACE_S`. A client using it meanwhile (its next request may already be on the wire)
+  gets an answer and `Connection: close` instead of a reset that it could not tell from a failure.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import httptools
 
 log = logging.getLogger(__name__)
 _MAX_HEAD_BYTES = 64 * 1024
+_DRAIN_IDLE_GRACE_S = 1.0
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
@@ -122,6 +127,7 @@ class HttpConnection(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._writable: asyncio.Future[None] | None = None
         self._closed = False
+        self.idle_since = 0.0  # loop time when it last became idle (no request being answered)
         self._reset()
 
     def _reset(self) -> None:
@@ -288,6 +294,7 @@ class HttpConnection(asyncio.Protocol):
     def _arm_idle_timer(self) -> None:
         if self._closed or self._task is not None:
             return
+        self.idle_since = asyncio.get_running_loop().time()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         self._idle_timer = asyncio.get_running_loop().call_later(self._keepalive_timeout, self.close)
@@ -314,17 +321,20 @@ class HttpServer:
             host, port, backlog=1024, reuse_address=True)
 
     async def shutdown(self, timeout: float) -> None:
-        """Stop accepting, close idle connections, let in-flight requests finish (each connection closes
-        after its current answer) for up to `timeout` seconds, then close what is left."""
+        """Stop accepting; let in-flight requests finish (each connection closes after its current
+        answer) and close connections idle for `_DRAIN_IDLE_GRACE_S` (module docstring), for up to
+        `timeout` seconds; then close what is left."""
         if self._server is not None:
             self._server.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         for conn in list(self.connections):
             conn.draining = True
-            if conn.idle:
-                conn.close()
         while self.connections and loop.time() < deadline:
+            now = loop.time()
+            for conn in list(self.connections):
+                if conn.idle and now - conn.idle_since >= _DRAIN_IDLE_GRACE_S:
+                    conn.close()
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.close()

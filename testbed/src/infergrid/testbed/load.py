@@ -76,10 +76,14 @@ class LoadGenerator:
         with self._lock:
             return [r for r in self.results if r.start >= t0]
 
+    def refresh_targets(self) -> None:
+        """Ask `targets` now (it is also asked every 0.5 s): requests sent from here on go to its answer."""
+        self._targets = self.targets_fn()
+
     def _refresh(self) -> None:
         while not self._stop.is_set():
             try:
-                self._targets = self.targets_fn()
+                self.refresh_targets()
             except Exception:  # noqa: BLE001 - an API hiccup: keep the last list
                 pass
             self._stop.wait(0.5)
