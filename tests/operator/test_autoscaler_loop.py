@@ -152,3 +152,30 @@ def test_a_wake_annotation_from_zero_is_acted_on_once_and_remembered_in_status(w
     run_ticks(m, clock, 6)
     assert api.writes == [1] and events[-1]["reason"] == "WokenUp"
     assert m.services[("team-a", "svc")].last_wake == "new"
+
+
+def test_a_worker_whose_scrape_times_out_adds_no_stale_load_and_holds_scale_down(world):
+    """A wedged worker's last sample (its stuck requests) is not counted: the load its clients move to the
+    other workers is not counted twice (no scale-up from it), and with its metrics missing nothing scales
+    down."""
+    cache, api, clock, metrics_text, events, monitor = world
+    cache.update_service("ADDED", service(3, {"lastScaleTime": timestamp(T0 - 600), "lastScaleReason": "queue"}))
+    half = 'vllm:num_requests_running{model_name="m"} 1\nvllm:num_requests_waiting{model_name="m"} 1\n'
+    metrics_text.update({"10.0.0.1": half, "10.0.0.2": half, "10.0.0.3": half})  # 6 in flight -> 3: steady
+    m = monitor()
+    run_ticks(m, clock, 4)
+    assert api.writes == []
+
+    async def get(url: str) -> str:
+        ip = url.split("//")[1].split(":")[0]
+        if ip == "10.0.0.1":
+            raise TimeoutError  # SIGSTOPped: the connection is accepted, nothing answers
+        return metrics_text[ip]
+    m._get = get  # type: ignore[method-assign]
+    busier = 'vllm:num_requests_running{model_name="m"} 1\nvllm:num_requests_waiting{model_name="m"} 2\n'
+    metrics_text.update({"10.0.0.2": busier, "10.0.0.3": busier})  # its clients moved: 6 in flight on two
+    run_ticks(m, clock, 8)
+    assert api.writes == []  # 2 + 6 stale would have asked for 4
+    metrics_text.update({"10.0.0.2": IDLE, "10.0.0.3": IDLE})
+    run_ticks(m, clock, 60)  # idle for twice the delay, but w1's metrics are missing
+    assert api.writes == [] and any(e["reason"] == "MetricsMissing" for e in events)

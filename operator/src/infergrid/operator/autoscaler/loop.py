@@ -301,7 +301,10 @@ class Monitor:
         ready = tuple(sorted(p.name for p in pods if p.is_ready))
         starting = tuple(sorted(p.name for p in pods if not p.is_ready and p.broken_reason is None
                                 and p.unschedulable_message is None))
-        samples = {p.name: tuple(self.pods[(key, p.name)].samples) for p in pods if (key, p.name) in self.pods}
+        # NOTE: not a pod whose scrape is timing out (a wedged worker): its last load is stale, and its
+        # clients' retries now count on the other workers. Its metrics are missing: scale-downs hold.
+        scraped = {p.name: self.pods.get((key, p.name)) for p in pods}
+        samples = {name: tuple(t.samples) for name, t in scraped.items() if t is not None and t.timeout_since is None}
         ready_times = [parse_time(p.ready_changed_at) for p in pods if p.is_ready]
         targets = targets_of(spec)
         delay = targets.scale_down_delay_seconds
