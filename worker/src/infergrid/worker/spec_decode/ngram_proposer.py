@@ -115,10 +115,9 @@ class NgramProposer:
         candidates = index.positions.get(token_ids[num - 1])
         if not candidates:
             return None
-        stop = len(candidates)
         lo = max(0, num - self.max_lookback)  # the window searched: token_ids[lo:num]
         best_len, best_end = 0, -1
-        for checked, e in enumerate(candidates[i] for i in range(stop - 1, -1, -1)):
+        for checked, e in enumerate(reversed(candidates)):
             if e < lo:
                 break
             if checked == MAX_SCALAR_CANDIDATES:
