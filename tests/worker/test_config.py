@@ -52,6 +52,7 @@ def test_frozen():
         ({"speculative_disable_by_batch_size": 0}, "speculative_disable_by_batch_size must be an integer >= 1"),
         ({"speculative_disable_by_batch_size": None}, "speculative_disable_by_batch_size must be an integer >= 1"),
         ({"speculative_disable_by_batch_size": True}, "speculative_disable_by_batch_size must be an integer >= 1"),
+        ({"speculative_disable_by_batch_size": 8}, "speculative_disable_by_batch_size is only used when speculative_method"),
         ({"device": ""}, "device must be None or a device string"),
         ({"seed": "1"}, "seed must be an integer"),
         ({"num_gpu_blocks_override": 1}, "num_gpu_blocks_override must be an integer >= 2"),

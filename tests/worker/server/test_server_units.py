@@ -152,6 +152,8 @@ def test_cli_maps_vllm_engine_args() -> None:
     assert cli.engine_config_from_args(tuned).speculative_disable_by_batch_size == 8
     with pytest.raises(ValueError, match="speculative_disable_by_batch_size must be an integer >= 1"):
         cli.engine_config_from_args(parse("--model", "/m", "--speculative-disable-by-batch-size", "0"))
+    with pytest.raises(ValueError, match="speculative_disable_by_batch_size is only used when speculative_method is set"):
+        cli.engine_config_from_args(parse("--model", "/m", "--speculative-disable-by-batch-size", "8"))
 
 
 def test_cli_server_settings(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -100,6 +100,8 @@ class EngineConfig:
         _require_int("speculative_disable_by_batch_size", self.speculative_disable_by_batch_size, 1)
         if method is None and self.num_speculative_tokens:
             raise ValueError("num_speculative_tokens must be 0 when speculative_method is None")
+        if method is None and self.speculative_disable_by_batch_size != DEFAULT_SPECULATIVE_DISABLE_BY_BATCH_SIZE:
+            raise ValueError("speculative_disable_by_batch_size is only used when speculative_method is set")
         if method is not None and self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1 when speculative_method is {method!r}")
         if method == "draft" and not self.draft_model:

@@ -23,7 +23,7 @@ import logging
 
 import torch
 
-from infergrid.worker.config import EngineConfig
+from infergrid.worker.config import DEFAULT_SPECULATIVE_DISABLE_BY_BATCH_SIZE, EngineConfig
 from infergrid.worker.engine.request import Request
 from infergrid.worker.engine.scheduler_output import ScheduledRequest
 from infergrid.worker.loader import resolve_model_path
@@ -74,6 +74,7 @@ class DraftModel:
         draft_config = dataclasses.replace(
             config, model=path, dtype=dtype, speculative_method=None, num_speculative_tokens=0,
             draft_model=None, draft_lm_head_dtype=None, tensor_parallel_size=1,
+            speculative_disable_by_batch_size=DEFAULT_SPECULATIVE_DISABLE_BY_BATCH_SIZE,
         )
         self.runner = ModelRunner(draft_config, path, self.model_config, target.max_model_len, target.eos_token_ids,
                                   lm_head_dtype=config.draft_lm_head_dtype)
